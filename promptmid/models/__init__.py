@@ -1,0 +1,1 @@
+"""Neural network parts of the pipeline: keypoints, feature sources, aggregation, weights."""
