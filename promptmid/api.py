@@ -1,0 +1,220 @@
+"""Python entry points: :class:`Matcher` and :class:`MatchResult`.
+
+>>> m = Matcher(preset="lite")
+>>> r = m.match("optical.tif", "sar.tif")      # paths or [H, W(, C)] arrays
+>>> r.transform                                 # 3x3, optical (x, y) px -> SAR (x, y) px
+
+All coordinates in a :class:`MatchResult` are pixels of the ORIGINAL images (x = column,
+y = row, pixel centres at integers, origin top-left); ``points0`` are optical, ``points1``
+SAR, and ``transform`` maps optical pixels to SAR pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+from promptmid import __version__
+from promptmid.config import get_config
+from promptmid.descriptor import Describer
+from promptmid.io import PreparedImage, load_image
+from promptmid.matching import Geometry, apply_transform, fit_geometry, mutual_nearest_neighbours
+
+
+@dataclass
+class MatchResult:
+    """Matches, fitted transform and QC numbers of one optical/SAR pair.
+
+    Attributes:
+        status: ``"ok"`` or ``"failed"`` (then ``transform`` is ``None`` and ``reason`` says why).
+        transform: 3x3 optical -> SAR pixel transform (original resolutions).
+        points0: ``[K, 2]`` matched optical keypoints (px).
+        points1: ``[K, 2]`` matched SAR keypoints (px).
+        scores: ``[K]`` descriptor similarities of the matches.
+        inliers: ``[K]`` bool, inliers of the robust fit.
+        rmse: residual RMSE of inliers (SAR px).
+        rotation_deg: SAR rotation (search step) that gave the kept fit.
+        num_keypoints: keypoints detected per image ``(optical, SAR)``.
+        timings: seconds per stage.
+    """
+
+    status: str
+    transform: np.ndarray | None
+    points0: np.ndarray
+    points1: np.ndarray
+    scores: np.ndarray
+    inliers: np.ndarray
+    model: str
+    rmse: float = float("nan")
+    reason: str = ""
+    rotation_deg: float = 0.0
+    num_keypoints: tuple[int, int] = (0, 0)
+    image_sizes: dict[str, list[int]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    rotation_scores: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def num_inliers(self) -> int:
+        return int(self.inliers.sum())
+
+    def coverage(self) -> float:
+        """Fraction of the optical image covered by the convex hull of the inliers (0-1)."""
+        pts = self.points0[self.inliers].astype(np.float32)
+        if len(pts) < 3 or "optical" not in self.image_sizes:
+            return 0.0
+        w, h = self.image_sizes["optical"]
+        return float(cv2.contourArea(cv2.convexHull(pts)) / (w * h))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (without the per-match arrays; see ``tiepoints.csv``)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("points0", "points1", "scores", "inliers")}
+        d["transform"] = None if self.transform is None else np.asarray(self.transform).tolist()
+        d["transform_convention"] = "optical (x, y) px -> SAR (x, y) px; pixel centres at integers, origin top-left"
+        d["matches"] = int(len(self.points0))
+        d["inliers"] = self.num_inliers
+        d["inlier_ratio"] = self.num_inliers / max(1, len(self.points0))
+        d["inlier_coverage"] = self.coverage()
+        d["rmse"] = None if not np.isfinite(self.rmse) else self.rmse
+        d["promptmid_version"] = __version__
+        return d
+
+
+class Matcher:
+    """Describe, match and fit one optical/SAR pair with a named preset.
+
+    Args:
+        preset: ``"lite"`` (default), ``"xfeat"`` or ``"full"`` (see :mod:`promptmid.config`).
+        overrides: nested config overrides, e.g. ``{"geometry": {"model": "homography"}}``.
+    """
+
+    def __init__(self, preset: str = "lite", overrides: dict[str, Any] | None = None) -> None:
+        self.preset = preset
+        self.conf = get_config(preset, overrides)
+        if not self.conf["geometry"]["rotations"]:
+            raise ValueError("geometry.rotations must list at least one angle (e.g. [0])")
+        self.describer = Describer(self.conf["keypoints"], self.conf["sources"], self.conf["aggregator"])
+
+    def prepare(self, source: Any, modality: str) -> PreparedImage:
+        """Read and scale one image with this matcher's I/O settings."""
+        return load_image(source, modality, **self.conf["io"])  # type: ignore[arg-type]
+
+    def match(
+        self, optical: Any, sar: Any, progress: Callable[[str], None] | None = None
+    ) -> MatchResult:
+        """Register ``sar`` to ``optical`` (paths, arrays or :class:`PreparedImage`).
+
+        Returns:
+            :class:`MatchResult`; ``status == "failed"`` (no transform) when too few matches.
+        """
+        t_start = time.perf_counter()
+        opt = optical if isinstance(optical, PreparedImage) else self.prepare(optical, "optical")
+        sar_img = sar if isinstance(sar, PreparedImage) else self.prepare(sar, "sar")
+        timings = {"read": time.perf_counter() - t_start}
+        _progress(progress, "describing optical image")
+        feats0 = self.describer(opt)
+        _add_timings(timings, feats0["timings"])
+        best: tuple[Geometry, dict[str, Any], float] | None = None
+        rotation_scores: dict[str, int] = {}
+        for angle in self.conf["geometry"]["rotations"]:
+            _progress(progress, f"describing SAR image (rotation {angle:g} deg)")
+            cand = self._match_rotation(feats0, opt, sar_img, float(angle), timings)
+            rotation_scores[f"{angle:g}"] = cand[0].num_inliers
+            if best is None or cand[0].num_inliers > best[0].num_inliers:
+                best = cand
+        timings["total"] = time.perf_counter() - t_start
+        return self._result(best, opt, sar_img, feats0, timings, rotation_scores)
+
+    def _match_rotation(
+        self, feats0: dict[str, Any], opt: PreparedImage, sar: PreparedImage, angle: float, timings: dict[str, float]
+    ) -> tuple[Geometry, dict[str, Any], float]:
+        rotated, to_sar = rotate_prepared(sar, angle)
+        feats1 = self.describer(rotated)
+        _add_timings(timings, feats1["timings"])
+        t0 = time.perf_counter()
+        mconf = self.conf["matching"]
+        matches, scores = mutual_nearest_neighbours(
+            feats0["descriptors"], feats1["descriptors"], mconf["ratio"], mconf["min_similarity"]
+        )
+        k0 = feats0["keypoints"].numpy()[matches[:, 0]]
+        k1 = apply_transform(to_sar, feats1["keypoints"].numpy()[matches[:, 1]])
+        p0, p1 = opt.to_original(k0), sar.to_original(k1)
+        timings["matching"] = timings.get("matching", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        g = self.conf["geometry"]
+        geom = fit_geometry(p0, p1, g["model"], g["threshold"], g["min_inliers"])
+        timings["fitting"] = timings.get("fitting", 0.0) + time.perf_counter() - t0
+        data = {"points0": p0, "points1": p1, "scores": scores, "n1": len(feats1["keypoints"])}
+        return geom, data, angle
+
+    def _result(
+        self, best: tuple[Geometry, dict[str, Any], float], opt: PreparedImage, sar: PreparedImage,
+        feats0: dict[str, Any], timings: dict[str, float], rotation_scores: dict[str, int],
+    ) -> MatchResult:
+        geom, data, angle = best
+        return MatchResult(
+            status="ok" if geom.ok else "failed",
+            transform=geom.matrix,
+            points0=data["points0"],
+            points1=data["points1"],
+            scores=data["scores"],
+            inliers=geom.inliers,
+            model=geom.model,
+            rmse=geom.rmse,
+            reason=geom.reason,
+            rotation_deg=angle,
+            num_keypoints=(len(feats0["keypoints"]), data["n1"]),
+            image_sizes={"optical": list(opt.original_size), "sar": list(sar.original_size)},
+            timings=timings,
+            models=self.describer.info(),
+            config={"preset": self.preset, **self.conf},
+            rotation_scores=rotation_scores,
+        )
+
+
+def rotation_steps(step_deg: float) -> list[float]:
+    """Angles ``0, step, 2*step, ... < 360`` (degrees)."""
+    if not 0 < step_deg <= 180:
+        raise ValueError(f"Rotation step must be in (0, 180] degrees, got {step_deg}")
+    return [float(a) for a in np.arange(0.0, 360.0, step_deg)]
+
+
+def rotate_prepared(image: PreparedImage, angle_deg: float) -> tuple[PreparedImage, np.ndarray]:
+    """Rotate a prepared image counter-clockwise by ``angle_deg`` on an enlarged canvas.
+
+    Returns:
+        the rotated image and the 3x3 matrix mapping rotated-image pixels back to ``image`` pixels.
+    """
+    if angle_deg % 360 == 0:
+        return image, np.eye(3)
+    h, w = image.image.shape[:2]
+    c = np.cos(np.deg2rad(angle_deg))
+    s = np.sin(np.deg2rad(angle_deg))
+    nw, nh = int(np.ceil(abs(w * c) + abs(h * s))), int(np.ceil(abs(w * s) + abs(h * c)))
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle_deg, 1.0)
+    m[:, 2] += [(nw - w) / 2, (nh - h) / 2]
+    fwd = np.vstack([m, [0, 0, 1]])
+    flags = cv2.INTER_NEAREST if angle_deg % 90 == 0 else cv2.INTER_LINEAR
+    img = cv2.warpAffine(image.image, m, (nw, nh), flags=flags, borderValue=0)
+    valid = cv2.warpAffine(image.valid.astype(np.uint8), m, (nw, nh), flags=cv2.INTER_NEAREST, borderValue=0)
+    rotated = PreparedImage(img, valid.astype(bool), image.scale, image.original_size, image.modality, image.raster)
+    return rotated, np.linalg.inv(fwd)
+
+
+def _progress(callback: Callable[[str], None] | None, message: str) -> None:
+    if callback is not None:
+        callback(message)
+
+
+def _add_timings(total: dict[str, float], new: dict[str, float]) -> None:
+    for key, value in new.items():
+        total[key] = total.get(key, 0.0) + value
+

@@ -1,0 +1,74 @@
+"""Named presets of the whole pipeline, as nested dicts (hloc-style).
+
+A preset is ``{"io": ..., "keypoints": ..., "sources": ..., "aggregator": ..., "matching": ...,
+"geometry": ...}``. :func:`get_config` returns a deep copy of a preset with overrides merged
+in, so ``get_config("lite", {"geometry": {"model": "homography"}})`` changes one key and
+``{"sources": {"dinov2": None}}`` disables a source.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "io": {
+        "max_side": 1024,  # working resolution: long side at most this (px); results are in original px
+        "sar_scale": "auto",  # SAR radiometry: "auto" | "log" | "linear"
+        "nan_as_nodata": False,  # mask NaN/inf pixels instead of refusing the image
+        "detect_fill": True,  # mask exact-zero fill touching the border (rotation corners)
+        "sar_smooth": 0.0,  # Gaussian sigma (px) on log-scaled SAR against speckle; 0 = off
+    },
+    "keypoints": {"detector": "xfeat", "top_k": 2048},
+    "sources": {},
+    "aggregator": {"name": "concat"},
+    "matching": {
+        "ratio": None,  # Lowe ratio test on descriptor distance; None = off (it hurt on real pairs)
+        "min_similarity": -1.0,  # drop matches whose cosine similarity is below this
+    },
+    "geometry": {
+        "model": "affine",  # "affine" | "homography" | "similarity"
+        "threshold": 3.0,  # inlier threshold, original SAR pixels
+        "min_inliers": 6,  # fewer inliers = failed fit (no transform is reported)
+        "rotations": [0],  # SAR rotations tried (degrees, counter-clockwise); best fit kept
+    },
+}
+
+DINOV2 = {"layers": [4, 8, 12], "long_side": 518}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # XFeat local descriptors only (baseline)
+    "xfeat": {},
+    # XFeat keypoints, descriptors fused with DINOv2-S/14 multi-layer patch features
+    "lite": {
+        "sources": {"dinov2": DINOV2},
+        "aggregator": {"name": "concat", "weights": {"xfeat": 1.0, "dinov2": 0.7}},
+    },
+    # lite + prompt-conditioned Stable Diffusion features (needs a local SD model: --dm)
+    "full": {
+        "sources": {"dinov2": DINOV2, "diffusion": {}},
+        "aggregator": {"name": "concat", "weights": {"xfeat": 1.0, "dinov2": 0.7, "sd": 0.7}},
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``override`` (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def get_config(preset: str = "lite", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full configuration of a preset with ``overrides`` merged in.
+
+    Raises:
+        ValueError: unknown preset name (the message lists the valid ones).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    return deep_merge(deep_merge(DEFAULTS, PRESETS[preset]), overrides or {})

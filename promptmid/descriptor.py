@@ -1,0 +1,117 @@
+"""Image -> keypoints, scores and modality-invariant descriptors.
+
+:class:`Describer` chains the keypoint extractor, the enabled feature sources (DINOv2,
+diffusion) and the aggregator. It works on one image at a time; its output dict is
+
+- ``keypoints``: ``[N, 2]`` float32 (x, y) pixels of the working-resolution image,
+- ``scores``: ``[N]`` detector scores,
+- ``descriptors``: ``[N, D]`` L2-normalised,
+- ``image_size``: ``(H, W)`` of the working-resolution image,
+- ``timings``: seconds per stage.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from promptmid.io import PreparedImage
+from promptmid.models.aggregation import Aggregator, ConcatFusion
+from promptmid.models.base import FeatureSource
+from promptmid.models.keypoints import KeypointExtractor
+
+
+def build_source(name: str, conf: dict[str, Any]) -> FeatureSource:
+    """Instantiate a feature source by name (``"dinov2"`` or ``"diffusion"``)."""
+    if name == "dinov2":
+        from promptmid.models.vfm import DINOv2Features
+
+        return DINOv2Features(**conf)
+    if name == "diffusion":
+        from promptmid.models.diffusion import DiffusionFeatures
+
+        return DiffusionFeatures(**conf)
+    raise ValueError(f"Unknown feature source {name!r}; valid: dinov2, diffusion")
+
+
+def build_aggregator(conf: dict[str, Any]) -> Aggregator:
+    """Instantiate the aggregator: ``{"name": "concat", "weights": {...}}`` or a trained one."""
+    conf = dict(conf)
+    name = conf.pop("name", "concat")
+    if name == "concat":
+        return ConcatFusion(**conf)
+    from promptmid.models.aggregation import load_aggregator  # trained modules
+
+    return load_aggregator(name, **conf)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` float in [0, 1] -> ``[1, 3, H, W]`` tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
+
+
+class Describer:
+    """Keypoints + feature sources + aggregation for one image.
+
+    Args:
+        keypoints: options of :class:`~promptmid.models.keypoints.KeypointExtractor`.
+        sources: ``{source name: options}`` for :func:`build_source`.
+        aggregator: options for :func:`build_aggregator`.
+    """
+
+    def __init__(
+        self,
+        keypoints: dict[str, Any] | None = None,
+        sources: dict[str, dict[str, Any]] | None = None,
+        aggregator: dict[str, Any] | None = None,
+    ) -> None:
+        self.extractor = KeypointExtractor(**(keypoints or {}))
+        self.sources = {name: build_source(name, conf) for name, conf in (sources or {}).items() if conf is not None}
+        self.aggregator = build_aggregator(aggregator or {"name": "concat"})
+
+    @torch.inference_mode()
+    def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
+        image = image_to_tensor(prepared.image)
+        size = tuple(prepared.image.shape[:2])
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        local = self.extractor(image, prepared.valid)
+        timings["keypoints"] = time.perf_counter() - t0
+        features = {"xfeat": local["descriptors"]}
+        for name, source in self.sources.items():
+            t0 = time.perf_counter()
+            features.update(_describe(source, image, local["keypoints"], prepared.modality))
+            timings[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        desc = self.aggregator(features, local["keypoints"], size)
+        timings["aggregation"] = time.perf_counter() - t0
+        return {
+            "keypoints": local["keypoints"],
+            "scores": local["scores"],
+            "descriptors": desc,
+            "image_size": size,
+            "timings": timings,
+        }
+
+    def info(self) -> dict[str, Any]:
+        """Model names/versions/checksums for ``result.json``."""
+        from promptmid.models.weights import MODELS
+
+        spec = MODELS["xfeat"]
+        xfeat = {"name": spec.name, "source": spec.pip_requirement, "sha256": spec.sha256[:16]}
+        out: dict[str, Any] = {"keypoints": {**xfeat, "detector": self.extractor.conf.detector}}
+        out["aggregator"] = self.aggregator.name
+        for name, source in self.sources.items():
+            out[name] = source.info()
+        return out
+
+
+def _describe(source: FeatureSource, image: torch.Tensor, kpts: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+    """Call ``source.describe``, passing the modality to sources that take it (prompted diffusion)."""
+    if "modality" in inspect.signature(source.describe).parameters:
+        return source.describe(image, kpts, modality=modality)  # type: ignore[call-arg]
+    return source.describe(image, kpts)

@@ -1,0 +1,288 @@
+"""Reading images (PNG/JPEG/TIFF/GeoTIFF), radiometric scaling of optical and SAR data.
+
+Every image goes through :func:`load_image`, which returns a :class:`PreparedImage`:
+a 3-channel float32 array in ``[0, 1]`` at working resolution, a validity mask, and the
+scale back to the original pixel grid. Pixel convention: (x, y) = (column, row), pixel
+centres at integer coordinates, origin at the centre of the top-left pixel.
+A working-resolution point ``p`` maps to the original image as ``(p + 0.5) * scale - 0.5``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from promptmid.errors import InputError
+
+Modality = Literal["optical", "sar"]
+
+MIN_SIDE = 32  # smallest side (px) the models can use
+SUPPORTED_BANDS = (1, 2, 3, 4)
+
+
+@dataclass
+class RasterImage:
+    """Raw pixels as read from disk.
+
+    Attributes:
+        data: ``[H, W, C]`` array in the file's dtype (C = 1..4 bands).
+        path: where it came from (``None`` for in-memory arrays).
+        nodata: the file's nodata value, if any.
+        crs: CRS as WKT, or ``None`` when not georeferenced.
+        transform: affine geotransform (rasterio ``Affine``) or ``None``.
+    """
+
+    data: np.ndarray
+    path: Path | None = None
+    nodata: float | None = None
+    crs: str | None = None
+    transform: Any = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` in pixels."""
+        return int(self.data.shape[1]), int(self.data.shape[0])
+
+
+@dataclass
+class PreparedImage:
+    """An image ready for the models.
+
+    Attributes:
+        image: ``[h, w, 3]`` float32 in ``[0, 1]`` at working resolution.
+        valid: ``[h, w]`` bool, False on nodata / fill pixels.
+        scale: ``(sx, sy)``: original pixels per working pixel.
+        original_size: ``(W, H)`` of the original image.
+        modality: ``"optical"`` or ``"sar"``.
+        raster: the raw image it came from.
+    """
+
+    image: np.ndarray
+    valid: np.ndarray
+    scale: tuple[float, float]
+    original_size: tuple[int, int]
+    modality: Modality
+    raster: RasterImage = field(repr=False)
+
+    def to_original(self, points: np.ndarray) -> np.ndarray:
+        """Map ``[N, 2]`` working-resolution (x, y) to original pixel coordinates."""
+        s = np.asarray(self.scale, dtype=np.float64)
+        return (np.asarray(points, dtype=np.float64) + 0.5) * s - 0.5
+
+    def scale_matrix(self) -> np.ndarray:
+        """3x3 matrix mapping working-resolution pixels to original pixels."""
+        sx, sy = self.scale
+        return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
+
+
+def read_raster(path: str | Path) -> RasterImage:
+    """Read an image file into a :class:`RasterImage` (all bands, native dtype).
+
+    Raises:
+        InputError: missing, unreadable or empty file, or an unsupported band count.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"No image at path {path}.")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an image.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is an empty file.")
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                data = src.read()
+                crs = src.crs.to_wkt() if src.crs else None
+                transform = src.transform if src.crs else None
+                nodata = src.nodata
+    except (RasterioIOError, ValueError) as exc:
+        raise InputError(f"Cannot read {path} as an image ({exc}).") from None
+    return RasterImage(np.moveaxis(data, 0, -1), path, nodata, crs, transform)
+
+
+def as_raster(source: str | Path | np.ndarray | RasterImage) -> RasterImage:
+    """Accept a path, an ``[H, W]`` / ``[H, W, C]`` array, or a :class:`RasterImage`."""
+    if isinstance(source, RasterImage):
+        return source
+    if isinstance(source, np.ndarray):
+        data = source[..., None] if source.ndim == 2 else source
+        if data.ndim != 3:
+            raise InputError(f"Expected an [H, W] or [H, W, C] array, got shape {source.shape}.")
+        return RasterImage(data)
+    return read_raster(source)
+
+
+def _name(raster: RasterImage) -> str:
+    return str(raster.path) if raster.path else "input array"
+
+
+def check_raster(raster: RasterImage, nan_as_nodata: bool = False) -> np.ndarray:
+    """Validate a raster and return its ``[H, W]`` validity mask (before fill detection).
+
+    Raises:
+        InputError: empty, too small, unsupported band count, NaNs (unless
+            ``nan_as_nodata``), no valid pixel, or a constant image.
+    """
+    data, name = raster.data, _name(raster)
+    h, w, c = data.shape
+    if h == 0 or w == 0:
+        raise InputError(f"{name} is empty (size {w}x{h}).")
+    if c not in SUPPORTED_BANDS:
+        raise InputError(f"{name} has {c} bands; supported: 1 (gray/SAR), 2 (gray+alpha), 3 (RGB), 4 (RGBA/RGBN).")
+    if min(h, w) < MIN_SIDE:
+        raise InputError(f"{name} is {w}x{h} px; the models need at least {MIN_SIDE} px a side.")
+    finite = np.isfinite(data).all(axis=-1) if data.dtype.kind == "f" else np.ones((h, w), bool)
+    if not finite.all() and not nan_as_nodata:
+        raise InputError(
+            f"{name} contains {int((~finite).sum())} NaN/inf pixels; pass --nan-as-nodata to treat them as nodata."
+        )
+    valid = finite
+    if raster.nodata is not None and not np.isnan(raster.nodata):
+        valid &= ~(data == raster.nodata).all(axis=-1)
+    if not valid.any():
+        raise InputError(f"{name} has no valid pixel (all nodata).")
+    vals = data[valid]
+    if float(np.ptp(vals)) == 0.0:
+        raise InputError(f"{name} is constant (every valid pixel is {vals.flat[0]}); nothing to match.")
+    return valid
+
+
+def border_fill_mask(gray: np.ndarray, min_fraction: float = 0.01) -> np.ndarray:
+    """Find exact-zero fill connected to the image border (e.g. black rotation corners).
+
+    Args:
+        gray: ``[H, W]`` raw values.
+        min_fraction: ignore fill smaller than this fraction of the image.
+
+    Returns:
+        ``[H, W]`` bool, True on fill pixels.
+    """
+    zero = (gray == 0).astype(np.uint8)
+    if not zero.any():
+        return np.zeros(gray.shape, bool)
+    n, labels = cv2.connectedComponents(zero, connectivity=4)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    fill = np.isin(labels, border[border > 0])
+    return fill if fill.mean() >= min_fraction else np.zeros(gray.shape, bool)
+
+
+def stretch(values: np.ndarray, valid: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray:
+    """Percentile-stretch ``[H, W]`` values to ``[0, 1]`` using valid pixels only."""
+    p_lo, p_hi = np.percentile(values[valid], [lo, hi])
+    if p_hi <= p_lo:
+        p_lo, p_hi = float(values[valid].min()), float(values[valid].max())
+    out = (values.astype(np.float32) - p_lo) / max(p_hi - p_lo, 1e-12)
+    return np.clip(out, 0.0, 1.0)
+
+
+def sar_to_unit(data: np.ndarray, valid: np.ndarray, scale: str = "auto") -> np.ndarray:
+    """Turn SAR amplitude/intensity ``[H, W, C]`` into one ``[H, W]`` band in ``[0, 1]``.
+
+    ``scale``: ``"log"`` (dB-like, ``log10`` of the values), ``"linear"``, or ``"auto"``:
+    log for integer types wider than 8 bit and floats (raw amplitude/intensity), linear for
+    uint8 (already display-scaled). Multi-band SAR (e.g. HH/HV) is averaged in power.
+    """
+    band = data[..., :3].astype(np.float64)
+    band = np.sqrt((band**2).mean(axis=-1)) if band.shape[-1] > 1 else band[..., 0]
+    use_log = scale == "log" or (scale == "auto" and data.dtype != np.uint8)
+    if use_log:
+        floor = np.percentile(band[valid & (band > 0)], 0.1) if (band[valid] > 0).any() else 1e-6
+        band = np.log10(np.maximum(band, floor))
+    return stretch(band, valid)
+
+
+def optical_to_unit(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Turn optical ``[H, W, C]`` into ``[H, W, 3]`` in ``[0, 1]``.
+
+    1 band: gray; 2 bands: gray + alpha; 3: RGB; 4: the first three (RGB of RGBA/RGBN).
+    uint8 data is scaled by 1/255, anything else is percentile-stretched per band.
+    """
+    c = data.shape[-1]
+    bands = data[..., :1] if c <= 2 else data[..., :3]
+    if data.dtype == np.uint8:
+        out = bands.astype(np.float32) / 255.0
+    else:
+        out = np.stack([stretch(bands[..., i], valid) for i in range(bands.shape[-1])], axis=-1)
+    return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
+
+
+def load_image(
+    source: str | Path | np.ndarray | RasterImage,
+    modality: Modality,
+    max_side: int | None = 1024,
+    sar_scale: str = "auto",
+    nan_as_nodata: bool = False,
+    detect_fill: bool = True,
+    sar_smooth: float = 0.0,
+) -> PreparedImage:
+    """Read and prepare an optical or SAR image for description.
+
+    Args:
+        source: path, array (``[H, W]`` or ``[H, W, C]``) or raster.
+        modality: ``"optical"`` or ``"sar"``.
+        max_side: downscale so that the long side is at most this (px); ``None`` keeps size.
+        sar_scale: SAR radiometric scaling, see :func:`sar_to_unit`.
+        nan_as_nodata: mask NaN/inf pixels instead of refusing the image.
+        detect_fill: mask exact-zero fill connected to the border (rotation corners).
+        sar_smooth: Gaussian sigma (px) applied to the log-scaled SAR to damp speckle; 0 = off.
+
+    Raises:
+        InputError: for any unusable input (see :func:`check_raster`).
+    """
+    raster = as_raster(source)
+    valid = check_raster(raster, nan_as_nodata)
+    data = np.where(valid[..., None], raster.data, 0) if not valid.all() else raster.data
+    if detect_fill:
+        valid &= ~border_fill_mask(data[..., 0] if data.shape[-1] < 3 else data[..., :3].max(axis=-1))
+        if valid.mean() < 0.02:
+            raise InputError(f"{_name(raster)} has almost no valid pixels after masking fill/nodata.")
+    unit = sar_to_unit(data, valid) if modality == "sar" else optical_to_unit(data, valid)
+    if modality == "sar":
+        if sar_smooth > 0:
+            unit = cv2.GaussianBlur(unit, (0, 0), sar_smooth)
+        unit = np.repeat(unit[..., None], 3, axis=-1)
+    unit[~valid] = 0.0
+    return _resize_prepared(unit, valid, raster, modality, max_side)
+
+
+def _resize_prepared(
+    unit: np.ndarray, valid: np.ndarray, raster: RasterImage, modality: Modality, max_side: int | None
+) -> PreparedImage:
+    w, h = raster.size
+    factor = 1.0 if max_side is None else min(1.0, max_side / max(w, h))
+    if factor < 1.0:
+        size = (max(MIN_SIDE, round(w * factor)), max(MIN_SIDE, round(h * factor)))
+        unit = cv2.resize(unit, size, interpolation=cv2.INTER_AREA)
+        valid = cv2.resize(valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    hh, ww = unit.shape[:2]
+    return PreparedImage(
+        image=np.ascontiguousarray(unit, dtype=np.float32),
+        valid=valid,
+        scale=(w / ww, h / hh),
+        original_size=(w, h),
+        modality=modality,
+        raster=raster,
+    )
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """``[0, 1]`` float image to uint8."""
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write an RGB ``[H, W, 3]`` (or gray) uint8/float image as PNG."""
+    img = to_uint8(image) if image.dtype != np.uint8 else image
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), img):
+        raise InputError(f"Cannot write {path}.")

