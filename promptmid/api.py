@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -21,7 +22,7 @@ from promptmid import __version__
 from promptmid.config import get_config
 from promptmid.descriptor import Describer
 from promptmid.io import PreparedImage, load_image
-from promptmid.matching import Geometry, apply_transform, fit_geometry, mutual_nearest_neighbours
+from promptmid.matching import Geometry, apply_transform, fit_geometry, guided_matches, mutual_nearest_neighbours
 
 
 @dataclass
@@ -139,20 +140,25 @@ class Matcher:
         rotated, to_sar = rotate_prepared(sar, angle)
         feats1 = self.describer(rotated)
         _add_timings(timings, feats1["timings"])
-        t0 = time.perf_counter()
-        mconf = self.conf["matching"]
-        matches, scores = mutual_nearest_neighbours(
-            feats0["descriptors"], feats1["descriptors"], mconf["ratio"], mconf["min_similarity"]
-        )
-        k0 = feats0["keypoints"].numpy()[matches[:, 0]]
-        k1 = apply_transform(to_sar, feats1["keypoints"].numpy()[matches[:, 1]])
-        p0, p1 = opt.to_original(k0), sar.to_original(k1)
-        timings["matching"] = timings.get("matching", 0.0) + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        g = self.conf["geometry"]
-        geom = fit_geometry(p0, p1, g["model"], g["threshold"], g["min_inliers"])
-        timings["fitting"] = timings.get("fitting", 0.0) + time.perf_counter() - t0
-        data = {"points0": p0, "points1": p1, "scores": scores, "n1": len(feats1["keypoints"])}
+        # all keypoints in original pixels of the unrotated images
+        k0 = opt.to_original(feats0["keypoints"].numpy())
+        k1 = sar.to_original(apply_transform(to_sar, feats1["keypoints"].numpy()))
+        d0, d1 = feats0["descriptors"], feats1["descriptors"]
+        m, g = self.conf["matching"], self.conf["geometry"]
+        with _timer(timings, "matching"):
+            matches, scores = mutual_nearest_neighbours(d0, d1, m["ratio"], m["min_similarity"])
+        with _timer(timings, "fitting"):
+            geom = fit_geometry(k0[matches[:, 0]], k1[matches[:, 1]], g["model"], g["threshold"], g["min_inliers"])
+        for _ in range(m["guided_iterations"] if geom.ok else 0):
+            with _timer(timings, "matching"):
+                gm, gs = guided_matches(d0, d1, k0, k1, geom.matrix, m["guided_radius"])
+            with _timer(timings, "fitting"):
+                refit = fit_geometry(k0[gm[:, 0]], k1[gm[:, 1]], g["model"], g["threshold"], g["min_inliers"])
+            if not refit.ok or refit.num_inliers < geom.num_inliers:
+                break
+            matches, scores, geom = gm, gs, refit
+        data = {"points0": k0[matches[:, 0]], "points1": k1[matches[:, 1]], "scores": scores,
+                "n1": len(feats1["keypoints"])}
         return geom, data, angle
 
     def _result(
@@ -212,6 +218,14 @@ def rotate_prepared(image: PreparedImage, angle_deg: float) -> tuple[PreparedIma
 def _progress(callback: Callable[[str], None] | None, message: str) -> None:
     if callback is not None:
         callback(message)
+
+
+@contextmanager
+def _timer(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the elapsed seconds of the block to ``timings[key]``."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 def _add_timings(total: dict[str, float], new: dict[str, float]) -> None:

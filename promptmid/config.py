@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "matching": {
         "ratio": None,  # Lowe ratio test on descriptor distance; None = off (it hurt on real pairs)
         "min_similarity": -1.0,  # drop matches whose cosine similarity is below this
+        "guided_iterations": 2,  # re-match near the first fit's prediction and refit; 0 = off
+        "guided_radius": 8.0,  # search radius (SAR px) of guided matching
     },
     "geometry": {
         "model": "affine",  # "affine" | "homography" | "similarity"

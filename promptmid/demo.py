@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from promptmid.api import Matcher
-from promptmid.io import to_uint8, write_png
+from promptmid.io import open_for_write, to_uint8, write_png
 from promptmid.matching import apply_transform
 from promptmid.registration import prepare_out_dir, write_json, write_products
 from promptmid.synth import make_pair
@@ -28,13 +28,11 @@ def corner_error(estimated: np.ndarray, truth: np.ndarray, size: tuple[int, int]
 
 def write_demo_inputs(directory: Path, optical: np.ndarray, sar: np.ndarray) -> tuple[Path, Path]:
     """Write the optical image as PNG and the SAR amplitude as a float32 TIFF."""
-    import rasterio
-
     directory.mkdir(parents=True, exist_ok=True)
     opt_path, sar_path = directory / "optical.png", directory / "sar.tif"
     write_png(opt_path, to_uint8(optical))
     profile = {"driver": "GTiff", "width": sar.shape[1], "height": sar.shape[0], "count": 1, "dtype": "float32"}
-    with rasterio.open(sar_path, "w", **profile) as dst:
+    with open_for_write(sar_path, profile) as dst:
         dst.write(sar[None])
     return opt_path, sar_path
 

@@ -274,6 +274,16 @@ def _resize_prepared(
     )
 
 
+def open_for_write(path: Path, profile: dict[str, Any]) -> Any:
+    """Open a raster for writing; a plain (non-georeferenced) TIFF raises no warning."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path, "w", **profile)
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """``[0, 1]`` float image to uint8."""
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -33,13 +33,22 @@ def mutual_nearest_neighbours(
     """
     if len(desc0) == 0 or len(desc1) == 0:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
-    sim = desc0.float() @ desc1.float().t()
+    return mutual_nn_from_similarity(desc0.float() @ desc1.float().t(), ratio, min_similarity)
+
+
+def mutual_nn_from_similarity(
+    sim: torch.Tensor, ratio: float | None = None, min_similarity: float = -1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours of a ``[N0, N1]`` cosine-similarity matrix (``-inf`` = forbidden).
+
+    See :func:`mutual_nearest_neighbours` for the arguments and outputs.
+    """
+    idx0 = torch.arange(sim.shape[0])
     best01 = sim.argmax(dim=1)
     best10 = sim.argmax(dim=0)
-    idx0 = torch.arange(len(desc0))
     keep = best10[best01] == idx0
     scores = sim[idx0, best01]
-    keep &= scores >= min_similarity
+    keep &= (scores >= min_similarity) & torch.isfinite(scores)
     if ratio is not None and sim.shape[1] >= 2:
         top2 = sim.topk(2, dim=1).values
         dist = torch.sqrt(torch.clamp(2 - 2 * top2, min=0))
@@ -137,3 +146,26 @@ def _robust_fit(
     m, mask = fit(a, b, method=cv2.USAC_MAGSAC, ransacReprojThreshold=threshold, maxIters=max_iters,
                   confidence=confidence, refineIters=10)
     return (None, None) if m is None else (np.vstack([m, [0.0, 0.0, 1.0]]), mask)
+
+
+def guided_matches(
+    desc0: torch.Tensor, desc1: torch.Tensor, kpts0: np.ndarray, kpts1: np.ndarray, matrix: np.ndarray,
+    radius: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours restricted to pairs that agree with a transform.
+
+    Args:
+        desc0, desc1: ``[N0, D]``, ``[N1, D]`` L2-normalised descriptors.
+        kpts0, kpts1: ``[N0, 2]``, ``[N1, 2]`` keypoints (x, y px) in the frames ``matrix`` relates.
+        matrix: 3x3 image-0 -> image-1 transform (e.g. a first robust fit).
+        radius: a pair is allowed when ``|matrix(k0) - k1| <= radius`` (image-1 px).
+
+    Returns:
+        ``matches [K, 2]`` and ``scores [K]`` as :func:`mutual_nearest_neighbours`.
+    """
+    if len(desc0) == 0 or len(desc1) == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    pred = torch.from_numpy(apply_transform(matrix, kpts0)).float()
+    dist = torch.cdist(pred, torch.as_tensor(kpts1, dtype=torch.float32))
+    sim = (desc0.float() @ desc1.float().t()).masked_fill(dist > radius, float("-inf"))
+    return mutual_nn_from_similarity(sim)

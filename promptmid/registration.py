@@ -20,7 +20,7 @@ import numpy as np
 
 from promptmid.api import MatchResult
 from promptmid.errors import OutputExistsError
-from promptmid.io import PreparedImage, RasterImage
+from promptmid.io import PreparedImage, RasterImage, open_for_write
 from promptmid.matching import residuals
 
 
@@ -106,8 +106,6 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
     (the SAR file's, else 0). CRS and geotransform are copied from the optical image when
     it has them. Tiled and DEFLATE-compressed.
     """
-    import rasterio
-
     assert result.transform is not None
     nodata = sar.nodata if sar.nodata is not None else 0
     data = sar.data.astype(np.float32) if sar.data.dtype.kind == "f" else sar.data
@@ -120,7 +118,7 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
     }
     if optical.crs:
         profile.update(crs=optical.crs, transform=optical.transform)
-    with rasterio.open(path, "w", **profile) as dst:
+    with open_for_write(path, profile) as dst:
         dst.write(np.stack(bands))
 
 

@@ -1,6 +1,6 @@
 """Procedural optical/SAR scene pairs with a known transform (demo, tests, augmentation).
 
-A random land-cover map (fields, forest, water, roads, a town of buildings) is rendered
+A random land-cover map (fields with hedgerows, forest, water, roads, a town of buildings) is rendered
 once as an optical RGB image and once as a SAR-like intensity image (class backscatter
 unrelated to optical brightness, dark water, bright double-bounce lines on buildings,
 gamma speckle), and the SAR image is warped by a known affine transform ``H`` that maps
@@ -14,14 +14,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-FARMLAND, FOREST, GRASS, BARE, WATER, ROAD, BUILDING = range(7)
+FARMLAND, FOREST, GRASS, BARE, WATER, ROAD, BUILDING, HEDGE = range(8)
 
 # optical RGB (0-1) and SAR backscatter (linear intensity) per class
 OPTICAL_COLOURS = {
     FARMLAND: (0.55, 0.60, 0.30), FOREST: (0.12, 0.30, 0.12), GRASS: (0.40, 0.55, 0.25),
     BARE: (0.70, 0.62, 0.50), WATER: (0.10, 0.20, 0.30), ROAD: (0.45, 0.45, 0.45), BUILDING: (0.80, 0.78, 0.75),
+    HEDGE: (0.08, 0.22, 0.08),
 }
-SAR_BACKSCATTER = {FARMLAND: 0.25, FOREST: 0.55, GRASS: 0.18, BARE: 0.10, WATER: 0.01, ROAD: 0.03, BUILDING: 0.45}
+SAR_BACKSCATTER = {FARMLAND: 0.25, FOREST: 0.55, GRASS: 0.18, BARE: 0.10, WATER: 0.01, ROAD: 0.03, BUILDING: 0.45,
+                   HEDGE: 1.5}
 
 
 @dataclass
@@ -50,6 +52,8 @@ def make_labels(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     fields = dist.argmin(axis=-1).astype(np.int32)
     field_class = rng.choice([FARMLAND, FARMLAND, FOREST, GRASS, BARE], size=n_fields)
     labels = field_class[fields].astype(np.uint8)
+    boundary = cv2.morphologyEx(fields.astype(np.float32), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    labels[boundary & (rng.random(n_fields)[fields] < 0.7)] = HEDGE
     labels[_smooth_noise(rng, size, size / 12) > 1.3] = WATER
     _draw_roads(labels, rng, size)
     _draw_town(labels, rng, size)
@@ -74,14 +78,14 @@ def _draw_town(labels: np.ndarray, rng: np.random.Generator, size: int) -> None:
 def render_optical(labels: np.ndarray, fields: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """RGB ``[H, W, 3]`` in [0, 1]: class colours, per-field tone, crop rows, shadows, haze."""
     size = labels.shape[0]
-    lut = np.array([OPTICAL_COLOURS[c] for c in range(7)], np.float32)
+    lut = np.array([OPTICAL_COLOURS[c] for c in range(8)], np.float32)
     img = lut[labels]
     tone = rng.uniform(0.75, 1.25, fields.max() + 1).astype(np.float32)
     img *= np.where(labels == BUILDING, 1.0, tone[fields])[..., None]
     yy, xx = np.mgrid[0:size, 0:size]
     angle = rng.uniform(0, np.pi, fields.max() + 1)[fields]
     rows = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.8)
-    img *= np.where(labels == FARMLAND, 0.85 + 0.15 * rows, 1.0)[..., None]
+    img *= np.where(labels == FARMLAND, 0.92 + 0.08 * rows, 1.0)[..., None]
     img *= (1 + 0.15 * _smooth_noise(rng, size, 1.5) * (labels == FOREST))[..., None]
     shadow = np.roll(labels == BUILDING, (3, 3), axis=(0, 1)) & (labels != BUILDING)
     img[shadow] *= 0.4
@@ -91,7 +95,7 @@ def render_optical(labels: np.ndarray, fields: np.ndarray, rng: np.random.Genera
 
 def render_sar_intensity(labels: np.ndarray, fields: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Noise-free SAR intensity ``[H, W]``: class backscatter, per-field moisture, double bounce."""
-    lut = np.array([SAR_BACKSCATTER[c] for c in range(7)], np.float32)
+    lut = np.array([SAR_BACKSCATTER[c] for c in range(8)], np.float32)
     sigma0 = lut[labels]
     moisture = rng.uniform(0.4, 2.5, fields.max() + 1).astype(np.float32)
     sigma0 *= np.where(np.isin(labels, (FARMLAND, GRASS, BARE)), moisture[fields], 1.0)
@@ -118,7 +122,7 @@ def random_affine(rng: np.random.Generator, size: int, max_rot_deg: float = 10.0
     return np.vstack([m, [0.0, 0.0, 1.0]])
 
 
-def make_pair(size: int = 512, seed: int = 0, H: np.ndarray | None = None, looks: float = 3.0) -> SyntheticPair:
+def make_pair(size: int = 512, seed: int = 0, H: np.ndarray | None = None, looks: float = 4.0) -> SyntheticPair:
     """Generate an optical/SAR pair whose SAR image is the scene warped by ``H``.
 
     Args:

@@ -130,7 +130,7 @@ def make_tiny_sd(directory: str | Path, seed: int = 0, prediction_type: str = "e
     torch.manual_seed(seed)
     vocab_size = write_tiny_tokenizer(root / "tokenizer")
     UNet2DConditionModel(**tiny_unet_config()).save_pretrained(root / "unet")
-    AutoencoderKL(
+    vae = AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -138,8 +138,9 @@ def make_tiny_sd(directory: str | Path, seed: int = 0, prediction_type: str = "e
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.18215,
-    ).save_pretrained(root / "vae")
+    )
+    calibrate_vae(vae)
+    vae.save_pretrained(root / "vae")
     text_config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_DIM,
@@ -161,6 +162,32 @@ def make_tiny_sd(directory: str | Path, seed: int = 0, prediction_type: str = "e
     ).save_pretrained(root / "scheduler")
     _write_model_index(root)
     return root
+
+
+def calibration_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """``[n, 3, size, size]`` varied images in [0, 1]: brightness levels, ramps, grids, noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = []
+    for i in range(n):
+        level = torch.rand(1, generator=g).item()
+        period = int(torch.randint(4, 12, (1,), generator=g))
+        pattern = [xx / size, ((xx % period) < 2) | ((yy % period) < 2), torch.zeros(size, size)][i % 3].float()
+        noise = 0.1 * torch.rand(size, size, generator=g)
+        out.append((0.6 * level + 0.3 * pattern + noise).clamp(0, 1).expand(3, -1, -1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def calibrate_vae(vae: torch.nn.Module) -> None:
+    """Set ``shift_factor``/``scaling_factor`` so latents of varied images have mean 0, std 1.
+
+    A random VAE's raw latents barely vary between images (std ~0.2 around a common offset);
+    SD's own scaling factor was chosen the same way (unit-variance latents), so the tiny model
+    sees image content at a realistic signal-to-noise ratio.
+    """
+    latents = vae.encode(calibration_images() * 2 - 1).latent_dist.mean
+    vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
 
 
 def _write_model_index(root: Path) -> None:

@@ -270,12 +270,17 @@ def prepare_image(image: torch.Tensor, long_side: int | None) -> torch.Tensor:
 
 
 def encode_latents(components: SDComponents, image: torch.Tensor) -> torch.Tensor:
-    """VAE latents ``[1, 4, H/8, W/8]`` (posterior mean x scaling factor) of a ``[1,3,H,W]`` image in [0, 1]."""
+    """Diffusion latents ``[B, 4, H/8, W/8]`` of ``[B, 3, H, W]`` images in [0, 1].
+
+    The VAE posterior mean (deterministic), shifted by ``shift_factor`` (if the VAE config has
+    one; SD 1.x/2.x do not) and multiplied by ``scaling_factor``, as diffusers pipelines do.
+    """
     vae = components.vae
     x = image.to(components.device, vae.dtype) * 2.0 - 1.0
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mean
-    return latents * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
 
 
 def encode_prompt(components: SDComponents, prompt: str, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""Shared pieces of the command-line interface: error handling, progress, common options.
+
+Every user error prints one line on stderr and exits with a non-zero code
+(see :mod:`promptmid.errors`); set ``PROMPTMID_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from promptmid.errors import PromptMIDError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one error line on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn exceptions into one stderr line and an exit code (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("PROMPTMID_DEBUG"):
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except PromptMIDError as exc:
+            fail(str(exc), exc.exit_code)
+        except ValueError as exc:
+            fail(str(exc), 2)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+            fail(f"unexpected {type(exc).__name__}: {exc} (set PROMPTMID_DEBUG=1 for the traceback)", 1)
+
+    return wrapper
+
+
+@contextmanager
+def status(quiet: bool) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr whose message the pipeline updates (silent when ``quiet``)."""
+    if quiet:
+        yield lambda _msg: None
+        return
+    with err_console.status("starting") as st:
+        yield lambda msg: st.update(msg)
+
+
+def build_overrides(**opts: Any) -> dict[str, Any]:
+    """Map CLI options onto nested config overrides (``None`` = keep the preset's value)."""
+    o: dict[str, Any] = {"io": {}, "keypoints": {}, "geometry": {}, "matching": {}}
+    mapping = {
+        "model": ("geometry", "model"), "threshold": ("geometry", "threshold"),
+        "min_inliers": ("geometry", "min_inliers"), "top_k": ("keypoints", "top_k"),
+        "detector": ("keypoints", "detector"), "max_side": ("io", "max_side"),
+        "sar_scale": ("io", "sar_scale"), "ratio": ("matching", "ratio"),
+    }
+    for name, (section, key) in mapping.items():
+        if opts.get(name) is not None:
+            o[section][key] = opts[name]
+    if opts.get("nan_as_nodata"):
+        o["io"]["nan_as_nodata"] = True
+    if opts.get("try_rotations"):
+        from promptmid.api import rotation_steps
+
+        o["geometry"]["rotations"] = rotation_steps(opts.get("rotation_step") or 90.0)
+    if opts.get("aggregator") == "none":
+        o["aggregator"] = {"name": "concat"}
+    return o
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# Options shared by every command that builds descriptors.
+PresetOpt = typer.Option("lite", "--preset", "-p", help="Pipeline preset: lite | xfeat | full.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Geometry model: affine (default) | homography | similarity.")
+ThresholdOpt = typer.Option(None, "--threshold", help="Inlier threshold in SAR pixels (default 3).")
+RotOpt = typer.Option(False, "--try-rotations", help="Also try the SAR image rotated (steps of --rotation-step).")
+RotStepOpt = typer.Option(None, "--rotation-step", help="Rotation step in degrees for --try-rotations (default 90).")
+TopKOpt = typer.Option(None, "--top-k", help="Keypoints per image (default 2048).")
+MaxSideOpt = typer.Option(None, "--max-side", help="Working resolution: long side in px (default 1024).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: all).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
+JsonOpt = typer.Option(False, "--json", help="Print result.json on stdout.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace files in an existing output directory.")

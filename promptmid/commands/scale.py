@@ -1,0 +1,157 @@
+"""CLI for real scenes: ``promptmid scene`` (tiled / georeferenced) and ``promptmid batch`` (Dask)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from promptmid.commands.common import (
+    JsonOpt, OverwriteOpt, PresetOpt, QuietOpt, ThreadsOpt, ThresholdOpt, TopKOpt, build_overrides, err_console,
+    fail, handle_errors, out_console, set_threads, status,
+)
+
+GeoPriorOpt = typer.Option(True, "--geo-prior/--no-geo-prior",
+                           help="Use the geotransforms as prior when both images are georeferenced "
+                                "(else: coarse match of overviews).")
+RadiusOpt = typer.Option("64px", "--search-radius",
+                         help="Search radius around the prior: '64px', '500m' or a number (metres if georeferenced).")
+SceneModelOpt = typer.Option("affine", "--model", "-m", help="Global model: affine | poly2 (2nd-order polynomial).")
+TileOpt = typer.Option(1024, "--tile", help="Tile side on the optical image (px).")
+OverlapOpt = typer.Option(128, "--overlap", help="Overlap between neighbouring tiles (px).")
+MaxTilesOpt = typer.Option(64, "--max-tiles", help="At most this many tiles, spread over the scene (0 = all).")
+NoFigOpt = typer.Option(False, "--no-figures", help="Skip tile_map.png.")
+
+
+def _scene_options(model: str, tile: int, overlap: int, max_tiles: int, geo_prior: bool, search_radius: str,
+                   no_figures: bool) -> dict[str, Any]:
+    return {"model": model, "tile": tile, "overlap": overlap, "max_tiles": max_tiles or None,
+            "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures}
+
+
+def _overrides(tile: int, threshold: Optional[float], top_k: Optional[int]) -> dict[str, Any]:
+    # tiles are matched at full resolution (chips are at most tile + 2 * radius; cap keeps memory bounded)
+    return build_overrides(threshold=threshold, top_k=top_k, max_side=max(1024, min(2 * tile, 4096)))
+
+
+def scene(
+    optical: Path = typer.Argument(..., help="Optical scene (GeoTIFF or any raster, any size)."),
+    sar: Path = typer.Argument(..., help="SAR scene (amplitude/intensity; any CRS, reprojected if needed)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    preset: str = PresetOpt,
+    geo_prior: bool = GeoPriorOpt,
+    search_radius: str = RadiusOpt,
+    model: str = SceneModelOpt,
+    tile: int = TileOpt,
+    overlap: int = OverlapOpt,
+    max_tiles: int = MaxTilesOpt,
+    threshold: Optional[float] = ThresholdOpt,
+    top_k: Optional[int] = TopKOpt,
+    no_figures: bool = NoFigOpt,
+    threads: Optional[int] = ThreadsOpt,
+    overwrite: bool = OverwriteOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Register a large or georeferenced SAR scene to an optical scene, tile by tile.
+
+    Writes registered_sar.tif (optical grid, CRS, geotransform), tiepoints.csv/.geojson (pixel and map
+    coordinates, residuals), sar_gcps.vrt, tile_map.png and result.json (RMSE before/after, per-tile QC).
+    """
+    from promptmid.api import Matcher
+    from promptmid.registration import prepare_out_dir
+    from promptmid.tiling import SceneOptions, register_scene
+
+    set_threads(threads)
+    opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures))
+    out_dir = prepare_out_dir(out, overwrite)
+    quiet = quiet or json_out
+    with status(quiet) as progress:
+        progress("loading models")
+        matcher = Matcher(preset, _overrides(tile, threshold, top_k))
+        result = register_scene(optical, sar, out_dir, matcher, opts, progress)
+    if json_out:
+        print((out_dir / "result.json").read_text())
+    if result["status"] != "ok":
+        fail(f"registration failed: {result['reason']} (see {out_dir / 'result.json'})", 5)
+    if not quiet:
+        _print_scene(result, out_dir)
+
+
+def _print_scene(r: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title=f"promptmid scene -> {out_dir}", show_header=False)
+    fmt = lambda v, unit: "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
+    rows = [
+        ("transform (optical px -> SAR px)", "\n".join(" ".join(f"{v:10.4f}" for v in row) for row in r["transform"])),
+        ("prior", r["prior"]["kind"] + (" (SAR reprojected to optical CRS)" if r["sar_grid"]["reprojected_to_optical_crs"] else "")),
+        ("tiles processed / grid", f"{r['tiles']['processed']} / {r['tiles']['grid']}  "
+                                   f"(ok {sum(t['status'] == 'ok' for t in r['tile_qc'])})"),
+        ("tie points / inliers", f"{r['tiepoints']} / {r['inliers']}"),
+        ("RMSE before -> after", f"{fmt(r['rmse_before_px'], 'px')} -> {fmt(r['rmse_after_px'], 'px')}"
+                                  + (f"  ({fmt(r['rmse_before_m'], 'm')} -> {fmt(r['rmse_after_m'], 'm')})"
+                                     if r.get("rmse_after_m") is not None else "")),
+        ("time", ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items())),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    out_console.print(table)
+
+
+def batch(
+    pairs: Path = typer.Argument(..., help="PAIRS.jsonl: one {\"id\", \"optical\", \"sar\"} object per line."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output root; one sub-directory per pair id."),
+    workers: int = typer.Option(2, "--workers", "-w", help="LocalCluster worker processes."),
+    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="Dask threads per worker."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Existing Dask scheduler, tcp://host:port."),
+    preset: str = PresetOpt,
+    geo_prior: bool = GeoPriorOpt,
+    search_radius: str = RadiusOpt,
+    model: str = SceneModelOpt,
+    tile: int = TileOpt,
+    overlap: int = OverlapOpt,
+    max_tiles: int = MaxTilesOpt,
+    threshold: Optional[float] = ThresholdOpt,
+    top_k: Optional[int] = TopKOpt,
+    no_figures: bool = NoFigOpt,
+    threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Also rerun pairs whose last run failed to register."),
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Register many pairs on Dask; resumable (finished pairs are skipped), failures reported per pair."""
+    from promptmid.distributed import BatchOptions, run_batch, summary_rows
+
+    opts = BatchOptions(preset, _overrides(tile, threshold, top_k),
+                        _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures),
+                        threads, retry_failed)
+    quiet = quiet or json_out
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, disable=quiet) as bar:
+        task = bar.add_task("pairs", total=None)
+
+        def on_done(row: dict[str, Any], done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"{row['id']}: {row['status']}")
+
+        summary = run_batch(pairs, out, opts, workers, threads_per_worker, scheduler, on_done)
+    if json_out:
+        print(json.dumps(summary, indent=2, default=str))
+    elif not quiet:
+        table = Table(title=f"promptmid batch -> {out}")
+        for col in ("id", "status", "tiles", "inliers", "RMSE px", "s", "reason"):
+            table.add_column(col, overflow="fold")
+        for row in summary_rows(summary):
+            table.add_row(*row)
+        out_console.print(table)
+    bad = summary["counts"]["failed"] + summary["counts"]["error"]
+    if bad:
+        fail(f"{bad} of {len(summary['pairs'])} pairs did not register (see {out / 'summary.json'})", 5)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``scene`` and ``batch`` to the app."""
+    app.command(name="scene")(handle_errors(scene))
+    app.command(name="batch")(handle_errors(batch))

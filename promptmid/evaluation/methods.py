@@ -1,0 +1,170 @@
+"""The registry of matching methods that ``promptmid eval`` compares.
+
+A *method* is a callable ``(optical: PreparedImage, sar: PreparedImage) -> dict`` returning
+
+- ``points0``: ``[K, 2]`` optical matches, ``points1``: ``[K, 2]`` SAR matches, both in ORIGINAL
+  pixels of the images given (x = column, y = row, pixel centres at integers; use
+  :meth:`PreparedImage.to_original`),
+- ``scores``: ``[K]`` match confidences (higher = better),
+- ``timings``: seconds, ``{"features": ..., "matching": ...}``,
+- optionally ``rotation_deg``: the SAR rotation (search step) that was kept.
+
+Robust fitting and metrics are NOT part of a method: the runner does them identically for all.
+
+Rotation search: methods that are not rotation-invariant are run with the SAR image rotated by
+each angle of ``rotations`` (degrees, counter-clockwise; default ``[0]``), and the matches of the
+angle whose affine fit (threshold 3 px) has the most inliers are kept (:func:`with_rotation_search`);
+promptmid presets do the same inside :class:`~promptmid.api.Matcher`. The benchmark uses
+``[0, 90, 180, 270]`` for every such method, which is fair since srif pairs are rotated up to 90 deg.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from promptmid.evaluation.base import MethodFn, MethodSpec
+from promptmid.io import PreparedImage
+from promptmid.matching import apply_transform, fit_geometry
+
+FULL_ROTATIONS = [0.0, 90.0, 180.0, 270.0]
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to :data:`METHODS` (names are unique)."""
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def default_methods() -> list[str]:
+    return [name for name, spec in METHODS.items() if spec.default]
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (checked); ``None``/empty -> :func:`default_methods`."""
+    if not text:
+        return default_methods()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
+    return names
+
+
+def build_method(name: str, rotations: list[float] | None = None, **conf: Any) -> MethodFn:
+    """Instantiate a registered method (loads its models once).
+
+    Args:
+        name: registry key.
+        rotations: SAR rotations to search (deg); ignored by rotation-invariant methods.
+        conf: overrides of the method's ``default_conf`` (unknown keys raise ``ValueError``).
+    """
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; valid: {', '.join(METHODS)}")
+    spec = METHODS[name]
+    unknown = set(conf) - set(spec.default_conf)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {sorted(unknown)} for method {name}; valid: {sorted(spec.default_conf)}")
+    merged = {**spec.default_conf, **conf}
+    angles = [0.0] if spec.rotation_invariant or not rotations else [float(a) for a in rotations]
+    if spec.rotations_inside:
+        merged["rotations"] = angles
+        return spec.build(merged)
+    fn = spec.build(merged)
+    return fn if angles == [0.0] else with_rotation_search(fn, angles)
+
+
+def rotations_for(name: str, rotations: list[float]) -> list[float]:
+    """The rotations a method is actually run with (``[0]`` for rotation-invariant ones)."""
+    return [0.0] if METHODS[name].rotation_invariant else list(rotations)
+
+
+def with_rotation_search(fn: MethodFn, rotations: list[float], threshold: float = 3.0) -> MethodFn:
+    """Run ``fn`` on the SAR image rotated by each angle; keep the angle with most affine inliers.
+
+    The rotated SAR is passed with unit scale, so ``fn`` returns rotated working pixels; they are
+    mapped back through the rotation and then to original SAR pixels. Selection fitting time is
+    counted as ``matching``.
+    """
+    from promptmid.api import rotate_prepared
+
+    def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
+        best: dict[str, Any] | None = None
+        best_inliers = -1
+        timings = {"features": 0.0, "matching": 0.0}
+        for angle in rotations:
+            rotated, to_sar = rotate_prepared(sar, angle)
+            h, w = rotated.image.shape[:2]
+            unit = dataclasses.replace(rotated, scale=(1.0, 1.0), original_size=(w, h))
+            out = fn(optical, unit)
+            t0 = time.perf_counter()
+            out["points1"] = sar.to_original(apply_transform(to_sar, out["points1"])) if len(out["points1"]) else \
+                np.zeros((0, 2))
+            n = fit_geometry(out["points0"], out["points1"], "affine", threshold).num_inliers
+            out["timings"]["matching"] += time.perf_counter() - t0
+            for key in timings:
+                timings[key] += out["timings"].get(key, 0.0)
+            if n > best_inliers:
+                best, best_inliers = {**out, "rotation_deg": float(angle)}, n
+        assert best is not None  # rotations is never empty
+        best["timings"] = timings
+        return best
+
+    return run
+
+
+# --- promptmid presets ---------------------------------------------------------------------------
+
+
+def build_promptmid(conf: dict[str, Any]) -> MethodFn:
+    """A promptmid preset through :meth:`Matcher.match` (its own rotation search and I/O settings).
+
+    conf: ``preset`` (``"lite"`` | ``"xfeat"`` | ``"full"``), ``overrides`` (nested config dict),
+    ``rotations`` (set by the registry). Timings: ``features`` = every describer stage,
+    ``matching`` = MNN plus the Matcher's per-rotation fits (used to pick the rotation).
+    """
+    from promptmid.api import Matcher
+    from promptmid.config import deep_merge
+
+    overrides = deep_merge(conf.get("overrides") or {}, {"geometry": {"rotations": conf["rotations"]}})
+    matcher = Matcher(conf["preset"], overrides)
+
+    def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
+        opt = matcher.prepare(optical.raster, "optical")
+        sar_img = matcher.prepare(sar.raster, "sar")
+        r = matcher.match(opt, sar_img)
+        t = r.timings
+        features = sum(v for k, v in t.items() if k not in ("read", "matching", "fitting", "total"))
+        return {"points0": r.points0, "points1": r.points1, "scores": r.scores, "rotation_deg": r.rotation_deg,
+                "timings": {"features": features, "matching": t.get("matching", 0.0) + t.get("fitting", 0.0)}}
+
+    return run
+
+
+def _promptmid_spec(preset: str, description: str, default: bool = True) -> MethodSpec:
+    return MethodSpec(f"promptmid-{preset}", description, build_promptmid,
+                      {"preset": preset, "overrides": None}, rotations_inside=True, default=default)
+
+
+register(_promptmid_spec("lite", "promptmid lite: XFeat keypoints, XFeat + DINOv2-S/14 descriptors, MNN"))
+register(_promptmid_spec("xfeat", "promptmid xfeat: XFeat keypoints and descriptors only, MNN"))
+register(_promptmid_spec("full", "promptmid full: lite + prompted Stable Diffusion features (needs a local SD model)",
+                         default=False))
+
+
+def _register_others() -> None:
+    from promptmid.evaluation import baselines, rift
+
+    for spec in (*baselines.SPECS, rift.SPEC):
+        register(spec)
+
+
+_register_others()

@@ -1,0 +1,256 @@
+"""Write evaluation results: ``pairs.csv``, ``summary.md``, ``summary.json`` and figures.
+
+Aggregates are computed per (method, geometry model) overall, per split group and per source.
+Failed pairs stay in every denominator (their RMSE and corner error are infinite) and are counted,
+with their reasons grouped, in the ``failed`` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from promptmid.evaluation import metrics
+
+CSV_SKIP = ("transform",)
+
+
+def reason_category(row: dict[str, Any]) -> str:
+    """Short failure category of a row (``""`` for successful fits)."""
+    if row["status"] == "ok":
+        return ""
+    reason = str(row.get("reason", ""))
+    if reason.startswith("image error"):
+        return "image error"
+    if re.match(r"only \d+ matches", reason):
+        return "too few matches"
+    if re.match(r"only \d+ inliers", reason):
+        return "too few inliers"
+    if "no consensus" in reason:
+        return "no consensus"
+    if reason.startswith("no GT"):
+        return "no GT"
+    m = re.match(r"(\w+(Error|Exception))", reason)
+    return f"error: {m.group(1)}" if m else (reason[:40] or row["status"])
+
+
+def write_pairs_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """One CSV line per pair x method x model (``inf`` for failed RMSE/corner error)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys and k not in CSV_SKIP]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt_csv(row.get(k)) for k in keys})
+
+
+def _fmt_csv(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary numbers of a set of rows (one method and model)."""
+    n = len(rows)
+    rmse = [r.get("rmse", math.inf) for r in rows]
+    corner = [r.get("corner_error", math.inf) for r in rows]
+    out: dict[str, Any] = {"pairs": n, "failed": sum(r["status"] != "ok" for r in rows)}
+    out["failure_reasons"] = dict(Counter(reason_category(r) for r in rows if r["status"] != "ok"))
+    out.update(metrics.success_rates(rmse))
+    out.update(metrics.auc(corner))
+    out["median_corner_error"] = float(np.median(corner)) if n else math.nan
+    out["median_rmse"] = float(np.median(rmse)) if n else math.nan
+    for key in ("ncm_before", "ncm_after", "cmr", "inlier_cmr", "matches", "inliers",
+                *(f"mma@{t}" for t in metrics.MMA_THRESHOLDS)):
+        vals = [r[key] for r in rows if key in r]
+        out[f"mean_{key}"] = float(np.mean(vals)) if vals else math.nan
+    for key in ("time_total", "time_features", "time_matching", "time_fitting", "peak_mem_mb"):
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        out[f"median_{key}"] = float(np.median(vals)) if vals else math.nan
+    return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"overall": {method: {model: agg}}, "by_group": {group: ...}, "by_source": {source: ...}}``."""
+    def table(subset: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        subset = list(subset)
+        for method in dict.fromkeys(r["method"] for r in subset):
+            out[method] = {model: aggregate([r for r in subset if r["method"] == method and r["model"] == model])
+                           for model in dict.fromkeys(r["model"] for r in subset)}
+        return out
+
+    groups = sorted({r["group"] for r in rows})
+    sources = sorted({r["source"] for r in rows})
+    return {
+        "overall": table(rows),
+        "by_group": {g: table(r for r in rows if r["group"] == g) for g in groups},
+        "by_source": {s: table(r for r in rows if r["source"] == s) for s in sources},
+    }
+
+
+def _num(v: float, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else ("inf" if v == math.inf else f"{v:.{digits}f}")
+
+
+def markdown_table(tab: dict[str, dict[str, Any]], model: str) -> list[str]:
+    """Rows of one results table (methods as rows) for ``model``."""
+    lines = ["| method | pairs | failed (reasons) | SR@3 | SR@5 | AUC@3 | AUC@5 | AUC@10 | median corner err (px) "
+             "| NCM | CMR | MMA@3 | s/pair (feat/match/fit) | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, per_model in tab.items():
+        a = per_model.get(model)
+        if a is None:
+            continue
+        reasons = ", ".join(f"{k} {v}" for k, v in a["failure_reasons"].items())
+        lines.append(
+            f"| {method} | {a['pairs']} | {a['failed']}{f' ({reasons})' if reasons else ''} | {_num(a['sr@3'])} "
+            f"| {_num(a['sr@5'])} | {_num(a['auc@3'])} | {_num(a['auc@5'])} | {_num(a['auc@10'])} "
+            f"| {_num(a['median_corner_error'], 1)} | {_num(a['mean_ncm_before'], 1)} | {_num(a['mean_cmr'])} "
+            f"| {_num(a['mean_mma@3'])} | {_num(a['median_time_total'])} ({_num(a['median_time_features'])}/"
+            f"{_num(a['median_time_matching'])}/{_num(a['median_time_fitting'], 3)}) | {_num(a['median_peak_mem_mb'], 0)} |"
+        )
+    return lines
+
+
+def summary_markdown(summary: dict[str, Any], header: list[str], models: Iterable[str]) -> str:
+    """The whole ``summary.md`` text."""
+    out = list(header)
+    out += ["", "SR@t: fraction of pairs with transform RMSE <= t SAR px (check points, else a 10x10 grid of the "
+            "optical image); AUC@t of the mean corner error; NCM/CMR/MMA before fitting (eps = 3 px), means over "
+            "pairs; times are medians (s); failed pairs count in every rate.", ""]
+    for model in models:
+        out += [f"## {model}", "", "### overall", "", *markdown_table(summary["overall"], model), ""]
+        for name, key in (("split group", "by_group"), ("source", "by_source")):
+            for value, tab in summary[key].items():
+                out += [f"### {name}: {value}", "", *markdown_table(tab, model), ""]
+    return "\n".join(out)
+
+
+def write_summary(rows: list[dict[str, Any]], out_dir: Path, header: list[str], config: dict[str, Any]) -> dict[str, Any]:
+    """Write ``pairs.csv``, ``summary.json``, ``summary.md``; returns the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_pairs_csv(rows, out_dir / "pairs.csv")
+    summary = summarize(rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    (out_dir / "summary.json").write_text(json.dumps({"config": config, **summary}, indent=1, default=_json))
+    (out_dir / "summary.md").write_text(summary_markdown(summary, header, models) + "\n")
+    return summary
+
+
+def _json(v: Any) -> Any:
+    return float(v) if isinstance(v, (np.floating, np.integer)) else str(v)
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def plot_mma(rows: list[dict[str, Any]], path: Path, model: str = "affine") -> None:
+    """Mean MMA over pairs vs threshold (1-10 px), one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ts = list(metrics.MMA_THRESHOLDS)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method and r["model"] == model and "mma@1" in r]
+        if sel:
+            ax.plot(ts, [np.mean([r[f"mma@{t}"] for r in sel]) for t in ts], marker="o", ms=3, label=method)
+    ax.set(xlabel="threshold (SAR px)", ylabel="MMA", ylim=(0, 1), title="Mean matching accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, model: str = "homography", max_px: float = 20.0) -> None:
+    """Cumulative fraction of pairs with mean corner error <= e, one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = np.linspace(0, max_px, 201)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        e = np.array([r.get("corner_error", np.inf) for r in rows if r["method"] == method and r["model"] == model])
+        if len(e):
+            ax.plot(xs, [(e <= x).mean() for x in xs], label=method)
+    ax.set(xlabel="mean corner error (SAR px)", ylabel="fraction of pairs", ylim=(0, 1),
+           title=f"Corner error CDF ({model})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def checkerboard(optical: np.ndarray, sar_in_optical: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Alternate ``tiles x tiles`` squares of two ``[H, W, 3]`` images."""
+    h, w = optical.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = ((yy * tiles // h + xx * tiles // w) % 2).astype(bool)
+    out = optical.copy()
+    out[mask] = sar_in_optical[mask]
+    return out
+
+
+def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: Path, model: str = "affine",
+                       n_pairs: int = 3, side: int = 256) -> None:
+    """Grid of checkerboards (optical / SAR warped with the estimate): pairs as rows, methods as columns."""
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from promptmid.io import load_image
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ids = list(dict.fromkeys(r["pair"] for r in rows))[:n_pairs]
+    if not ids or not methods:
+        return
+    fig, axes = plt.subplots(len(ids), len(methods), figsize=(2.2 * len(methods), 2.3 * len(ids)), squeeze=False)
+    for i, pid in enumerate(ids):
+        try:
+            opt = load_image(pairs[pid].optical, "optical", max_side=None).image
+            sar = load_image(pairs[pid].sar, "sar", max_side=None).image
+        except Exception:  # noqa: BLE001 - an unreadable pair is already a failed row
+            opt = sar = None
+        for j, method in enumerate(methods):
+            ax = axes[i, j]
+            ax.axis("off")
+            row = next((r for r in rows if r["pair"] == pid and r["method"] == method and r["model"] == model), None)
+            if row is None or opt is None:
+                continue
+            if row.get("transform") is None:
+                ax.set_title(f"{method}\nfailed", fontsize=6)
+                continue
+            h, w = opt.shape[:2]
+            warped = cv2.warpPerspective(sar, np.asarray(row["transform"], np.float64), (w, h),
+                                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)  # optical px -> SAR px
+            board = checkerboard(opt, warped)
+            f = side / max(h, w)
+            ax.imshow(cv2.resize(board, (max(1, round(w * f)), max(1, round(h * f)))))
+            ax.set_title(f"{method}\n{pid} {_num(row['corner_error'], 1)} px", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_figures(rows: list[dict[str, Any]], pairs: dict[str, Any], out_dir: Path) -> None:
+    """``mma.png``, ``corner_cdf.png`` and ``checkerboards.png`` in ``out_dir``."""
+    plot_mma(rows, out_dir / "mma.png")
+    plot_corner_cdf(rows, out_dir / "corner_cdf.png")
+    plot_checkerboards(rows, pairs, out_dir / "checkerboards.png")

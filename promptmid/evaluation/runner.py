@@ -1,0 +1,272 @@
+"""Run methods x pairs: matches from each method, then the shared robust fits and metrics.
+
+For every pair the images are read once (:func:`promptmid.io.load_image`, long side <= 1024 px), every
+method is run on them, and its matches (original pixels) are fitted with :func:`fit_geometry` for each
+geometry model (affine and homography by default, inlier threshold 3 SAR px). One row per
+pair x method x model; a pair that fails (unreadable image, method error, too few matches/inliers)
+is a row with ``status`` ``"error"`` or ``"failed"`` and its ``reason``, never dropped.
+
+Raw matches can be cached per (method, pair) in ``cache_dir`` (``.npz``), which makes runs resumable:
+cached pairs are not matched again, only re-fitted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from promptmid.evaluation import metrics
+from promptmid.evaluation.manifest import Pair
+from promptmid.evaluation.split import split_group
+from promptmid.io import PreparedImage, load_image
+from promptmid.matching import fit_geometry
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run.
+
+    Attributes:
+        methods: registry names (:mod:`promptmid.evaluation.methods`).
+        rotations: SAR rotations searched by methods that are not rotation-invariant (deg).
+        models: geometry models fitted to every method's matches.
+        threshold: inlier threshold of the robust fit and correctness threshold of NCM (SAR px).
+        min_inliers: fewer inliers = failed fit.
+        max_side: working resolution of the images given to the methods (px, long side).
+        cache_dir: per (method, pair) cache of raw matches, or ``None``.
+        threads: torch threads per process (``None`` = torch default).
+    """
+
+    methods: list[str]
+    rotations: list[float] = field(default_factory=lambda: [0.0])
+    models: tuple[str, ...] = ("affine", "homography")
+    threshold: float = metrics.EPSILON
+    min_inliers: int = 6
+    max_side: int = 1024
+    cache_dir: str | None = None
+    threads: int | None = None
+
+
+_METHOD_CACHE: dict[tuple[str, tuple[float, ...]], Any] = {}
+
+
+def get_method(name: str, rotations: list[float]) -> Any:
+    """Build a method once per process (models are loaded on first use)."""
+    from promptmid.evaluation.methods import build_method, rotations_for
+
+    key = (name, tuple(rotations_for(name, rotations)))
+    if key not in _METHOD_CACHE:
+        _METHOD_CACHE[key] = build_method(name, list(key[1]))
+    return _METHOD_CACHE[key]
+
+
+class PeakMemory:
+    """Peak resident memory increase (MB) during a block, sampled every ``interval`` s from /proc.
+
+    Torch CPU allocations are invisible to ``tracemalloc``, hence RSS sampling; short spikes
+    between samples can be missed. ``peak_mb`` is NaN where /proc is unavailable.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak_mb = float("nan")
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
+    def __enter__(self) -> "PeakMemory":
+        self._base = self._peak = self.rss_mb()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self.rss_mb())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self.rss_mb())
+        self.peak_mb = self._peak - self._base
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def cache_path(cache_dir: str, method: str, rotations: list[float], pair_id: str) -> Path:
+    """``cache_dir/<method>__r<angles>/<pair id>.npz``."""
+    rot = "-".join(f"{a:g}" for a in rotations)
+    return Path(cache_dir) / f"{method}__r{rot}" / f"{_safe(pair_id)}.npz"
+
+
+def run_method(name: str, optical: PreparedImage, sar: PreparedImage, conf: EvalConfig) -> dict[str, Any]:
+    """Matches of one method on one pair: the method's dict plus ``peak_mem_mb``; errors become
+    ``{"error": "Type: message"}`` with empty matches."""
+    from promptmid.evaluation.methods import rotations_for
+
+    fn = get_method(name, conf.rotations)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        out = fn(optical, sar)
+        wall = time.perf_counter() - t0
+    out["timings"] = {**out.get("timings", {}), "method_total": wall}
+    out["peak_mem_mb"] = mem.peak_mb
+    out["rotations"] = rotations_for(name, conf.rotations)
+    return out
+
+
+def _load_cached(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            info = json.loads(str(z["info"]))
+            return {"points0": z["points0"], "points1": z["points1"], "scores": z["scores"], **info}
+    except (OSError, ValueError, KeyError):
+        return None  # damaged cache entry: recompute
+
+
+def _save_cached(path: Path, out: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {k: v for k, v in out.items() if k not in ("points0", "points1", "scores")}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, points0=np.asarray(out["points0"], np.float64), points1=np.asarray(out["points1"], np.float64),
+             scores=np.asarray(out["scores"], np.float32), info=json.dumps(info, default=float))
+    os.replace(tmp, path)
+
+
+def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImage] | None, load_error: str,
+                conf: EvalConfig) -> dict[str, Any]:
+    """Cached or fresh matches of ``name`` on ``pair``; never raises for a method failure."""
+    from promptmid.evaluation.methods import rotations_for
+
+    path = cache_path(conf.cache_dir, name, rotations_for(name, conf.rotations), pair.id) if conf.cache_dir else None
+    cached = _load_cached(path) if path else None
+    if cached is not None:
+        return cached
+    if images is None:
+        return {"points0": np.zeros((0, 2)), "points1": np.zeros((0, 2)), "scores": np.zeros(0), "error": load_error}
+    try:
+        out = run_method(name, images[0], images[1], conf)
+    except Exception as exc:  # noqa: BLE001 - a method failure is a result, recorded with its reason
+        if os.environ.get("PROMPTMID_DEBUG"):
+            traceback.print_exc()
+        out = {"points0": np.zeros((0, 2)), "points1": np.zeros((0, 2)), "scores": np.zeros(0),
+               "error": f"{type(exc).__name__}: {exc}"}
+        return out  # errors are not cached: they are retried next time
+    if path:
+        _save_cached(path, out)
+    return out
+
+
+def fit_rows(pair: Pair, name: str, out: dict[str, Any], optical_size: tuple[int, int], conf: EvalConfig) -> list[dict[str, Any]]:
+    """One row per geometry model: fit, metrics, timings."""
+    truth = pair.gt_transform()
+    rows = []
+    for model in conf.models:
+        row: dict[str, Any] = {"pair": pair.id, "source": pair.source, "group": split_group(pair),
+                               "gt_quality": pair.gt_quality, "method": name, "model": model}
+        t0 = time.perf_counter()
+        geom = None if out.get("error") else fit_geometry(out["points0"], out["points1"], model, conf.threshold,
+                                                          conf.min_inliers)
+        t_fit = time.perf_counter() - t0
+        estimated = geom.matrix if geom is not None else None
+        row["status"] = "error" if out.get("error") else ("ok" if geom.ok else "failed")
+        row["reason"] = out.get("error") or (geom.reason if geom is not None else "")
+        if truth is None:
+            row.update(status="error", reason="no GT transform (need H or >= 3 check points)")
+        else:
+            row.update(metrics.pair_metrics(truth, out["points0"], out["points1"], estimated,
+                                            None if geom is None else geom.inliers, optical_size, pair.points,
+                                            conf.threshold))
+        t = out.get("timings", {})
+        row.update(time_features=t.get("features", float("nan")), time_matching=t.get("matching", float("nan")),
+                   time_fitting=t_fit)
+        row["time_total"] = row["time_features"] + row["time_matching"] + t_fit
+        row["peak_mem_mb"] = out.get("peak_mem_mb", float("nan"))
+        row["rotation_deg"] = out.get("rotation_deg", 0.0)
+        row["transform"] = None if estimated is None else np.asarray(estimated).tolist()
+        rows.append(row)
+    return rows
+
+
+def _optical_size(pair: Pair, images: tuple[PreparedImage, PreparedImage] | None) -> tuple[int, int]:
+    if images is not None:
+        return images[0].original_size
+    size = pair.meta.get("optical_size")
+    return (int(size[0]), int(size[1])) if size else (1, 1)
+
+
+def evaluate_pair(pair: Pair, conf: EvalConfig) -> list[dict[str, Any]]:
+    """All rows of one pair (every method x model)."""
+    images, load_error = None, ""
+    try:
+        images = (load_image(pair.optical, "optical", max_side=conf.max_side),
+                  load_image(pair.sar, "sar", max_side=conf.max_side))
+    except Exception as exc:  # noqa: BLE001 - recorded as the reason of every row of this pair
+        load_error = f"image error: {type(exc).__name__}: {exc}"
+    rows = []
+    for name in conf.methods:
+        out = matches_for(name, pair, images, load_error, conf)
+        rows.extend(fit_rows(pair, name, out, _optical_size(pair, images), conf))
+    return rows
+
+
+def _init_worker(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    import cv2
+
+    cv2.setNumThreads(threads or 1)
+
+
+def evaluate(pairs: list[Pair], conf: EvalConfig, workers: int = 1,
+             progress: Callable[[Pair], None] | None = None) -> list[dict[str, Any]]:
+    """Rows of every pair x method x model, in the order of ``pairs``.
+
+    ``workers > 1`` runs pairs in parallel processes (spawned; each loads the models once).
+    ``progress`` is called after each finished pair.
+    """
+    results: dict[str, list[dict[str, Any]]] = {}
+    if workers <= 1:
+        _init_worker(conf.threads)
+        for pair in pairs:
+            results[pair.id] = evaluate_pair(pair, conf)
+            if progress:
+                progress(pair)
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(conf.threads,)) as ex:
+            futures = {ex.submit(evaluate_pair, pair, conf): pair for pair in pairs}
+            for fut in as_completed(futures):
+                pair = futures[fut]
+                results[pair.id] = fut.result()
+                if progress:
+                    progress(pair)
+    return [row for pair in pairs for row in results[pair.id]]
+
+
+def config_dict(conf: EvalConfig) -> dict[str, Any]:
+    return asdict(conf)

@@ -1,0 +1,374 @@
+"""Training data for the aggregator: manifest pairs with GT, augmented views, a feature cache.
+
+Backbones are frozen, so what the aggregator needs from an image is only the per-keypoint
+output of the keypoint extractor and of the feature sources (:func:`describe_sources`).
+That is computed once per image *view* and cached on disk; an epoch then only runs the
+aggregator (seconds).
+
+A *view* of a pair is the optical image (never augmented) and the SAR image after
+
+1. the 90-degree rotation step that the Matcher's rotation search would pick for it
+   (:func:`best_rotation_step`, exactly :func:`promptmid.api.rotate_prepared`), and, for
+   augmented views,
+2. a random affine/homography warp (residual rotation, scale, shear, shift, perspective)
+   composed with the GT, and SAR-like radiometry (speckle, gamma, contrast, blur).
+
+The GT of every view is kept as ``H`` mapping optical *working-resolution* pixels to
+SAR-view pixels (x, y; pixel centres at integers). Random warps are drawn when the cache is
+built (``views`` per pair, seeded), because the backbones cost ~1 s per image on this CPU.
+
+Splits follow ``../shared/data/optsar/README.md`` (:func:`split_of`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import cv2
+import numpy as np
+import torch
+
+from promptmid.io import PreparedImage, load_image
+
+CACHE_VERSION = 1
+ROTATION_STEPS = (0.0, 90.0, 180.0, 270.0)
+
+# 3MOS tile prefixes per split (README "Recommended split")
+TRAIN_3MOS = ("GF3_", "RCM_")
+TEST_3MOS = ("SEN_", "Redarsat_", "ALOS_", "TerraSAR_")
+TEST_SOURCES = ("msg", "vsff", "mapglue", "rift", "os-sift")
+NEAR_SOURCES = ("lnift_matlab", "rift2", "osmnet")
+
+
+@dataclass
+class PairRecord:
+    """One manifest line: paths resolved, ``H`` maps original optical px -> original SAR px."""
+
+    id: str
+    source: str
+    optical: Path
+    sar: Path
+    H: np.ndarray
+    gt_quality: str = "exact"
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def group(self) -> str:
+        """Reporting group: the source, or ``3mos/<sensor>`` for 3MOS tiles."""
+        if self.source == "3mos":
+            return "3mos/" + self.id.split("/")[-1].split("_")[0]
+        return self.source
+
+
+def read_manifest(path: str | Path) -> list[PairRecord]:
+    """Read a JSON-lines manifest (DESIGN.md §4); paths are relative to the manifest.
+
+    Raises:
+        ValueError: a line without ``H`` (point-only GT is not usable for training).
+    """
+    path = Path(path)
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        if "H" not in d:
+            raise ValueError(f"{path}:{n}: pair {d.get('id')!r} has no 'H'")
+        records.append(PairRecord(
+            id=d["id"], source=d.get("source", d["id"].split("/")[0]),
+            optical=(path.parent / d["optical"]).resolve(), sar=(path.parent / d["sar"]).resolve(),
+            H=np.asarray(d["H"], np.float64), gt_quality=d.get("gt_quality", "exact"), meta=d,
+        ))
+    return records
+
+
+def split_of(rec: PairRecord) -> str | None:
+    """``"train"``, ``"val"``, ``"test"`` (unseen), ``"near"`` (near-domain test) or ``None``."""
+    name = rec.id.split("/")[-1]
+    if rec.source == "srif":
+        m = re.fullmatch(r"pair(\d+)", name)
+        k = int(m.group(1)) if m else -1
+        if k == 169:
+            return None  # duplicate of lnift_matlab/pair2
+        return "train" if 1 <= k <= 180 else "val" if 181 <= k <= 200 else None
+    if rec.source == "3mos":
+        if name.startswith(TRAIN_3MOS):
+            return "train"
+        if name.startswith(TEST_3MOS):
+            return "test"
+        return None
+    if rec.source in TEST_SOURCES:
+        return "test"
+    if rec.source in NEAR_SOURCES:
+        return "near"
+    return None
+
+
+def select(records: Iterable[PairRecord], split: str, qualities: tuple[str, ...] = ("exact", "approx")
+           ) -> list[PairRecord]:
+    """Records of one split with GT quality in ``qualities`` (training uses exact/approx only)."""
+    return [r for r in records if split_of(r) == split and r.gt_quality in qualities]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def working_gt(rec_H: np.ndarray, opt: PreparedImage, sar: PreparedImage) -> np.ndarray:
+    """GT mapping optical working px -> SAR working px."""
+    return np.linalg.inv(sar.scale_matrix()) @ rec_H @ opt.scale_matrix()
+
+
+def rotation_angle(H: np.ndarray) -> float:
+    """Rotation (deg) of the linear part of ``H`` (image axes, y down)."""
+    return float(np.degrees(np.arctan2(H[1, 0] - H[0, 1], H[0, 0] + H[1, 1])))
+
+
+def best_rotation_step(sar: PreparedImage, H: np.ndarray) -> float:
+    """The step of :data:`ROTATION_STEPS` after which the SAR is closest to upright w.r.t. optical."""
+    from promptmid.api import rotate_prepared
+
+    best, best_err = 0.0, np.inf
+    for angle in ROTATION_STEPS:
+        _, to_sar = rotate_prepared(sar, angle)
+        err = abs(rotation_angle(np.linalg.inv(to_sar) @ H))
+        if err < best_err - 1e-6:
+            best, best_err = angle, err
+    return best
+
+
+def random_warp(rng: np.random.Generator, size: tuple[int, int], max_rot: float = 25.0,
+                scale_log: float = 0.25, shear: float = 0.1, shift: float = 0.08, persp: float = 2e-4
+                ) -> np.ndarray:
+    """Random 3x3 homography about the centre of an image of ``size`` (H, W)."""
+    h, w = size
+    c = np.array([[1, 0, (w - 1) / 2], [0, 1, (h - 1) / 2], [0, 0, 1.0]])
+    a = np.deg2rad(rng.uniform(-max_rot, max_rot))
+    s = np.exp(rng.uniform(-scale_log, scale_log))
+    sh = rng.uniform(-shear, shear)
+    lin = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[1, sh], [0, 1]])
+    m = np.eye(3)
+    m[:2, :2] = lin
+    m[:2, 2] = rng.uniform(-shift, shift, 2) * np.array([w, h])
+    m[2, :2] = rng.uniform(-persp, persp, 2)
+    return c @ m @ np.linalg.inv(c)
+
+
+def sar_radiometry(img: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SAR-like radiometric augmentation of a ``[H, W]`` image in [0, 1] (each step with p=0.5)."""
+    x = img.astype(np.float32)
+    if rng.random() < 0.5:  # multiplicative gamma speckle on intensity (x is ~log/display-scaled)
+        looks = rng.uniform(1.0, 6.0)
+        noise = rng.gamma(looks, 1.0 / looks, x.shape).astype(np.float32)
+        x = np.clip(x * np.sqrt(noise), 0, None)
+        x = x / max(float(np.percentile(x[valid], 99)) if valid.any() else 1.0, 1e-6)
+    if rng.random() < 0.5:
+        x = np.clip(x, 0, 1) ** rng.uniform(0.6, 1.6)
+    if rng.random() < 0.5:
+        m = float(x[valid].mean()) if valid.any() else 0.5
+        x = (x - m) * rng.uniform(0.7, 1.4) + m + rng.uniform(-0.1, 0.1)
+    if rng.random() < 0.5:
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.2))
+    x = np.clip(x, 0, 1)
+    x[~valid] = 0.0
+    return x
+
+
+def make_view(sar: PreparedImage, H: np.ndarray, rng: np.random.Generator | None) -> tuple[PreparedImage, np.ndarray]:
+    """One SAR view and its GT (optical working px -> view px).
+
+    The Matcher's best 90-degree step is always applied; with ``rng`` a random warp and SAR
+    radiometry are added on top (``rng=None``: the plain view the Matcher would see).
+    """
+    from promptmid.api import rotate_prepared
+
+    rotated, to_sar = rotate_prepared(sar, best_rotation_step(sar, H))
+    H_view = np.linalg.inv(to_sar) @ H
+    if rng is None:
+        return rotated, H_view
+    h, w = rotated.image.shape[:2]
+    A = random_warp(rng, (h, w))
+    img = cv2.warpPerspective(rotated.image[..., 0], A, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    valid = cv2.warpPerspective(rotated.valid.astype(np.uint8), A, (w, h), flags=cv2.INTER_NEAREST,
+                                borderValue=0).astype(bool)
+    img = sar_radiometry(img, valid, rng)
+    view = PreparedImage(np.repeat(img[..., None], 3, axis=-1), valid, rotated.scale, rotated.original_size,
+                         "sar", rotated.raster)
+    return view, A @ H_view
+
+
+# --------------------------------------------------------------------------- features
+
+
+class SourceDescriber:
+    """Keypoints + per-source features of one prepared image (the Describer minus aggregation).
+
+    Args:
+        conf: a full pipeline config (:func:`promptmid.config.get_config`); its ``keypoints``
+            and ``sources`` sections are used.
+    """
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        from promptmid.descriptor import Describer
+
+        self.conf = conf
+        self.describer = Describer(conf["keypoints"], conf["sources"], {"name": "concat"})
+
+    @torch.inference_mode()
+    def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
+        """``{"keypoints": [N,2], "scores": [N], "features": {name: [N,C] fp16}, "size": (H,W)}``."""
+        from promptmid.descriptor import _describe, image_to_tensor
+
+        image = image_to_tensor(prepared.image)
+        local = self.describer.extractor(image, prepared.valid)
+        feats = {"xfeat": local["descriptors"]}
+        for source in self.describer.sources.values():
+            feats.update(_describe(source, image, local["keypoints"], prepared.modality))
+        return {"keypoints": local["keypoints"].float(), "scores": local["scores"].float(),
+                "features": {k: v.half() for k, v in feats.items()}, "size": tuple(prepared.image.shape[:2])}
+
+
+def cache_root() -> Path:
+    """``$PROMPTMID_CACHE/train_features`` if set, else ``benchmarks/cache`` of the repo."""
+    import os
+
+    if os.environ.get("PROMPTMID_CACHE"):
+        return Path(os.environ["PROMPTMID_CACHE"]).expanduser() / "train_features"
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "cache"
+
+
+def config_key(conf: dict[str, Any], extra: dict[str, Any]) -> str:
+    """Short hash of what the cached features depend on."""
+    blob = json.dumps({"v": CACHE_VERSION, "io": conf["io"], "kp": conf["keypoints"], "src": conf["sources"],
+                       **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+class FeatureCache:
+    """Cached features of manifest pairs, for training views or Matcher-style evaluation.
+
+    Args:
+        conf: full pipeline config (keypoints, sources, io).
+        root: cache directory (default :func:`cache_root`).
+        describe: a :class:`SourceDescriber`-like callable (built lazily when ``None``).
+    """
+
+    def __init__(self, conf: dict[str, Any], root: str | Path | None = None,
+                 describe: Callable[[PreparedImage], dict[str, Any]] | None = None) -> None:
+        self.conf = conf
+        self.root = Path(root) if root is not None else cache_root()
+        self._describe = describe
+
+    @property
+    def describe(self) -> Callable[[PreparedImage], dict[str, Any]]:
+        if self._describe is None:
+            self._describe = SourceDescriber(self.conf)
+        return self._describe
+
+    def _load_pair(self, rec: PairRecord) -> tuple[PreparedImage, PreparedImage]:
+        io = self.conf["io"]
+        return load_image(rec.optical, "optical", **io), load_image(rec.sar, "sar", **io)
+
+    def training_pair(self, rec: PairRecord, views: int, seed: int) -> dict[str, Any]:
+        """Optical features + ``views`` SAR views (view 0 un-augmented) with their GT ``H``."""
+        path = self.root / f"train-{config_key(self.conf, {'views': views, 'seed': seed})}" / f"{_safe(rec.id)}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=False)
+        opt, sar = self._load_pair(rec)
+        H = working_gt(rec.H, opt, sar)
+        rng = np.random.default_rng([seed, int(hashlib.md5(rec.id.encode()).hexdigest()[:8], 16)])
+        out: dict[str, Any] = {"id": rec.id, "optical": self.describe(opt), "views": []}
+        for v in range(views):
+            view, Hv = make_view(sar, H, None if v == 0 else rng)
+            out["views"].append({**self.describe(view), "H": torch.from_numpy(Hv)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+        return out
+
+    def eval_pair(self, rec: PairRecord, rotations: tuple[float, ...]) -> dict[str, Any]:
+        """What :class:`promptmid.api.Matcher` computes before aggregation, for each rotation step."""
+        from promptmid.api import rotate_prepared
+
+        key = config_key(self.conf, {"rot": list(rotations)})
+        path = self.root / f"eval-{key}" / f"{_safe(rec.id)}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=False)
+        opt, sar = self._load_pair(rec)
+        out: dict[str, Any] = {
+            "id": rec.id, "group": rec.group, "H": torch.from_numpy(rec.H),
+            "optical": self.describe(opt), "opt_scale": opt.scale, "sar_scale": sar.scale,
+            "optical_size": opt.original_size, "rotations": {},
+        }
+        for angle in rotations:
+            rotated, to_sar = rotate_prepared(sar, float(angle))
+            out["rotations"][float(angle)] = {**self.describe(rotated), "to_sar": torch.from_numpy(to_sar)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+        return out
+
+
+def gt_correspondences(kp0: torch.Tensor, kp1: torch.Tensor, H: torch.Tensor, threshold: float = 3.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positives under the GT: mutual nearest keypoints within ``threshold`` px (in image 1).
+
+    Args:
+        kp0: ``[N0, 2]`` keypoints of image 0 (optical), kp1: ``[N1, 2]`` of image 1.
+        H: 3x3 image-0 -> image-1 px.
+
+    Returns:
+        ``pairs [M, 2]`` (i0, i1) and ``dist [N0, N1]`` distances ``|H(kp0) - kp1|`` (px).
+    """
+    Hf = H.to(torch.float64)
+    p = torch.cat([kp0.double(), torch.ones(len(kp0), 1, dtype=torch.float64)], 1) @ Hf.T
+    proj = (p[:, :2] / p[:, 2:3]).float()
+    dist = torch.cdist(proj, kp1.float())
+    if dist.numel() == 0:
+        return torch.zeros(0, 2, dtype=torch.long), dist
+    d01, j = dist.min(1)
+    i_back = dist.argmin(0)
+    i = torch.arange(len(kp0))
+    keep = (d01 <= threshold) & (i_back[j] == i)
+    return torch.stack([i[keep], j[keep]], 1), dist
+
+
+def test_subset(records: Iterable[PairRecord], per_figure: int = 4) -> list[PairRecord]:
+    """A fixed, smaller unseen-test set for ablations: the first ``per_figure`` exact/approx tiles of
+    each unseen 3MOS figure (sensor x scene) plus every exact/approx pair of the other unseen sources."""
+    out, seen = [], {}
+    for r in select(records, "test"):
+        if r.source == "3mos":
+            fig = r.id.split("/")[-1].rsplit("_", 1)[0]
+            seen[fig] = seen.get(fig, 0) + 1
+            if seen[fig] > per_figure:
+                continue
+        out.append(r)
+    return out
+
+
+def build_cache(cache: FeatureCache, records: list[PairRecord], mode: str, views: int = 2, seed: int = 0,
+                rotations: tuple[float, ...] = ROTATION_STEPS, progress: bool = True) -> list[dict[str, Any]]:
+    """Fill the cache for ``records`` (``mode`` = "train" or "eval"); returns the loaded entries.
+
+    Pairs that fail to load (unreadable image, no keypoints) are skipped with a warning.
+    """
+    from rich.progress import Progress
+
+    entries = []
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"features ({mode})", total=len(records))
+        for rec in records:
+            try:
+                entries.append(cache.training_pair(rec, views, seed) if mode == "train"
+                               else cache.eval_pair(rec, rotations))
+            except Exception as exc:  # noqa: BLE001 - one bad pair must not stop a long cache build
+                bar.console.print(f"[yellow]skipping {rec.id}: {type(exc).__name__}: {exc}")
+            bar.advance(task)
+    return entries

@@ -1,0 +1,115 @@
+"""The command line: products, --json, --overwrite, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from promptmid.cli import app
+from promptmid.demo import write_demo_inputs
+from tests.conftest import write_tif
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory, demo_pair):
+    return write_demo_inputs(tmp_path_factory.mktemp("inputs"), demo_pair.optical, demo_pair.sar)
+
+
+def _run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_match_writes_all_products(tmp_path, demo_files, demo_pair):
+    out = tmp_path / "out"
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "--preset", "xfeat", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["status"] == "ok" and len(data["transform"]) == 3
+    assert {p.name for p in out.iterdir()} >= {"result.json", "tiepoints.csv", "matches.png", "checkerboard.png",
+                                                "registered_sar.tif"}
+    rows = (out / "tiepoints.csv").read_text().splitlines()
+    assert rows[0].startswith("optical_x,optical_y,sar_x,sar_y") and len(rows) == data["matches"] + 1
+    import rasterio
+
+    with rasterio.open(out / "registered_sar.tif") as src:
+        assert (src.width, src.height) == (512, 512) and src.dtypes[0] == "float32"
+
+
+def test_existing_output_needs_overwrite(tmp_path, demo_files):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "--preset", "xfeat", "-q")
+    assert res.exit_code == 3 and "--overwrite" in res.stderr and "Traceback" not in res.output
+    assert (out / "keep.txt").read_text() == "user file"
+
+
+@pytest.mark.parametrize(
+    "kind, code, message",
+    [
+        ("missing", 2, "No image at path"),
+        ("empty", 2, "empty file"),
+        ("bands", 2, "bands"),
+        ("nan", 2, "NaN"),
+        ("constant", 2, "constant"),
+        ("nodata", 2, "no valid pixel"),
+        ("small", 2, "at least"),
+    ],
+)
+def test_bad_sar_input_gives_one_clear_line(tmp_path, demo_files, kind, code, message):
+    sar = tmp_path / f"{kind}.tif"
+    rng = np.random.default_rng(0)
+    if kind == "empty":
+        sar.write_bytes(b"")
+    elif kind == "bands":
+        write_tif(sar, rng.random((64, 64, 6)).astype(np.float32))
+    elif kind == "nan":
+        write_tif(sar, np.full((64, 64), np.nan, np.float32))
+    elif kind == "constant":
+        write_tif(sar, np.zeros((64, 64), np.uint16) + 5)
+    elif kind == "nodata":
+        write_tif(sar, np.zeros((64, 64), np.float32), nodata=0)
+    elif kind == "small":
+        write_tif(sar, rng.random((20, 20)).astype(np.float32))
+    out = tmp_path / "out"
+    res = _run("match", str(demo_files[0]), str(sar), "--out", str(out), "-p", "xfeat")
+    assert res.exit_code == code, res.output
+    assert message in res.stderr and "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) <= 2  # one message (rich may wrap a long line)
+    assert not out.exists()  # nothing is created for unusable input
+
+
+def test_too_few_matches_writes_failed_result(tmp_path):
+    rng = np.random.default_rng(1)
+    a = write_tif(tmp_path / "a.tif", rng.random((96, 96)).astype(np.float32))
+    b = write_tif(tmp_path / "b.tif", rng.random((96, 96)).astype(np.float32))
+    out = tmp_path / "out"
+    res = _run("match", str(a), str(b), "--out", str(out), "-p", "xfeat", "--min-inliers", "500", "-q")
+    assert res.exit_code == 5 and "registration failed" in res.stderr
+    data = json.loads((out / "result.json").read_text())
+    assert data["status"] == "failed" and data["transform"] is None and data["reason"]
+    assert not (out / "registered_sar.tif").exists()
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path, demo_files):
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(tmp_path / "o"), "-p", "nope")
+    assert res.exit_code == 2 and "Unknown preset" in res.stderr
+
+
+def test_models_lists_every_model():
+    res = _run("models", "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    names = {r["name"] for r in rows}
+    assert {"xfeat", "dinov2_vits14"} <= names and all(r["ready"] for r in rows)
+
+
+def test_demo_command(tmp_path):
+    res = _run("demo", "--out", str(tmp_path / "demo"), "--preset", "xfeat")
+    assert "true transform" in res.stdout
+    assert (tmp_path / "demo" / "demo_truth.json").is_file()

@@ -1,0 +1,106 @@
+"""Reading and scaling images; every bad input raises a clear InputError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from promptmid.errors import InputError
+from promptmid.io import border_fill_mask, load_image, read_raster, sar_to_unit
+from tests.conftest import write_tif
+
+
+def test_reads_uint16_multiband_and_scales_to_unit(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(100, 4000, (64, 80, 4)).astype(np.uint16)
+    img = load_image(write_tif(tmp_path / "o.tif", data), "optical")
+    assert img.image.shape == (64, 80, 3) and img.image.dtype == np.float32
+    assert 0.0 <= img.image.min() and img.image.max() <= 1.0
+    assert img.original_size == (80, 64) and img.scale == (1.0, 1.0)
+
+
+def test_sar_float_is_log_scaled(tmp_path):
+    rng = np.random.default_rng(1)
+    intensity = rng.gamma(1.0, 1.0, (64, 64)).astype(np.float32) * 1e-3
+    img = load_image(write_tif(tmp_path / "s.tif", intensity), "sar")
+    assert img.image.shape == (64, 64, 3)
+    assert np.allclose(img.image[..., 0], img.image[..., 2])
+    # log scaling spreads the heavy-tailed intensities: the median is not crushed to ~0
+    assert np.median(img.image) > 0.3
+
+
+def test_downscaling_keeps_pixel_scale_back_to_original():
+    img = load_image(np.random.default_rng(2).random((400, 200)).astype(np.float32), "optical", max_side=100)
+    assert img.image.shape[:2] == (100, 50)
+    assert img.scale == (4.0, 4.0)
+    # pixel-centre convention: working (0, 0) is the centre of the first 4x4 block
+    assert np.allclose(img.to_original(np.array([[0.0, 0.0]])), [[1.5, 1.5]])
+    assert np.allclose(img.scale_matrix() @ [0, 0, 1], [1.5, 1.5, 1])
+
+
+def test_border_fill_is_masked():
+    a = np.ones((100, 100), np.float32)
+    a[:20, :20] = 0  # corner fill touching the border
+    a[50, 50] = 0  # an interior zero is not fill
+    fill = border_fill_mask(a)
+    assert fill[:20, :20].all() and not fill[50, 50] and fill.sum() == 400
+
+
+def test_nodata_value_is_respected(tmp_path):
+    data = np.random.default_rng(3).random((64, 64)).astype(np.float32) + 1
+    data[:, :10] = -9999
+    img = load_image(write_tif(tmp_path / "n.tif", data, nodata=-9999), "sar")
+    assert not img.valid[:, :10].any() and img.valid[:, 12:].all()
+
+
+def test_sar_multiband_average_power():
+    hh = np.full((40, 40), 3.0)
+    hv = np.full((40, 40), 4.0)
+    out = sar_to_unit(np.stack([hh, hv], -1).astype(np.float32) + np.random.default_rng(0).random((40, 40, 2)),
+                      np.ones((40, 40), bool))
+    assert out.shape == (40, 40)
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing.tif", "No image"),
+        (lambda p: _write(p / "empty.png", b""), "empty"),
+        (lambda p: _write(p / "junk.tif", b"not an image at all"), "Cannot read"),
+        (lambda p: write_tif(p / "five.tif", np.random.default_rng(0).random((64, 64, 5)).astype(np.float32)),
+         "5 bands"),
+        (lambda p: write_tif(p / "small.tif", np.random.default_rng(0).random((16, 16)).astype(np.float32)),
+         "at least"),
+        (lambda p: write_tif(p / "const.tif", np.full((64, 64), 7, np.uint8)), "constant"),
+        (lambda p: write_tif(p / "nodata.tif", np.full((64, 64), -1, np.float32), nodata=-1), "no valid pixel"),
+        (lambda p: write_tif(p / "nan.tif", np.where(np.eye(64, dtype=bool), np.nan, 1.0).astype(np.float32)),
+         "NaN"),
+        (lambda p: p, "directory"),
+    ],
+)
+def test_bad_inputs_raise_input_error(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(InputError, match=message):
+        load_image(path, "sar")
+
+
+def test_nan_as_nodata_masks_instead_of_failing(tmp_path):
+    data = np.random.default_rng(4).random((64, 64)).astype(np.float32) + 0.1
+    data[:5] = np.nan
+    img = load_image(write_tif(tmp_path / "nan.tif", data), "sar", nan_as_nodata=True)
+    assert not img.valid[:5].any() and np.isfinite(img.image).all()
+
+
+def test_read_raster_keeps_georeferencing(tmp_path):
+    from rasterio.transform import from_origin
+
+    path = write_tif(tmp_path / "g.tif", np.ones((40, 50), np.uint8), crs="EPSG:32633",
+                     transform=from_origin(500000, 4000000, 10, 10))
+    r = read_raster(path)
+    assert r.crs is not None and "UTM zone 33N" in r.crs
+    assert r.transform.a == 10 and r.size == (50, 40)
