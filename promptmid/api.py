@@ -204,7 +204,7 @@ def rotate_prepared(image: PreparedImage, angle_deg: float) -> tuple[PreparedIma
     h, w = image.image.shape[:2]
     c = np.cos(np.deg2rad(angle_deg))
     s = np.sin(np.deg2rad(angle_deg))
-    nw, nh = int(np.ceil(abs(w * c) + abs(h * s))), int(np.ceil(abs(w * s) + abs(h * c)))
+    nw, nh = int(np.ceil(abs(w * c) + abs(h * s) - 1e-6)), int(np.ceil(abs(w * s) + abs(h * c) - 1e-6))
     m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle_deg, 1.0)
     m[:, 2] += [(nw - w) / 2, (nh - h) / 2]
     fwd = np.vstack([m, [0, 0, 1]])

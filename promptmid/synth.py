@@ -10,6 +10,8 @@ optical pixels (x, y) to SAR pixels. Nothing here is used as a headline benchmar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -136,6 +138,127 @@ def make_pair(size: int = 512, seed: int = 0, H: np.ndarray | None = None, looks
     optical = render_optical(labels, fields, rng)
     intensity = render_sar_intensity(labels, fields, rng)
     H = random_affine(rng, size) if H is None else np.asarray(H, np.float64)
-    warped = cv2.warpPerspective(intensity, H, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+    warped = warp_like_pair(intensity, H, size)
     sar = np.sqrt(speckle(warped, looks, rng)).astype(np.float32)
     return SyntheticPair(optical.astype(np.float32), sar, H, labels)
+
+
+# ----------------------------------------------------------------------------- georeferenced scenes
+# Large mosaicked scenes written as GeoTIFF pairs (tests and benchmarks of promptmid.geo / promptmid.tiling).
+
+
+def synthetic_scene(size: int, seed: int = 0, block: int = 500, towns: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` x ``size`` scene mosaicked from independent :mod:`promptmid.synth` renders.
+
+    Each ``block`` x ``block`` cell is its own random land-cover render (so tiles are distinct);
+    a smooth large-scale brightness field varies over the scene. ``towns=False`` turns buildings
+    into grass: their optical shadows and SAR double-bounce lines are displaced differently in the two
+    renders, which biases matches by ~1 px (a modality effect, not a registration error).
+
+    Returns:
+        optical ``[size, size, 3]`` uint8 (no zeros, 0 is kept for nodata) and noise-free SAR
+        intensity ``[size, size]`` float32, on the same pixel grid.
+    """
+    optical = np.empty((size, size, 3), np.uint8)
+    intensity = np.empty((size, size), np.float32)
+    yy, xx = np.mgrid[0:block, 0:block].astype(np.float32) / size
+    for i, y0 in enumerate(range(0, size, block)):
+        for j, x0 in enumerate(range(0, size, block)):
+            rng = np.random.default_rng([seed, i, j])
+            labels, fields = make_labels(block, rng)
+            if not towns:
+                labels[labels == BUILDING] = GRASS
+            tone = 1 + 0.25 * np.sin(2 * np.pi * (xx + x0 / size) * 1.3 + seed) * np.cos(2 * np.pi * (yy + y0 / size))
+            opt = render_optical(labels, fields, rng) * tone[..., None]
+            h, w = min(block, size - y0), min(block, size - x0)
+            optical[y0:y0 + h, x0:x0 + w] = np.clip(opt[:h, :w] * 254 + 1, 1, 255).astype(np.uint8)
+            intensity[y0:y0 + h, x0:x0 + w] = render_sar_intensity(labels, fields, rng)[:h, :w]
+    return optical, intensity
+
+
+def map_error_matrix(rotation_deg: float, shift_m: tuple[float, float], centre: tuple[float, float]) -> np.ndarray:
+    """3x3 map -> map rigid error: rotation (counter-clockwise, degrees) about ``centre``, then a shift (metres)."""
+    c, s = np.cos(np.deg2rad(rotation_deg)), np.sin(np.deg2rad(rotation_deg))
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    cx, cy = centre
+    return (np.array([[1, 0, cx + shift_m[0]], [0, 1, cy + shift_m[1]], [0, 0, 1.0]]) @ rot
+            @ np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1.0]]))
+
+
+def write_synthetic_geo_pair(directory: str | Path, size: int = 1024, seed: int = 0,
+                             H: np.ndarray | None = None, rotation_deg: float = 0.0,
+                             shift_m: tuple[float, float] = (0.0, 0.0), looks: float = 30.0,
+                             sar_crs: str | None = None, epsg: int = 32633, pixel_size: float = 10.0,
+                             origin: tuple[float, float] = (500000.0, 5100000.0), towns: bool = True,
+                             sar_from_optical: bool = False) -> dict[str, Any]:
+    """Write ``optical.tif`` (uint8 RGB, nodata 0) and ``sar.tif`` (float32 amplitude, nodata 0) GeoTIFFs.
+
+    The SAR pixels are the scene warped by ``H`` (optical px -> SAR px, affine), and the SAR
+    geotransform is the *true* one composed with a map error ``E`` (rotation ``rotation_deg`` about
+    the scene centre, then ``shift_m``), so the correct answer is: optical map ``X`` lies at SAR-claimed
+    map ``E X``, i.e. the fitted optical px -> SAR px transform equals ``H``. With ``sar_crs`` the SAR
+    file is reprojected into that CRS (e.g. ``"EPSG:4326"``). ``towns``: see :func:`synthetic_scene`; ``sar_from_optical``: the "SAR" is the optical luminance
+    (no modality gap: isolates the geometry of the pipeline from descriptor biases).
+
+    Returns:
+        ``{"optical", "sar": paths, "H", "E": 3x3 arrays, "optical_transform": Affine}``.
+    """
+    import rasterio
+    from rasterio.transform import Affine
+
+    from promptmid.geo import pixel_to_map_matrix
+    from promptmid.matching import apply_transform
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    H = np.eye(3) if H is None else np.asarray(H, np.float64)
+    optical, intensity = synthetic_scene(size, seed, towns=towns)
+    if sar_from_optical:
+        intensity = (optical.astype(np.float32).mean(-1) / 255.0) ** 2
+    warped = warp_like_pair(intensity, H, size)
+    sar = np.sqrt(speckle(warped, looks, np.random.default_rng(seed + 1))).astype(np.float32)
+    a_opt = Affine(pixel_size, 0, origin[0], 0, -pixel_size, origin[1])
+    centre = tuple(apply_transform(pixel_to_map_matrix(a_opt), np.array([[size / 2, size / 2]]))[0])
+    E = map_error_matrix(rotation_deg, shift_m, centre)
+    m_sar = E @ pixel_to_map_matrix(a_opt) @ np.linalg.inv(H) @ np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1.0]])
+    a_sar = Affine(*m_sar[0], *m_sar[1])
+    crs = rasterio.crs.CRS.from_epsg(epsg)
+    paths = {"optical": directory / "optical.tif", "sar": directory / "sar.tif"}
+    _write_tif(paths["optical"], np.moveaxis(optical, -1, 0), crs, a_opt, 0)
+    if sar_crs is None:
+        _write_tif(paths["sar"], sar[None], crs, a_sar, 0)
+    else:
+        _write_reprojected(paths["sar"], sar, crs, a_sar, rasterio.crs.CRS.from_user_input(sar_crs))
+    return {**paths, "H": H, "E": E, "optical_transform": a_opt}
+
+
+def warp_like_pair(image: np.ndarray, H: np.ndarray, size: int) -> np.ndarray:
+    """Warp so that content at optical px ``p`` appears at ``H p`` (as :func:`promptmid.make_pair`)."""
+    return cv2.warpPerspective(image, np.asarray(H, np.float64), (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def _write_tif(path: Path, bands: np.ndarray, crs: Any, transform: Any, nodata: float) -> None:
+    import rasterio
+
+    with rasterio.open(path, "w", driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0],
+                       dtype=bands.dtype, crs=crs, transform=transform, nodata=nodata, tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate", BIGTIFF="IF_SAFER") as dst:
+        dst.write(bands)
+
+
+def _write_reprojected(path: Path, sar: np.ndarray, crs: Any, transform: Any, dst_crs: Any) -> None:
+    from rasterio.enums import Resampling
+    from rasterio.warp import calculate_default_transform, reproject
+
+    h, w = sar.shape
+    bounds = _bounds(transform, w, h)
+    dst_t, dw, dh = calculate_default_transform(crs, dst_crs, w, h, *bounds)
+    out = np.zeros((dh, dw), np.float32)
+    reproject(sar, out, src_transform=transform, src_crs=crs, dst_transform=dst_t, dst_crs=dst_crs,
+              src_nodata=0, dst_nodata=0, resampling=Resampling.bilinear)
+    _write_tif(path, out[None], dst_crs, dst_t, 0)
+
+
+def _bounds(transform: Any, w: int, h: int) -> tuple[float, float, float, float]:
+    corners = np.array([transform * (0, 0), transform * (w, 0), transform * (0, h), transform * (w, h)])
+    return corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(), corners[:, 1].max()

