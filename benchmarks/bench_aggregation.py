@@ -106,6 +106,14 @@ def report() -> None:
         print(label, sv, st, f"{time.time() - t0:.0f}s", flush=True)
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "aggregation.json").write_text(json.dumps(rows, indent=2))
+    groups = sorted({g for r in rows.values() for g in r["groups"]})
+    lines = ["| method | val success (of %d) | val AUC@5 | val match precision | unseen success (of %d) | unseen AUC@5 | unseen precision | "
+             % (len(va), len(te)) + " | ".join(groups) + " |", "|---" * (7 + len(groups)) + "|"]
+    for label, r in rows.items():
+        v, t = r["val"], r["test"]
+        lines.append(f"| {label} | {v['success']} | {v['auc5']:.3f} | {v['precision']:.3f} | {t['success']} | "
+                     f"{t['auc5']:.3f} | {t['precision']:.3f} | " + " | ".join(r["groups"].get(g, "-") for g in groups) + " |")
+    (ROOT / "results" / "aggregation_table.md").write_text("\n".join(lines) + "\n")
 
 
 def export(run: Path) -> None:

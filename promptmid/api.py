@@ -22,6 +22,7 @@ from promptmid import __version__
 from promptmid.config import get_config
 from promptmid.descriptor import Describer
 from promptmid.io import PreparedImage, load_image
+from promptmid.refine import Refinement, refine_transform
 from promptmid.matching import Geometry, apply_transform, fit_geometry, guided_matches, mutual_nearest_neighbours
 
 
@@ -38,6 +39,8 @@ class MatchResult:
         inliers: ``[K]`` bool, inliers of the robust fit.
         rmse: residual RMSE of inliers (SAR px).
         rotation_deg: SAR rotation (search step) that gave the kept fit.
+        refinement: what the area-based refinement did (``None`` when off or the fit failed);
+            ``transform`` is the refined one when ``refinement["applied"]``.
         num_keypoints: keypoints detected per image ``(optical, SAR)``.
         timings: seconds per stage.
     """
@@ -58,6 +61,7 @@ class MatchResult:
     models: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     rotation_scores: dict[str, int] = field(default_factory=dict)
+    refinement: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -131,8 +135,9 @@ class Matcher:
             rotation_scores[f"{angle:g}"] = cand[0].num_inliers
             if best is None or cand[0].num_inliers > best[0].num_inliers:
                 best = cand
+        refinement = self._refine(best[0], opt, sar_img, timings)
         timings["total"] = time.perf_counter() - t_start
-        return self._result(best, opt, sar_img, feats0, timings, rotation_scores)
+        return self._result(best, refinement, opt, sar_img, feats0, timings, rotation_scores)
 
     def _match_rotation(
         self, feats0: dict[str, Any], opt: PreparedImage, sar: PreparedImage, angle: float, timings: dict[str, float]
@@ -161,14 +166,28 @@ class Matcher:
                 "n1": len(feats1["keypoints"])}
         return geom, data, angle
 
+    def _refine(self, geom: Geometry, opt: PreparedImage, sar: PreparedImage, timings: dict[str, float]) -> Refinement | None:
+        """Area-based refinement of a successful fit (see :mod:`promptmid.refine`), in original pixels."""
+        conf = dict(self.conf["refine"])
+        if not conf.pop("enabled") or not geom.ok:
+            return None
+        with _timer(timings, "refine"):
+            s0, s1 = opt.scale_matrix(), sar.scale_matrix()
+            work = np.linalg.inv(s1) @ geom.matrix @ s0
+            ref = refine_transform(opt.image, sar.image, work, opt.valid, sar.valid, geom.model, **conf)
+            ref.matrix = s1 @ ref.matrix @ np.linalg.inv(s0)
+        return ref
+
     def _result(
-        self, best: tuple[Geometry, dict[str, Any], float], opt: PreparedImage, sar: PreparedImage,
+        self, best: tuple[Geometry, dict[str, Any], float], refinement: Refinement | None,
+        opt: PreparedImage, sar: PreparedImage,
         feats0: dict[str, Any], timings: dict[str, float], rotation_scores: dict[str, int],
     ) -> MatchResult:
         geom, data, angle = best
         return MatchResult(
             status="ok" if geom.ok else "failed",
-            transform=geom.matrix,
+            transform=refinement.matrix if refinement is not None else geom.matrix,
+            refinement=refinement.to_dict() if refinement is not None else None,
             points0=data["points0"],
             points1=data["points1"],
             scores=data["scores"],

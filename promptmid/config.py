@@ -34,6 +34,15 @@ DEFAULTS: dict[str, Any] = {
         "min_inliers": 6,  # fewer inliers = failed fit (no transform is reported)
         "rotations": [0],  # SAR rotations tried (degrees, counter-clockwise); best fit kept
     },
+    "refine": {  # area-based refinement of the fit with oriented-gradient features (promptmid.refine)
+        "enabled": True,
+        "block": 64,  # block side (working px)
+        "search": 8,  # search radius around the fitted position (working px)
+        "min_contrast": 0.1,  # correlation peak minus mean needed for a block to count
+        "min_blocks": 8,  # fewer accepted blocks = keep the keypoint fit
+        "threshold": 1.5,  # inlier threshold of the correction fit (working px)
+        "iterations": 3,  # passes (each re-warps with the refined transform)
+    },
 }
 
 DINOV2 = {"layers": [4, 8, 12], "long_side": 518}

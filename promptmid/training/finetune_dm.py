@@ -275,7 +275,7 @@ def _run(
     every: int,
     previous: list[float],
 ) -> list[float]:
-    """Run steps ``start+1 .. steps`` with a rich progress bar; checkpoint every ``every`` steps."""
+    """Run steps ``start+1 .. steps`` with a rich progress bar; checkpoint every ``every`` steps and at the end."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     losses: list[float] = []
@@ -285,7 +285,7 @@ def _run(
         for step in range(start + 1, steps + 1):
             losses.append(step_fn())
             bar.update(task, advance=1, loss=f"{np.mean(losses[-20:]):.4f}")
-            if every and step % every == 0 and step < steps:
+            if every and (step % every == 0 or step == steps):
                 checkpoint(step, previous + losses)
     return losses
 
