@@ -15,7 +15,7 @@ from rich.table import Table
 
 from promptmid.commands import register_all
 from promptmid.commands.common import (
-    JsonOpt, MaxSideOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
+    AggregatorOpt, JsonOpt, MaxSideOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
     ThresholdOpt, TopKOpt, build_overrides, fail, handle_errors, out_console, set_threads, status,
 )
 
@@ -39,6 +39,7 @@ def match(
     max_side: Optional[int] = MaxSideOpt,
     sar_scale: Optional[str] = typer.Option(None, "--sar-scale", help="SAR scaling: auto | log | linear."),
     nan_as_nodata: bool = typer.Option(False, "--nan-as-nodata", help="Treat NaN/inf pixels as nodata."),
+    aggregator: Optional[str] = AggregatorOpt,
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip matches.png and checkerboard.png."),
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
@@ -54,7 +55,7 @@ def match(
     set_threads(threads)
     overrides = build_overrides(model=model, threshold=threshold, min_inliers=min_inliers, try_rotations=try_rotations,
                                 rotation_step=rotation_step, top_k=top_k, max_side=max_side,
-                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata)
+                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, aggregator=aggregator)
     io_conf = get_config(preset, overrides)["io"]
     opt_img, sar_img = load_image(optical, "optical", **io_conf), load_image(sar, "sar", **io_conf)
     out_dir = prepare_out_dir(out, overwrite)

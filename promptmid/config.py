@@ -3,7 +3,8 @@
 A preset is ``{"io": ..., "keypoints": ..., "sources": ..., "aggregator": ..., "matching": ...,
 "geometry": ...}``. :func:`get_config` returns a deep copy of a preset with overrides merged
 in, so ``get_config("lite", {"geometry": {"model": "homography"}})`` changes one key and
-``{"sources": {"dinov2": None}}`` disables a source.
+``{"sources": {"dinov2": None}}`` disables a source. An ``aggregator`` override replaces the
+preset's aggregator dict whole (its keys depend on the aggregator).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "enabled": True,
         "block": 64,  # block side (working px)
         "search": 8,  # search radius around the fitted position (working px)
-        "min_contrast": 0.1,  # correlation peak minus mean needed for a block to count
+        "min_distinct": 0.005,  # correlation peak minus best score > 3 px away, for a block to count
         "min_blocks": 8,  # fewer accepted blocks = keep the keypoint fit
         "threshold": 1.5,  # inlier threshold of the correction fit (working px)
         "iterations": 3,  # passes (each re-warps with the refined transform)
@@ -46,19 +47,25 @@ DEFAULTS: dict[str, Any] = {
 }
 
 DINOV2 = {"layers": [4, 8, 12], "long_side": 518}
+CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "dinov2": 0.7, "sd": 0.7}}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # XFeat local descriptors only (baseline)
     "xfeat": {},
-    # XFeat keypoints, descriptors fused with DINOv2-S/14 multi-layer patch features
+    # XFeat keypoints; XFeat + DINOv2-S/14 multi-layer features fused by the trained aggregator
     "lite": {
         "sources": {"dinov2": DINOV2},
-        "aggregator": {"name": "concat", "weights": {"xfeat": 1.0, "dinov2": 0.7}},
+        "aggregator": {"name": "promptmid-agg-v1"},
+    },
+    # lite with the training-free fusion (weighted concatenation) instead of the trained aggregator
+    "lite-concat": {
+        "sources": {"dinov2": DINOV2},
+        "aggregator": CONCAT,
     },
     # lite + prompt-conditioned Stable Diffusion features (needs a local SD model: --dm)
     "full": {
         "sources": {"dinov2": DINOV2, "diffusion": {}},
-        "aggregator": {"name": "concat", "weights": {"xfeat": 1.0, "dinov2": 0.7, "sd": 0.7}},
+        "aggregator": CONCAT,  # the shipped trained aggregator has no diffusion input
     },
 }
 
@@ -68,7 +75,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value) if key != "aggregator" else copy.deepcopy(value)
         else:
             out[key] = copy.deepcopy(value)
     return out

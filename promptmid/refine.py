@@ -66,10 +66,17 @@ def oriented_gradient_features(gray: np.ndarray, orientations: int = 9, sigma: f
     return np.ascontiguousarray(feats / (np.linalg.norm(feats, axis=0, keepdims=True) + 1e-6), dtype=np.float32)
 
 
-def _subpixel_peak(score: np.ndarray) -> tuple[float, float, float, float]:
-    """Peak (dx, dy) of a correlation map with a quadratic fit, its value and the map's contrast."""
+def _subpixel_peak(score: np.ndarray, exclusion: int = 3) -> tuple[float, float, float, float]:
+    """Peak (x, y) of a correlation map (quadratic sub-pixel fit), its value and its distinctness.
+
+    Distinctness = peak minus the highest score farther than ``exclusion`` px from the peak, so a
+    ridge (an edge that slides along itself) scores ~0 and is rejected like a flat map.
+    """
     iy, ix = np.unravel_index(int(np.argmax(score)), score.shape)
     peak = float(score[iy, ix])
+    yy, xx = np.ogrid[: score.shape[0], : score.shape[1]]
+    far = (np.abs(yy - iy) > exclusion) | (np.abs(xx - ix) > exclusion)
+    distinct = peak - float(score[far].max()) if far.any() else 0.0
 
     def offset(m1: float, c: float, p1: float) -> float:
         den = m1 - 2 * c + p1
@@ -77,11 +84,11 @@ def _subpixel_peak(score: np.ndarray) -> tuple[float, float, float, float]:
 
     dx = offset(score[iy, ix - 1], peak, score[iy, ix + 1]) if 0 < ix < score.shape[1] - 1 else 0.0
     dy = offset(score[iy - 1, ix], peak, score[iy + 1, ix]) if 0 < iy < score.shape[0] - 1 else 0.0
-    return ix + dx, iy + dy, peak, peak - float(score.mean())
+    return ix + dx, iy + dy, peak, distinct
 
 
 def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block: int, search: int,
-                 min_contrast: float) -> tuple[np.ndarray, np.ndarray]:
+                 min_distinct: float) -> tuple[np.ndarray, np.ndarray]:
     """Match blocks of ``feat0`` in ``feat1`` (``[C, H, W]``, same grid) within ``+-search`` px.
 
     Returns:
@@ -98,8 +105,8 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
             area = feat1[:, y0 - search:y0 + block + search, x0 - search:x0 + block + search]
             score = sum(cv2.matchTemplate(np.ascontiguousarray(a), np.ascontiguousarray(t), cv2.TM_CCOEFF_NORMED)
                         for a, t in zip(area, templ)) / len(feat0)
-            px, py, _peak, contrast = _subpixel_peak(score)
-            if contrast >= min_contrast:
+            px, py, _peak, distinct = _subpixel_peak(score)
+            if distinct >= min_distinct:
                 centres.append([x0 + (block - 1) / 2, y0 + (block - 1) / 2])
                 shifts.append([px - search, py - search])
     return np.asarray(centres, np.float64).reshape(-1, 2), np.asarray(shifts, np.float64).reshape(-1, 2)
@@ -107,7 +114,7 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
 
 def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                      sar_valid: np.ndarray, model: str = "affine", block: int = 64, search: int = 8,
-                     min_contrast: float = 0.1, min_blocks: int = 8, threshold: float = 1.5,
+                     min_distinct: float = 0.005, min_blocks: int = 8, threshold: float = 1.5,
                      iterations: int = 3) -> Refinement:
     """Refine an optical -> SAR transform by block matching of oriented-gradient features.
 
@@ -118,14 +125,14 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         optical_valid, sar_valid: validity masks of the two images.
         model: geometry model of the correction fit.
         block: block side (px); search: search radius (px); threshold: inlier threshold of the fit (px).
-        min_contrast: minimum correlation peak minus mean for a block to count.
+        min_distinct: how much the correlation peak must exceed the best score > 3 px away.
         min_blocks: fewer accepted blocks (or inliers) -> refinement is not applied.
         iterations: repeat (warp, match blocks, fit) while the median block shift exceeds 0.25 px.
     """
     result = Refinement(matrix, False, reason="not run")
     for _ in range(iterations):
         step = _refine_once(optical, sar, result.matrix, optical_valid, sar_valid, model, block, search,
-                            min_contrast, min_blocks, threshold)
+                            min_distinct, min_blocks, threshold)
         if not step.applied:
             return result if result.applied else step
         result = step
@@ -135,7 +142,7 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
 
 
 def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
-                 sar_valid: np.ndarray, model: str, block: int, search: int, min_contrast: float, min_blocks: int,
+                 sar_valid: np.ndarray, model: str, block: int, search: int, min_distinct: float, min_blocks: int,
                  threshold: float) -> Refinement:
     """One pass of :func:`refine_transform`."""
     gray0 = optical.mean(-1) if optical.ndim == 3 else optical
@@ -147,7 +154,7 @@ def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optic
                                        | cv2.WARP_INVERSE_MAP).astype(bool)
     valid = optical_valid & warped_valid
     centres, shifts = block_shifts(oriented_gradient_features(gray0), oriented_gradient_features(warped), valid,
-                                   block, search, min_contrast)
+                                   block, search, min_distinct)
     if len(centres) < min_blocks:
         return Refinement(matrix, False, len(centres), reason=f"only {len(centres)} textured blocks")
     # block content at optical c is found at c + d in the warped SAR, i.e. at SAR matrix(c + d)

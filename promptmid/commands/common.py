@@ -76,7 +76,11 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
 
         o["geometry"]["rotations"] = rotation_steps(opts.get("rotation_step") or 90.0)
     if opts.get("aggregator") == "none":
-        o["aggregator"] = {"name": "concat"}
+        from promptmid.config import CONCAT
+
+        o["aggregator"] = CONCAT
+    elif opts.get("aggregator"):
+        o["aggregator"] = {"name": opts["aggregator"]}
     return o
 
 
@@ -98,4 +102,7 @@ MaxSideOpt = typer.Option(None, "--max-side", help="Working resolution: long sid
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: all).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 JsonOpt = typer.Option(False, "--json", help="Print result.json on stdout.")
+AggregatorOpt = typer.Option(None, "--aggregator",
+                             help="Descriptor fusion: 'none' = training-free concatenation, or a trained "
+                                  "aggregator name (default: the preset's, promptmid-agg-v1 for lite).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace files in an existing output directory.")
