@@ -22,7 +22,7 @@ from promptmid import __version__
 from promptmid.config import get_config
 from promptmid.descriptor import Describer
 from promptmid.io import PreparedImage, load_image
-from promptmid.refine import Refinement, refine_transform
+from promptmid.refine import Refinement, refine_prepared
 from promptmid.matching import Geometry, apply_transform, fit_geometry, guided_matches, mutual_nearest_neighbours
 
 
@@ -172,11 +172,7 @@ class Matcher:
         if not conf.pop("enabled") or not geom.ok:
             return None
         with _timer(timings, "refine"):
-            s0, s1 = opt.scale_matrix(), sar.scale_matrix()
-            work = np.linalg.inv(s1) @ geom.matrix @ s0
-            ref = refine_transform(opt.image, sar.image, work, opt.valid, sar.valid, geom.model, **conf)
-            ref.matrix = s1 @ ref.matrix @ np.linalg.inv(s0)
-        return ref
+            return refine_prepared(opt, sar, geom.matrix, geom.model, **conf)
 
     def _result(
         self, best: tuple[Geometry, dict[str, Any], float], refinement: Refinement | None,

@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from promptmid.io import PreparedImage
 from promptmid.matching import apply_transform, fit_geometry
 
 
@@ -164,3 +165,16 @@ def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optic
     if not fit.ok:
         return Refinement(matrix, False, len(centres), shift_px=median_shift, reason=fit.reason)
     return Refinement(fit.matrix, True, len(centres), fit.num_inliers, median_shift)
+
+
+def refine_prepared(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, model: str = "affine",
+                    **conf: Any) -> Refinement:
+    """:func:`refine_transform` for a transform between ORIGINAL pixels of two prepared images.
+
+    The refinement runs at working resolution; the returned ``matrix`` is in original pixels.
+    """
+    s0, s1 = optical.scale_matrix(), sar.scale_matrix()
+    work = np.linalg.inv(s1) @ matrix @ s0
+    ref = refine_transform(optical.image, sar.image, work, optical.valid, sar.valid, model, **conf)
+    ref.matrix = s1 @ ref.matrix @ np.linalg.inv(s0)
+    return ref

@@ -134,7 +134,9 @@ def build_promptmid(conf: dict[str, Any]) -> MethodFn:
     from promptmid.api import Matcher
     from promptmid.config import deep_merge
 
-    overrides = deep_merge(conf.get("overrides") or {}, {"geometry": {"rotations": conf["rotations"]}})
+    # the runner refines every method's fit the same way, so the Matcher's own refinement is off here
+    overrides = deep_merge(conf.get("overrides") or {},
+                           {"geometry": {"rotations": conf["rotations"]}, "refine": {"enabled": False}})
     matcher = Matcher(conf["preset"], overrides)
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
@@ -154,7 +156,8 @@ def _promptmid_spec(preset: str, description: str, default: bool = True) -> Meth
                       {"preset": preset, "overrides": None}, rotations_inside=True, default=default)
 
 
-register(_promptmid_spec("lite", "promptmid lite: XFeat keypoints, XFeat + DINOv2-S/14 descriptors, MNN"))
+register(_promptmid_spec("lite", "promptmid lite: XFeat keypoints, XFeat + DINOv2-S/14 fused by the trained aggregator, MNN"))
+register(_promptmid_spec("lite-concat", "promptmid lite with the training-free fusion (no trained aggregator)"))
 register(_promptmid_spec("xfeat", "promptmid xfeat: XFeat keypoints and descriptors only, MNN"))
 register(_promptmid_spec("full", "promptmid full: lite + prompted Stable Diffusion features (needs a local SD model)",
                          default=False))

@@ -45,6 +45,8 @@ class EvalConfig:
         max_side: working resolution of the images given to the methods (px, long side).
         cache_dir: per (method, pair) cache of raw matches, or ``None``.
         threads: torch threads per process (``None`` = torch default).
+        refine: also report every fit after area-based refinement (:mod:`promptmid.refine`), as
+            model ``"<model>+refine"``; the same refinement for every method.
     """
 
     methods: list[str]
@@ -55,6 +57,7 @@ class EvalConfig:
     max_side: int = 1024
     cache_dir: str | None = None
     threads: int | None = None
+    refine: bool = True
 
 
 _METHOD_CACHE: dict[tuple[str, tuple[float, ...]], Any] = {}
@@ -177,35 +180,54 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
     return out
 
 
-def fit_rows(pair: Pair, name: str, out: dict[str, Any], optical_size: tuple[int, int], conf: EvalConfig) -> list[dict[str, Any]]:
-    """One row per geometry model: fit, metrics, timings."""
-    truth = pair.gt_transform()
+def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedImage, PreparedImage] | None,
+             conf: EvalConfig) -> list[dict[str, Any]]:
+    """One row per geometry model (and per model + refinement): fit, metrics, timings."""
     rows = []
     for model in conf.models:
-        row: dict[str, Any] = {"pair": pair.id, "source": pair.source, "group": split_group(pair),
-                               "gt_quality": pair.gt_quality, "method": name, "model": model}
         t0 = time.perf_counter()
         geom = None if out.get("error") else fit_geometry(out["points0"], out["points1"], model, conf.threshold,
                                                           conf.min_inliers)
         t_fit = time.perf_counter() - t0
-        estimated = geom.matrix if geom is not None else None
-        row["status"] = "error" if out.get("error") else ("ok" if geom.ok else "failed")
-        row["reason"] = out.get("error") or (geom.reason if geom is not None else "")
-        if truth is None:
-            row.update(status="error", reason="no GT transform (need H or >= 3 check points)")
-        else:
-            row.update(metrics.pair_metrics(truth, out["points0"], out["points1"], estimated,
-                                            None if geom is None else geom.inliers, optical_size, pair.points,
-                                            conf.threshold))
-        t = out.get("timings", {})
-        row.update(time_features=t.get("features", float("nan")), time_matching=t.get("matching", float("nan")),
-                   time_fitting=t_fit)
-        row["time_total"] = row["time_features"] + row["time_matching"] + t_fit
-        row["peak_mem_mb"] = out.get("peak_mem_mb", float("nan"))
-        row["rotation_deg"] = out.get("rotation_deg", 0.0)
-        row["transform"] = None if estimated is None else np.asarray(estimated).tolist()
-        rows.append(row)
+        rows.append(_row(pair, name, model, out, geom, None if geom is None else geom.matrix, t_fit, images))
+        if conf.refine:
+            t0 = time.perf_counter()
+            refined = _refined(geom, images)
+            t_ref = t_fit + time.perf_counter() - t0
+            rows.append(_row(pair, name, f"{model}+refine", out, geom, refined, t_ref, images))
     return rows
+
+
+def _refined(geom: Any, images: tuple[PreparedImage, PreparedImage] | None) -> np.ndarray | None:
+    """The fit after area-based refinement (original pixels), or ``None`` when the fit failed."""
+    from promptmid.refine import refine_prepared
+
+    if geom is None or not geom.ok or images is None:
+        return None
+    return refine_prepared(images[0], images[1], geom.matrix, geom.model).matrix
+
+
+def _row(pair: Pair, name: str, model: str, out: dict[str, Any], geom: Any, estimated: np.ndarray | None,
+         t_fit: float, images: tuple[PreparedImage, PreparedImage] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"pair": pair.id, "source": pair.source, "group": split_group(pair),
+                           "gt_quality": pair.gt_quality, "method": name, "model": model}
+    truth = pair.gt_transform()
+    row["status"] = "error" if out.get("error") else ("ok" if estimated is not None else "failed")
+    row["reason"] = out.get("error") or (geom.reason if geom is not None else "")
+    if truth is None:
+        row.update(status="error", reason="no GT transform (need H or >= 3 check points)")
+    else:
+        row.update(metrics.pair_metrics(truth, out["points0"], out["points1"], estimated,
+                                        None if geom is None else geom.inliers, _optical_size(pair, images),
+                                        pair.points, metrics.EPSILON))
+    t = out.get("timings", {})
+    row.update(time_features=t.get("features", float("nan")), time_matching=t.get("matching", float("nan")),
+               time_fitting=t_fit)
+    row["time_total"] = row["time_features"] + row["time_matching"] + t_fit
+    row["peak_mem_mb"] = out.get("peak_mem_mb", float("nan"))
+    row["rotation_deg"] = out.get("rotation_deg", 0.0)
+    row["transform"] = None if estimated is None else np.asarray(estimated).tolist()
+    return row
 
 
 def _optical_size(pair: Pair, images: tuple[PreparedImage, PreparedImage] | None) -> tuple[int, int]:
@@ -226,7 +248,7 @@ def evaluate_pair(pair: Pair, conf: EvalConfig) -> list[dict[str, Any]]:
     rows = []
     for name in conf.methods:
         out = matches_for(name, pair, images, load_error, conf)
-        rows.extend(fit_rows(pair, name, out, _optical_size(pair, images), conf))
+        rows.extend(fit_rows(pair, name, out, images, conf))
     return rows
 
 
