@@ -120,9 +120,10 @@ def models(
     json_out: bool = JsonOpt,
 ) -> None:
     """List every model: source package and version, checksum, cache path, readiness."""
+    from promptmid.models.aggregation import aggregator_status
     from promptmid.models.weights import model_status
 
-    rows = model_status(verify)
+    rows = model_status(verify) + aggregator_status()
     if json_out:
         print(json.dumps(rows, indent=2))
         return

@@ -70,6 +70,8 @@ from torch import nn  # noqa: E402
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = {"promptmid-agg-v1": "promptmid-agg-v1.safetensors"}  # name -> file in promptmid/weights/
+# sha256 of each shipped file, pinned in code so that a replaced file *and* sidecar is still refused
+SHIPPED_SHA256 = {"promptmid-agg-v1": "f782a3ce3405015451617823af17f63a2dbe00510d72ee214c076719a659d3c3"}
 
 
 class _MLP(nn.Sequential):
@@ -302,4 +304,26 @@ def load_aggregator(name: str, path: str | None = None, device: str = "cpu") -> 
             raise ValueError(f"Unknown aggregator {name!r}; valid: concat, {', '.join(SHIPPED)} (or give a path)")
         path = str(WEIGHTS_DIR / SHIPPED[name])
     module, meta = load_aggregator_file(path, device)
+    if path == str(WEIGHTS_DIR / SHIPPED.get(name, "")) and meta["sha256"] != SHIPPED_SHA256[name]:
+        from promptmid.errors import ModelError
+
+        raise ModelError(f"shipped aggregator {name} was replaced: sha256 {meta['sha256']} is not the released "
+                         f"{SHIPPED_SHA256[name]}; reinstall promptmid")
     return TrainedAggregator(module, name, meta)
+
+
+def aggregator_status() -> list[dict[str, Any]]:
+    """``promptmid models`` rows for the shipped trained aggregators (loaded and verified)."""
+    from promptmid.errors import ModelError
+
+    rows = []
+    for name, filename in SHIPPED.items():
+        row = {"name": name, "source": "promptmid (this package)", "sha256": SHIPPED_SHA256[name][:16],
+               "licence": "Apache-2.0", "cache_path": str(WEIGHTS_DIR / filename), "ready": True,
+               "message": "trained feature aggregator (see promptmid/weights/MODEL_CARD.md)"}
+        try:
+            load_aggregator(name)
+        except (ModelError, ValueError) as exc:
+            row.update(ready=False, message=str(exc))
+        rows.append(row)
+    return rows
