@@ -170,7 +170,7 @@ def sd21_section(r: dict) -> list[str]:
         f"| full UNet (for reference) | {r['unet_full_gflop']:.0f} | {r['unet_full_s']:.1f} |",
         "",
         f"Peak RSS {r['peak_mb']:.0f} MB (fp32 weights: UNet ~3.5 GB). Per image at 512 px: time ≈ VAE + ensemble × UNet "
-        "(the UNet cost is linear in the batch, see the tiny-model ensemble rows); FLOPs scale with pixel count "
+        "(assumes UNet cost linear in the batch, as for a compute-bound model; not verified at full size); FLOPs scale with pixel count "
         "(plus the quadratic self-attention term at 1/8 and 1/16 resolution).",
         "",
         "| ensemble | GFLOP | est. time on this CPU (s) |",

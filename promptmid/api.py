@@ -125,6 +125,7 @@ class Matcher:
         sar_img = sar if isinstance(sar, PreparedImage) else self.prepare(sar, "sar")
         timings = {"read": time.perf_counter() - t_start}
         _progress(progress, "describing optical image")
+        self.describer.begin_pair(opt)
         feats0 = self.describer(opt)
         _add_timings(timings, feats0["timings"])
         best: tuple[Geometry, dict[str, Any], float] | None = None

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from promptmid.commands import register_all
 from promptmid.commands.common import (
-    AggregatorOpt, JsonOpt, MaxSideOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
-    ThresholdOpt, TopKOpt, build_overrides, fail, handle_errors, out_console, set_threads, status,
+    AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
+    ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, handle_errors, out_console, set_threads, status,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -40,6 +40,10 @@ def match(
     sar_scale: Optional[str] = typer.Option(None, "--sar-scale", help="SAR scaling: auto | log | linear."),
     nan_as_nodata: bool = typer.Option(False, "--nan-as-nodata", help="Treat NaN/inf pixels as nodata."),
     aggregator: Optional[str] = AggregatorOpt,
+    dm: Optional[str] = DmOpt,
+    dm_lora: Optional[str] = DmLoraOpt,
+    land_use: Optional[str] = LandUseOpt,
+    dm_ensemble: Optional[int] = DmEnsembleOpt,
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip matches.png and checkerboard.png."),
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
@@ -55,11 +59,16 @@ def match(
     set_threads(threads)
     overrides = build_overrides(model=model, threshold=threshold, min_inliers=min_inliers, try_rotations=try_rotations,
                                 rotation_step=rotation_step, top_k=top_k, max_side=max_side,
-                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, aggregator=aggregator)
+                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, aggregator=aggregator,
+                                dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble)
+    preset = resolve_preset(preset, dm)
     io_conf = get_config(preset, overrides)["io"]
     opt_img, sar_img = load_image(optical, "optical", **io_conf), load_image(sar, "sar", **io_conf)
     out_dir = prepare_out_dir(out, overwrite)
     quiet = quiet or json_out
+    if not quiet and max(*opt_img.original_size, *sar_img.original_size) > 4 * io_conf["max_side"]:
+        err_console.print("tip: these are large images, matched at reduced resolution; `promptmid scene` "
+                          "registers large or georeferenced scenes tile by tile at full resolution.")
     with status(quiet) as progress:
         progress("loading models")
         matcher = Matcher(preset, overrides)

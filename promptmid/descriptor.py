@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptmid.errors import ModelError
 from promptmid.io import PreparedImage
 from promptmid.models.aggregation import Aggregator, ConcatFusion
 from promptmid.models.base import FeatureSource
@@ -34,6 +35,9 @@ def build_source(name: str, conf: dict[str, Any]) -> FeatureSource:
     if name == "diffusion":
         from promptmid.models.diffusion import DiffusionFeatures
 
+        if not conf.get("model"):
+            raise ModelError("the diffusion feature source needs a Stable Diffusion model in diffusers layout: "
+                             "pass --dm PATH (see README, 'Diffusion features').")
         return DiffusionFeatures(**conf)
     raise ValueError(f"Unknown feature source {name!r}; valid: dinov2, diffusion")
 
@@ -72,6 +76,12 @@ class Describer:
         self.extractor = KeypointExtractor(**(keypoints or {}))
         self.sources = {name: build_source(name, conf) for name, conf in (sources or {}).items() if conf is not None}
         self.aggregator = build_aggregator(aggregator or {"name": "concat"})
+
+    def begin_pair(self, optical: PreparedImage) -> None:
+        """Tell the sources a new pair starts (prompted sources pick the land-use class on the optical image)."""
+        for source in self.sources.values():
+            if hasattr(source, "begin_pair"):
+                source.begin_pair(image_to_tensor(optical.image))
 
     @torch.inference_mode()
     def __call__(self, prepared: PreparedImage) -> dict[str, Any]:

@@ -113,3 +113,23 @@ def test_demo_command(tmp_path):
     res = _run("demo", "--out", str(tmp_path / "demo"), "--preset", "xfeat")
     assert "true transform" in res.stdout
     assert (tmp_path / "demo" / "demo_truth.json").is_file()
+
+
+def test_match_with_diffusion_features_from_a_local_model(tmp_path, demo_files):
+    """--dm switches lite to full: the tiny random SD model is loaded from disk like a user's model."""
+    from tests.diffusion_fixtures import make_tiny_sd
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    out = tmp_path / "out"
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "--dm", str(sd),
+               "--land-use", "water", "--dm-ensemble", "1", "--no-figures", "-q")
+    assert res.exit_code in (0, 5), res.output  # random SD weights: registering is not the point here
+    data = json.loads((out / "result.json").read_text())
+    assert data["config"]["preset"] == "full"
+    assert data["models"]["diffusion"]["prompt"] == "a SAR satellite image of water"
+    assert data["timings"]["diffusion"] > 0
+
+
+def test_full_preset_without_model_is_a_clear_error(tmp_path, demo_files):
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(tmp_path / "o"), "-p", "full")
+    assert res.exit_code == 4 and "--dm PATH" in res.stderr

@@ -75,6 +75,8 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
         from promptmid.api import rotation_steps
 
         o["geometry"]["rotations"] = rotation_steps(opts.get("rotation_step") or 90.0)
+    if opts.get("dm"):
+        o["sources"] = {"diffusion": diffusion_conf(opts)}
     if opts.get("aggregator") == "none":
         from promptmid.config import CONCAT
 
@@ -82,6 +84,25 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
     elif opts.get("aggregator"):
         o["aggregator"] = {"name": opts["aggregator"]}
     return o
+
+
+def diffusion_conf(opts: dict[str, Any]) -> dict[str, Any]:
+    """Options of the diffusion source from ``--dm``, ``--dm-lora``, ``--land-use`` and friends."""
+    conf: dict[str, Any] = {"model": opts["dm"], "lora": opts.get("dm_lora"), "land_use": opts.get("land_use") or "auto"}
+    for key in ("ensemble", "timestep"):
+        if opts.get(f"dm_{key}") is not None:
+            conf[key] = opts[f"dm_{key}"]
+    if opts.get("device"):
+        conf["device"] = opts["device"]
+    return conf
+
+
+def resolve_preset(preset: str, dm: Optional[str]) -> str:
+    """``--dm`` needs a preset with the diffusion source: ``lite`` becomes ``full``."""
+    if dm and preset == "lite":
+        err_console.print("note: --dm given: using preset 'full' (lite + diffusion features)")
+        return "full"
+    return preset
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -105,4 +126,11 @@ JsonOpt = typer.Option(False, "--json", help="Print result.json on stdout.")
 AggregatorOpt = typer.Option(None, "--aggregator",
                              help="Descriptor fusion: 'none' = training-free concatenation, or a trained "
                                   "aggregator name (default: the preset's, promptmid-agg-v1 for lite).")
+DmOpt = typer.Option(None, "--dm", help="Stable Diffusion model (diffusers layout: local dir, or hub id with "
+                     "internet) for diffusion features; implies preset 'full'.")
+DmLoraOpt = typer.Option(None, "--dm-lora", help="PromptDM LoRA adapter (from `promptmid finetune-dm`).")
+LandUseOpt = typer.Option(None, "--land-use", help="Land-use prompt: auto (diffusion classifier on the optical "
+                          "image, default), average, or a class (farmland, forest, grassland, water, urban, "
+                          "rural settlement, road, bare land, mountain).")
+DmEnsembleOpt = typer.Option(None, "--dm-ensemble", help="Noise draws averaged per image (default 4).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace files in an existing output directory.")

@@ -444,6 +444,13 @@ class DiffusionFeatures:
         self.prompts.prompt_for(self.prompts.classes[0], modality)  # validates
         self.conf["modality"] = modality
 
+    def begin_pair(self, optical: torch.Tensor) -> None:
+        """Start a new optical/SAR pair: with ``land_use="auto"``, choose the class on the optical image
+        ``[1, 3, H, W]`` so that both images are described with the same land-use prompt."""
+        self.set_land_use(None)
+        if self.land_use == "auto" and not self.conf["prompt"]:
+            self.choose_land_use(optical, "optical")
+
     def set_land_use(self, cls: str | None) -> None:
         """Fix the land-use class for the following calls (``None`` = back to ``land_use`` mode)."""
         self._pair_class = None if cls is None else self.prompts.check_class(cls)
