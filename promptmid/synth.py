@@ -224,9 +224,9 @@ def write_synthetic_geo_pair(directory: str | Path, size: int = 1024, seed: int 
     a_sar = Affine(*m_sar[0], *m_sar[1])
     crs = rasterio.crs.CRS.from_epsg(epsg)
     paths = {"optical": directory / "optical.tif", "sar": directory / "sar.tif"}
-    _write_tif(paths["optical"], np.moveaxis(optical, -1, 0), crs, a_opt, 0)
+    write_geotiff(paths["optical"], np.moveaxis(optical, -1, 0), crs, a_opt, 0)
     if sar_crs is None:
-        _write_tif(paths["sar"], sar[None], crs, a_sar, 0)
+        write_geotiff(paths["sar"], sar[None], crs, a_sar, 0)
     else:
         _write_reprojected(paths["sar"], sar, crs, a_sar, rasterio.crs.CRS.from_user_input(sar_crs))
     return {**paths, "H": H, "E": E, "optical_transform": a_opt}
@@ -237,7 +237,8 @@ def warp_like_pair(image: np.ndarray, H: np.ndarray, size: int) -> np.ndarray:
     return cv2.warpPerspective(image, np.asarray(H, np.float64), (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
 
 
-def _write_tif(path: Path, bands: np.ndarray, crs: Any, transform: Any, nodata: float) -> None:
+def write_geotiff(path: Path, bands: np.ndarray, crs: Any, transform: Any, nodata: float) -> None:
+    """Write ``[C, H, W]`` bands as a tiled, compressed GeoTIFF."""
     import rasterio
 
     with rasterio.open(path, "w", driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0],
@@ -256,7 +257,7 @@ def _write_reprojected(path: Path, sar: np.ndarray, crs: Any, transform: Any, ds
     out = np.zeros((dh, dw), np.float32)
     reproject(sar, out, src_transform=transform, src_crs=crs, dst_transform=dst_t, dst_crs=dst_crs,
               src_nodata=0, dst_nodata=0, resampling=Resampling.bilinear)
-    _write_tif(path, out[None], dst_crs, dst_t, 0)
+    write_geotiff(path, out[None], dst_crs, dst_t, 0)
 
 
 def _bounds(transform: Any, w: int, h: int) -> tuple[float, float, float, float]:

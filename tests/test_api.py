@@ -21,7 +21,7 @@ def test_presets_and_overrides():
     conf = get_config("lite", {"geometry": {"model": "homography"}, "sources": {"dinov2": None}})
     assert conf["geometry"]["model"] == "homography" and conf["geometry"]["threshold"] == 3.0
     assert conf["sources"]["dinov2"] is None
-    with pytest.raises(ValueError, match="valid: xfeat, lite, full"):
+    with pytest.raises(ValueError, match="valid: xfeat, lite"):
         get_config("nope")
 
 

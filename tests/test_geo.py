@@ -76,7 +76,7 @@ def test_overlap_bbox() -> None:
 def test_gcp_vrt_is_readable(tmp_path: Path) -> None:
     crs = rasterio.crs.CRS.from_epsg(32633)
     sar = tmp_path / "s.tif"
-    geo._write_tif(sar, np.ones((1, 64, 64), np.float32), crs, Affine(10, 0, 0, 0, -10, 0), 0)
+    synth.write_geotiff(sar, np.ones((1, 64, 64), np.float32), crs, Affine(10, 0, 0, 0, -10, 0), 0)
     info = geo.GeoInfo(64, 64, 1, "float32", crs, None, 0)
     px, xy = np.array([[1.0, 2.0], [30.0, 40.0], [60.0, 5.0]]), np.array([[500010.0, 5e6], [5e5, 4.9e6], [6e5, 5e6]])
     geo.write_gcp_vrt(tmp_path / "g.vrt", sar, info, px, xy, crs)

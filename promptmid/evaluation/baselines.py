@@ -246,7 +246,9 @@ def build_disk(conf: dict[str, Any]) -> MethodFn:
         with torch.inference_mode():
             f = model(_pad16(image_tensor(img)), n=conf["max_keypoints"], pad_if_not_divisible=False)[0]
         k = f.keypoints.numpy()
-        keep = torch.from_numpy(in_valid(k, img.valid, margin=4))
+        h, w = img.valid.shape
+        inside = (k[:, 0] <= w - 1) & (k[:, 1] <= h - 1)  # DISK also fires in the padding
+        keep = torch.from_numpy(in_valid(k, img.valid, margin=4) & inside)
         return f.keypoints[keep], f.descriptors[keep]
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
