@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 
 from promptmid.config import get_config  # noqa: E402
 from promptmid.models.aggregation import ConcatFusion, load_aggregator  # noqa: E402
-from promptmid.training.data import cache_root, read_manifest, select, split_of, test_subset, _safe  # noqa: E402
+from promptmid.training.data import cache_root, read_manifest, select, test_subset, _safe  # noqa: E402
 from promptmid.training.train import TrainConfig, evaluate, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent

@@ -30,23 +30,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / "cache"
 
 
-UNSEEN_FIGURES = ("SEN_", "Redarsat_", "ALOS_", "TerraSAR_")
-
-
 def unseen_subset(pairs: list, per_figure: int) -> list:
-    """Unseen test domains (first ``per_figure`` tiles of each 3MOS figure of unseen sensors, and the
-    other unseen sources) plus the near-domain osmnet."""
-    out, seen = [], {}
-    for p in pairs:
-        tile = p.id.split("/", 1)[1]
-        if p.source == "3mos" and tile.startswith(UNSEEN_FIGURES):
-            figure = tile.rsplit("_", 1)[0]
-            seen[figure] = seen.get(figure, 0) + 1
-            if seen[figure] <= per_figure:
-                out.append(p)
-        elif p.source in ("msg", "vsff", "mapglue", "rift", "osmnet"):
-            out.append(p)
-    return out
+    """The unseen test subset of :func:`promptmid.training.data.test_subset` (first ``per_figure`` tiles of
+    each unseen 3MOS figure and every pair of the other unseen sources) plus the near-domain osmnet."""
+    from promptmid.training.data import test_subset
+
+    return test_subset(pairs, per_figure) + [p for p in pairs if p.source == "osmnet"]
 
 
 def progress_printer(total: int):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from promptmid import geo, synth, tiling
+from promptmid import synth, tiling
 from promptmid.cli import app
 from promptmid.errors import InputError
 from promptmid.matching import apply_transform

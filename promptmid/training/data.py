@@ -33,17 +33,11 @@ import cv2
 import numpy as np
 import torch
 
+from promptmid.evaluation.split import split_group
 from promptmid.io import PreparedImage, load_image
 
 CACHE_VERSION = 1
 ROTATION_STEPS = (0.0, 90.0, 180.0, 270.0)
-
-# 3MOS tile prefixes per split (README "Recommended split")
-TRAIN_3MOS = ("GF3_", "RCM_")
-TEST_3MOS = ("SEN_", "Redarsat_", "ALOS_", "TerraSAR_")
-TEST_SOURCES = ("msg", "vsff", "mapglue", "rift", "os-sift")
-NEAR_SOURCES = ("lnift_matlab", "rift2", "osmnet")
-
 
 @dataclass
 class PairRecord:
@@ -66,47 +60,34 @@ class PairRecord:
 
 
 def read_manifest(path: str | Path) -> list[PairRecord]:
-    """Read a JSON-lines manifest (DESIGN.md §4); paths are relative to the manifest.
+    """Read a JSON-lines manifest (DESIGN.md §4) with :func:`promptmid.evaluation.manifest.read_manifest`
+    (same validation and error messages); a line without ``gt_quality`` counts as ``"exact"``.
 
     Raises:
+        InputError: a bad line (see the evaluation reader).
         ValueError: a line without ``H`` (point-only GT is not usable for training).
     """
-    path = Path(path)
+    from promptmid.evaluation.manifest import read_manifest as read_pairs
+
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        d = json.loads(line)
-        if "H" not in d:
-            raise ValueError(f"{path}:{n}: pair {d.get('id')!r} has no 'H'")
-        records.append(PairRecord(
-            id=d["id"], source=d.get("source", d["id"].split("/")[0]),
-            optical=(path.parent / d["optical"]).resolve(), sar=(path.parent / d["sar"]).resolve(),
-            H=np.asarray(d["H"], np.float64), gt_quality=d.get("gt_quality", "exact"), meta=d,
-        ))
+    for p in read_pairs(path):
+        if p.H is None:
+            raise ValueError(f"{p.where}: pair {p.id!r} has no 'H'")
+        records.append(PairRecord(id=p.id, source=p.source, optical=p.optical, sar=p.sar, H=p.H,
+                                  gt_quality=p.meta.get("gt_quality", "exact"), meta=p.meta))
     return records
 
 
-def split_of(rec: PairRecord) -> str | None:
-    """``"train"``, ``"val"``, ``"test"`` (unseen), ``"near"`` (near-domain test) or ``None``."""
-    name = rec.id.split("/")[-1]
-    if rec.source == "srif":
-        m = re.fullmatch(r"pair(\d+)", name)
-        k = int(m.group(1)) if m else -1
-        if k == 169:
-            return None  # duplicate of lnift_matlab/pair2
-        return "train" if 1 <= k <= 180 else "val" if 181 <= k <= 200 else None
-    if rec.source == "3mos":
-        if name.startswith(TRAIN_3MOS):
-            return "train"
-        if name.startswith(TEST_3MOS):
-            return "test"
-        return None
-    if rec.source in TEST_SOURCES:
-        return "test"
-    if rec.source in NEAR_SOURCES:
-        return "near"
-    return None
+def split_of(rec: Any) -> str | None:
+    """``"train"``, ``"val"``, ``"test"`` (unseen), ``"near"`` (near-domain test) or ``None``.
+
+    The groups of :func:`promptmid.evaluation.split.split_group` (one definition of the split), for any
+    record with ``id`` and ``source``.
+    """
+    group = split_group(rec)
+    if group in ("train", "val", "near"):
+        return group
+    return "test" if group.startswith("unseen:") else None
 
 
 def select(records: Iterable[PairRecord], split: str, qualities: tuple[str, ...] = ("exact", "approx")
