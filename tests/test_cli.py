@@ -133,3 +133,15 @@ def test_match_with_diffusion_features_from_a_local_model(tmp_path, demo_files):
 def test_full_preset_without_model_is_a_clear_error(tmp_path, demo_files):
     res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(tmp_path / "o"), "-p", "full")
     assert res.exit_code == 4 and "--dm PATH" in res.stderr
+
+
+def test_cli_options_map_onto_config_overrides():
+    from promptmid.commands.common import build_overrides, resolve_preset
+    from promptmid.config import CONCAT
+
+    o = build_overrides(model="homography", try_rotations=True, rotation_step=45, aggregator="none", dm="sd21",
+                        dm_lora="lora", land_use="water", dm_ensemble=2)
+    assert o["geometry"] == {"model": "homography", "rotations": [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0]}
+    assert o["aggregator"] == CONCAT
+    assert o["sources"]["diffusion"] == {"model": "sd21", "lora": "lora", "land_use": "water", "ensemble": 2}
+    assert resolve_preset("lite", "sd21") == "full" and resolve_preset("xfeat", None) == "xfeat"
