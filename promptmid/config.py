@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # XFeat keypoints; XFeat + DINOv2-S/14 multi-layer features fused by the trained aggregator
     "lite": {
         "sources": {"dinov2": DINOV2},
-        "aggregator": {"name": "promptmid-agg-v1"},
+        "aggregator": {"name": "promptmid-agg-v2"},
     },
     # lite with the training-free fusion (weighted concatenation) instead of the trained aggregator
     "lite-concat": {

@@ -123,11 +123,11 @@ def test_missing_files_are_refused(tmp_path: Path):
         load_aggregator("no-such-model")
 
 
-@pytest.mark.skipif(not (WEIGHTS_DIR / SHIPPED["promptmid-agg-v1"]).is_file(), reason="shipped weights not built")
-def test_shipped_weights_load_and_are_small():
-    path = WEIGHTS_DIR / SHIPPED["promptmid-agg-v1"]
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_weights_load_and_are_small(name):
+    path = WEIGHTS_DIR / SHIPPED[name]
     assert path.stat().st_size < 5_000_000
-    agg = load_aggregator("promptmid-agg-v1")
+    agg = load_aggregator(name)
     feats, kpts = _features(64)
     out = agg(feats, kpts, (200, 200))
     assert out.shape == (64, 256)

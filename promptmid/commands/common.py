@@ -125,7 +125,7 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 JsonOpt = typer.Option(False, "--json", help="Print result.json on stdout.")
 AggregatorOpt = typer.Option(None, "--aggregator",
                              help="Descriptor fusion: 'none' = training-free concatenation, or a trained "
-                                  "aggregator name (default: the preset's, promptmid-agg-v1 for lite).")
+                                  "aggregator name (default: the preset's, promptmid-agg-v2 for lite).")
 DmOpt = typer.Option(None, "--dm", help="Stable Diffusion model (diffusers layout: local dir, or hub id with "
                      "internet) for diffusion features; implies preset 'full'.")
 DmLoraOpt = typer.Option(None, "--dm-lora", help="PromptDM LoRA adapter (from `promptmid finetune-dm`).")
