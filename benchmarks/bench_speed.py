@@ -1,6 +1,6 @@
 """Time and peak memory per 512x512 optical/SAR pair, split by stage, for each preset.
 
-Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 2] [--repeats 5] [--presets xfeat,lite]
+Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 1,2] [--repeats 5] [--presets xfeat,lite-concat,lite]
 
 Each preset runs in its own subprocess (so peak RSS is per preset), on the generated demo
 pair (no rotation search), after one warm-up call. Prints a table and writes
@@ -48,18 +48,20 @@ def run_preset(preset: str, threads: int, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--presets", default="xfeat,lite")
+    parser.add_argument("--presets", default="xfeat,lite-concat,lite")
     args = parser.parse_args()
-    stages = ["read", "keypoints", "dinov2", "aggregation", "matching", "fitting", "total"]
+    stages = ["read", "keypoints", "dinov2", "aggregation", "matching", "fitting", "refine", "total"]
     rows = []
-    for preset in args.presets.split(","):
-        t = run_preset(preset, args.threads, args.repeats)
-        rows.append([preset] + [f"{t.get(s, 0.0):.3f}" for s in stages] + [f"{t['peak_rss_mb']:.0f}"])
-        print(preset, json.dumps(t), flush=True)
-    table = markdown_table(["preset"] + [f"{s} (s)" for s in stages] + ["peak RSS (MB)"], rows)
-    text = "\n".join(header_lines("Speed per 512x512 pair", threads=args.threads) + [
+    threads = [int(t) for t in args.threads.split(",")]
+    for n in threads:
+        for preset in args.presets.split(","):
+            t = run_preset(preset, n, args.repeats)
+            rows.append([preset, str(n)] + [f"{t.get(s, 0.0):.3f}" for s in stages] + [f"{t['peak_rss_mb']:.0f}"])
+            print(preset, n, json.dumps(t), flush=True)
+    table = markdown_table(["preset", "threads"] + [f"{s} (s)" for s in stages] + ["peak RSS (MB)"], rows)
+    text = "\n".join(header_lines("Speed per 512x512 pair", threads=max(threads)) + [
         f"Generated demo pair (512x512, seed 7), no rotation search; median of {args.repeats} runs after a warm-up; "
         "stage times are summed over both images (keypoints, dinov2) and include guided re-matching (matching, "
         "fitting). Target: lite <= 3 s per pair.", "", table, ""])
