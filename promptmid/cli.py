@@ -93,11 +93,20 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool) -> None:
         ("residual RMSE", f"{result.rmse:.2f} SAR px"),
         ("inlier coverage", f"{result.coverage():.0%} of the optical image"),
         ("SAR rotation tried/kept", f"{result.rotation_deg:g} deg"),
+        ("area-based refinement", _refinement_text(result.refinement)),
         ("time", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())),
     ]
     for k, v in rows:
         table.add_row(k, v)
     out_console.print(table)
+
+
+def _refinement_text(ref: dict[str, Any] | None) -> str:
+    if ref is None:
+        return "off"
+    if not ref["applied"]:
+        return f"not applied ({ref['reason']})"
+    return f"applied: {ref['inliers']} of {ref['blocks']} blocks agree"
 
 
 @app.command()
