@@ -319,6 +319,9 @@ def output_nodata(opt: geo.GeoInfo, sar: geo.GeoInfo) -> float:
     return 0.0
 
 
+GDAL_CACHE_MB = 256  # GDAL block cache while writing the registered scene (MB)
+
+
 def write_registered_scene(path: Path, model: GlobalModel, opt: geo.GeoInfo, sar_ds: Any, block: int = 1024) -> None:
     """Write the SAR resampled onto the optical grid, block by block (tiled, DEFLATE, BigTIFF if needed).
 
@@ -336,7 +339,8 @@ def write_registered_scene(path: Path, model: GlobalModel, opt: geo.GeoInfo, sar
                "BIGTIFF": "IF_SAFER"}
     if opt.georeferenced:
         profile.update(crs=opt.crs, transform=opt.transform)
-    with rasterio.open(path, "w", **profile) as dst:
+    # GDAL's block cache defaults to 5% of RAM; cap it so memory stays bounded for any scene size
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(path, "w", **profile) as dst:
         for by in range(0, opt.height, block):
             for bx in range(0, opt.width, block):
                 bw, bh = min(block, opt.width - bx), min(block, opt.height - by)
