@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -108,25 +107,20 @@ def run_child(args: list[str], timeout: float = 1800) -> dict:
 
 
 def machine() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in _cmd(["lscpu"]).splitlines() if line.startswith("Model name")), platform.processor())
+    """Machine, versions and load, for the report header."""
     import torch
 
+    from promptmid.evaluation.pipeline import cpu_name, git_revision
+
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": str(os.cpu_count()),
         "torch": torch.__version__,
         "threads": str(THREADS),
         "date": dt.datetime.now().isoformat(timespec="minutes"),
-        "commit": _cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).strip() or "unknown",
+        "commit": git_revision(ROOT),
         "load_avg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
-
-
-def _cmd(args: list[str]) -> str:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def write_report(path: Path, info: dict, tiny: list[dict], sd21: dict | None) -> None:
