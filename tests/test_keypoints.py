@@ -1,0 +1,63 @@
+"""Keypoint extraction (XFeat, SIFT and grid detectors) and the descriptor stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptmid.descriptor import Describer, image_to_tensor
+from promptmid.io import load_image
+from promptmid.models.aggregation import ConcatFusion
+from promptmid.models.keypoints import KeypointExtractor
+from promptmid.models.sampling import sample_features
+
+
+@pytest.fixture(scope="module")
+def optical(demo_pair):
+    return load_image(demo_pair.optical, "optical")
+
+
+@pytest.mark.parametrize("detector", ["xfeat", "sift", "grid"])
+def test_detectors_give_normalised_descriptors_inside_the_image(optical, detector):
+    out = KeypointExtractor(detector=detector, top_k=300)(image_to_tensor(optical.image), optical.valid)
+    k, d = out["keypoints"], out["descriptors"]
+    assert 50 <= len(k) <= 300 and k.shape[1] == 2 and d.shape == (len(k), 64)
+    assert torch.allclose(d.norm(dim=-1), torch.ones(len(k)), atol=1e-4)
+    h, w = optical.image.shape[:2]
+    assert (k[:, 0] >= 0).all() and (k[:, 0] <= w - 1).all() and (k[:, 1] >= 0).all() and (k[:, 1] <= h - 1).all()
+    assert (out["scores"][:-1] >= out["scores"][1:]).all()  # sorted, best first
+
+
+def test_invalid_pixels_get_no_keypoints(optical):
+    valid = optical.valid.copy()
+    valid[:, :256] = False
+    out = KeypointExtractor(top_k=500, mask_margin=4)(image_to_tensor(optical.image), valid)
+    assert len(out["keypoints"]) > 0 and (out["keypoints"][:, 0] >= 256 + 4 - 0.5).all()
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="Unknown keypoint options"):
+        KeypointExtractor(topk=10)
+    with pytest.raises(ValueError, match="Unknown detector"):
+        KeypointExtractor(detector="orb")
+
+
+def test_sampling_follows_pixel_centres():
+    fmap = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)  # value = 4*row + col, one cell per 2x2 px
+    kpts = torch.tensor([[0.5, 0.5], [6.5, 2.5]])  # centres of cells (0, 0) and (row 1, col 3) of an 8x8 image
+    assert torch.allclose(sample_features(fmap, kpts, (8, 8))[:, 0], torch.tensor([0.0, 7.0]))
+
+
+def test_concat_fusion_weights_groups_by_norm():
+    feats = {"xfeat": torch.randn(5, 64), "dinov2_l4": torch.randn(5, 8), "dinov2_l8": torch.randn(5, 8)}
+    out = ConcatFusion({"xfeat": 1.0, "dinov2": 0.5})(feats, torch.zeros(5, 2), (10, 10))
+    assert out.shape == (5, 80) and torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-5)
+    # sources are concatenated in sorted key order; the two DINOv2 layers together weigh 0.5 against XFeat's 1.0
+    ratio = out[:, :16].norm(dim=-1) / out[:, 16:].norm(dim=-1)
+    assert torch.allclose(ratio, torch.full((5,), 0.5), atol=1e-4)
+
+
+def test_describer_output_contract(optical):
+    out = Describer({"top_k": 200}, {}, {"name": "concat"})(optical)
+    assert set(out) == {"keypoints", "scores", "descriptors", "image_size", "timings"}
+    assert out["image_size"] == optical.image.shape[:2] and out["descriptors"].shape == (len(out["keypoints"]), 64)
