@@ -174,42 +174,37 @@ def plot_mma(rows: list[dict[str, Any]], path: Path, model: str = "affine") -> N
     plt.close(fig)
 
 
-def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, model: str = "homography", max_px: float = 20.0) -> None:
-    """Cumulative fraction of pairs with mean corner error <= e, one curve per method."""
+def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, models: tuple[str, ...] = ("affine", "affine+refine"),
+                    max_px: float = 20.0) -> None:
+    """Cumulative fraction of pairs with mean corner error <= e: one colour per method, one line style
+    per geometry model (solid: first of ``models``, dashed: second, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     xs = np.linspace(0, max_px, 201)
-    for method in dict.fromkeys(r["method"] for r in rows):
-        e = np.array([r.get("corner_error", np.inf) for r in rows if r["method"] == method and r["model"] == model])
-        if len(e):
-            ax.plot(xs, [(e <= x).mean() for x in xs], label=method)
-    ax.set(xlabel="mean corner error (SAR px)", ylabel="fraction of pairs", ylim=(0, 1),
-           title=f"Corner error CDF ({model})")
+    styles = ("-", "--", ":")
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        for model, style in zip(models, styles):
+            e = np.array([r.get("corner_error", np.inf) for r in rows if r["method"] == method and r["model"] == model])
+            if len(e):
+                ax.plot(xs, [(e <= x).mean() for x in xs], style, color=f"C{i}", label=f"{method} ({model})")
+    ax.set(xlabel="mean corner error (SAR px)", ylabel="fraction of pairs", ylim=(0, 1), title="Corner error CDF")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def checkerboard(optical: np.ndarray, sar_in_optical: np.ndarray, tiles: int = 8) -> np.ndarray:
-    """Alternate ``tiles x tiles`` squares of two ``[H, W, 3]`` images."""
-    h, w = optical.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
-    mask = ((yy * tiles // h + xx * tiles // w) % 2).astype(bool)
-    out = optical.copy()
-    out[mask] = sar_in_optical[mask]
-    return out
 
 
 def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: Path, model: str = "affine",
                        n_pairs: int = 3, side: int = 256) -> None:
     """Grid of checkerboards (optical / SAR warped with the estimate): pairs as rows, methods as columns."""
     import cv2
+
+    from promptmid.registration import checkerboard
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,7 +235,7 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
             h, w = opt.shape[:2]
             warped = cv2.warpPerspective(sar, np.asarray(row["transform"], np.float64), (w, h),
                                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)  # optical px -> SAR px
-            board = checkerboard(opt, warped)
+            board = checkerboard(opt, warped)  # promptmid.registration.checkerboard
             f = side / max(h, w)
             ax.imshow(cv2.resize(board, (max(1, round(w * f)), max(1, round(h * f)))))
             ax.set_title(f"{method}\n{pid} {_num(row['corner_error'], 1)} px", fontsize=6)
@@ -253,4 +248,5 @@ def write_figures(rows: list[dict[str, Any]], pairs: dict[str, Any], out_dir: Pa
     """``mma.png``, ``corner_cdf.png`` and ``checkerboards.png`` in ``out_dir``."""
     plot_mma(rows, out_dir / "mma.png")
     plot_corner_cdf(rows, out_dir / "corner_cdf.png")
-    plot_checkerboards(rows, pairs, out_dir / "checkerboards.png")
+    refined = any(r["model"] == "affine+refine" for r in rows)
+    plot_checkerboards(rows, pairs, out_dir / "checkerboards.png", model="affine+refine" if refined else "affine")
