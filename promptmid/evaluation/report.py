@@ -153,37 +153,42 @@ def _json(v: Any) -> Any:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def plot_mma(rows: list[dict[str, Any]], path: Path, model: str = "affine") -> None:
-    """Mean MMA over pairs vs threshold (1-10 px), one curve per method."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    return plt
+
+
+def _save_curves(fig: Any, ax: Any, path: Path, legend_size: int, **labels: Any) -> None:
+    """Label, grid, legend, save and close a curve plot."""
+    ax.set(ylim=(0, 1), **labels)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_mma(rows: list[dict[str, Any]], path: Path, model: str = "affine") -> None:
+    """Mean MMA over pairs vs threshold (1-10 px), one curve per method."""
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
     ts = list(metrics.MMA_THRESHOLDS)
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method and r["model"] == model and "mma@1" in r]
         if sel:
             ax.plot(ts, [np.mean([r[f"mma@{t}"] for r in sel]) for t in ts], marker="o", ms=3, label=method)
-    ax.set(xlabel="threshold (SAR px)", ylabel="MMA", ylim=(0, 1), title="Mean matching accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_curves(fig, ax, path, 7, xlabel="threshold (SAR px)", ylabel="MMA", title="Mean matching accuracy")
 
 
 def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, models: tuple[str, ...] = ("affine", "affine+refine"),
                     max_px: float = 20.0) -> None:
     """Cumulative fraction of pairs with mean corner error <= e: one colour per method, one line style
     per geometry model (solid: first of ``models``, dashed: second, ...)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
     xs = np.linspace(0, max_px, 201)
     styles = ("-", "--", ":")
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
@@ -191,12 +196,8 @@ def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, models: tuple[str, .
             e = np.array([r.get("corner_error", np.inf) for r in rows if r["method"] == method and r["model"] == model])
             if len(e):
                 ax.plot(xs, [(e <= x).mean() for x in xs], style, color=f"C{i}", label=f"{method} ({model})")
-    ax.set(xlabel="mean corner error (SAR px)", ylabel="fraction of pairs", ylim=(0, 1), title="Corner error CDF")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_curves(fig, ax, path, 6, xlabel="mean corner error (SAR px)", ylabel="fraction of pairs",
+                 title="Corner error CDF")
 
 
 def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: Path, model: str = "affine",
@@ -204,14 +205,10 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
     """Grid of checkerboards (optical / SAR warped with the estimate): pairs as rows, methods as columns."""
     import cv2
 
-    from promptmid.registration import checkerboard
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from promptmid.io import load_image
+    from promptmid.registration import checkerboard
 
+    plt = _pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ids = list(dict.fromkeys(r["pair"] for r in rows))[:n_pairs]
     if not ids or not methods:
