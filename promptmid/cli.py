@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from promptmid.commands import register_all
+from promptmid.matching import format_matrix
 from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
     ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, handle_errors, out_console, set_threads, status,
@@ -88,7 +89,7 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool) -> None:
         return
     table = Table(title=f"promptmid {result.config.get('preset')} -> {out_dir}", show_header=False)
     rows = [
-        ("transform (optical px -> SAR px)", "\n".join(" ".join(f"{v:10.4f}" for v in row) for row in result.transform)),
+        ("transform (optical px -> SAR px)", format_matrix(result.transform)),
         ("matches / inliers", f"{len(result.points0)} / {result.num_inliers} ({result.num_inliers / max(1, len(result.points0)):.0%})"),
         ("residual RMSE", f"{result.rmse:.2f} SAR px"),
         ("inlier coverage", f"{result.coverage():.0%} of the optical image"),

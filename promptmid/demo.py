@@ -14,7 +14,7 @@ import numpy as np
 
 from promptmid.api import Matcher
 from promptmid.io import open_for_write, to_uint8, write_png
-from promptmid.matching import apply_transform
+from promptmid.matching import apply_transform, format_matrix
 from promptmid.registration import prepare_out_dir, write_json, write_products
 from promptmid.synth import make_pair
 
@@ -58,14 +58,10 @@ def run_demo(out: str | Path, preset: str = "lite", seed: int = 7, size: int = 5
     return summary
 
 
-def _fmt(m: list[list[float]] | None) -> str:
-    return "(none)" if m is None else "\n".join("  " + " ".join(f"{v:10.4f}" for v in row) for row in m)
-
-
 def _summary_text(summary: dict[str, Any], result: Any, out_dir: Path) -> str:
     lines = [f"promptmid demo ({result.config.get('preset')}): generated {out_dir / 'inputs'}",
-             "true transform (optical px -> SAR px):", _fmt(summary["true_transform"]),
-             "recovered transform:", _fmt(summary["estimated_transform"])]
+             "true transform (optical px -> SAR px):", format_matrix(summary["true_transform"], "  "),
+             "recovered transform:", format_matrix(summary["estimated_transform"], "  ")]
     if result.ok:
         lines.append(f"corner error: mean {summary['mean_corner_error_px']:.2f} px, max {summary['max_corner_error_px']:.2f} px; "
                      f"{result.num_inliers} inliers of {len(result.points0)} matches, RMSE {result.rmse:.2f} px, "

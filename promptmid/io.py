@@ -80,6 +80,16 @@ class PreparedImage:
         return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
 
 
+def working_transform(matrix: np.ndarray, optical: PreparedImage, sar: PreparedImage) -> np.ndarray:
+    """Express an optical -> SAR transform between ORIGINAL pixels as one between the working images."""
+    return np.linalg.inv(sar.scale_matrix()) @ np.asarray(matrix, np.float64) @ optical.scale_matrix()
+
+
+def original_transform(matrix: np.ndarray, optical: PreparedImage, sar: PreparedImage) -> np.ndarray:
+    """Inverse of :func:`working_transform`: working-image transform -> original pixels."""
+    return sar.scale_matrix() @ np.asarray(matrix, np.float64) @ np.linalg.inv(optical.scale_matrix())
+
+
 def read_raster(path: str | Path) -> RasterImage:
     """Read an image file into a :class:`RasterImage` (all bands, native dtype).
 

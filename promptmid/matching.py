@@ -7,7 +7,7 @@ pixels to image-1 pixels: ``[x1, y1, 1]^T ~ M [x0, y0, 1]^T``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -74,7 +74,6 @@ class Geometry:
     rmse: float = float("nan")
     model: str = "affine"
     reason: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +89,13 @@ def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     homog = np.concatenate([pts, np.ones((len(pts), 1))], axis=1) @ np.asarray(matrix, dtype=np.float64).T
     return homog[:, :2] / homog[:, 2:3]
+
+
+def format_matrix(matrix: np.ndarray | list | None, indent: str = "") -> str:
+    """A 3x3 transform as aligned text rows (``"(none)"`` for a failed fit)."""
+    if matrix is None:
+        return "(none)"
+    return "\n".join(indent + " ".join(f"{v:10.4f}" for v in row) for row in np.asarray(matrix))
 
 
 def residuals(matrix: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:

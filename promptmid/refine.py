@@ -14,13 +14,13 @@ pixels to SAR pixels, like everywhere else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
-from promptmid.io import PreparedImage
+from promptmid.io import PreparedImage, original_transform, working_transform
 from promptmid.matching import apply_transform, fit_geometry
 
 
@@ -42,7 +42,6 @@ class Refinement:
     inliers: int = 0
     shift_px: float = float("nan")
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"applied": self.applied, "blocks": self.blocks, "inliers": self.inliers,
@@ -173,8 +172,7 @@ def refine_prepared(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarr
 
     The refinement runs at working resolution; the returned ``matrix`` is in original pixels.
     """
-    s0, s1 = optical.scale_matrix(), sar.scale_matrix()
-    work = np.linalg.inv(s1) @ matrix @ s0
+    work = working_transform(matrix, optical, sar)
     ref = refine_transform(optical.image, sar.image, work, optical.valid, sar.valid, model, **conf)
-    ref.matrix = s1 @ ref.matrix @ np.linalg.inv(s0)
+    ref.matrix = original_transform(ref.matrix, optical, sar)
     return ref

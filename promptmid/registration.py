@@ -63,12 +63,6 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(mask, a, b)
 
 
-def scaled_matrix(result: MatchResult, opt: PreparedImage, sar: PreparedImage) -> np.ndarray:
-    """The fitted transform expressed between the two working-resolution images."""
-    assert result.transform is not None
-    return np.linalg.inv(sar.scale_matrix()) @ result.transform @ opt.scale_matrix()
-
-
 def write_tiepoints(path: Path, result: MatchResult) -> None:
     """CSV of all matches: optical (x, y), SAR (x, y), similarity, inlier flag, residual (SAR px)."""
     res = (residuals(result.transform, result.points0, result.points1)

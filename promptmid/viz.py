@@ -48,8 +48,9 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
 def save_checkerboard(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
                       tiles: int = 8) -> None:
     """SAR warped onto the optical grid (working resolution), interleaved with the optical image."""
-    from promptmid.registration import checkerboard, scaled_matrix, warp_to_optical
+    from promptmid.io import working_transform
+    from promptmid.registration import checkerboard, warp_to_optical
 
     h, w = opt.image.shape[:2]
-    warped = warp_to_optical(sar.image, scaled_matrix(result, opt, sar), (w, h))
+    warped = warp_to_optical(sar.image, working_transform(result.transform, opt, sar), (w, h))
     write_png(path, checkerboard(opt.image, warped, tiles))

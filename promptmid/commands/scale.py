@@ -14,6 +14,7 @@ from promptmid.commands.common import (
     JsonOpt, OverwriteOpt, PresetOpt, QuietOpt, ThreadsOpt, ThresholdOpt, TopKOpt, build_overrides, err_console,
     fail, handle_errors, out_console, set_threads, status,
 )
+from promptmid.matching import format_matrix
 
 GeoPriorOpt = typer.Option(True, "--geo-prior/--no-geo-prior",
                            help="Use the geotransforms as prior when both images are georeferenced "
@@ -86,7 +87,7 @@ def _print_scene(r: dict[str, Any], out_dir: Path) -> None:
     table = Table(title=f"promptmid scene -> {out_dir}", show_header=False)
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
     rows = [
-        ("transform (optical px -> SAR px)", "\n".join(" ".join(f"{v:10.4f}" for v in row) for row in r["transform"])),
+        ("transform (optical px -> SAR px)", format_matrix(r["transform"])),
         ("prior", r["prior"]["kind"] + (" (SAR reprojected to optical CRS)" if r["sar_grid"]["reprojected_to_optical_crs"] else "")),
         ("tiles processed / grid", f"{r['tiles']['processed']} / {r['tiles']['grid']}  "
                                    f"(ok {sum(t['status'] == 'ok' for t in r['tile_qc'])})"),

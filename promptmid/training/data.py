@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from promptmid.evaluation.split import split_group
-from promptmid.io import PreparedImage, load_image
+from promptmid.io import PreparedImage, load_image, working_transform
 
 CACHE_VERSION = 1
 ROTATION_STEPS = (0.0, 90.0, 180.0, 270.0)
@@ -101,7 +101,7 @@ def select(records: Iterable[PairRecord], split: str, qualities: tuple[str, ...]
 
 def working_gt(rec_H: np.ndarray, opt: PreparedImage, sar: PreparedImage) -> np.ndarray:
     """GT mapping optical working px -> SAR working px."""
-    return np.linalg.inv(sar.scale_matrix()) @ rec_H @ opt.scale_matrix()
+    return working_transform(rec_H, opt, sar)
 
 
 def rotation_angle(H: np.ndarray) -> float:
