@@ -19,7 +19,7 @@ def eval_command(
     manifests: List[Path] = typer.Argument(..., help="Pair manifests (JSON lines, DESIGN.md §4)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default: all default ones; "
-                                          "see --list-methods)."),
+                                          "see `promptmid eval-methods`)."),
     workers: int = typer.Option(1, "--workers", "-w", help="Parallel worker processes (pairs in parallel)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first K pairs (after filtering)."),
     sources: Optional[str] = typer.Option(None, "--sources", help="Comma-separated sources to keep, e.g. srif,3mos."),
@@ -29,6 +29,12 @@ def eval_command(
                                   "rotation-invariant, e.g. 0,90,180,270."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache of raw matches per (method, pair): makes runs "
                                          "resumable."),
+    perturb: Optional[int] = typer.Option(None, "--perturb", help="Displace every SAR image by a random transform "
+                                          "seeded with this number (and the pair id) and compose the GT: the protocol "
+                                          "for registration. Without it pairs are scored as they are (aligned)."),
+    perturb_kind: str = typer.Option("standard", "--perturb-kind", help="standard (rotation +-15 deg, scale "
+                                     "0.8-1.25, shear, shift up to 15 %), full-rotation (any angle: pair it with "
+                                     "--rotations 0,90,180,270) or shift (pure translation: position-shortcut test)."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the figures."),
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
@@ -39,6 +45,7 @@ def eval_command(
 
     from promptmid.evaluation.manifest import read_manifests
     from promptmid.evaluation.methods import parse_methods
+    from promptmid.evaluation.perturb import Perturbation
     from promptmid.evaluation.pipeline import run_and_report, select_pairs
     from promptmid.evaluation.runner import EvalConfig
     from promptmid.registration import prepare_out_dir
@@ -49,7 +56,8 @@ def eval_command(
     out_dir = prepare_out_dir(out, overwrite)
     if workers < 1:
         raise ValueError("--workers must be at least 1")
-    conf = EvalConfig(names, angles, cache_dir=str(cache) if cache else None, threads=threads)
+    displacement = None if perturb is None else Perturbation(perturb, perturb_kind)
+    conf = EvalConfig(names, angles, cache_dir=str(cache) if cache else None, threads=threads, perturb=displacement)
     with Progress(console=err_console, disable=quiet, transient=True) as bar:
         task = bar.add_task(f"{len(pairs)} pairs x {len(names)} methods", total=len(pairs))
         run_and_report(pairs, conf, out_dir, workers, not no_figures, progress=lambda _p: bar.advance(task))

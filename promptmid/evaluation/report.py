@@ -201,10 +201,15 @@ def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, models: tuple[str, .
 
 
 def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: Path, model: str = "affine",
-                       n_pairs: int = 3, side: int = 256) -> None:
-    """Grid of checkerboards (optical / SAR warped with the estimate): pairs as rows, methods as columns."""
+                       n_pairs: int = 3, side: int = 256, perturb: Any = None) -> None:
+    """Grid of checkerboards (optical / SAR warped with the estimate): pairs as rows, methods as columns.
+
+    ``perturb``: the run's :class:`~promptmid.evaluation.perturb.Perturbation` (the SAR shown is the
+    displaced one the methods saw), or ``None``.
+    """
     import cv2
 
+    from promptmid.evaluation.perturb import perturb_pair
     from promptmid.io import load_image
     from promptmid.registration import checkerboard
 
@@ -217,7 +222,7 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
     for i, pid in enumerate(ids):
         try:
             opt = load_image(pairs[pid].optical, "optical", max_side=None).image
-            sar = load_image(pairs[pid].sar, "sar", max_side=None).image
+            sar = load_image(perturb_pair(pairs[pid], perturb)[1], "sar", max_side=None).image
         except Exception:  # noqa: BLE001 - an unreadable pair is already a failed row
             opt = sar = None
         for j, method in enumerate(methods):
@@ -241,9 +246,10 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
     plt.close(fig)
 
 
-def write_figures(rows: list[dict[str, Any]], pairs: dict[str, Any], out_dir: Path) -> None:
-    """``mma.png``, ``corner_cdf.png`` and ``checkerboards.png`` in ``out_dir``."""
+def write_figures(rows: list[dict[str, Any]], pairs: dict[str, Any], out_dir: Path, perturb: Any = None) -> None:
+    """``mma.png``, ``corner_cdf.png`` and ``checkerboards.png`` (with the run's ``perturb``) in ``out_dir``."""
     plot_mma(rows, out_dir / "mma.png")
     plot_corner_cdf(rows, out_dir / "corner_cdf.png")
     refined = any(r["model"] == "affine+refine" for r in rows)
-    plot_checkerboards(rows, pairs, out_dir / "checkerboards.png", model="affine+refine" if refined else "affine")
+    plot_checkerboards(rows, pairs, out_dir / "checkerboards.png", model="affine+refine" if refined else "affine",
+                       perturb=perturb)

@@ -27,6 +27,7 @@ import numpy as np
 
 from promptmid.evaluation import metrics
 from promptmid.evaluation.manifest import Pair
+from promptmid.evaluation.perturb import Perturbation, perturb_pair
 from promptmid.evaluation.split import split_group
 from promptmid.io import PreparedImage, load_image
 from promptmid.matching import fit_geometry
@@ -47,6 +48,8 @@ class EvalConfig:
         threads: torch threads per process (``None`` = torch default).
         refine: also report every fit after area-based refinement (:mod:`promptmid.refine`), as
             model ``"<model>+refine"``; the same refinement for every method.
+        perturb: displace every pair's SAR image by a seeded random transform and compose the GT
+            (:mod:`promptmid.evaluation.perturb`); ``None`` = the pairs as they are (aligned protocol).
     """
 
     methods: list[str]
@@ -58,6 +61,12 @@ class EvalConfig:
     cache_dir: str | None = None
     threads: int | None = None
     refine: bool = True
+    perturb: Perturbation | None = None
+
+    @property
+    def protocol(self) -> str:
+        """``"aligned"`` or the perturbation tag (e.g. ``"p0-standard"``)."""
+        return "aligned" if self.perturb is None else self.perturb.tag
 
 
 _METHOD_CACHE: dict[tuple[str, tuple[float, ...]], Any] = {}
@@ -114,10 +123,11 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def cache_path(cache_dir: str, method: str, rotations: list[float], pair_id: str) -> Path:
-    """``cache_dir/<method>__r<angles>/<pair id>.npz``."""
+def cache_path(cache_dir: str, method: str, rotations: list[float], pair_id: str, protocol: str = "aligned") -> Path:
+    """``cache_dir/<method>__r<angles>[__<protocol>]/<pair id>.npz`` (the aligned protocol has no suffix)."""
     rot = "-".join(f"{a:g}" for a in rotations)
-    return Path(cache_dir) / f"{method}__r{rot}" / f"{_safe(pair_id)}.npz"
+    suffix = "" if protocol == "aligned" else f"__{protocol}"
+    return Path(cache_dir) / f"{method}__r{rot}{suffix}" / f"{_safe(pair_id)}.npz"
 
 
 def run_method(name: str, optical: PreparedImage, sar: PreparedImage, conf: EvalConfig) -> dict[str, Any]:
@@ -161,7 +171,8 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
     """Cached or fresh matches of ``name`` on ``pair``; never raises for a method failure."""
     from promptmid.evaluation.methods import rotations_for
 
-    path = cache_path(conf.cache_dir, name, rotations_for(name, conf.rotations), pair.id) if conf.cache_dir else None
+    path = (cache_path(conf.cache_dir, name, rotations_for(name, conf.rotations), pair.id, conf.protocol)
+            if conf.cache_dir else None)
     cached = _load_cached(path) if path else None
     if cached is not None:
         return cached
@@ -238,11 +249,12 @@ def _optical_size(pair: Pair, images: tuple[PreparedImage, PreparedImage] | None
 
 
 def evaluate_pair(pair: Pair, conf: EvalConfig) -> list[dict[str, Any]]:
-    """All rows of one pair (every method x model)."""
+    """All rows of one pair (every method x model); with ``conf.perturb`` the pair is displaced first."""
     images, load_error = None, ""
     try:
+        pair, sar = perturb_pair(pair, conf.perturb)
         images = (load_image(pair.optical, "optical", max_side=conf.max_side),
-                  load_image(pair.sar, "sar", max_side=conf.max_side))
+                  load_image(sar, "sar", max_side=conf.max_side))
     except Exception as exc:  # noqa: BLE001 - recorded as the reason of every row of this pair
         load_error = f"image error: {type(exc).__name__}: {exc}"
     rows = []
