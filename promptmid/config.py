@@ -47,7 +47,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 DINOV2 = {"layers": [4, 8, 12], "long_side": 518}
-CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "dinov2": 0.7, "sd": 0.7}}
+# DINOv2 with every patch position embedding replaced by their mean: content only, no image position
+DINOV2_POSFREE = {**DINOV2, "position": "mean"}
+CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "aliked": 1.0, "dinov2": 0.7, "sd": 0.7}}
+ALIKED = {"detector": "aliked", "top_k": 2048}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # XFeat local descriptors only (baseline)
@@ -62,6 +65,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sources": {"dinov2": DINOV2},
         "aggregator": CONCAT,
     },
+    # ALIKED-n16 keypoints and descriptors only (our matching: MNN + guided re-matching)
+    "aliked": {"keypoints": ALIKED},
+    # ALIKED-n16 + position-free DINOv2-S/14 multi-layer features, training-free fusion
+    "aliked-dino": {"keypoints": ALIKED, "sources": {"dinov2": DINOV2_POSFREE}, "aggregator": CONCAT},
+    # as aliked-dino with DINOv2's absolute position embeddings (ablation of the position-free input)
+    "aliked-dino-abs": {"keypoints": ALIKED, "sources": {"dinov2": DINOV2}, "aggregator": CONCAT},
+    # lite-concat with position-free DINOv2 (ablation)
+    "lite-concat-posfree": {"sources": {"dinov2": DINOV2_POSFREE}, "aggregator": CONCAT},
     # lite + prompt-conditioned Stable Diffusion features (needs a local SD model: --dm)
     "full": {
         "sources": {"dinov2": DINOV2, "diffusion": {}},

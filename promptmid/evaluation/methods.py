@@ -159,6 +159,13 @@ def _promptmid_spec(preset: str, description: str, default: bool = True) -> Meth
 register(_promptmid_spec("lite", "promptmid lite: XFeat keypoints, XFeat + DINOv2-S/14 fused by the trained aggregator, MNN"))
 register(_promptmid_spec("lite-concat", "promptmid lite with the training-free fusion (no trained aggregator)"))
 register(_promptmid_spec("xfeat", "promptmid xfeat: XFeat keypoints and descriptors only, MNN"))
+register(_promptmid_spec("aliked", "promptmid aliked: ALIKED-n16 keypoints and descriptors, MNN + guided matching",
+                         default=False))
+register(_promptmid_spec("aliked-dino", "promptmid aliked-dino: ALIKED-n16 + position-free DINOv2-S/14, concat fusion",
+                         default=False))
+register(_promptmid_spec("aliked-dino-abs", "aliked-dino with DINOv2's absolute position embeddings (ablation)",
+                         default=False))
+register(_promptmid_spec("lite-concat-posfree", "lite-concat with position-free DINOv2 (ablation)", default=False))
 register(_promptmid_spec("full", "promptmid full: lite + prompted Stable Diffusion features (needs a local SD model)",
                          default=False))
 

@@ -12,8 +12,9 @@ Kinds (:data:`KINDS`):
   translation up to +-15 % of the image size per axis (the headline protocol);
 - ``"full-rotation"``: as standard but the rotation is uniform in [0, 360) deg (for runs that search
   SAR rotations);
-- ``"shift"``: a pure translation of 8-15 % of the image size per axis with random signs (the
-  position-shortcut diagnostic: NCM under a shift over NCM aligned).
+- ``"shift"``: a pure translation of 8-15 % of the image size per axis with random signs, on a canvas
+  grown by the shift so that no content is lost (the position-shortcut diagnostic: NCM under a shift
+  over NCM aligned; 1 for a descriptor that ignores where content sits in the frame).
 
 The draw depends only on ``(seed, pair id, kind)``, so every method of a run sees the same
 displaced image, and a rerun (or another worker process) draws the same transform.
@@ -77,24 +78,33 @@ class Perturbation:
                 f"{lo:g}-{hi:g}, shear +-{self.max_shear:g}, translation up to +-{self.max_shift:.0%} of the size); "
                 "GT composed")
 
-    def matrix(self, pair_id: str, size: tuple[int, int]) -> np.ndarray:
-        """The 3x3 transform ``T`` (original SAR px -> displaced SAR px) of one pair.
+    def draw(self, pair_id: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+        """The transform of one pair and the size of the displaced canvas.
 
         Args:
             pair_id: the pair's id (part of the seed).
             size: ``(W, H)`` of the SAR image (px).
+
+        Returns:
+            ``T`` (3x3, original SAR px -> displaced SAR px) and the canvas ``(W', H')``: the same
+            size for ``"standard"``/``"full-rotation"`` (content moved off the canvas is lost, as in a real
+            partially overlapping pair); for ``"shift"`` the canvas grows by the shift, so no content is
+            lost and only the position of the content in the frame changes.
         """
         rng = np.random.default_rng([self.seed, zlib.crc32(f"{pair_id}|{self.kind}".encode())])
         w, h = size
         if self.kind == "shift":
             mag = rng.uniform(self.min_shift, self.max_shift, 2) * (w, h)
-            shift = mag * rng.choice([-1.0, 1.0], 2)
-            return translation(*shift)
+            sign = rng.choice([-1.0, 1.0], 2)
+            # content moves right/down by mag on a positive sign (padding before it), else it stays at the
+            # origin and the padding goes after it: either way its position relative to the frame changes
+            t = translation(*(np.where(sign > 0, mag, 0.0)))
+            return t, (int(round(w + mag[0])), int(round(h + mag[1])))
         angle = rng.uniform(0, 360) if self.kind == "full-rotation" else rng.uniform(-1, 1) * self.max_rotation
         scale = float(np.exp(rng.uniform(*np.log(self.scale_range))))
         shear = rng.uniform(-1, 1) * self.max_shear
         shift = rng.uniform(-1, 1, 2) * self.max_shift * (w, h)
-        return affine_about_centre(size, angle, scale, shear, shift)
+        return affine_about_centre(size, angle, scale, shear, shift), (w, h)
 
 
 def translation(tx: float, ty: float) -> np.ndarray:
@@ -120,15 +130,16 @@ def affine_about_centre(size: tuple[int, int], angle_deg: float, scale: float, s
     return translation(cx + shift[0], cy + shift[1]) @ lin @ translation(-cx, -cy)
 
 
-def warp_raster(raster: RasterImage, matrix: np.ndarray) -> RasterImage:
-    """Resample ``raster`` by ``matrix`` (input px -> output px) onto a canvas of the same size.
+def warp_raster(raster: RasterImage, matrix: np.ndarray, size: tuple[int, int] | None = None) -> RasterImage:
+    """Resample ``raster`` by ``matrix`` (input px -> output px) onto a canvas of ``size = (W, H)``
+    (default: the raster's size).
 
     Bilinear resampling, band by band, in the raster's dtype (other dtypes via float32). Pixels
     with no source are 0, which :func:`promptmid.io.load_image` masks as border fill. Georeferencing
     is dropped: the displaced image is a new, non-georeferenced image.
     """
     data = raster.data
-    w, h = raster.size
+    w, h = size or raster.size
     flags = cv2.INTER_LINEAR
     src = data.astype(np.float32) if data.dtype not in (np.uint8, np.uint16, np.float32) else data
     bands = [cv2.warpPerspective(np.ascontiguousarray(src[..., c]), matrix, (w, h), flags=flags,
@@ -148,8 +159,8 @@ def perturb_pair(pair: Pair, perturbation: Perturbation | None) -> tuple[Pair, R
     sar = read_raster(pair.sar)
     if perturbation is None:
         return pair, sar
-    t = perturbation.matrix(pair.id, sar.size)
-    return compose_truth(pair, t), warp_raster(sar, t)
+    t, canvas = perturbation.draw(pair.id, sar.size)
+    return compose_truth(pair, t), warp_raster(sar, t, canvas)
 
 
 def compose_truth(pair: Pair, matrix: np.ndarray) -> Pair:

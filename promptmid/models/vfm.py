@@ -274,12 +274,28 @@ _MODELS: dict[tuple[str, str], Dinov2Model] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _shared_model(device: str) -> Dinov2Model:
-    """One model per (cache dir, device) per process; loading takes seconds."""
-    key = (str(cache_dir()), str(device))
+POSITION_MODES = ("absolute", "mean")
+
+
+def flatten_position_embeddings(model: Dinov2Model) -> Dinov2Model:
+    """Replace every patch position embedding by their mean (in place; the CLS one is kept).
+
+    The patch tokens then carry no information on where a patch sits in the image, only on its
+    content and its neighbours' (attention is unchanged). Descriptors built on them cannot learn
+    or use absolute image position, which is useless and harmful for registration.
+    """
+    pe = model.embeddings.position_embeddings.data
+    pe[:, 1:] = pe[:, 1:].mean(dim=1, keepdim=True)
+    return model
+
+
+def _shared_model(device: str, position: str = "absolute") -> Dinov2Model:
+    """One model per (cache dir, device, position mode) per process; loading takes seconds."""
+    key = (str(cache_dir()), str(device), position)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = load_dinov2().to(device)
+            model = load_dinov2().to(device)
+            _MODELS[key] = flatten_position_embeddings(model) if position == "mean" else model
         return _MODELS[key]
 
 
@@ -310,6 +326,7 @@ class DINOv2Features:
         "layers": (4, 8, 12),  # 1-based transformer blocks to output, each in 1..12
         "long_side": 518,  # pixels of the resized long side (rounded to multiples of 14)
         "norm": True,  # apply the final LayerNorm to every block's tokens (DINOv2 standard)
+        "position": "absolute",  # patch position embeddings: "absolute" (as trained) | "mean" (position-free)
         "device": "cpu",  # torch device the backbone runs on (fp32)
     }
 
@@ -322,6 +339,8 @@ class DINOv2Features:
         layers = tuple(int(k) for k in self.conf.layers)
         if not layers or any(not 1 <= k <= _VITS14["num_hidden_layers"] for k in layers):
             raise ValueError(f"layers must be in 1..12, got {self.conf.layers}")
+        if self.conf.position not in POSITION_MODES:
+            raise ValueError(f"position must be one of {', '.join(POSITION_MODES)}, got {self.conf.position!r}")
         if int(self.conf.long_side) < 14:
             raise ValueError(f"long_side must be at least 14 px, got {self.conf.long_side}")
         self.conf.layers = layers
@@ -331,7 +350,7 @@ class DINOv2Features:
     def model(self) -> Dinov2Model:
         """The backbone, loaded (or converted) on first use and shared within the process."""
         if self._model is None:
-            self._model = _shared_model(self.conf.device)
+            self._model = _shared_model(self.conf.device, self.conf.position)
         return self._model
 
     def _preprocess(self, image: torch.Tensor) -> torch.Tensor:
@@ -392,4 +411,5 @@ class DINOv2Features:
             "sha256": SPEC.sha256,
             "layers": ",".join(str(k) for k in self.conf.layers),
             "long_side": str(self.conf.long_side),
+            "position": str(self.conf.position),
         }

@@ -276,3 +276,24 @@ def model_status(verify: bool = True) -> list[dict[str, Any]]:
         verified when ``verify``) and ``message`` (what is wrong or where the file is).
     """
     return [_status_of(spec, verify) for spec in MODELS.values()]
+
+
+# buffers that models compute in __init__ and that checkpoints do not contain
+DERIVED_BUFFERS = ("confidence_thresholds", "dkd.hw_grid")
+
+
+def load_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """:func:`load_state_dict_checked` after adding the module's own :data:`DERIVED_BUFFERS`; eval mode."""
+    own = module.state_dict()
+    full = dict(state_dict)
+    for key in DERIVED_BUFFERS:
+        if key in own and key not in full:
+            full[key] = own[key]
+    load_state_dict_checked(module, full, source)
+    return module.eval()
+
+
+def package_weights(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of a packaged model of :data:`MODELS` (file sha256-verified) and its path."""
+    path = verify_source(MODELS[name])
+    return torch.load(path, map_location="cpu", weights_only=True), str(path)
