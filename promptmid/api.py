@@ -97,7 +97,7 @@ class Matcher:
     """Describe, match and fit one optical/SAR pair with a named preset.
 
     Args:
-        preset: ``"lite"`` (default), ``"xfeat"`` or ``"full"`` (see :mod:`promptmid.config`).
+        preset: ``"lite"`` (default), ``"lite-concat"``, ``"aliked"``, ``"xfeat"`` or ``"full"`` (see :mod:`promptmid.config`).
         overrides: nested config overrides, e.g. ``{"geometry": {"model": "homography"}}``.
     """
 

@@ -47,36 +47,24 @@ DEFAULTS: dict[str, Any] = {
 }
 
 DINOV2 = {"layers": [4, 8, 12], "long_side": 518}
-# DINOv2 with every patch position embedding replaced by their mean: content only, no image position
-DINOV2_POSFREE = {**DINOV2, "position": "mean"}
 CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "aliked": 1.0, "dinov2": 0.7, "sd": 0.7}}
 ALIKED = {"detector": "aliked", "top_k": 2048}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # XFeat local descriptors only (baseline)
     "xfeat": {},
-    # XFeat keypoints; XFeat + DINOv2-S/14 multi-layer features fused by the trained aggregator
-    "lite": {
-        "sources": {"dinov2": DINOV2},
-        "aggregator": {"name": "promptmid-agg-v2"},
-    },
-    # lite with the training-free fusion (weighted concatenation) instead of the trained aggregator
-    "lite-concat": {
-        "sources": {"dinov2": DINOV2},
-        "aggregator": CONCAT,
-    },
+    # default: ALIKED-n16 keypoints and descriptors + DINOv2-S/14 multi-layer features, training-free fusion.
+    # Chosen on the perturbed validation protocol (benchmarks/results/realpairs.md); the trained aggregator
+    # promptmid-agg-v2 (XFeat + DINOv2) learned image position and is no longer used by any preset.
+    "lite": {"keypoints": ALIKED, "sources": {"dinov2": DINOV2}, "aggregator": CONCAT},
+    # XFeat keypoints and descriptors + DINOv2-S/14, training-free fusion
+    "lite-concat": {"sources": {"dinov2": DINOV2}, "aggregator": CONCAT},
     # ALIKED-n16 keypoints and descriptors only (our matching: MNN + guided re-matching)
     "aliked": {"keypoints": ALIKED},
-    # ALIKED-n16 + position-free DINOv2-S/14 multi-layer features, training-free fusion
-    "aliked-dino": {"keypoints": ALIKED, "sources": {"dinov2": DINOV2_POSFREE}, "aggregator": CONCAT},
-    # as aliked-dino with DINOv2's absolute position embeddings (ablation of the position-free input)
-    "aliked-dino-abs": {"keypoints": ALIKED, "sources": {"dinov2": DINOV2}, "aggregator": CONCAT},
-    # lite-concat with position-free DINOv2 (ablation)
-    "lite-concat-posfree": {"sources": {"dinov2": DINOV2_POSFREE}, "aggregator": CONCAT},
-    # lite + prompt-conditioned Stable Diffusion features (needs a local SD model: --dm)
+    # lite-concat + prompt-conditioned Stable Diffusion features (needs a local SD model: --dm)
     "full": {
         "sources": {"dinov2": DINOV2, "diffusion": {}},
-        "aggregator": CONCAT,  # the shipped trained aggregator has no diffusion input
+        "aggregator": CONCAT,  # no shipped trained aggregator has a diffusion input
     },
 }
 

@@ -98,9 +98,9 @@ def diffusion_conf(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_preset(preset: str, dm: Optional[str]) -> str:
-    """``--dm`` needs a preset with the diffusion source: ``lite`` becomes ``full``."""
+    """``--dm`` needs a preset with the diffusion source: ``lite`` becomes ``full`` (XFeat + DINOv2 + diffusion)."""
     if dm and preset == "lite":
-        err_console.print("note: --dm given: using preset 'full' (lite + diffusion features)")
+        err_console.print("note: --dm given: using preset 'full' (XFeat + DINOv2 + diffusion features)")
         return "full"
     return preset
 
@@ -125,7 +125,7 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 JsonOpt = typer.Option(False, "--json", help="Print result.json on stdout.")
 AggregatorOpt = typer.Option(None, "--aggregator",
                              help="Descriptor fusion: 'none' = training-free concatenation, or a trained "
-                                  "aggregator name (default: the preset's, promptmid-agg-v2 for lite).")
+                                  "aggregator name (default: the preset's, concat for every preset).")
 DmOpt = typer.Option(None, "--dm", help="Stable Diffusion model (diffusers layout: local dir, or hub id with "
                      "internet) for diffusion features; implies preset 'full'.")
 DmLoraOpt = typer.Option(None, "--dm-lora", help="PromptDM LoRA adapter (from `promptmid finetune-dm`).")

@@ -151,22 +151,24 @@ def build_promptmid(conf: dict[str, Any]) -> MethodFn:
     return run
 
 
-def _promptmid_spec(preset: str, description: str, default: bool = True) -> MethodSpec:
-    return MethodSpec(f"promptmid-{preset}", description, build_promptmid,
-                      {"preset": preset, "overrides": None}, rotations_inside=True, default=default)
+def _promptmid_spec(preset: str, description: str, default: bool = True, name: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> MethodSpec:
+    return MethodSpec(f"promptmid-{name or preset}", description, build_promptmid,
+                      {"preset": preset, "overrides": overrides}, rotations_inside=True, default=default)
 
 
-register(_promptmid_spec("lite", "promptmid lite: XFeat keypoints, XFeat + DINOv2-S/14 fused by the trained aggregator, MNN"))
-register(_promptmid_spec("lite-concat", "promptmid lite with the training-free fusion (no trained aggregator)"))
+register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-S/14 L4/8/12, concat fusion, MNN"))
+register(_promptmid_spec("lite-concat", "promptmid lite-concat: XFeat + DINOv2-S/14, concat fusion"))
 register(_promptmid_spec("xfeat", "promptmid xfeat: XFeat keypoints and descriptors only, MNN"))
 register(_promptmid_spec("aliked", "promptmid aliked: ALIKED-n16 keypoints and descriptors, MNN + guided matching",
                          default=False))
-register(_promptmid_spec("aliked-dino", "promptmid aliked-dino: ALIKED-n16 + position-free DINOv2-S/14, concat fusion",
-                         default=False))
-register(_promptmid_spec("aliked-dino-abs", "aliked-dino with DINOv2's absolute position embeddings (ablation)",
-                         default=False))
-register(_promptmid_spec("lite-concat-posfree", "lite-concat with position-free DINOv2 (ablation)", default=False))
-register(_promptmid_spec("full", "promptmid full: lite + prompted Stable Diffusion features (needs a local SD model)",
+register(_promptmid_spec("lite", "lite with position-free DINOv2 (patch position embeddings averaged; ablation)",
+                         default=False, name="lite-posfree",
+                         overrides={"sources": {"dinov2": {"position": "mean"}}}))
+register(_promptmid_spec("lite-concat", "the previous default: XFeat + DINOv2 fused by the trained promptmid-agg-v2 "
+                         "(learned image position)", default=False, name="lite-agg-v2",
+                         overrides={"aggregator": {"name": "promptmid-agg-v2"}}))
+register(_promptmid_spec("full", "promptmid full: lite-concat + prompted Stable Diffusion features (needs a local SD model)",
                          default=False))
 
 

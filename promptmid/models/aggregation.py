@@ -71,7 +71,7 @@ from torch import nn  # noqa: E402
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = {  # name -> file in promptmid/weights/
     "promptmid-agg-v1": "promptmid-agg-v1.safetensors",  # 49 training pairs, 6 epochs
-    "promptmid-agg-v2": "promptmid-agg-v2.safetensors",  # all 211 training pairs, 12 epochs (lite default)
+    "promptmid-agg-v2": "promptmid-agg-v2.safetensors",  # all 211 training pairs, 12 epochs (learned image position; no preset uses it)
 }
 # sha256 of each shipped file, pinned in code so that a replaced file *and* sidecar is still refused
 SHIPPED_SHA256 = {
