@@ -45,7 +45,7 @@ VARIANTS = {
 
 
 def _load(paths: list[str]) -> list[dict]:
-    return [torch.load(p, weights_only=False) for p in sorted(paths)]
+    return [torch.load(p, weights_only=True) for p in sorted(paths)]
 
 
 def entries(split: str) -> list[dict]:
@@ -65,7 +65,7 @@ def entries(split: str) -> list[dict]:
     for d in glob.glob(str(root / "eval-*")):
         for p in glob.glob(d + "/*.pt"):
             if Path(p).stem in ids:
-                e = torch.load(p, weights_only=False)
+                e = torch.load(p, weights_only=True)
                 if len(e["rotations"]) == rot:
                     out.append(e)
     return sorted(out, key=lambda e: e["id"])

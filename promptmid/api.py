@@ -23,7 +23,8 @@ from promptmid.config import get_config
 from promptmid.descriptor import Describer
 from promptmid.io import PreparedImage, load_image
 from promptmid.refine import Refinement, refine_prepared
-from promptmid.matching import Geometry, apply_transform, fit_geometry, guided_matches, mutual_nearest_neighbours
+from promptmid.geometry import apply_transform
+from promptmid.matching import Geometry, match_and_fit
 
 
 @dataclass
@@ -149,20 +150,10 @@ class Matcher:
         # all keypoints in original pixels of the unrotated images
         k0 = opt.to_original(feats0["keypoints"].numpy())
         k1 = sar.to_original(apply_transform(to_sar, feats1["keypoints"].numpy()))
-        d0, d1 = feats0["descriptors"], feats1["descriptors"]
-        m, g = self.conf["matching"], self.conf["geometry"]
-        with _timer(timings, "matching"):
-            matches, scores = mutual_nearest_neighbours(d0, d1, m["ratio"], m["min_similarity"])
-        with _timer(timings, "fitting"):
-            geom = fit_geometry(k0[matches[:, 0]], k1[matches[:, 1]], g["model"], g["threshold"], g["min_inliers"])
-        for _ in range(m["guided_iterations"] if geom.ok else 0):
-            with _timer(timings, "matching"):
-                gm, gs = guided_matches(d0, d1, k0, k1, geom.matrix, m["guided_radius"])
-            with _timer(timings, "fitting"):
-                refit = fit_geometry(k0[gm[:, 0]], k1[gm[:, 1]], g["model"], g["threshold"], g["min_inliers"])
-            if not refit.ok or refit.num_inliers < geom.num_inliers:
-                break
-            matches, scores, geom = gm, gs, refit
+        cand = match_and_fit(feats0["descriptors"], feats1["descriptors"], k0, k1, self.conf["matching"],
+                             self.conf["geometry"])
+        _add_timings(timings, cand.timings)
+        geom, matches, scores = cand.geometry, cand.matches, cand.scores
         data = {"points0": k0[matches[:, 0]], "points1": k1[matches[:, 1]], "scores": scores,
                 "n1": len(feats1["keypoints"])}
         return geom, data, angle

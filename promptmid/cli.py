@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from promptmid.commands import register_all
-from promptmid.matching import format_matrix
+from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
     ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, handle_errors, out_console, set_threads, status,

@@ -14,16 +14,9 @@ import numpy as np
 
 from promptmid.api import Matcher
 from promptmid.io import open_for_write, to_uint8, write_png
-from promptmid.matching import apply_transform, format_matrix
+from promptmid.geometry import apply_transform, corner_error, format_matrix
 from promptmid.registration import prepare_out_dir, write_json, write_products
 from promptmid.synth import make_pair
-
-
-def corner_error(estimated: np.ndarray, truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Distances (SAR px) between the 4 optical corners mapped by ``estimated`` and by ``truth``."""
-    w, h = size
-    corners = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], float)
-    return np.linalg.norm(apply_transform(estimated, corners) - apply_transform(truth, corners), axis=1)
 
 
 def write_demo_inputs(directory: Path, optical: np.ndarray, sar: np.ndarray) -> tuple[Path, Path]:

@@ -84,9 +84,15 @@ class Describer:
                 source.begin_pair(image_to_tensor(optical.image))
 
     @torch.inference_mode()
-    def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
+    def features(self, prepared: PreparedImage) -> dict[str, Any]:
+        """Keypoints and per-source features before aggregation (what aggregator training caches).
+
+        Returns:
+            ``keypoints [N, 2]`` (x, y working px), ``scores [N]``, ``features {key: [N, C]}`` (the local
+            descriptor under :attr:`KeypointExtractor.local_name`, then every source's keys),
+            ``image_size (H, W)``, ``timings``.
+        """
         image = image_to_tensor(prepared.image)
-        size = tuple(prepared.image.shape[:2])
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         local = self.extractor(image, prepared.valid)
@@ -96,16 +102,16 @@ class Describer:
             t0 = time.perf_counter()
             features.update(_describe(source, image, local["keypoints"], prepared.modality))
             timings[name] = time.perf_counter() - t0
+        return {"keypoints": local["keypoints"], "scores": local["scores"], "features": features,
+                "image_size": tuple(prepared.image.shape[:2]), "timings": timings}
+
+    @torch.inference_mode()
+    def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
+        out = self.features(prepared)
         t0 = time.perf_counter()
-        desc = self.aggregator(features, local["keypoints"], size)
-        timings["aggregation"] = time.perf_counter() - t0
-        return {
-            "keypoints": local["keypoints"],
-            "scores": local["scores"],
-            "descriptors": desc,
-            "image_size": size,
-            "timings": timings,
-        }
+        desc = self.aggregator(out.pop("features"), out["keypoints"], out["image_size"])
+        out["timings"]["aggregation"] = time.perf_counter() - t0
+        return {**out, "descriptors": desc}
 
     def info(self) -> dict[str, Any]:
         """Model names/versions/checksums for ``result.json``."""

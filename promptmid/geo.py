@@ -29,7 +29,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from promptmid.errors import InputError
-from promptmid.matching import apply_transform
+from promptmid.geometry import apply_transform
 
 
 @dataclass

@@ -7,11 +7,15 @@ pixels to image-1 pixels: ``[x1, y1, 1]^T ~ M [x0, y0, 1]^T``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
 import torch
+
+from promptmid.geometry import apply_transform, format_matrix, residuals  # noqa: F401 (re-exported)
 
 GEOMETRY_MODELS = ("affine", "homography", "similarity")
 MIN_SAMPLES = {"affine": 3, "homography": 4, "similarity": 2}
@@ -84,23 +88,7 @@ class Geometry:
         return int(self.inliers.sum())
 
 
-def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a 3x3 transform to ``[N, 2]`` points (perspective division included)."""
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    homog = np.concatenate([pts, np.ones((len(pts), 1))], axis=1) @ np.asarray(matrix, dtype=np.float64).T
-    return homog[:, :2] / homog[:, 2:3]
 
-
-def format_matrix(matrix: np.ndarray | list | None, indent: str = "") -> str:
-    """A 3x3 transform as aligned text rows (``"(none)"`` for a failed fit)."""
-    if matrix is None:
-        return "(none)"
-    return "\n".join(indent + " ".join(f"{v:10.4f}" for v in row) for row in np.asarray(matrix))
-
-
-def residuals(matrix: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:
-    """Euclidean reprojection errors ``|M(p0) - p1|`` in image-1 pixels."""
-    return np.linalg.norm(apply_transform(matrix, points0) - np.asarray(points1, dtype=np.float64), axis=1)
 
 
 def fit_geometry(
@@ -175,3 +163,60 @@ def guided_matches(
     dist = torch.cdist(pred, torch.as_tensor(kpts1, dtype=torch.float32))
     sim = (desc0.float() @ desc1.float().t()).masked_fill(dist > radius, float("-inf"))
     return mutual_nn_from_similarity(sim)
+
+
+@dataclass
+class Candidate:
+    """Matches and robust fit of one image pair (one rotation step of the SAR image).
+
+    Attributes:
+        geometry: the fit (``geometry.inliers`` indexes ``matches``).
+        matches: ``[K, 2]`` indices (i0, i1) into the keypoints given to :func:`match_and_fit`.
+        scores: ``[K]`` cosine similarities of the matches.
+        timings: seconds spent in ``"matching"`` and ``"fitting"``.
+    """
+
+    geometry: Geometry
+    matches: np.ndarray
+    scores: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_inliers(self) -> int:
+        return self.geometry.num_inliers
+
+
+def match_and_fit(desc0: torch.Tensor, desc1: torch.Tensor, kpts0: np.ndarray, kpts1: np.ndarray,
+                  matching: Mapping[str, Any], geometry: Mapping[str, Any]) -> Candidate:
+    """The matching core shared by the Matcher, evaluation and training validation.
+
+    Mutual nearest neighbours (``matching["ratio"]``, ``["min_similarity"]``) -> robust fit
+    (``geometry["model"]``, ``["threshold"]``, ``["min_inliers"]``) -> up to
+    ``matching["guided_iterations"]`` rounds of guided re-matching within ``["guided_radius"]`` px of
+    the fit and refit, each kept only when it has at least as many inliers.
+
+    Args:
+        desc0, desc1: ``[N0, D]``, ``[N1, D]`` L2-normalised descriptors.
+        kpts0, kpts1: ``[N0, 2]``, ``[N1, 2]`` keypoints (x, y px) in the frames the fit relates
+            (image 0 -> image 1; the Matcher passes original optical and SAR pixels).
+    """
+    timings = {"matching": 0.0, "fitting": 0.0}
+    fit_args = (geometry.get("model", "affine"), geometry.get("threshold", 3.0), geometry.get("min_inliers", 6))
+
+    def timed(key: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[key] += time.perf_counter() - t0
+        return out
+
+    matches, scores = timed("matching", mutual_nearest_neighbours, desc0, desc1, matching.get("ratio"),
+                            matching.get("min_similarity", -1.0))
+    geom = timed("fitting", fit_geometry, kpts0[matches[:, 0]], kpts1[matches[:, 1]], *fit_args)
+    for _ in range(int(matching.get("guided_iterations", 0)) if geom.ok else 0):
+        gm, gs = timed("matching", guided_matches, desc0, desc1, kpts0, kpts1, geom.matrix,
+                       matching.get("guided_radius", 8.0))
+        refit = timed("fitting", fit_geometry, kpts0[gm[:, 0]], kpts1[gm[:, 1]], *fit_args)
+        if not refit.ok or refit.num_inliers < geom.num_inliers:
+            break
+        matches, scores, geom = gm, gs, refit
+    return Candidate(geom, matches, scores, timings)

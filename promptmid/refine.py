@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from promptmid.io import PreparedImage, original_transform, working_transform
-from promptmid.matching import apply_transform, fit_geometry
+from promptmid.geometry import apply_transform
+from promptmid.matching import fit_geometry
 
 
 @dataclass

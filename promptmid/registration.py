@@ -21,7 +21,7 @@ import numpy as np
 from promptmid.api import MatchResult
 from promptmid.errors import OutputExistsError
 from promptmid.io import PreparedImage, RasterImage, open_for_write
-from promptmid.matching import residuals
+from promptmid.geometry import residuals
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:

@@ -207,7 +207,7 @@ def write_synthetic_geo_pair(directory: str | Path, size: int = 1024, seed: int 
     from rasterio.transform import Affine
 
     from promptmid.geo import pixel_to_map_matrix
-    from promptmid.matching import apply_transform
+    from promptmid.geometry import apply_transform
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ from promptmid import __version__
 from promptmid import geo
 from promptmid.errors import InputError
 from promptmid.io import RasterImage
-from promptmid.matching import apply_transform, fit_geometry
+from promptmid.geometry import apply_transform
+from promptmid.matching import fit_geometry
 from promptmid.registration import warp_to_optical, write_json
 
 SCENE_MODELS = ("affine", "poly2")

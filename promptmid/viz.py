@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from promptmid.api import MatchResult  # noqa: E402
 from promptmid.io import PreparedImage, write_png  # noqa: E402
-from promptmid.matching import residuals  # noqa: E402
+from promptmid.geometry import residuals  # noqa: E402
 
 
 def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,

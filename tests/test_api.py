@@ -9,9 +9,9 @@ import pytest
 
 from promptmid.api import Matcher, rotate_prepared, rotation_steps
 from promptmid.config import get_config
-from promptmid.demo import corner_error
+from promptmid.geometry import corner_error
 from promptmid.io import load_image
-from promptmid.matching import apply_transform
+from promptmid.geometry import apply_transform
 
 # Real pairs (exact ground truth, unseen sources) that lite registers with 1-2 px corner error.
 REAL_PAIRS = ["rift/pair1", "msg/pair12", "3mos/Redarsat_city_1"]

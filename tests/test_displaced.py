@@ -11,7 +11,7 @@ import pytest
 from promptmid.api import Matcher
 from promptmid.config import PRESETS
 from promptmid.evaluation.metrics import mean_corner_error
-from promptmid.evaluation.perturb import affine_about_centre, translation
+from promptmid.geometry import affine_about_centre, translation
 from promptmid.synth import make_pair
 
 SIZE = 512

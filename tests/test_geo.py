@@ -20,7 +20,7 @@ from rasterio.transform import Affine
 from promptmid import geo, synth, tiling
 from promptmid.api import Matcher
 from promptmid.errors import InputError
-from promptmid.matching import apply_transform
+from promptmid.geometry import apply_transform
 from promptmid.registration import prepare_out_dir
 
 ROT_DEG, SHIFT_M = 1.0, (60.0, -40.0)

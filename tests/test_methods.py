@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptmid.demo import corner_error
+from promptmid.geometry import corner_error
 from promptmid.evaluation.methods import METHODS, build_method, default_methods
 from promptmid.io import load_image
 from promptmid.matching import fit_geometry

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from promptmid.evaluation.manifest import Pair
-from promptmid.evaluation.perturb import KINDS, Perturbation, affine_about_centre, compose_truth, perturb_pair
-from promptmid.matching import apply_transform
+from promptmid.evaluation.perturb import KINDS, Perturbation, compose_truth, perturb_pair
+from promptmid.geometry import affine_about_centre, apply_transform
 from tests.conftest import write_tif
 
 

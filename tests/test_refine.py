@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from promptmid.demo import corner_error
+from promptmid.geometry import corner_error
 from promptmid.io import load_image
 from promptmid.refine import oriented_gradient_features, refine_transform
 from promptmid.synth import make_pair

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from promptmid import synth, tiling
 from promptmid.cli import app
 from promptmid.errors import InputError
-from promptmid.matching import apply_transform
+from promptmid.geometry import apply_transform
 
 
 def test_tile_grid_covers_box_with_overlap() -> None:

@@ -99,7 +99,7 @@ def test_short_training_lowers_loss_and_raises_accuracy(cached, tmp_path: Path):
     acc0, loss0 = acc_loss(PromptMIDAggregator(sources={"xfeat": 64}, **small).eval())
     summary = train(train_entries, val_entries, cfg, tmp_path / "run", progress=False)
     model, meta = load_aggregator_file(tmp_path / "run" / "best.safetensors")
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     model.load_state_dict(last["model"])
     acc1, loss1 = acc_loss(model.eval())
     assert loss1 < loss0 and acc1 > acc0, (loss0, loss1, acc0, acc1)

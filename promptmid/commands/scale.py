@@ -14,7 +14,7 @@ from promptmid.commands.common import (
     JsonOpt, OverwriteOpt, PresetOpt, QuietOpt, ThreadsOpt, ThresholdOpt, TopKOpt, build_overrides, err_console,
     fail, handle_errors, out_console, set_threads, status,
 )
-from promptmid.matching import format_matrix
+from promptmid.geometry import format_matrix
 
 GeoPriorOpt = typer.Option(True, "--geo-prior/--no-geo-prior",
                            help="Use the geotransforms as prior when both images are georeferenced "

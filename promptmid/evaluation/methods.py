@@ -28,7 +28,8 @@ import numpy as np
 
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
-from promptmid.matching import apply_transform, fit_geometry
+from promptmid.geometry import apply_transform
+from promptmid.matching import fit_geometry
 
 FULL_ROTATIONS = [0.0, 90.0, 180.0, 270.0]
 

@@ -11,8 +11,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from promptmid.demo import corner_error
-from promptmid.matching import apply_transform, residuals
+from promptmid.geometry import corner_error
+from promptmid.geometry import apply_transform, residuals
 
 EPSILON = 3.0  # correctness threshold (SAR px)
 MMA_THRESHOLDS = tuple(range(1, 11))  # px

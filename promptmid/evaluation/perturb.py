@@ -31,7 +31,7 @@ import numpy as np
 
 from promptmid.evaluation.manifest import Pair
 from promptmid.io import RasterImage, read_raster
-from promptmid.matching import apply_transform
+from promptmid.geometry import affine_about_centre, apply_transform, translation
 
 KINDS = ("standard", "full-rotation", "shift")
 
@@ -105,29 +105,6 @@ class Perturbation:
         shear = rng.uniform(-1, 1) * self.max_shear
         shift = rng.uniform(-1, 1, 2) * self.max_shift * (w, h)
         return affine_about_centre(size, angle, scale, shear, shift), (w, h)
-
-
-def translation(tx: float, ty: float) -> np.ndarray:
-    """3x3 translation by ``(tx, ty)`` px."""
-    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
-
-
-def affine_about_centre(size: tuple[int, int], angle_deg: float, scale: float, shear: float,
-                        shift: np.ndarray | tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """3x3 affine: shear, scale and rotate (counter-clockwise on screen) about the image centre, then shift.
-
-    Args:
-        size: ``(W, H)`` px; the centre is ``((W-1)/2, (H-1)/2)`` (pixel centres at integers).
-        angle_deg: rotation; positive turns the content counter-clockwise as displayed (y down).
-        scale: isotropic scale factor.
-        shear: x-shear factor (``x += shear * y`` before rotation).
-        shift: translation ``(tx, ty)`` px applied last.
-    """
-    cx, cy = (size[0] - 1) / 2.0, (size[1] - 1) / 2.0
-    a = np.deg2rad(angle_deg)
-    rot = np.array([[np.cos(a), np.sin(a), 0.0], [-np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    lin = rot @ np.diag([scale, scale, 1.0]) @ np.array([[1.0, shear, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    return translation(cx + shift[0], cy + shift[1]) @ lin @ translation(-cx, -cy)
 
 
 def warp_raster(raster: RasterImage, matrix: np.ndarray, size: tuple[int, int] | None = None) -> RasterImage:

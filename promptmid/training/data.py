@@ -5,13 +5,18 @@ output of the keypoint extractor and of the feature sources (:func:`describe_sou
 That is computed once per image *view* and cached on disk; an epoch then only runs the
 aggregator (seconds).
 
-A *view* of a pair is the optical image (never augmented) and the SAR image after
+A *view* of a pair is an optical image and a SAR image. The SAR image gets
 
 1. the 90-degree rotation step that the Matcher's rotation search would pick for it
    (:func:`best_rotation_step`, exactly :func:`promptmid.api.rotate_prepared`), and, for
    augmented views,
 2. a random affine/homography warp (residual rotation, scale, shear, shift, perspective)
    composed with the GT, and SAR-like radiometry (speckle, gamma, contrast, blur).
+
+With ``independent=True`` (the default of ``promptmid train``) every view is augmented and the
+optical image gets its own random warp (shift up to 15 % of the size, rotation, scale, shear) and
+photometric jitter too, so that where a pixel sits in its image never predicts its correspondence:
+a descriptor cannot learn image position from such views.
 
 The GT of every view is kept as ``H`` mapping optical *working-resolution* pixels to
 SAR-view pixels (x, y; pixel centres at integers). Random warps are drawn when the cache is
@@ -36,7 +41,7 @@ import torch
 from promptmid.evaluation.split import split_group
 from promptmid.io import PreparedImage, load_image, working_transform
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 ROTATION_STEPS = (0.0, 90.0, 180.0, 270.0)
 
 @dataclass
@@ -123,7 +128,7 @@ def best_rotation_step(sar: PreparedImage, H: np.ndarray) -> float:
 
 
 def random_warp(rng: np.random.Generator, size: tuple[int, int], max_rot: float = 25.0,
-                scale_log: float = 0.25, shear: float = 0.1, shift: float = 0.08, persp: float = 2e-4
+                scale_log: float = 0.25, shear: float = 0.1, shift: float = 0.15, persp: float = 2e-4
                 ) -> np.ndarray:
     """Random 3x3 homography about the centre of an image of ``size`` (H, W)."""
     h, w = size
@@ -159,6 +164,37 @@ def sar_radiometry(img: np.ndarray, valid: np.ndarray, rng: np.random.Generator)
     return x
 
 
+def optical_photometry(img: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-channel gain/offset and a gamma on a ``[H, W, 3]`` image in [0, 1] (each step with p=0.5)."""
+    x = img.astype(np.float32)
+    if rng.random() < 0.5:
+        x = x * rng.uniform(0.8, 1.2, 3).astype(np.float32) + rng.uniform(-0.08, 0.08, 3).astype(np.float32)
+    if rng.random() < 0.5:
+        x = np.clip(x, 0, 1) ** rng.uniform(0.7, 1.4)
+    x = np.clip(x, 0, 1)
+    x[~valid] = 0.0
+    return x
+
+
+def warp_prepared(image: PreparedImage, A: np.ndarray, pixels: np.ndarray | None = None) -> PreparedImage:
+    """``image`` resampled by the 3x3 ``A`` (image px -> new px) on the same canvas; ``pixels`` replaces
+    the warped pixel array (e.g. after radiometric augmentation) when given."""
+    h, w = image.image.shape[:2]
+    valid = cv2.warpPerspective(image.valid.astype(np.uint8), A, (w, h), flags=cv2.INTER_NEAREST,
+                                borderValue=0).astype(bool)
+    img = pixels if pixels is not None else cv2.warpPerspective(image.image, A, (w, h), flags=cv2.INTER_LINEAR,
+                                                                 borderValue=0)
+    return PreparedImage(img, valid, image.scale, image.original_size, image.modality, image.raster)
+
+
+def make_optical_view(opt: PreparedImage, rng: np.random.Generator) -> tuple[PreparedImage, np.ndarray]:
+    """An independently warped optical view and its warp ``A`` (optical working px -> view px)."""
+    h, w = opt.image.shape[:2]
+    A = random_warp(rng, (h, w), max_rot=10.0, scale_log=0.15, shear=0.05, shift=0.15, persp=1e-4)
+    view = warp_prepared(opt, A)
+    return warp_prepared(opt, A, optical_photometry(view.image, view.valid, rng)), A
+
+
 def make_view(sar: PreparedImage, H: np.ndarray, rng: np.random.Generator | None) -> tuple[PreparedImage, np.ndarray]:
     """One SAR view and its GT (optical working px -> view px).
 
@@ -173,13 +209,9 @@ def make_view(sar: PreparedImage, H: np.ndarray, rng: np.random.Generator | None
         return rotated, H_view
     h, w = rotated.image.shape[:2]
     A = random_warp(rng, (h, w))
-    img = cv2.warpPerspective(rotated.image[..., 0], A, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
-    valid = cv2.warpPerspective(rotated.valid.astype(np.uint8), A, (w, h), flags=cv2.INTER_NEAREST,
-                                borderValue=0).astype(bool)
-    img = sar_radiometry(img, valid, rng)
-    view = PreparedImage(np.repeat(img[..., None], 3, axis=-1), valid, rotated.scale, rotated.original_size,
-                         "sar", rotated.raster)
-    return view, A @ H_view
+    warped = warp_prepared(rotated, A)
+    img = sar_radiometry(warped.image[..., 0], warped.valid, rng)
+    return warp_prepared(rotated, A, np.repeat(img[..., None], 3, axis=-1)), A @ H_view
 
 
 # --------------------------------------------------------------------------- features
@@ -201,25 +233,19 @@ class SourceDescriber:
 
     @torch.inference_mode()
     def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
-        """``{"keypoints": [N,2], "scores": [N], "features": {name: [N,C] fp16}, "size": (H,W)}``."""
-        from promptmid.descriptor import _describe, image_to_tensor
-
-        image = image_to_tensor(prepared.image)
-        local = self.describer.extractor(image, prepared.valid)
-        feats = {"xfeat": local["descriptors"]}
-        for source in self.describer.sources.values():
-            feats.update(_describe(source, image, local["keypoints"], prepared.modality))
-        return {"keypoints": local["keypoints"].float(), "scores": local["scores"].float(),
-                "features": {k: v.half() for k, v in feats.items()}, "size": tuple(prepared.image.shape[:2])}
+        """``{"keypoints": [N,2], "scores": [N], "features": {name: [N,C] fp16}, "size": (H,W)}``
+        (exactly :meth:`promptmid.descriptor.Describer.features`, stored compactly)."""
+        out = self.describer.features(prepared)
+        return {"keypoints": out["keypoints"].float(), "scores": out["scores"].float(),
+                "features": {k: v.half() for k, v in out["features"].items()}, "size": out["image_size"]}
 
 
 def cache_root() -> Path:
-    """``$PROMPTMID_CACHE/train_features`` if set, else ``benchmarks/cache`` of the repo."""
-    import os
+    """``<promptmid cache>/train_features``: ``$PROMPTMID_CACHE`` or ``~/.cache/promptmid`` (never inside
+    the installed package)."""
+    from promptmid.models.weights import cache_dir
 
-    if os.environ.get("PROMPTMID_CACHE"):
-        return Path(os.environ["PROMPTMID_CACHE"]).expanduser() / "train_features"
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "cache"
+    return cache_dir() / "train_features"
 
 
 def config_key(conf: dict[str, Any], extra: dict[str, Any]) -> str:
@@ -258,42 +284,83 @@ class FeatureCache:
         io = self.conf["io"]
         return load_image(rec.optical, "optical", **io), load_image(rec.sar, "sar", **io)
 
-    def training_pair(self, rec: PairRecord, views: int, seed: int) -> dict[str, Any]:
-        """Optical features + ``views`` SAR views (view 0 un-augmented) with their GT ``H``."""
-        path = self.root / f"train-{config_key(self.conf, {'views': views, 'seed': seed})}" / f"{_safe(rec.id)}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
+    def training_pair(self, rec: PairRecord, views: int, seed: int, independent: bool = True) -> dict[str, Any]:
+        """``views`` views of a pair with their GT ``H`` (optical view px -> SAR view px).
+
+        ``independent=False``: one optical image for all views, SAR view 0 un-augmented (the layout of the
+        aggregators up to v2). ``independent=True``: every view augmented, each with its own optical view
+        (``view["optical"]``), so that image position never predicts correspondence.
+        """
+        key = config_key(self.conf, {"views": views, "seed": seed, "independent": independent})
+        path = self.root / f"train-{key}" / f"{_safe(rec.id)}.pt"
+        cached = load_cached(path)
+        if cached is not None:
+            return cached
         opt, sar = self._load_pair(rec)
         H = working_gt(rec.H, opt, sar)
         rng = np.random.default_rng([seed, int(hashlib.md5(rec.id.encode()).hexdigest()[:8], 16)])
-        out: dict[str, Any] = {"id": rec.id, "optical": self.describe(opt), "views": []}
+        out: dict[str, Any] = {"id": rec.id, "optical": None if independent else self.describe(opt), "views": []}
         for v in range(views):
-            view, Hv = make_view(sar, H, None if v == 0 else rng)
-            out["views"].append({**self.describe(view), "H": torch.from_numpy(Hv)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path)
+            view, Hv = make_view(sar, H, rng if independent or v > 0 else None)
+            entry = {**self.describe(view), "H": None}
+            if independent:
+                opt_view, A = make_optical_view(opt, rng)
+                entry["optical"], Hv = self.describe(opt_view), Hv @ np.linalg.inv(A)
+            entry["H"] = torch.from_numpy(Hv)
+            out["views"].append(entry)
+        save_cached(path, out)
         return out
 
-    def eval_pair(self, rec: PairRecord, rotations: tuple[float, ...]) -> dict[str, Any]:
-        """What :class:`promptmid.api.Matcher` computes before aggregation, for each rotation step."""
-        from promptmid.api import rotate_prepared
+    def eval_pair(self, rec: PairRecord, rotations: tuple[float, ...], perturb: Any = None) -> dict[str, Any]:
+        """What :class:`promptmid.api.Matcher` computes before aggregation, for each rotation step.
 
-        key = config_key(self.conf, {"rot": list(rotations)})
+        ``perturb``: a :class:`~promptmid.evaluation.perturb.Perturbation` displacing the SAR image (and
+        composing the GT ``H``) exactly as ``promptmid eval --perturb`` does; ``None`` = as given.
+        """
+        from promptmid.api import rotate_prepared
+        from promptmid.evaluation.perturb import warp_raster
+        from promptmid.io import read_raster
+
+        key = config_key(self.conf, {"rot": list(rotations), "perturb": None if perturb is None else perturb.tag})
         path = self.root / f"eval-{key}" / f"{_safe(rec.id)}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
-        opt, sar = self._load_pair(rec)
+        cached = load_cached(path)
+        if cached is not None:
+            return cached
+        raster, H = read_raster(rec.sar), rec.H
+        if perturb is not None:
+            T, canvas = perturb.draw(rec.id, raster.size)
+            raster, H = warp_raster(raster, T, canvas), T @ rec.H
+        opt = load_image(rec.optical, "optical", **self.conf["io"])
+        sar = load_image(raster, "sar", **self.conf["io"])
         out: dict[str, Any] = {
-            "id": rec.id, "group": rec.group, "H": torch.from_numpy(rec.H),
+            "id": rec.id, "group": rec.group, "H": torch.from_numpy(H),
             "optical": self.describe(opt), "opt_scale": opt.scale, "sar_scale": sar.scale,
             "optical_size": opt.original_size, "rotations": {},
         }
         for angle in rotations:
             rotated, to_sar = rotate_prepared(sar, float(angle))
             out["rotations"][float(angle)] = {**self.describe(rotated), "to_sar": torch.from_numpy(to_sar)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path)
+        save_cached(path, out)
         return out
+
+
+def load_cached(path: Path) -> dict[str, Any] | None:
+    """A cache entry (tensors and plain containers only: ``weights_only=True``, no pickle code runs);
+    ``None`` when absent or unreadable (it is then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is recomputed, never executed
+        return None
+
+
+def save_cached(path: Path, entry: dict[str, Any]) -> None:
+    """Write a cache entry atomically (a killed run never leaves a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(entry, tmp)
+    tmp.replace(path)
 
 
 def gt_correspondences(kp0: torch.Tensor, kp1: torch.Tensor, H: torch.Tensor, threshold: float = 3.0
@@ -335,7 +402,8 @@ def test_subset(records: Iterable[PairRecord], per_figure: int = 4) -> list[Pair
 
 
 def build_cache(cache: FeatureCache, records: list[PairRecord], mode: str, views: int = 2, seed: int = 0,
-                rotations: tuple[float, ...] = ROTATION_STEPS, progress: bool = True) -> list[dict[str, Any]]:
+                rotations: tuple[float, ...] = ROTATION_STEPS, progress: bool = True, independent: bool = True,
+                perturb: Any = None) -> list[dict[str, Any]]:
     """Fill the cache for ``records`` (``mode`` = "train" or "eval"); returns the loaded entries.
 
     Pairs that fail to load (unreadable image, no keypoints) are skipped with a warning.
@@ -347,8 +415,8 @@ def build_cache(cache: FeatureCache, records: list[PairRecord], mode: str, views
         task = bar.add_task(f"features ({mode})", total=len(records))
         for rec in records:
             try:
-                entries.append(cache.training_pair(rec, views, seed) if mode == "train"
-                               else cache.eval_pair(rec, rotations))
+                entries.append(cache.training_pair(rec, views, seed, independent) if mode == "train"
+                               else cache.eval_pair(rec, rotations, perturb))
             except Exception as exc:  # noqa: BLE001 - one bad pair must not stop a long cache build
                 bar.console.print(f"[yellow]skipping {rec.id}: {type(exc).__name__}: {exc}")
             bar.advance(task)

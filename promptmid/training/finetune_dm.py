@@ -315,6 +315,6 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path)
         return None
     latest = folders[-1]
     set_peft_model_state_dict(model, load_file(str(latest / "adapter" / "adapter_model.safetensors")))
-    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)  # no pickle code runs
     optimizer.load_state_dict(state["optimizer"])
     return state

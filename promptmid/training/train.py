@@ -4,7 +4,7 @@
 
     log.jsonl                one JSON object per epoch (loss, accuracy, validation numbers, time)
     curves.png               loss / matching accuracy / validation success per epoch
-    checkpoints/last.pt      model + optimiser + RNG + history (for --resume)
+    checkpoints/last.pt      model + optimiser + RNG + history (for --resume; loaded with weights_only=True)
     best.safetensors(.json)  the best model by validation score (load with load_aggregator(path=...))
     summary.json             settings, data used, best epoch and its validation numbers
 
@@ -26,10 +26,30 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from promptmid.matching import apply_transform, fit_geometry, mutual_nearest_neighbours
+from promptmid.evaluation.metrics import auc as auc_curve
+from promptmid.evaluation.metrics import mean_corner_error
+from promptmid.geometry import apply_transform
+from promptmid.matching import match_and_fit
 from promptmid.models.aggregation import PromptMIDAggregator, save_aggregator
 from promptmid.training.data import gt_correspondences
 from promptmid.training.losses import dual_softmax_loss, matching_accuracy
+
+# what a training run writes into OUT (``--overwrite`` removes these and nothing else)
+OUTPUTS = ("log.jsonl", "curves.png", "checkpoints", "best.safetensors", "best.safetensors.json", "summary.json")
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete the files of :data:`OUTPUTS` in ``out`` (a previous run's), leaving every other file alone."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            for f in (path / "last.pt", path / "last.pt.tmp"):
+                f.unlink(missing_ok=True)
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.exists():
+            path.unlink()
+
 
 DescribeFn = Callable[[dict[str, torch.Tensor], torch.Tensor, tuple[int, int]], torch.Tensor]
 
@@ -92,8 +112,8 @@ def pair_step(model: PromptMIDAggregator, entry: dict[str, Any], cfg: TrainConfi
               train: bool = True) -> tuple[torch.Tensor, float, int]:
     """Loss, matching accuracy and number of positives of one cached training pair (random view)."""
     keys = list(model.conf.sources)
-    opt = entry["optical"]
     view = entry["views"][int(torch.randint(len(entry["views"]), (1,), generator=gen))] if train else entry["views"][0]
+    opt = view.get("optical") or entry["optical"]  # independent views carry their own optical view
     pairs, dist = gt_correspondences(opt["keypoints"], view["keypoints"], view["H"], cfg.threshold)
     i0 = _subsample(len(opt["keypoints"]), pairs[:, 0], cfg.max_keypoints, gen) if train else torch.arange(len(opt["keypoints"]))
     i1 = _subsample(len(view["keypoints"]), pairs[:, 1], cfg.max_keypoints, gen) if train else torch.arange(len(view["keypoints"]))
@@ -116,13 +136,6 @@ def pair_step(model: PromptMIDAggregator, entry: dict[str, Any], cfg: TrainConfi
     return loss, matching_accuracy(d0.detach(), d1.detach(), p), len(p)
 
 
-def corner_error(estimated: np.ndarray, truth: np.ndarray, size: tuple[int, int]) -> float:
-    """Mean distance (SAR px) of the optical image corners mapped by ``estimated`` and by ``truth``."""
-    w, h = size
-    corners = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], float)
-    return float(np.linalg.norm(apply_transform(estimated, corners) - apply_transform(truth, corners), axis=1).mean())
-
-
 def _to_original(points: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
     return (np.asarray(points, np.float64) + 0.5) * np.asarray(scale, np.float64) - 0.5
 
@@ -140,24 +153,15 @@ def evaluate_entry(describe: DescribeFn, entry: dict[str, Any], matching: dict[s
         d1 = describe({k: v.float() for k, v in rot["features"].items()}, rot["keypoints"], rot["size"])
         k0 = _to_original(opt["keypoints"].numpy(), entry["opt_scale"])
         k1 = _to_original(apply_transform(rot["to_sar"].numpy(), rot["keypoints"].numpy()), entry["sar_scale"])
-        m, _ = mutual_nearest_neighbours(d0, d1, matching.get("ratio"), matching.get("min_similarity", -1.0))
-        g = (geometry.get("model", "affine"), geometry.get("threshold", 3.0), geometry.get("min_inliers", 6))
-        geom = fit_geometry(k0[m[:, 0]], k1[m[:, 1]], *g)
-        for _ in range(matching.get("guided_iterations", 0) if geom.ok else 0):  # as Matcher (guided re-matching)
-            from promptmid.matching import guided_matches
-
-            gm, _ = guided_matches(d0, d1, k0, k1, geom.matrix, matching.get("guided_radius", 8.0))
-            refit = fit_geometry(k0[gm[:, 0]], k1[gm[:, 1]], *g)
-            if not refit.ok or refit.num_inliers < geom.num_inliers:
-                break
-            m, geom = gm, refit
+        cand = match_and_fit(d0, d1, k0, k1, matching, geometry)  # exactly the Matcher's core
+        m, geom = cand.matches, cand.geometry
         p0, p1 = k0[m[:, 0]], k1[m[:, 1]]
         correct = float((np.linalg.norm(apply_transform(H, p0) - p1, axis=1) <= 3.0).sum()) if len(p0) else 0.0
         if best is None or geom.num_inliers > best[0]:
             best = (geom.num_inliers, geom, angle, correct / max(1, len(p0)))
     assert best is not None
     n_in, geom, angle, precision = best
-    err = corner_error(geom.matrix, H, entry["optical_size"]) if geom.ok else float("inf")
+    err = mean_corner_error(geom.matrix, H, entry["optical_size"])
     return {"id": entry["id"], "group": entry.get("group", ""), "ok": geom.ok, "inliers": n_in,
             "rotation": angle, "corner_error": err, "precision": precision, "time": time.perf_counter() - t0}
 
@@ -170,10 +174,8 @@ def summarize(rows: list[dict[str, Any]], success_px: float = 5.0) -> dict[str, 
     errs = np.array([r["corner_error"] for r in rows])
     succ = int((errs <= success_px).sum())
 
-    def auc(t: float) -> float:
-        return float(np.mean(np.clip(1 - errs / t, 0, None)))  # area under the recall curve up to t px
-
-    return {"n": len(rows), "success": succ, "sr": succ / len(rows), "auc5": auc(5.0), "auc10": auc(10.0),
+    aucs = auc_curve(errs, (5.0, 10.0))  # the evaluation's AUC (area under the recall curve up to t px)
+    return {"n": len(rows), "success": succ, "sr": succ / len(rows), "auc5": aucs["auc@5"], "auc10": aucs["auc@10"],
             "precision": float(np.mean([r["precision"] for r in rows]))}
 
 
@@ -184,7 +186,7 @@ def evaluate(describe: DescribeFn, entries: list[dict[str, Any]], cfg: TrainConf
 
 def infer_sources(entry: dict[str, Any], wanted: list[str] | None) -> dict[str, int]:
     """``{key: channels}`` of the cached features, restricted to ``wanted`` keys/prefixes."""
-    feats = entry["optical"]["features"]
+    feats = (entry.get("optical") or entry["views"][0]["optical"])["features"]
     keys = [k for k in feats if wanted is None or k in wanted or k.split("_")[0] in wanted]
     if not keys:
         raise ValueError(f"none of the sources {wanted} are in the cached features {sorted(feats)}")
@@ -221,7 +223,7 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-        ck = torch.load(last, weights_only=False)
+        ck = torch.load(last, weights_only=True)  # tensors and plain containers only: no pickle code runs
         model.load_state_dict(ck["model"])
         optim.load_state_dict(ck["optim"])
         sched.load_state_dict(ck["sched"])

@@ -1,0 +1,68 @@
+"""Geometry kernel: 3x3 plane transforms, their application and comparison. Ground floor: numpy only.
+
+Conventions: point arrays are ``[N, 2]`` (x, y) pixels, x = column, y = row, pixel centres at
+integers, origin top-left. A 3x3 ``matrix`` maps image-0 pixels to image-1 pixels,
+``[x1, y1, 1]^T ~ M [x0, y0, 1]^T``; for a registration, image 0 is the optical image and
+image 1 the SAR image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 3x3 transform to ``[N, 2]`` points (perspective division included)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    homog = np.concatenate([pts, np.ones((len(pts), 1))], axis=1) @ np.asarray(matrix, dtype=np.float64).T
+    return homog[:, :2] / homog[:, 2:3]
+
+
+def residuals(matrix: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:
+    """Euclidean reprojection errors ``|M(p0) - p1|`` in image-1 pixels."""
+    return np.linalg.norm(apply_transform(matrix, points0) - np.asarray(points1, dtype=np.float64), axis=1)
+
+
+def corners(size: tuple[int, int]) -> np.ndarray:
+    """``[4, 2]`` corner pixel centres of an image of ``size = (W, H)``, clockwise from top-left."""
+    w, h = size
+    return np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], float)
+
+
+def corner_error(estimated: np.ndarray, truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[4]`` distances (image-1 px) between the image-0 corners mapped by ``estimated`` and by ``truth``.
+
+    ``size = (W, H)`` of image 0 (the optical image).
+    """
+    c = corners(size)
+    return np.linalg.norm(apply_transform(estimated, c) - apply_transform(truth, c), axis=1)
+
+
+def translation(tx: float, ty: float) -> np.ndarray:
+    """3x3 translation by ``(tx, ty)`` px."""
+    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
+
+
+def affine_about_centre(size: tuple[int, int], angle_deg: float, scale: float, shear: float = 0.0,
+                        shift: np.ndarray | tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """3x3 affine: shear, scale and rotate (counter-clockwise on screen) about the image centre, then shift.
+
+    Args:
+        size: ``(W, H)`` px; the centre is ``((W-1)/2, (H-1)/2)`` (pixel centres at integers).
+        angle_deg: rotation; positive turns the content counter-clockwise as displayed (y down).
+        scale: isotropic scale factor.
+        shear: x-shear factor (``x += shear * y`` before rotation).
+        shift: translation ``(tx, ty)`` px applied last.
+    """
+    cx, cy = (size[0] - 1) / 2.0, (size[1] - 1) / 2.0
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), np.sin(a), 0.0], [-np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    lin = rot @ np.diag([scale, scale, 1.0]) @ np.array([[1.0, shear, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return translation(cx + shift[0], cy + shift[1]) @ lin @ translation(-cx, -cy)
+
+
+def format_matrix(matrix: np.ndarray | list | None, indent: str = "") -> str:
+    """A 3x3 transform as aligned text rows (``"(none)"`` for a failed fit)."""
+    if matrix is None:
+        return "(none)"
+    return "\n".join(indent + " ".join(f"{v:10.4f}" for v in row) for row in np.asarray(matrix))
