@@ -1,4 +1,5 @@
-"""Geometry kernel: 3x3 plane transforms, their application and comparison. Ground floor: numpy only.
+"""Geometry kernel: 3x3 plane transforms, their application, comparison and image warps. Ground floor:
+numpy and OpenCV only, no other promptmid module.
 
 Conventions: point arrays are ``[N, 2]`` (x, y) pixels, x = column, y = row, pixel centres at
 integers, origin top-left. A 3x3 ``matrix`` maps image-0 pixels to image-1 pixels,
@@ -8,6 +9,7 @@ image 1 the SAR image.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 
@@ -66,3 +68,27 @@ def format_matrix(matrix: np.ndarray | list | None, indent: str = "") -> str:
     if matrix is None:
         return "(none)"
     return "\n".join(indent + " ".join(f"{v:10.4f}" for v in row) for row in np.asarray(matrix))
+
+
+def warp_to_optical(image: np.ndarray, matrix: np.ndarray, optical_size: tuple[int, int],
+                    interpolation: int = cv2.INTER_LINEAR, fill: float = 0.0) -> np.ndarray:
+    """Resample a SAR image ``[h, w(, C)]`` onto the optical grid ``(W, H)``.
+
+    Args:
+        matrix: 3x3 optical -> SAR pixel transform (as fitted).
+        optical_size: ``(width, height)`` of the optical grid.
+    """
+    flags = interpolation | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpPerspective(image, np.asarray(matrix, np.float64), optical_size, flags=flags,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    return warped
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Interleave two same-size images in a ``tiles x tiles`` checkerboard."""
+    h, w = a.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = ((yy * tiles // h) + (xx * tiles // w)) % 2 == 0
+    if a.ndim == 3:
+        mask = mask[..., None]
+    return np.where(mask, a, b)

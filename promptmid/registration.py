@@ -18,10 +18,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from promptmid import viz
 from promptmid.api import MatchResult
 from promptmid.errors import OutputExistsError
 from promptmid.io import PreparedImage, RasterImage, open_for_write
-from promptmid.geometry import residuals
+from promptmid.geometry import checkerboard, residuals, warp_to_optical  # noqa: F401 (re-exported)
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
@@ -37,30 +38,6 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise OutputExistsError(f"Output directory {out} exists and is not empty; pass --overwrite to replace its files.")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def warp_to_optical(image: np.ndarray, matrix: np.ndarray, optical_size: tuple[int, int],
-                    interpolation: int = cv2.INTER_LINEAR, fill: float = 0.0) -> np.ndarray:
-    """Resample a SAR image ``[h, w(, C)]`` onto the optical grid ``(W, H)``.
-
-    Args:
-        matrix: 3x3 optical -> SAR pixel transform (as fitted).
-        optical_size: ``(width, height)`` of the optical grid.
-    """
-    flags = interpolation | cv2.WARP_INVERSE_MAP
-    warped = cv2.warpPerspective(image, np.asarray(matrix, np.float64), optical_size, flags=flags,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
-    return warped
-
-
-def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-    """Interleave two same-size images in a ``tiles x tiles`` checkerboard."""
-    h, w = a.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
-    mask = ((yy * tiles // h) + (xx * tiles // w)) % 2 == 0
-    if a.ndim == 3:
-        mask = mask[..., None]
-    return np.where(mask, a, b)
 
 
 def write_tiepoints(path: Path, result: MatchResult) -> None:
@@ -123,7 +100,6 @@ def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: Prep
     Returns:
         ``{product name: path}`` of what was written.
     """
-    from promptmid import viz
 
     paths = {"result": out / "result.json", "tiepoints": out / "tiepoints.csv"}
     write_tiepoints(paths["tiepoints"], result)

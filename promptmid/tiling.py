@@ -33,7 +33,8 @@ from promptmid.errors import InputError
 from promptmid.io import RasterImage
 from promptmid.geometry import apply_transform
 from promptmid.matching import fit_geometry
-from promptmid.registration import warp_to_optical, write_json
+from promptmid.geometry import warp_to_optical
+from promptmid.registration import write_json
 
 SCENE_MODELS = ("affine", "poly2")
 CV_DTYPES = ("uint8", "uint16", "int16", "float32", "float64")
@@ -375,10 +376,9 @@ def _warp_block(model: GlobalModel, sar_ds: Any, bx: int, by: int, bw: int, bh: 
 
 def plot_tile_map(path: Path, opt_ds: Any, tiles: list[Tile], tp: geo.TiePoints, max_side: int = 900) -> None:
     """Figure: optical overview, tiles coloured by status with inlier counts, tie points (green = inlier)."""
-    import matplotlib
+    from promptmid.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     from promptmid.io import optical_to_unit

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from typing import Any
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
-from promptmid.api import MatchResult  # noqa: E402
-from promptmid.io import PreparedImage, write_png  # noqa: E402
-from promptmid.geometry import residuals  # noqa: E402
+from promptmid.api import MatchResult
+from promptmid.geometry import checkerboard, residuals, warp_to_optical
+from promptmid.io import PreparedImage, working_transform, write_png
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend, selected only when a figure is written
+    (importing this module leaves the process's backend alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
@@ -25,15 +34,18 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
     if len(p0) > max_lines:
         keep = np.random.default_rng(0).choice(len(p0), max_lines, replace=False)
         p0, p1, res = p0[keep], p1[keep], res[keep]
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
     for ax, img, title in zip(axes, (opt.image, sar.image), ("optical", "SAR")):
         ax.imshow(img, cmap="gray")
         ax.set_title(title)
         ax.axis("off")
+    from matplotlib.patches import ConnectionPatch
+
     cmap = plt.get_cmap("viridis")
     thr = max(float(result.config.get("geometry", {}).get("threshold", 3.0)), 1e-6)
     for a, b, r in zip(p0, p1, res):
-        con = matplotlib.patches.ConnectionPatch(xyA=a, xyB=b, coordsA="data", coordsB="data", axesA=axes[0],
+        con = ConnectionPatch(xyA=a, xyB=b, coordsA="data", coordsB="data", axesA=axes[0],
                                                  axesB=axes[1], color=cmap(min(r / thr, 1.0)), lw=0.6, alpha=0.8)
         fig.add_artist(con)
     axes[0].scatter(p0[:, 0], p0[:, 1], s=3, c="yellow")
@@ -48,9 +60,6 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
 def save_checkerboard(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
                       tiles: int = 8) -> None:
     """SAR warped onto the optical grid (working resolution), interleaved with the optical image."""
-    from promptmid.io import working_transform
-    from promptmid.registration import checkerboard, warp_to_optical
-
     h, w = opt.image.shape[:2]
     warped = warp_to_optical(sar.image, working_transform(result.transform, opt, sar), (w, h))
     write_png(path, checkerboard(opt.image, warped, tiles))

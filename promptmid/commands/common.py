@@ -114,7 +114,8 @@ def set_threads(threads: Optional[int]) -> None:
 
 # Options shared by every command that builds descriptors.
 PresetOpt = typer.Option("lite", "--preset", "-p", help="Pipeline preset: lite | xfeat | full.")
-ModelOpt = typer.Option(None, "--model", "-m", help="Geometry model: affine (default) | homography | similarity.")
+ModelOpt = typer.Option(None, "--geometry", "--model", "-m", help="Fitted transform family: affine (default) | "
+                        "homography | similarity. (--model is a deprecated alias, to be removed in the next release.)")
 ThresholdOpt = typer.Option(None, "--threshold", help="Inlier threshold in SAR pixels (default 3).")
 RotOpt = typer.Option(False, "--try-rotations", help="Also try the SAR image rotated (steps of --rotation-step).")
 RotStepOpt = typer.Option(None, "--rotation-step", help="Rotation step in degrees for --try-rotations (default 90).")

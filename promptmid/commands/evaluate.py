@@ -16,7 +16,7 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 
 @handle_errors
 def eval_command(
-    manifests: List[Path] = typer.Argument(..., help="Pair manifests (JSON lines, DESIGN.md §4)."),
+    manifests: List[Path] = typer.Argument(..., help="Pair manifests (JSON lines, README 'Manifest format')."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default: all default ones; "
                                           "see `promptmid eval-methods`)."),

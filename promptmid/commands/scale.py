@@ -21,7 +21,8 @@ GeoPriorOpt = typer.Option(True, "--geo-prior/--no-geo-prior",
                                 "(else: coarse match of overviews).")
 RadiusOpt = typer.Option("64px", "--search-radius",
                          help="Search radius around the prior: '64px', '500m' or a number (metres if georeferenced).")
-SceneModelOpt = typer.Option("affine", "--model", "-m", help="Global model: affine | poly2 (2nd-order polynomial).")
+SceneModelOpt = typer.Option("affine", "--geometry", "--model", "-m", help="Global transform family: affine | poly2 "
+                             "(2nd-order polynomial). (--model is a deprecated alias, to be removed in the next release.)")
 TileOpt = typer.Option(1024, "--tile", help="Tile side on the optical image (px).")
 OverlapOpt = typer.Option(128, "--overlap", help="Overlap between neighbouring tiles (px).")
 MaxTilesOpt = typer.Option(64, "--max-tiles", help="At most this many tiles, spread over the scene (0 = all).")

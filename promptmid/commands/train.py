@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 
 def train_command(
-    manifests: List[Path] = typer.Argument(..., help="Manifest(s) (JSON lines with H, DESIGN.md §4)."),
+    manifests: List[Path] = typer.Argument(..., help="Manifest(s) (JSON lines with H, README 'Manifest format')."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (log, curves, checkpoints, best weights)."),
     sources: Optional[str] = typer.Option(
         None, "--sources", help="Comma-separated feature keys or groups to fuse, e.g. xfeat,dinov2 or "

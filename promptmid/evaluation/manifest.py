@@ -1,4 +1,4 @@
-"""Pair manifests (DESIGN.md §4): JSON lines, one optical/SAR pair with ground truth per line.
+"""Pair manifests (README, 'Manifest format'): JSON lines, one optical/SAR pair with ground truth per line.
 
 Each line: ``{"id", "optical", "sar", "H"?, "points"?, "source"?, ...}``. Paths are relative to the
 manifest file. ``H`` (3x3) maps an optical pixel (x = column, y = row, pixel centres at integers,

@@ -1,4 +1,4 @@
-"""Registration metrics of DESIGN.md §4, all in SAR pixels.
+"""Registration metrics of README 'Manifest format', all in SAR pixels.
 
 Conventions: ``points0`` are optical, ``points1`` SAR, ``[K, 2]`` (x = column, y = row, pixel
 centres at integers); transforms are 3x3 and map optical pixels to SAR pixels. A failed fit

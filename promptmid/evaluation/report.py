@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from promptmid.evaluation import metrics
+from promptmid.viz import pyplot
 
 CSV_SKIP = ("transform",)
 
@@ -153,16 +154,6 @@ def _json(v: Any) -> Any:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save_curves(fig: Any, ax: Any, path: Path, legend_size: int, **labels: Any) -> None:
     """Label, grid, legend, save and close a curve plot."""
     ax.set(ylim=(0, 1), **labels)
@@ -170,12 +161,12 @@ def _save_curves(fig: Any, ax: Any, path: Path, legend_size: int, **labels: Any)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_mma(rows: list[dict[str, Any]], path: Path, model: str = "affine") -> None:
     """Mean MMA over pairs vs threshold (1-10 px), one curve per method."""
-    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    fig, ax = pyplot().subplots(figsize=(5, 4))
     ts = list(metrics.MMA_THRESHOLDS)
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method and r["model"] == model and "mma@1" in r]
@@ -188,7 +179,7 @@ def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, models: tuple[str, .
                     max_px: float = 20.0) -> None:
     """Cumulative fraction of pairs with mean corner error <= e: one colour per method, one line style
     per geometry model (solid: first of ``models``, dashed: second, ...)."""
-    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
+    fig, ax = pyplot().subplots(figsize=(6, 4.5))
     xs = np.linspace(0, max_px, 201)
     styles = ("-", "--", ":")
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
@@ -211,9 +202,9 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
 
     from promptmid.evaluation.perturb import perturb_pair
     from promptmid.io import load_image
-    from promptmid.registration import checkerboard
+    from promptmid.geometry import checkerboard
 
-    plt = _pyplot()
+    plt = pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ids = list(dict.fromkeys(r["pair"] for r in rows))[:n_pairs]
     if not ids or not methods:
@@ -237,7 +228,7 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
             h, w = opt.shape[:2]
             warped = cv2.warpPerspective(sar, np.asarray(row["transform"], np.float64), (w, h),
                                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)  # optical px -> SAR px
-            board = checkerboard(opt, warped)  # promptmid.registration.checkerboard
+            board = checkerboard(opt, warped)
             f = side / max(h, w)
             ax.imshow(cv2.resize(board, (max(1, round(w * f)), max(1, round(h * f)))))
             ax.set_title(f"{method}\n{pid} {_num(row['corner_error'], 1)} px", fontsize=6)

@@ -1,6 +1,6 @@
 """Prompt-conditioned Stable Diffusion features (the diffusion branch of PromptMID).
 
-DIFT-style one-step features (DESIGN.md §1): the image is VAE-encoded, noised at one
+DIFT-style one-step features (README, 'Pipeline and presets'): the image is VAE-encoded, noised at one
 timestep ``t``, passed once through the UNet with a land-use prompt embedding, and the
 outputs of chosen UNet up-blocks are kept (SD 2.1: up-block 1 = 1280 ch at 1/16 of the
 image, up-block 2 = 640 ch at 1/8), averaged over an ensemble of noise draws, and sampled

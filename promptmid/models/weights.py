@@ -1,6 +1,6 @@
 """Where real model weights come from, where converted ones are cached, and how both are checked.
 
-Every pretrained file promptmid uses ships inside a pip package (DESIGN.md §3). :data:`MODELS`
+Every pretrained file promptmid uses ships inside a pip package (README, 'Models and cache'). :data:`MODELS`
 names each one with the package that holds it and the full sha256 of the file, so a
 different or damaged file is refused instead of silently giving other results. Models that
 must be converted first (the DINOv2 ONNX) are written to :func:`cache_dir`.

@@ -65,7 +65,7 @@ class PairRecord:
 
 
 def read_manifest(path: str | Path) -> list[PairRecord]:
-    """Read a JSON-lines manifest (DESIGN.md §4) with :func:`promptmid.evaluation.manifest.read_manifest`
+    """Read a JSON-lines manifest (README, 'Manifest format') with :func:`promptmid.evaluation.manifest.read_manifest`
     (same validation and error messages); a line without ``gt_quality`` counts as ``"exact"``.
 
     Raises:

@@ -1,6 +1,6 @@
 """PromptDM: LoRA fine-tuning of the Stable Diffusion UNet on optical and SAR images with land-use prompts.
 
-DESIGN.md §1: LoRA (peft) on the UNet attention projections (``to_q``, ``to_k``, ``to_v``,
+README 'Diffusion features': LoRA (peft) on the UNet attention projections (``to_q``, ``to_k``, ``to_v``,
 ``to_out.0`` of self- and cross-attention), the usual diffusion loss (MSE between the UNet
 output and the ε target — or v for v-prediction models) on random crops, VAE and text
 encoder frozen. Output layout of ``out_dir``::

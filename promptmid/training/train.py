@@ -304,10 +304,9 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss, training matching accuracy and validation success/precision per epoch."""
-    import matplotlib
+    from promptmid.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
