@@ -69,7 +69,7 @@ def child_sd21(size: int = 512) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from diffusion_fixtures import sd21_unet_config, sd21_vae_config
 
-    from promptmid.models.diffusion import SDComponents, unet_up_features
+    from promptmid.models.sd import SDComponents, unet_up_features
 
     torch.set_num_threads(THREADS)
     t0 = time.perf_counter()

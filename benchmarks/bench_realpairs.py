@@ -86,8 +86,8 @@ def headline_table(summaries: dict[str, dict], methods: list[str], model: str = 
     def fmt(v: float) -> str:
         return "-" if v is None or math.isnan(v) else f"{v:.2f}"
 
-    lines = [f"| method | val SR@5 (perturbed) | val AUC@5 | **unseen SR@5 (perturbed)** | unseen AUC@5 | "
-             f"unseen SR@5 aligned | position-shortcut ratio NCM(shift)/NCM(aligned) |", "|" + "---|" * 7]
+    lines = ["| method | val SR@5 (perturbed) | val AUC@5 | **unseen SR@5 (perturbed)** | unseen AUC@5 | "
+             "unseen SR@5 aligned | position-shortcut ratio NCM(shift)/NCM(aligned) |", "|" + "---|" * 7]
     for m in methods:
         ncm_shift, ncm_al = get("shift", m, "mean_ncm_before"), get("aligned", m, "mean_ncm_before")
         ratio = ncm_shift / ncm_al if ncm_al and not math.isnan(ncm_al) and ncm_al > 0 else math.nan

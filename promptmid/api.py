@@ -21,6 +21,7 @@ import numpy as np
 from promptmid import __version__
 from promptmid.config import get_config
 from promptmid.descriptor import Describer
+from promptmid.models.base import PairContext
 from promptmid.io import PreparedImage, load_image
 from promptmid.refine import Refinement, refine_prepared
 from promptmid.geometry import apply_transform
@@ -44,6 +45,8 @@ class MatchResult:
             ``transform`` is the refined one when ``refinement["applied"]``.
         num_keypoints: keypoints detected per image ``(optical, SAR)``.
         timings: seconds per stage.
+        pair_context: what the feature sources decided for this pair (land-use class and scores,
+            prompt per modality; empty without a prompted source).
     """
 
     status: str
@@ -63,6 +66,7 @@ class MatchResult:
     config: dict[str, Any] = field(default_factory=dict)
     rotation_scores: dict[str, int] = field(default_factory=dict)
     refinement: dict[str, Any] | None = None
+    pair_context: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -126,26 +130,27 @@ class Matcher:
         sar_img = sar if isinstance(sar, PreparedImage) else self.prepare(sar, "sar")
         timings = {"read": time.perf_counter() - t_start}
         _progress(progress, "describing optical image")
-        self.describer.begin_pair(opt)
-        feats0 = self.describer(opt)
+        context = self.describer.begin_pair(opt)  # per pair, never stored: the Matcher is re-entrant
+        feats0 = self.describer(opt, context)
         _add_timings(timings, feats0["timings"])
         best: tuple[Geometry, dict[str, Any], float] | None = None
         rotation_scores: dict[str, int] = {}
         for angle in self.conf["geometry"]["rotations"]:
             _progress(progress, f"describing SAR image (rotation {angle:g} deg)")
-            cand = self._match_rotation(feats0, opt, sar_img, float(angle), timings)
+            cand = self._match_rotation(feats0, opt, sar_img, float(angle), timings, context)
             rotation_scores[f"{angle:g}"] = cand[0].num_inliers
             if best is None or cand[0].num_inliers > best[0].num_inliers:
                 best = cand
         refinement = self._refine(best[0], opt, sar_img, timings)
         timings["total"] = time.perf_counter() - t_start
-        return self._result(best, refinement, opt, sar_img, feats0, timings, rotation_scores)
+        return self._result(best, refinement, opt, sar_img, feats0, timings, rotation_scores, context)
 
     def _match_rotation(
-        self, feats0: dict[str, Any], opt: PreparedImage, sar: PreparedImage, angle: float, timings: dict[str, float]
+        self, feats0: dict[str, Any], opt: PreparedImage, sar: PreparedImage, angle: float, timings: dict[str, float],
+        context: PairContext,
     ) -> tuple[Geometry, dict[str, Any], float]:
         rotated, to_sar = rotate_prepared(sar, angle)
-        feats1 = self.describer(rotated)
+        feats1 = self.describer(rotated, context)
         _add_timings(timings, feats1["timings"])
         # all keypoints in original pixels of the unrotated images
         k0 = opt.to_original(feats0["keypoints"].numpy())
@@ -169,7 +174,7 @@ class Matcher:
     def _result(
         self, best: tuple[Geometry, dict[str, Any], float], refinement: Refinement | None,
         opt: PreparedImage, sar: PreparedImage,
-        feats0: dict[str, Any], timings: dict[str, float], rotation_scores: dict[str, int],
+        feats0: dict[str, Any], timings: dict[str, float], rotation_scores: dict[str, int], context: PairContext,
     ) -> MatchResult:
         geom, data, angle = best
         return MatchResult(
@@ -188,6 +193,7 @@ class Matcher:
             image_sizes={"optical": list(opt.original_size), "sar": list(sar.original_size)},
             timings=timings,
             models=self.describer.info(),
+            pair_context=context.to_dict(),
             config={"preset": self.preset, **self.conf},
             rotation_scores=rotation_scores,
         )

@@ -14,7 +14,7 @@ import numpy as np
 
 from promptmid.api import Matcher
 from promptmid.io import open_for_write, to_uint8, write_png
-from promptmid.geometry import apply_transform, corner_error, format_matrix
+from promptmid.geometry import corner_error, format_matrix
 from promptmid.registration import prepare_out_dir, write_json, write_products
 from promptmid.synth import make_pair
 

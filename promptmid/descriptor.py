@@ -12,7 +12,6 @@ diffusion) and the aggregator. It works on one image at a time; its output dict 
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from promptmid.errors import ModelError
 from promptmid.io import PreparedImage
 from promptmid.models.aggregation import Aggregator, ConcatFusion
-from promptmid.models.base import FeatureSource
+from promptmid.models.base import FeatureSource, PairContext
 from promptmid.models.keypoints import KeypointExtractor
 
 
@@ -77,15 +76,22 @@ class Describer:
         self.sources = {name: build_source(name, conf) for name, conf in (sources or {}).items() if conf is not None}
         self.aggregator = build_aggregator(aggregator or {"name": "concat"})
 
-    def begin_pair(self, optical: PreparedImage) -> None:
-        """Tell the sources a new pair starts (prompted sources pick the land-use class on the optical image)."""
+    def begin_pair(self, optical: PreparedImage) -> PairContext:
+        """A new pair's context: prompted sources pick the land-use class on the optical image.
+
+        Pass the returned context to :meth:`features` / ``__call__`` for both images of the pair.
+        """
+        context = PairContext()
         for source in self.sources.values():
-            if hasattr(source, "begin_pair"):
-                source.begin_pair(image_to_tensor(optical.image))
+            source.begin_pair(image_to_tensor(optical.image), context)
+        return context
 
     @torch.inference_mode()
-    def features(self, prepared: PreparedImage) -> dict[str, Any]:
+    def features(self, prepared: PreparedImage, context: PairContext | None = None) -> dict[str, Any]:
         """Keypoints and per-source features before aggregation (what aggregator training caches).
+
+        ``context``: the pair's :class:`PairContext` from :meth:`begin_pair` (a fresh one when ``None``:
+        the image is then described on its own, e.g. a training view).
 
         Returns:
             ``keypoints [N, 2]`` (x, y working px), ``scores [N]``, ``features {key: [N, C]}`` (the local
@@ -98,16 +104,17 @@ class Describer:
         local = self.extractor(image, prepared.valid)
         timings["keypoints"] = time.perf_counter() - t0
         features = {self.extractor.local_name: local["descriptors"]}
+        context = context if context is not None else PairContext()
         for name, source in self.sources.items():
             t0 = time.perf_counter()
-            features.update(_describe(source, image, local["keypoints"], prepared.modality))
+            features.update(source.describe(image, local["keypoints"], modality=prepared.modality, context=context))
             timings[name] = time.perf_counter() - t0
         return {"keypoints": local["keypoints"], "scores": local["scores"], "features": features,
                 "image_size": tuple(prepared.image.shape[:2]), "timings": timings}
 
     @torch.inference_mode()
-    def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
-        out = self.features(prepared)
+    def __call__(self, prepared: PreparedImage, context: PairContext | None = None) -> dict[str, Any]:
+        out = self.features(prepared, context)
         t0 = time.perf_counter()
         desc = self.aggregator(out.pop("features"), out["keypoints"], out["image_size"])
         out["timings"]["aggregation"] = time.perf_counter() - t0
@@ -124,10 +131,3 @@ class Describer:
         for name, source in self.sources.items():
             out[name] = source.info()
         return out
-
-
-def _describe(source: FeatureSource, image: torch.Tensor, kpts: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
-    """Call ``source.describe``, passing the modality to sources that take it (prompted diffusion)."""
-    if "modality" in inspect.signature(source.describe).parameters:
-        return source.describe(image, kpts, modality=modality)  # type: ignore[call-arg]
-    return source.describe(image, kpts)

@@ -126,7 +126,9 @@ def test_match_with_diffusion_features_from_a_local_model(tmp_path, demo_files):
     assert res.exit_code in (0, 5), res.output  # random SD weights: registering is not the point here
     data = json.loads((out / "result.json").read_text())
     assert data["config"]["preset"] == "full"
-    assert data["models"]["diffusion"]["prompt"] == "a SAR satellite image of water"
+    # the prompt of each image of the pair, from the pair's context (not whichever image came last)
+    assert data["pair_context"]["prompts"] == {"optical": "an optical satellite image of water",
+                                               "sar": "a SAR satellite image of water"}
     assert data["timings"]["diffusion"] > 0
 
 

@@ -20,7 +20,9 @@ from diffusion_fixtures import make_tiny_sd  # noqa: E402
 
 from promptmid.errors import InputError, ModelError  # noqa: E402
 from promptmid.models.base import FeatureSource  # noqa: E402
-from promptmid.models.diffusion import DiffusionFeatures, load_sd_components  # noqa: E402
+from promptmid.models.base import PairContext  # noqa: E402
+from promptmid.models.diffusion import DiffusionFeatures  # noqa: E402
+from promptmid.models.sd import load_sd_components  # noqa: E402
 from promptmid.models.prompts import load_prompt_set, prompt_for  # noqa: E402
 from promptmid.training.finetune_dm import finetune_dm, read_image_list  # noqa: E402
 
@@ -76,11 +78,12 @@ def test_protocol_shapes_and_strides(features):
     assert dense["sd_up1"].shape == (1, 64, 8, 8)
     assert dense["sd_up2"].shape == (1, 32, 16, 16)
     kps = torch.tensor([[0.0, 0.0], [63.5, 20.0], [127.0, 127.0]])
-    out = features.describe(textured(128), kps, modality="optical")
+    ctx = PairContext()
+    out = features.describe(textured(128), kps, modality="optical", context=ctx)
     assert out["sd_up1"].shape == (3, 64) and out["sd_up2"].shape == (3, 32)
     assert all(torch.isfinite(v).all() for v in out.values())
-    info = features.info()
-    assert info["prompt"] == "an optical satellite image of water" and info["model"].endswith("tiny_sd0")
+    assert ctx.prompts == {"optical": "an optical satellite image of water"}
+    assert features.info()["model"].endswith("tiny_sd0")
 
 
 def test_non_multiple_of_64_is_resized(features):
@@ -93,8 +96,9 @@ def test_prompt_and_modality_change_features(features):
     a = features.dense(img, prompt="an optical satellite image of water")["sd_up1"]
     b = features.dense(img, prompt="an optical satellite image of urban")["sd_up1"]
     assert not torch.allclose(a, b, atol=1e-5)
-    features.describe(img, torch.zeros(1, 2), modality="sar")
-    assert features.info()["prompt"] == "a SAR satellite image of water"
+    ctx = PairContext()
+    features.describe(img, torch.zeros(1, 2), modality="sar", context=ctx)
+    assert ctx.prompts["sar"] == "a SAR satellite image of water"
 
 
 def test_ensemble_is_mean_of_single_draws(sd_dir):
@@ -196,10 +200,17 @@ def test_auto_and_average_land_use(sd_dir):
     feats = DiffusionFeatures(str(sd_dir), land_use="auto", ensemble=1, long_side=64, selection_noise=1)
     cls, scores = feats.choose_land_use(textured(64))
     assert cls in scores and len(scores) == 9 and scores[cls] == min(scores.values())
-    assert feats.info()["land_use_class"] == cls and json.loads(feats.info()["land_use_scores"])
+    # the pair's class is chosen on the optical image and shared by the SAR image, in the context only
+    ctx = PairContext()
+    feats.begin_pair(textured(64), ctx)
+    assert ctx.land_use == cls and ctx.land_use_scores == scores
+    feats.describe(textured(64, seed=3), torch.zeros(1, 2), modality="sar", context=ctx)
+    assert ctx.prompts["sar"] == f"a SAR satellite image of {cls}"
+    assert json.loads(json.dumps(ctx.to_dict()))["land_use_class"] == cls
     avg = DiffusionFeatures(str(sd_dir), land_use="average", ensemble=1, long_side=64)
-    assert avg.dense(textured(64))["sd_up1"].shape == (1, 64, 4, 4)
-    assert avg.info()["prompt"].startswith("average of 9 prompts")
+    ctx = PairContext()
+    assert avg.dense(textured(64), context=ctx)["sd_up1"].shape == (1, 64, 4, 4)
+    assert ctx.prompts["optical"].startswith("average of 9 prompts")
 
 
 # ----------------------------------------------------------------------------- PromptDM

@@ -5,7 +5,6 @@ A descriptor that encodes image position instead of content registers aligned pa
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from promptmid.api import Matcher

@@ -22,16 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from promptmid.errors import InputError
-
-if TYPE_CHECKING:
-    from promptmid.models.diffusion import SDComponents
-
-Modality = Literal["optical", "sar"]
+from promptmid.models.base import Modality
+from promptmid.models.sd import SDComponents, denoising_target, encode_latents, encode_prompt
 
 LAND_USE_CLASSES: tuple[str, ...] = (
     "farmland",
@@ -160,8 +156,6 @@ def select_land_use(
     Returns:
         ``(best_class, {class: mean MSE})`` (lower MSE = better fit).
     """
-    from promptmid.models.diffusion import denoising_target, encode_latents, encode_prompt
-
     classes = tuple(classes or prompt_set.classes)
     cache = {} if embed is None else embed
     text = torch.cat([encode_prompt(components, prompt_set.prompt_for(c, modality), cache) for c in classes])

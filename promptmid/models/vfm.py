@@ -384,12 +384,17 @@ class DINOv2Features:
                 maps[f"dinov2_l{k}"] = tokens.transpose(1, 2).reshape(1, -1, gh, gw)
         return maps
 
-    def describe(self, image: torch.Tensor, keypoints: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features of keypoints, one entry per layer.
+    def begin_pair(self, optical: torch.Tensor, context: Any) -> None:
+        """Nothing to decide per pair (DINOv2 takes no prompt)."""
+
+    def describe(self, image: torch.Tensor, keypoints: torch.Tensor, *, modality: str = "optical",
+                 context: Any = None) -> dict[str, torch.Tensor]:
+        """Features of keypoints, one entry per layer (the same network for both modalities).
 
         Args:
             image: ``[1, 3, H, W]`` float in ``[0, 1]``.
             keypoints: ``[N, 2]`` (x, y) pixels of ``image`` (pixel centres at integers).
+            modality, context: part of the :class:`~promptmid.models.base.FeatureSource` protocol; unused.
 
         Returns:
             ``{"dinov2_l{k}": [N, 384]}`` fp32 features (not normalised), on ``keypoints.device``.

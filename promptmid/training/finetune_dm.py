@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from promptmid.errors import InputError
-from promptmid.models.diffusion import (
+from promptmid.models.sd import (
     SDComponents,
     denoising_target,
     encode_latents,
