@@ -12,6 +12,20 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+INLIER_THRESHOLD_PX = 3.0  # default inlier / correctness threshold (original SAR px), used everywhere
+
+
+def merge_options(defaults: dict[str, Any], options: dict[str, Any], owner: str) -> dict[str, Any]:
+    """``defaults`` updated with ``options``; an unknown key raises ``ValueError`` naming ``owner`` and the valid keys.
+
+    The one place where components (keypoints, sources, aggregators, methods) check their options.
+    """
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"Unknown {owner} option(s) {sorted(unknown)}; valid: {sorted(defaults)}")
+    return {**defaults, **options}
+
+
 DEFAULTS: dict[str, Any] = {
     "io": {
         "max_side": 1024,  # working resolution: long side at most this (px); results are in original px
@@ -31,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "geometry": {
         "model": "affine",  # "affine" | "homography" | "similarity"
-        "threshold": 3.0,  # inlier threshold, original SAR pixels
+        "threshold": INLIER_THRESHOLD_PX,  # inlier threshold, original SAR pixels
         "min_inliers": 6,  # fewer inliers = failed fit (no transform is reported)
         "rotations": [0],  # SAR rotations tried (degrees, counter-clockwise); best fit kept
     },
@@ -69,12 +83,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Return ``base`` updated recursively with ``override`` (neither is modified)."""
+# sections an override replaces whole instead of merging into (an aggregator's keys depend on its name)
+REPLACED_WHOLE = ("aggregator",)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``override`` (neither is modified).
+
+    Top-level keys in ``replace`` are taken from ``override`` whole (e.g. :data:`REPLACED_WHOLE`).
+    """
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value) if key != "aggregator" else copy.deepcopy(value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in replace:
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -88,4 +109,4 @@ def get_config(preset: str = "lite", overrides: dict[str, Any] | None = None) ->
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-    return deep_merge(deep_merge(DEFAULTS, PRESETS[preset]), overrides or {})
+    return deep_merge(deep_merge(DEFAULTS, PRESETS[preset], REPLACED_WHOLE), overrides or {}, REPLACED_WHOLE)

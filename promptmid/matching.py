@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 
+from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.geometry import apply_transform, format_matrix, residuals  # noqa: F401 (re-exported)
 
 GEOMETRY_MODELS = ("affine", "homography", "similarity")
@@ -95,7 +96,7 @@ def fit_geometry(
     points0: np.ndarray,
     points1: np.ndarray,
     model: str = "affine",
-    threshold: float = 3.0,
+    threshold: float = INLIER_THRESHOLD_PX,
     min_inliers: int = 6,
     confidence: float = 0.9999,
     max_iters: int = 10000,
@@ -201,7 +202,8 @@ def match_and_fit(desc0: torch.Tensor, desc1: torch.Tensor, kpts0: np.ndarray, k
             (image 0 -> image 1; the Matcher passes original optical and SAR pixels).
     """
     timings = {"matching": 0.0, "fitting": 0.0}
-    fit_args = (geometry.get("model", "affine"), geometry.get("threshold", 3.0), geometry.get("min_inliers", 6))
+    fit_args = (geometry.get("model", "affine"), geometry.get("threshold", INLIER_THRESHOLD_PX),
+                geometry.get("min_inliers", 6))
 
     def timed(key: str, fn: Any, *args: Any) -> Any:
         t0 = time.perf_counter()

@@ -29,6 +29,7 @@ import numpy as np
 
 from promptmid import __version__
 from promptmid import geo
+from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.errors import InputError
 from promptmid.io import RasterImage
 from promptmid.geometry import apply_transform
@@ -205,7 +206,7 @@ def _design(p: np.ndarray, kind: str, norm: tuple[float, float, float]) -> np.nd
     return np.stack(cols, axis=1)
 
 
-def fit_global(p0: np.ndarray, p1: np.ndarray, kind: str = "affine", threshold: float = 3.0, min_inliers: int = 6,
+def fit_global(p0: np.ndarray, p1: np.ndarray, kind: str = "affine", threshold: float = INLIER_THRESHOLD_PX, min_inliers: int = 6,
                max_rounds: int = 10) -> tuple[GlobalModel | None, np.ndarray, str]:
     """Robust scene fit: MAGSAC affine (:func:`fit_geometry`), then least squares with residual rejection.
 

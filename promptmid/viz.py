@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.api import MatchResult
 from promptmid.geometry import checkerboard, residuals, warp_to_optical
 from promptmid.io import PreparedImage, working_transform, write_png
@@ -43,7 +44,7 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
     from matplotlib.patches import ConnectionPatch
 
     cmap = plt.get_cmap("viridis")
-    thr = max(float(result.config.get("geometry", {}).get("threshold", 3.0)), 1e-6)
+    thr = max(float(result.config.get("geometry", {}).get("threshold", INLIER_THRESHOLD_PX)), 1e-6)
     for a, b, r in zip(p0, p1, res):
         con = ConnectionPatch(xyA=a, xyB=b, coordsA="data", coordsB="data", axesA=axes[0],
                                                  axesB=axes[1], color=cmap(min(r / thr, 1.0)), lw=0.6, alpha=0.8)

@@ -60,7 +60,7 @@ def test_missing_source_is_a_clear_error():
 
 
 def test_unknown_option_is_refused():
-    with pytest.raises(ValueError, match="Unknown aggregator options"):
+    with pytest.raises(ValueError, match="Unknown aggregator option"):
         PromptMIDAggregator(depth=3)
 
 

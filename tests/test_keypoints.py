@@ -36,7 +36,7 @@ def test_invalid_pixels_get_no_keypoints(optical):
 
 
 def test_unknown_options_are_refused():
-    with pytest.raises(ValueError, match="Unknown keypoint options"):
+    with pytest.raises(ValueError, match="Unknown keypoint option"):
         KeypointExtractor(topk=10)
     with pytest.raises(ValueError, match="Unknown detector"):
         KeypointExtractor(detector="orb")

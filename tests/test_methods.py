@@ -80,7 +80,7 @@ def test_rotation_search_maps_back(pair: tuple) -> None:
 def test_registry_errors() -> None:
     with pytest.raises(ValueError, match="valid"):
         build_method("nope")
-    with pytest.raises(ValueError, match="Unknown option"):
+    with pytest.raises(ValueError, match="Unknown method .* option"):
         build_method("sift-ratio", bogus=1)
     assert METHODS["rift"].rotation_invariant and "promptmid-full" not in default_methods()
 

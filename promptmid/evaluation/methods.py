@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from promptmid.config import INLIER_THRESHOLD_PX, merge_options
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
 from promptmid.geometry import apply_transform
@@ -71,10 +72,7 @@ def build_method(name: str, rotations: list[float] | None = None, **conf: Any) -
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; valid: {', '.join(METHODS)}")
     spec = METHODS[name]
-    unknown = set(conf) - set(spec.default_conf)
-    if unknown:
-        raise ValueError(f"Unknown option(s) {sorted(unknown)} for method {name}; valid: {sorted(spec.default_conf)}")
-    merged = {**spec.default_conf, **conf}
+    merged = merge_options(spec.default_conf, conf, f"method {name}")
     angles = [0.0] if spec.rotation_invariant or not rotations else [float(a) for a in rotations]
     if spec.rotations_inside:
         merged["rotations"] = angles
@@ -88,7 +86,7 @@ def rotations_for(name: str, rotations: list[float]) -> list[float]:
     return [0.0] if METHODS[name].rotation_invariant else list(rotations)
 
 
-def with_rotation_search(fn: MethodFn, rotations: list[float], threshold: float = 3.0) -> MethodFn:
+def with_rotation_search(fn: MethodFn, rotations: list[float], threshold: float = INLIER_THRESHOLD_PX) -> MethodFn:
     """Run ``fn`` on the SAR image rotated by each angle; keep the angle with most affine inliers.
 
     The rotated SAR is passed with unit scale, so ``fn`` returns rotated working pixels; they are

@@ -11,10 +11,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.geometry import corner_error
 from promptmid.geometry import apply_transform, residuals
 
-EPSILON = 3.0  # correctness threshold (SAR px)
+EPSILON = INLIER_THRESHOLD_PX  # correctness threshold (SAR px)
 MMA_THRESHOLDS = tuple(range(1, 11))  # px
 SR_THRESHOLDS = (3.0, 5.0)  # success = RMSE <= t
 AUC_THRESHOLDS = (3.0, 5.0, 10.0)  # AUC of the mean corner error

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from promptmid.config import merge_options
 from promptmid.evaluation.base import MethodFn, MethodSpec, gray_uint8, in_valid, output, timed
 from promptmid.io import PreparedImage
 from promptmid.matching import mutual_nearest_neighbours
@@ -200,10 +201,7 @@ class RIFT:
     ``(keypoints [N, 2], descriptors [N', D], owner [N'])`` where ``owner`` maps descriptors to keypoints."""
 
     def __init__(self, **conf: Any) -> None:
-        unknown = set(conf) - set(default_conf)
-        if unknown:
-            raise ValueError(f"Unknown RIFT option(s) {sorted(unknown)}; valid: {sorted(default_conf)}")
-        self.conf = {**default_conf, **conf}
+        self.conf = merge_options(default_conf, conf, "RIFT")
 
     def __call__(self, gray: np.ndarray, valid: np.ndarray, both_senses: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pc = phase_congruency(gray, self.conf)

@@ -11,11 +11,17 @@ weighted and concatenated, then the result is L2-normalised again.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Protocol
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from promptmid.config import merge_options
 
 
 class Aggregator(Protocol):
@@ -61,12 +67,6 @@ class ConcatFusion:
 
 # --------------------------------------------------------------------------- trained aggregation
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-from typing import Any  # noqa: E402
-
-from torch import nn  # noqa: E402
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = {  # name -> file in promptmid/weights/
@@ -176,10 +176,7 @@ class PromptMIDAggregator(nn.Module):
 
     def __init__(self, **conf: Any) -> None:
         super().__init__()
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise ValueError(f"Unknown aggregator options {sorted(unknown)}; valid: {sorted(self.default_conf)}")
-        self.conf = SimpleNamespace(**{**self.default_conf, **conf})
+        self.conf = SimpleNamespace(**merge_options(self.default_conf, conf, "aggregator"))
         self.conf.sources = dict(self.conf.sources)
         c, d = self.conf, self.conf.dim
         if c.local is not None and c.local not in c.sources:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from promptmid.config import merge_options
 from promptmid.errors import InputError
 from promptmid.models.base import PairContext
 from promptmid.models.prompts import (
@@ -85,10 +86,7 @@ class DiffusionFeatures:
         device: str = "cpu",
         **conf: Any,
     ) -> None:
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise ValueError(f"Unknown DiffusionFeatures option(s) {sorted(unknown)}; valid: {sorted(self.default_conf)}")
-        self.conf = {**self.default_conf, **conf}
+        self.conf = merge_options(self.default_conf, conf, "DiffusionFeatures")
         self.conf["up_blocks"] = tuple(int(i) for i in self.conf["up_blocks"])
         self.model, self.lora, self.land_use = str(model), lora, land_use
         self.prompts: PromptSet = load_prompt_set(self.conf["prompt_file"]) if self.conf["prompt_file"] else DEFAULT_PROMPTS

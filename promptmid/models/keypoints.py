@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from promptmid.config import merge_options
 from promptmid.models.sampling import sample_features
 
 
@@ -66,10 +67,7 @@ class KeypointExtractor:
     }
 
     def __init__(self, **conf: Any) -> None:
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise ValueError(f"Unknown keypoint options {sorted(unknown)}; valid: {sorted(self.default_conf)}")
-        self.conf = SimpleNamespace(**{**self.default_conf, **conf})
+        self.conf = SimpleNamespace(**merge_options(self.default_conf, conf, "keypoint"))
         if self.conf.detector not in ("xfeat", "sift", "grid", "aliked"):
             raise ValueError(f"Unknown detector {self.conf.detector!r}; valid: xfeat, sift, grid, aliked")
         self.local_name = "aliked" if self.conf.detector == "aliked" else "xfeat"

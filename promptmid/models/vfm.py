@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from promptmid.config import merge_options
 from promptmid.errors import ModelError
 from promptmid.models.sampling import sample_features
 from promptmid.models.weights import (
@@ -331,11 +332,7 @@ class DINOv2Features:
     }
 
     def __init__(self, **conf: Any) -> None:
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            valid = sorted(self.default_conf)
-            raise ValueError(f"unknown DINOv2Features options {sorted(unknown)}; valid: {valid}")
-        self.conf = SimpleNamespace(**{**self.default_conf, **conf})
+        self.conf = SimpleNamespace(**merge_options(self.default_conf, conf, "DINOv2Features"))
         layers = tuple(int(k) for k in self.conf.layers)
         if not layers or any(not 1 <= k <= _VITS14["num_hidden_layers"] for k in layers):
             raise ValueError(f"layers must be in 1..12, got {self.conf.layers}")

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 import torch
 
+from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.evaluation.split import split_group
 from promptmid.io import PreparedImage, load_image, working_transform
 
@@ -363,7 +364,7 @@ def save_cached(path: Path, entry: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def gt_correspondences(kp0: torch.Tensor, kp1: torch.Tensor, H: torch.Tensor, threshold: float = 3.0
+def gt_correspondences(kp0: torch.Tensor, kp1: torch.Tensor, H: torch.Tensor, threshold: float = INLIER_THRESHOLD_PX
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positives under the GT: mutual nearest keypoints within ``threshold`` px (in image 1).
 

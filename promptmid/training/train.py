@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.evaluation.metrics import auc as auc_curve
 from promptmid.evaluation.metrics import mean_corner_error
 from promptmid.geometry import apply_transform
@@ -64,14 +65,15 @@ class TrainConfig:
     batch_pairs: int = 4  # pairs per optimiser step
     max_keypoints: int = 1024  # keypoints per image per step (positives kept first)
     temperature: float = 0.05
-    threshold: float = 3.0  # px, positives under the GT
+    threshold: float = INLIER_THRESHOLD_PX  # px, positives under the GT
     patience: int = 8  # epochs without validation improvement before stopping
     seed: int = 0
     xy_jitter: float = 0.5  # probability of jittering the coordinates fed to the positional encoding
     success_px: float = 5.0  # validation success: mean corner error <= this
     model: dict[str, Any] = field(default_factory=dict)  # PromptMIDAggregator options
     matching: dict[str, Any] = field(default_factory=lambda: {"ratio": None, "min_similarity": -1.0})
-    geometry: dict[str, Any] = field(default_factory=lambda: {"model": "affine", "threshold": 3.0, "min_inliers": 6})
+    geometry: dict[str, Any] = field(default_factory=lambda: {"model": "affine", "threshold": INLIER_THRESHOLD_PX,
+                                                                          "min_inliers": 6})
 
 
 def seed_everything(seed: int) -> None:
@@ -156,7 +158,7 @@ def evaluate_entry(describe: DescribeFn, entry: dict[str, Any], matching: dict[s
         cand = match_and_fit(d0, d1, k0, k1, matching, geometry)  # exactly the Matcher's core
         m, geom = cand.matches, cand.geometry
         p0, p1 = k0[m[:, 0]], k1[m[:, 1]]
-        correct = float((np.linalg.norm(apply_transform(H, p0) - p1, axis=1) <= 3.0).sum()) if len(p0) else 0.0
+        correct = float((np.linalg.norm(apply_transform(H, p0) - p1, axis=1) <= INLIER_THRESHOLD_PX).sum()) if len(p0) else 0.0
         if best is None or geom.num_inliers > best[0]:
             best = (geom.num_inliers, geom, angle, correct / max(1, len(p0)))
     assert best is not None
