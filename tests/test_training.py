@@ -54,10 +54,10 @@ def test_gt_correspondences_and_loss():
 
 
 def test_split_follows_readme():
-    from promptmid.training.data import PairRecord
+    from promptmid.evaluation.manifest import Pair
 
     def rec(i, s="srif"):
-        return PairRecord(i, s, Path("a"), Path("b"), np.eye(3))
+        return Pair(i, Path("a"), Path("b"), s, np.eye(3))
 
     assert split_of(rec("srif/pair5")) == "train" and split_of(rec("srif/pair169")) is None
     assert split_of(rec("srif/pair190")) == "val"

@@ -47,6 +47,13 @@ class Pair:
     def gt_quality(self) -> str:
         return str(self.meta.get("gt_quality", "unknown"))
 
+    @property
+    def group(self) -> str:
+        """Finer reporting group: the source, or ``3mos/<sensor prefix>`` for 3MOS tiles."""
+        if self.source == "3mos":
+            return "3mos/" + self.id.split("/")[-1].split("_")[0]
+        return self.source
+
     def gt_transform(self) -> np.ndarray | None:
         """The GT optical -> SAR transform: ``H``, or a least-squares homography (>= 4 points)
         or affine (3 points) fitted to the check points; ``None`` if neither is possible."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -39,35 +38,17 @@ import numpy as np
 import torch
 
 from promptmid.config import INLIER_THRESHOLD_PX
+from promptmid.evaluation.manifest import Pair
 from promptmid.evaluation.split import split_group
 from promptmid.io import PreparedImage, load_image, working_transform
 
 CACHE_VERSION = 2
 ROTATION_STEPS = (0.0, 90.0, 180.0, 270.0)
 
-@dataclass
-class PairRecord:
-    """One manifest line: paths resolved, ``H`` maps original optical px -> original SAR px."""
-
-    id: str
-    source: str
-    optical: Path
-    sar: Path
-    H: np.ndarray
-    gt_quality: str = "exact"
-    meta: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def group(self) -> str:
-        """Reporting group: the source, or ``3mos/<sensor>`` for 3MOS tiles."""
-        if self.source == "3mos":
-            return "3mos/" + self.id.split("/")[-1].split("_")[0]
-        return self.source
-
-
-def read_manifest(path: str | Path) -> list[PairRecord]:
+def read_manifest(path: str | Path) -> list[Pair]:
     """Read a JSON-lines manifest (README, 'Manifest format') with :func:`promptmid.evaluation.manifest.read_manifest`
-    (same validation and error messages); a line without ``gt_quality`` counts as ``"exact"``.
+    (the one manifest reader and record type); every pair must have ``H``, and a line without
+    ``gt_quality`` counts as ``"exact"``.
 
     Raises:
         InputError: a bad line (see the evaluation reader).
@@ -75,12 +56,11 @@ def read_manifest(path: str | Path) -> list[PairRecord]:
     """
     from promptmid.evaluation.manifest import read_manifest as read_pairs
 
-    records = []
-    for p in read_pairs(path):
+    records = read_pairs(path)
+    for p in records:
         if p.H is None:
             raise ValueError(f"{p.where}: pair {p.id!r} has no 'H'")
-        records.append(PairRecord(id=p.id, source=p.source, optical=p.optical, sar=p.sar, H=p.H,
-                                  gt_quality=p.meta.get("gt_quality", "exact"), meta=p.meta))
+        p.meta.setdefault("gt_quality", "exact")
     return records
 
 
@@ -96,8 +76,8 @@ def split_of(rec: Any) -> str | None:
     return "test" if group.startswith("unseen:") else None
 
 
-def select(records: Iterable[PairRecord], split: str, qualities: tuple[str, ...] = ("exact", "approx")
-           ) -> list[PairRecord]:
+def select(records: Iterable[Pair], split: str, qualities: tuple[str, ...] = ("exact", "approx")
+           ) -> list[Pair]:
     """Records of one split with GT quality in ``qualities`` (training uses exact/approx only)."""
     return [r for r in records if split_of(r) == split and r.gt_quality in qualities]
 
@@ -281,11 +261,11 @@ class FeatureCache:
             self._describe = SourceDescriber(self.conf)
         return self._describe
 
-    def _load_pair(self, rec: PairRecord) -> tuple[PreparedImage, PreparedImage]:
+    def _load_pair(self, rec: Pair) -> tuple[PreparedImage, PreparedImage]:
         io = self.conf["io"]
         return load_image(rec.optical, "optical", **io), load_image(rec.sar, "sar", **io)
 
-    def training_pair(self, rec: PairRecord, views: int, seed: int, independent: bool = True) -> dict[str, Any]:
+    def training_pair(self, rec: Pair, views: int, seed: int, independent: bool = True) -> dict[str, Any]:
         """``views`` views of a pair with their GT ``H`` (optical view px -> SAR view px).
 
         ``independent=False``: one optical image for all views, SAR view 0 un-augmented (the layout of the
@@ -312,7 +292,7 @@ class FeatureCache:
         save_cached(path, out)
         return out
 
-    def eval_pair(self, rec: PairRecord, rotations: tuple[float, ...], perturb: Any = None) -> dict[str, Any]:
+    def eval_pair(self, rec: Pair, rotations: tuple[float, ...], perturb: Any = None) -> dict[str, Any]:
         """What :class:`promptmid.api.Matcher` computes before aggregation, for each rotation step.
 
         ``perturb``: a :class:`~promptmid.evaluation.perturb.Perturbation` displacing the SAR image (and
@@ -388,7 +368,7 @@ def gt_correspondences(kp0: torch.Tensor, kp1: torch.Tensor, H: torch.Tensor, th
     return torch.stack([i[keep], j[keep]], 1), dist
 
 
-def test_subset(records: Iterable[PairRecord], per_figure: int = 4) -> list[PairRecord]:
+def test_subset(records: Iterable[Pair], per_figure: int = 4) -> list[Pair]:
     """A fixed, smaller unseen-test set for ablations: the first ``per_figure`` exact/approx tiles of
     each unseen 3MOS figure (sensor x scene) plus every exact/approx pair of the other unseen sources."""
     out, seen = [], {}
@@ -402,7 +382,7 @@ def test_subset(records: Iterable[PairRecord], per_figure: int = 4) -> list[Pair
     return out
 
 
-def build_cache(cache: FeatureCache, records: list[PairRecord], mode: str, views: int = 2, seed: int = 0,
+def build_cache(cache: FeatureCache, records: list[Pair], mode: str, views: int = 2, seed: int = 0,
                 rotations: tuple[float, ...] = ROTATION_STEPS, progress: bool = True, independent: bool = True,
                 perturb: Any = None) -> list[dict[str, Any]]:
     """Fill the cache for ``records`` (``mode`` = "train" or "eval"); returns the loaded entries.

@@ -169,15 +169,16 @@ def evaluate_entry(describe: DescribeFn, entry: dict[str, Any], matching: dict[s
 
 
 def summarize(rows: list[dict[str, Any]], success_px: float = 5.0) -> dict[str, float]:
-    """Success count/rate (corner error <= ``success_px``), AUC@5/10 of the corner error, mean precision."""
+    """Success count and ``corner_sr`` (mean corner error <= ``success_px``; evaluation's ``sr@t`` uses the RMSE),
+    AUC@5/10 of the corner error, mean precision."""
     if not rows:
-        return {"n": 0, "success": 0, "sr": float("nan"), "auc5": float("nan"), "auc10": float("nan"),
+        return {"n": 0, "success": 0, "corner_sr": float("nan"), "auc5": float("nan"), "auc10": float("nan"),
                 "precision": float("nan")}
     errs = np.array([r["corner_error"] for r in rows])
     succ = int((errs <= success_px).sum())
 
     aucs = auc_curve(errs, (5.0, 10.0))  # the evaluation's AUC (area under the recall curve up to t px)
-    return {"n": len(rows), "success": succ, "sr": succ / len(rows), "auc5": aucs["auc@5"], "auc10": aucs["auc@10"],
+    return {"n": len(rows), "success": succ, "corner_sr": succ / len(rows), "auc5": aucs["auc@5"], "auc10": aucs["auc@10"],
             "precision": float(np.mean([r["precision"] for r in rows]))}
 
 
