@@ -2,7 +2,7 @@
 
 ``PAIRS.jsonl``: one JSON object per line, ``{"id": "...", "optical": "path", "sar": "path"}``
 (paths relative to the JSONL file; ``id`` defaults to ``pair-<line number>``). Each pair is
-registered by :func:`promptmid.tiling.register_scene` into ``DIR/<id>/``; its ``result.json``
+registered by :func:`promptmid.scene.register_scene` into ``DIR/<id>/``; its ``result.json``
 (written atomically) has ``status`` ``ok`` / ``failed`` (registered or not) / ``error`` (an
 exception; ``reason`` says which). Pairs whose ``result.json`` says ``ok`` or ``failed`` are
 skipped on a rerun, so an interrupted batch resumes where it stopped; ``error`` pairs are retried.
@@ -42,7 +42,7 @@ class Pair:
 
 @dataclass
 class BatchOptions:
-    """What every pair is run with (see :class:`promptmid.tiling.SceneOptions`)."""
+    """What every pair is run with (see :class:`promptmid.scene.SceneOptions`)."""
 
     preset: str = "lite"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +115,7 @@ def run_pair(pair: Pair, out_root: str, options: BatchOptions) -> dict[str, Any]
     import torch
 
     from promptmid.registration import prepare_out_dir, write_json
-    from promptmid.tiling import SceneOptions, register_scene
+    from promptmid.scene import SceneOptions, register_scene
 
     t0 = time.perf_counter()
     torch.set_num_threads(options.threads)
@@ -127,7 +127,7 @@ def run_pair(pair: Pair, out_root: str, options: BatchOptions) -> dict[str, Any]
         out = prepare_out_dir(out, overwrite=True)
         matcher = get_matcher(options.preset, options.overrides)
         worker["matcher_loads"] = _LOADS["count"]
-        result = register_scene(pair.optical, pair.sar, out, matcher, SceneOptions(**options.scene))
+        result = register_scene(pair.optical, pair.sar, out, matcher, SceneOptions(**options.scene)).to_dict()
     except Exception as exc:  # noqa: BLE001 - one broken pair must not stop the batch
         result = {"status": "error", "reason": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc(limit=5)}

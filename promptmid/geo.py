@@ -1,4 +1,5 @@
-"""Georeferencing: CRS, geotransforms, geo priors, map-coordinate products.
+"""Georeferencing maths: CRS, geotransforms, geo priors, search radii (the scene products are written by
+:mod:`promptmid.scene.products`).
 
 Conventions used throughout:
 
@@ -17,14 +18,12 @@ means pixels of that reprojected grid (its geotransform is reported as ``sar_gri
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -196,98 +195,6 @@ def sar_grid_to_file_pixels(points: np.ndarray, grid: GeoInfo, sar_file: GeoInfo
     xy = pixel_to_map(grid.transform, points)
     xs, ys = crs_transform(grid.crs, sar_file.crs, xy[:, 0], xy[:, 1])
     return apply_transform(np.linalg.inv(pixel_to_map_matrix(sar_file.transform)), np.stack([xs, ys], 1))
-
-
-@dataclass
-class TiePoints:
-    """Merged tie points of a scene.
-
-    Attributes:
-        optical_px: ``[N, 2]`` optical pixels; sar_px: ``[N, 2]`` SAR-grid pixels.
-        sar_file_px: ``[N, 2]`` pixels of the SAR file (differs from ``sar_px`` after reprojection).
-        tile: ``[N]`` tile index; similarity: ``[N]``; inlier: ``[N]`` bool (global fit).
-        residual_px: ``[N]`` global-fit residual in SAR-grid pixels; prior_residual_px: the same under the prior.
-    """
-
-    optical_px: np.ndarray
-    sar_px: np.ndarray
-    sar_file_px: np.ndarray
-    tile: np.ndarray
-    similarity: np.ndarray
-    inlier: np.ndarray
-    residual_px: np.ndarray
-    prior_residual_px: np.ndarray
-
-
-def write_tiepoints_csv(path: Path, tp: TiePoints, optical: GeoInfo, sar_grid: GeoInfo) -> None:
-    """CSV: tile, optical px, optical map, SAR px (grid and file), SAR map (its own georef), residuals."""
-    import csv
-
-    opt_map = pixel_to_map(optical.transform, tp.optical_px) if optical.georeferenced else None
-    sar_map = pixel_to_map(sar_grid.transform, tp.sar_px) if sar_grid.georeferenced else None
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["tile", "optical_x", "optical_y", "map_x", "map_y", "sar_x", "sar_y", "sar_file_x", "sar_file_y",
-                    "sar_map_x", "sar_map_y", "similarity", "inlier", "residual_px", "prior_residual_px"])
-        for i in range(len(tp.optical_px)):
-            om = opt_map[i] if opt_map is not None else (np.nan, np.nan)
-            sm = sar_map[i] if sar_map is not None else (np.nan, np.nan)
-            w.writerow([int(tp.tile[i]), *_f(tp.optical_px[i]), *_f(om), *_f(tp.sar_px[i]), *_f(tp.sar_file_px[i]),
-                        *_f(sm), f"{tp.similarity[i]:.4f}", int(tp.inlier[i]), f"{tp.residual_px[i]:.3f}",
-                        f"{tp.prior_residual_px[i]:.3f}"])
-
-
-def _f(values: Any) -> list[str]:
-    return [f"{float(v):.3f}" for v in values]
-
-
-def write_tiepoints_geojson(path: Path, tp: TiePoints, optical: GeoInfo, sar_grid: GeoInfo) -> None:
-    """GeoJSON FeatureCollection of the tie points at their optical map position (optical CRS).
-
-    Geometry is in map coordinates of the optical CRS (written as a ``crs`` member; GeoJSON
-    readers that assume WGS84 must reproject). Skipped (pixel geometry) when not georeferenced.
-    """
-    xy = pixel_to_map(optical.transform, tp.optical_px) if optical.georeferenced else tp.optical_px
-    sar_map = pixel_to_map(sar_grid.transform, tp.sar_px) if sar_grid.georeferenced else None
-    feats = []
-    for i in range(len(xy)):
-        props = {"tile": int(tp.tile[i]), "optical_x": float(tp.optical_px[i, 0]), "optical_y": float(tp.optical_px[i, 1]),
-                 "sar_x": float(tp.sar_px[i, 0]), "sar_y": float(tp.sar_px[i, 1]),
-                 "sar_file_x": float(tp.sar_file_px[i, 0]), "sar_file_y": float(tp.sar_file_px[i, 1]),
-                 "similarity": float(tp.similarity[i]), "inlier": bool(tp.inlier[i]),
-                 "residual_px": float(tp.residual_px[i]), "prior_residual_px": float(tp.prior_residual_px[i])}
-        if sar_map is not None:
-            props.update(sar_map_x=float(sar_map[i, 0]), sar_map_y=float(sar_map[i, 1]))
-        feats.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [float(xy[i, 0]), float(xy[i, 1])]},
-                      "properties": props})
-    doc: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
-    if optical.georeferenced:
-        doc["crs"] = {"type": "name", "properties": {"name": optical.crs.to_string()}}
-    path.write_text(json.dumps(doc))
-
-
-def write_gcp_vrt(path: Path, sar_path: Path, sar_file: GeoInfo, file_px: np.ndarray, map_xy: np.ndarray,
-                  crs: Any) -> None:
-    """A GDAL VRT over the SAR file carrying GCPs (SAR file pixel/line -> optical map X/Y).
-
-    GDAL's GCP ``Pixel``/``Line`` use pixel-corner coordinates, so centre ``x`` is written as
-    ``x + 0.5``. ``gdalwarp -tps`` (or ``-order 1/2``) on this VRT orthorectifies the SAR file
-    onto the optical map.
-    """
-    wkt = escape(crs.to_wkt(), {'"': "&quot;"}) if crs else ""
-    gcps = "\n".join(
-        f'    <GCP Id="{i + 1}" Pixel="{p[0] + 0.5:.4f}" Line="{p[1] + 0.5:.4f}" X="{m[0]:.4f}" Y="{m[1]:.4f}" />'
-        for i, (p, m) in enumerate(zip(file_px, map_xy)))
-    vrt_type = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
-                "float32": "Float32", "float64": "Float64"}.get(sar_file.dtype, "Float32")
-    nodata = f"    <NoDataValue>{sar_file.nodata}</NoDataValue>\n" if sar_file.nodata is not None else ""
-    bands = "\n".join(
-        f'  <VRTRasterBand dataType="{vrt_type}" band="{b}">\n{nodata}    <SimpleSource>\n'
-        f'      <SourceFilename relativeToVRT="0">{escape(str(Path(sar_path).resolve()))}</SourceFilename>\n'
-        f"      <SourceBand>{b}</SourceBand>\n    </SimpleSource>\n  </VRTRasterBand>"
-        for b in range(1, sar_file.count + 1))
-    path.write_text(f'<VRTDataset rasterXSize="{sar_file.width}" rasterYSize="{sar_file.height}">\n'
-                    f'  <GCPList Projection="{wkt}">\n{gcps}\n  </GCPList>\n{bands}\n</VRTDataset>\n')
 
 
 def rmse(values: np.ndarray) -> float | None:

@@ -144,7 +144,7 @@ def make_pair(size: int = 512, seed: int = 0, H: np.ndarray | None = None, looks
 
 
 # ----------------------------------------------------------------------------- georeferenced scenes
-# Large mosaicked scenes written as GeoTIFF pairs (tests and benchmarks of promptmid.geo / promptmid.tiling).
+# Large mosaicked scenes written as GeoTIFF pairs (tests and benchmarks of promptmid.geo / promptmid.scene).
 
 
 def synthetic_scene(size: int, seed: int = 0, block: int = 500, towns: bool = True) -> tuple[np.ndarray, np.ndarray]:

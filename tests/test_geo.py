@@ -17,11 +17,12 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from promptmid import geo, synth, tiling
+from promptmid import geo, synth, scene
 from promptmid.api import Matcher
 from promptmid.errors import InputError
-from promptmid.geometry import apply_transform
+from promptmid.geometry import apply_transform, translation
 from promptmid.registration import prepare_out_dir
+from promptmid.scene.products import write_gcp_vrt
 
 ROT_DEG, SHIFT_M = 1.0, (60.0, -40.0)
 
@@ -68,9 +69,9 @@ def test_search_radius() -> None:
 
 
 def test_overlap_bbox() -> None:
-    prior = tiling.translation(-300, 0)  # optical x -> SAR x - 300
+    prior = translation(-300, 0)  # optical x -> SAR x - 300
     assert geo.overlap_bbox(prior, (1000, 500), (400, 500)) == (300, 0, 700, 500)
-    assert geo.overlap_bbox(tiling.translation(-5000, 0), (1000, 500), (400, 500)) is None
+    assert geo.overlap_bbox(translation(-5000, 0), (1000, 500), (400, 500)) is None
 
 
 def test_gcp_vrt_is_readable(tmp_path: Path) -> None:
@@ -79,7 +80,7 @@ def test_gcp_vrt_is_readable(tmp_path: Path) -> None:
     synth.write_geotiff(sar, np.ones((1, 64, 64), np.float32), crs, Affine(10, 0, 0, 0, -10, 0), 0)
     info = geo.GeoInfo(64, 64, 1, "float32", crs, None, 0)
     px, xy = np.array([[1.0, 2.0], [30.0, 40.0], [60.0, 5.0]]), np.array([[500010.0, 5e6], [5e5, 4.9e6], [6e5, 5e6]])
-    geo.write_gcp_vrt(tmp_path / "g.vrt", sar, info, px, xy, crs)
+    write_gcp_vrt(tmp_path / "g.vrt", sar, info, px, xy, crs)
     with rasterio.open(tmp_path / "g.vrt") as src:
         gcps, gcp_crs = src.gcps
         assert gcp_crs == crs and len(gcps) == 3
@@ -91,8 +92,8 @@ def test_gcp_vrt_is_readable(tmp_path: Path) -> None:
 
 
 def _register(pair: dict, out: Path, matcher: Matcher, **kw) -> dict:
-    opts = tiling.SceneOptions(tile=512, overlap=64, search_radius="200m", **kw)
-    return tiling.register_scene(pair["optical"], pair["sar"], prepare_out_dir(out), matcher, opts)
+    opts = scene.SceneOptions(tile=512, overlap=64, search_radius="200m", **kw)
+    return scene.register_scene(pair["optical"], pair["sar"], prepare_out_dir(out), matcher, opts).to_dict()
 
 
 def test_geo_pair_recovered_within_one_pixel(tmp_path: Path, matcher: Matcher) -> None:

@@ -11,30 +11,30 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from promptmid import synth, tiling
+from promptmid import synth, scene
 from promptmid.cli import app
 from promptmid.errors import InputError
 from promptmid.geometry import apply_transform
 
 
 def test_tile_grid_covers_box_with_overlap() -> None:
-    tiles = tiling.tile_grid((100, 0, 3100, 1000), 512, 64)
+    tiles = scene.tile_grid((100, 0, 3100, 1000), 512, 64)
     assert len({t.x0 for t in tiles}) == 7 and len({t.y0 for t in tiles}) == 3
     assert min(t.x0 for t in tiles) == 100 and max(t.x0 + t.w for t in tiles) == 3100
     assert all(t.w == t.h == 512 for t in tiles)
     xs = sorted({t.x0 for t in tiles})
     assert all(b - a <= 512 - 64 for a, b in zip(xs, xs[1:]))
-    assert len(tiling.tile_grid((0, 0, 300, 200), 512, 64)) == 1
+    assert len(scene.tile_grid((0, 0, 300, 200), 512, 64)) == 1
     with pytest.raises(InputError):
-        tiling.tile_grid((0, 0, 100, 100), 512, 600)
+        scene.tile_grid((0, 0, 100, 100), 512, 600)
 
 
 def test_select_tiles_spreads_over_grid() -> None:
-    tiles = tiling.tile_grid((0, 0, 4000, 4000), 512, 0)  # 8 x 8
-    chosen = tiling.select_tiles(tiles, 9)
+    tiles = scene.tile_grid((0, 0, 4000, 4000), 512, 0)  # 8 x 8
+    chosen = scene.select_tiles(tiles, 9)
     assert len(chosen) == 9
     assert {t.row for t in chosen} == {0, 4, 7} and {t.col for t in chosen} == {0, 4, 7}
-    assert tiling.select_tiles(tiles, None) == tiles
+    assert scene.select_tiles(tiles, None) == tiles
 
 
 @pytest.mark.parametrize("kind", ["affine", "poly2"])
@@ -48,7 +48,7 @@ def test_fit_global_rejects_outliers(kind: str) -> None:
     p1 = p1 + rng.normal(0, 0.3, p1.shape)
     bad = rng.choice(400, 60, replace=False)
     p1[bad] += rng.uniform(-80, 80, (60, 2))
-    model, inliers, reason = tiling.fit_global(p0, p1, kind, threshold=3.0)
+    model, inliers, reason = scene.fit_global(p0, p1, kind, threshold=3.0)
     assert model is not None, reason
     assert not inliers[bad].any() and inliers.sum() >= 330
     truth = np.delete(p1, bad, 0)
@@ -73,7 +73,7 @@ def test_large_scene_tile_by_tile_cli(tmp_path: Path) -> None:
     assert len(rows) == r["tiepoints"] == sum(t["inliers"] for t in r["tile_qc"] if t["status"] in ("ok", "rejected"))
     assert len({row["tile"] for row in rows}) >= 3
     g = np.stack(np.meshgrid(np.linspace(0, size - 1, 7), np.linspace(0, size - 1, 7)), -1).reshape(-1, 2)
-    model = tiling.GlobalModel("poly2", np.array([r["global_model"]["coeffs_x"], r["global_model"]["coeffs_y"]]),
+    model = scene.GlobalModel("poly2", np.array([r["global_model"]["coeffs_x"], r["global_model"]["coeffs_y"]]),
                                tuple(r["global_model"]["normalisation"][k] for k in ("cx", "cy", "scale")))
     err = np.linalg.norm(model.apply(g) - apply_transform(H, g), axis=1)
     assert np.sqrt(np.mean(err**2)) < 3.0, err
@@ -86,7 +86,8 @@ def test_scene_with_lite_preset(tmp_path: Path) -> None:
     from promptmid.registration import prepare_out_dir
 
     pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=2, rotation_deg=0.5, shift_m=(30, 20), towns=False)
-    r = tiling.register_scene(pair["optical"], pair["sar"], prepare_out_dir(tmp_path / "out"), Matcher("lite"),
-                              tiling.SceneOptions(tile=512, search_radius="100m", figures=False))
-    assert r["status"] == "ok", r["reason"]
-    assert r["rmse_after_px"] < r["rmse_before_px"]
+    r = scene.register_scene(pair["optical"], pair["sar"], prepare_out_dir(tmp_path / "out"), Matcher("lite"),
+                              scene.SceneOptions(tile=512, search_radius="100m", figures=False))
+    assert r.ok and r.transform is not None, r.reason
+    d = r.to_dict()
+    assert d["rmse_after_px"] < d["rmse_before_px"]

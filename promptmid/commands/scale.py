@@ -66,7 +66,7 @@ def scene(
     """
     from promptmid.api import Matcher
     from promptmid.registration import prepare_out_dir
-    from promptmid.tiling import SceneOptions, register_scene
+    from promptmid.scene import SceneOptions, register_scene
 
     set_threads(threads)
     opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures))
@@ -75,7 +75,7 @@ def scene(
     with status(quiet) as progress:
         progress("loading models")
         matcher = Matcher(preset, _overrides(tile, threshold, top_k))
-        result = register_scene(optical, sar, out_dir, matcher, opts, progress)
+        result = register_scene(optical, sar, out_dir, matcher, opts, progress).to_dict()
     if json_out:
         print((out_dir / "result.json").read_text())
     if result["status"] != "ok":

@@ -1,0 +1,281 @@
+"""The scene pipeline: :func:`estimate_scene` (prior, tiles, per-tile matching, global fit) and
+:func:`write_scene` (products), kept apart so that a fit can be applied to any raster later;
+:func:`register_scene` does both.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from promptmid import __version__, geo
+from promptmid.errors import InputError
+from promptmid.geometry import apply_transform
+from promptmid.registration import write_json
+from promptmid.scene.grid import Tile, select_tiles, tile_grid
+from promptmid.scene.matching import SceneMatches, coarse_prior, match_tile
+from promptmid.scene.model import GlobalModel, fit_global
+from promptmid.scene.products import (
+    TiePoints,
+    plot_tile_map,
+    write_gcp_vrt,
+    write_registered_scene,
+    write_tiepoints_csv,
+    write_tiepoints_geojson,
+)
+
+
+@dataclass
+class SceneOptions:
+    """Settings of :func:`register_scene` (sizes in optical pixels unless stated)."""
+
+    tile: int = 1024
+    overlap: int = 128
+    max_tiles: int | None = 64
+    model: str = "affine"
+    geo_prior: bool = True
+    search_radius: str = "64px"  # "64px", "500m", or a bare number (metres if georeferenced)
+    overview_side: int = 1024  # coarse prior / figure resolution when there is no geo prior
+    block: int = 1024  # output block side
+    figures: bool = True
+
+
+@dataclass
+class SceneResult:
+    """What :func:`estimate_scene` found for one optical/SAR scene pair.
+
+    Attributes:
+        status: ``"ok"`` or ``"failed"`` (then ``reason`` says why and there is no model).
+        model: the global optical px -> SAR-grid px model (affine or poly2), or ``None``.
+        tiepoints: merged tie points with global-fit inliers and residuals (``None`` without a prior).
+        tiles: every processed tile with its QC numbers.
+        prior: 3x3 optical px -> SAR-grid px prior, or ``None``; ``prior_kind`` ``"geo"`` or ``"coarse"``.
+        info: the rest of ``result.json`` (image descriptions, accuracy, tile counts, config).
+        timings: seconds per stage.
+    """
+
+    status: str
+    reason: str
+    model: GlobalModel | None
+    tiepoints: TiePoints | None
+    tiles: list[Tile]
+    prior: np.ndarray | None
+    prior_kind: str
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def transform(self) -> np.ndarray | None:
+        """3x3 optical px -> SAR-grid px (the affine part for ``poly2``), or ``None``."""
+        return None if self.model is None else self.model.matrix
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``result.json`` content."""
+        return {"status": self.status, "reason": self.reason, **self.info,
+                "transform": _list(self.transform),
+                "transform_convention": "optical (x, y) px -> SAR-grid (x, y) px; pixel centres at integers",
+                "global_model": None if self.model is None else self.model.to_dict(),
+                "prior": {"kind": self.prior_kind, "transform": _list(self.prior)},
+                "map_convention": "map coordinates in the optical CRS; pixel centre (x, y) -> A * (x + 0.5, y + 0.5)",
+                "tile_qc": [asdict(t) for t in self.tiles], "timings": dict(self.timings),
+                "outputs": dict(self.outputs),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "promptmid_version": __version__}
+
+
+@dataclass
+class _Scene:
+    """The opened rasters of a pair (see :func:`open_scene`)."""
+
+    opt_ds: Any
+    sar_ds: Any  # the SAR as matched: in the optical CRS when reprojected
+    opt: geo.GeoInfo
+    sar_file: geo.GeoInfo
+    sar: geo.GeoInfo
+    reprojected: bool
+
+
+@contextmanager
+def open_scene(optical: str | Path, sar: str | Path, geo_prior: bool = True) -> Iterator[_Scene]:
+    """Open both rasters; with ``geo_prior`` the SAR is read through a WarpedVRT in the optical CRS when the
+    CRSs differ. Closed on exit."""
+    with geo.open_raster(optical) as opt_ds, geo.open_raster(sar) as sar_file_ds:
+        opt_info, sar_file = geo.geo_info(opt_ds), geo.geo_info(sar_file_ds)
+        sar_ds, reprojected = geo.sar_in_optical_crs(sar_file_ds, opt_info) if geo_prior else (sar_file_ds, False)
+        try:
+            yield _Scene(opt_ds, sar_ds, opt_info, sar_file, geo.geo_info(sar_ds), reprojected)
+        finally:
+            if reprojected:
+                sar_ds.close()
+
+
+def register_scene(optical: str | Path, sar: str | Path, out_dir: Path, matcher: Any,
+                   options: SceneOptions | None = None,
+                   progress: Callable[[str], None] | None = None) -> SceneResult:
+    """Register a (large, possibly georeferenced) SAR scene to an optical scene, tile by tile, and write
+    the products (:func:`estimate_scene` then :func:`write_scene`).
+
+    Args:
+        optical, sar: raster paths (any size; read in windows).
+        out_dir: existing output directory (see :func:`promptmid.registration.prepare_out_dir`).
+        matcher: a :class:`promptmid.api.Matcher` used on each tile.
+
+    Returns:
+        the :class:`SceneResult` (``result.json`` = its ``to_dict()``, also written).
+    Raises:
+        InputError: unreadable inputs, bad options, or no overlap.
+    """
+    options = options or SceneOptions()
+    t_start = time.perf_counter()
+    result = estimate_scene(optical, sar, matcher, options, progress)
+    write_scene(result, optical, sar, out_dir, options, progress)
+    result.timings["total"] = time.perf_counter() - t_start
+    write_json(out_dir / "result.json", result.to_dict())
+    return result
+
+
+def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: SceneOptions | None = None,
+                   progress: Callable[[str], None] | None = None) -> SceneResult:
+    """Prior, tiles, per-tile matching and the global fit; writes nothing."""
+    options = options or SceneOptions()
+    say = progress or (lambda _m: None)
+    with open_scene(optical, sar, options.geo_prior) as sc:
+        say("computing the prior")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prior, kind, reason = _prior(sc, matcher, options)
+        timings["prior"] = time.perf_counter() - t0
+        info = _base_info(sc, matcher, options)
+        if prior is None:
+            return SceneResult("failed", reason, None, None, [], None, kind, info, timings)
+        bbox = geo.overlap_bbox(prior, (sc.opt.width, sc.opt.height), (sc.sar.width, sc.sar.height))
+        if bbox is None:
+            raise InputError("The optical and SAR images do not overlap (under the prior).")
+        grid = tile_grid(bbox, options.tile, options.overlap)
+        tiles = select_tiles(grid, options.max_tiles)
+        margin = int(np.ceil(geo.parse_search_radius(options.search_radius, sc.opt.pixel_size)))
+        t0 = time.perf_counter()
+        found = _match_tiles(sc, matcher, tiles, prior, margin, say)
+        timings["tiles"] = time.perf_counter() - t0
+        info.update(overlap_bbox_px=list(bbox), search_radius_px=margin,
+                    tiles={"grid": len(grid), "processed": len(tiles), "tile": options.tile,
+                           "overlap": options.overlap, "max_tiles": options.max_tiles})
+        say("global fit")
+        model, tp, reason = _fit(sc, matcher, options, tiles, found, prior)
+        info.update(_accuracy(sc, model, tp))
+        return SceneResult("ok" if model else "failed", reason, model, tp, tiles, prior, kind, info, timings)
+
+
+def write_scene(result: SceneResult, optical: str | Path, sar: str | Path, out_dir: Path,
+                options: SceneOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Write the products of ``result`` for the rasters ``optical``/``sar`` into ``out_dir`` (tie points,
+    figure, GCP VRT and the registered SAR when there is a model); records them in ``result.outputs``."""
+    options = options or SceneOptions()
+    (progress or (lambda _m: None))("writing outputs")
+    t0 = time.perf_counter()
+    out: dict[str, str] = {}
+    tp = result.tiepoints
+    if tp is not None:
+        with open_scene(optical, sar, options.geo_prior) as sc:
+            out = _write_products(sc, result, Path(sar), out_dir, options)
+    out["result"] = "result.json"
+    result.outputs = out
+    result.timings["write"] = time.perf_counter() - t0
+    return out
+
+
+def _prior(sc: _Scene, matcher: Any, options: SceneOptions) -> tuple[np.ndarray | None, str, str]:
+    if options.geo_prior and sc.opt.georeferenced and sc.sar.georeferenced:
+        return geo.geo_prior(sc.opt, sc.sar), "geo", ""
+    p, reason = coarse_prior(matcher, sc.opt_ds, sc.sar_ds, options.overview_side)
+    return p, "coarse", reason
+
+
+def _match_tiles(sc: _Scene, matcher: Any, tiles: list[Tile], prior: np.ndarray, margin: int,
+                 say: Callable[[str], None]) -> SceneMatches:
+    found = SceneMatches()
+    fill = sc.sar.nodata if sc.sar.nodata is not None else 0.0
+    for i, tile in enumerate(tiles):
+        say(f"matching tile {i + 1}/{len(tiles)}")
+        match_tile(matcher, sc.opt_ds, sc.sar_ds, prior, tile, margin, fill, found)
+    return found
+
+
+def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], found: SceneMatches,
+         prior: np.ndarray) -> tuple[GlobalModel | None, TiePoints, str]:
+    p0, p1, scores, tile_idx, _ = found.arrays()
+    g = matcher.conf["geometry"]
+    model, inliers, reason = fit_global(p0, p1, options.model, g["threshold"], g["min_inliers"])
+    res_after = np.linalg.norm(model.apply(p0) - p1, axis=1) if model else np.full(len(p0), np.nan)
+    res_before = np.linalg.norm(apply_transform(prior, p0) - p1, axis=1) if len(p0) else np.zeros(0)
+    tp = TiePoints(p0, p1, geo.sar_grid_to_file_pixels(p1, sc.sar, sc.sar_file), tile_idx, scores,
+                   inliers, res_after, res_before)
+    _tile_qc(tiles, tp, g["min_inliers"])
+    return model, tp, reason
+
+
+def _accuracy(sc: _Scene, model: GlobalModel | None, tp: TiePoints) -> dict[str, Any]:
+    px = sc.sar.pixel_size or 0.0
+    inl = tp.inlier
+    before, after = geo.rmse(tp.prior_residual_px[inl]), geo.rmse(tp.residual_px[inl])
+    d: dict[str, Any] = {"tiepoints": int(len(tp.optical_px)), "inliers": int(inl.sum()),
+                         "rmse_before_px": before, "rmse_after_px": after,
+                         "rmse_before_m": before * px if before is not None and px else None,
+                         "rmse_after_m": after * px if after is not None and px else None,
+                         "rmse_note": "over global inliers, SAR-grid px; before = prior, after = fitted model"}
+    if model:
+        d["map_transform"] = _list(geo.map_transform(model.matrix, sc.opt, sc.sar))
+    return d
+
+
+def _base_info(sc: _Scene, matcher: Any, options: SceneOptions) -> dict[str, Any]:
+    return {"model": options.model, "optical": sc.opt.to_dict(), "sar": sc.sar_file.to_dict(),
+            "sar_grid": {"reprojected_to_optical_crs": sc.reprojected, **sc.sar.to_dict()},
+            "config": {"preset": getattr(matcher, "preset", None), "scene": asdict(options)}}
+
+
+def _write_products(sc: _Scene, result: SceneResult, sar_path: Path, out_dir: Path,
+                    options: SceneOptions) -> dict[str, str]:
+    tp, model = result.tiepoints, result.model
+    assert tp is not None
+    out: dict[str, str] = {"tiepoints_csv": "tiepoints.csv", "tiepoints_geojson": "tiepoints.geojson"}
+    write_tiepoints_csv(out_dir / out["tiepoints_csv"], tp, sc.opt, sc.sar)
+    write_tiepoints_geojson(out_dir / out["tiepoints_geojson"], tp, sc.opt, sc.sar)
+    if options.figures:
+        out["tile_map"] = "tile_map.png"
+        plot_tile_map(out_dir / out["tile_map"], sc.opt_ds, result.tiles, tp)
+    if model is None:
+        return out
+    if sc.opt.georeferenced and tp.inlier.any():
+        out["gcp_vrt"] = "sar_gcps.vrt"
+        map_xy = geo.pixel_to_map(sc.opt.transform, tp.optical_px[tp.inlier])
+        write_gcp_vrt(out_dir / out["gcp_vrt"], sar_path, sc.sar_file, tp.sar_file_px[tp.inlier], map_xy, sc.opt.crs)
+    out["registered_sar"] = "registered_sar.tif"
+    write_registered_scene(out_dir / out["registered_sar"], model, sc.opt, sc.sar_ds, options.block)
+    return out
+
+
+def _tile_qc(tiles: list[Tile], tp: TiePoints, min_inliers: int) -> None:
+    """Per-tile global inliers and RMSE; a tile whose matches the global fit rejects becomes ``rejected``."""
+    for t in tiles:
+        mine = tp.tile == t.index
+        t.global_inliers = int((mine & tp.inlier).sum())
+        if t.global_inliers:
+            t.rmse_px = geo.rmse(tp.residual_px[mine & tp.inlier])
+        if t.status == "ok" and t.global_inliers < min(min_inliers, t.inliers):
+            t.status, t.reason = "rejected", "tile fit disagrees with the global model"
+
+
+def _list(m: np.ndarray | None) -> list | None:
+    return None if m is None else np.asarray(m).tolist()
