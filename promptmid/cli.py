@@ -16,16 +16,14 @@ from rich.table import Table
 from promptmid.commands import register_all
 from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
-    AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
-    ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, handle_errors, out_console, set_threads, status,
+    AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
+    ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console, set_threads, status,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Register optical and SAR images with modality-invariant descriptors (PromptMID).")
 
 
-@app.command()
-@handle_errors
 def match(
     optical: Path = typer.Argument(..., help="Optical image (PNG/JPEG/TIFF/GeoTIFF, 1-4 bands)."),
     sar: Path = typer.Argument(..., help="SAR image (amplitude or intensity, any dtype)."),
@@ -33,7 +31,7 @@ def match(
     preset: str = PresetOpt,
     model: Optional[str] = ModelOpt,
     threshold: Optional[float] = ThresholdOpt,
-    min_inliers: Optional[int] = typer.Option(None, "--min-inliers", help="Fewer inliers = failed (default 6)."),
+    min_inliers: Optional[int] = MinInliersOpt,
     try_rotations: bool = RotOpt,
     rotation_step: Optional[float] = RotStepOpt,
     top_k: Optional[int] = TopKOpt,
@@ -110,8 +108,6 @@ def _refinement_text(ref: dict[str, Any] | None) -> str:
     return f"applied: {ref['inliers']} of {ref['blocks']} blocks agree"
 
 
-@app.command()
-@handle_errors
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),
     preset: str = PresetOpt,
@@ -132,8 +128,6 @@ def demo(
         fail(f"demo did not register within 5 px: {summary.get('reason') or summary['mean_corner_error_px']}", 5)
 
 
-@app.command()
-@handle_errors
 def models(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check each weight file's sha256."),
     json_out: bool = JsonOpt,
@@ -157,6 +151,8 @@ def models(
         raise typer.Exit(4)
 
 
+for _name, _func in (("match", match), ("demo", demo), ("models", models)):
+    add_command(app, _name, _func)
 register_all(app)
 
 

@@ -26,6 +26,10 @@ def merge_options(defaults: dict[str, Any], options: dict[str, Any], owner: str)
     return {**defaults, **options}
 
 
+DEFAULT_ROTATION_STEP = 90.0  # degrees between the SAR rotations tried by --try-rotations
+# defaults of the diffusion feature source that the CLI shows (the source's own default_conf must agree)
+DIFFUSION_DEFAULTS: dict[str, Any] = {"ensemble": 4}
+
 DEFAULTS: dict[str, Any] = {
     "io": {
         "max_side": 1024,  # working resolution: long side at most this (px); results are in original px

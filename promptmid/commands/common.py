@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
+from promptmid.config import DEFAULT_ROTATION_STEP, DEFAULTS, DIFFUSION_DEFAULTS
 from promptmid.errors import PromptMIDError
 
 err_console = Console(stderr=True)
@@ -47,6 +48,11 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def add_command(app: typer.Typer, name: str, func: Callable[..., Any], help: str | None = None) -> None:
+    """Register ``func`` as command ``name`` with the one error handling of the CLI (:func:`handle_errors`)."""
+    app.command(name=name, help=help)(handle_errors(func))
+
+
 @contextmanager
 def status(quiet: bool) -> Iterator[Callable[[str], None]]:
     """A spinner on stderr whose message the pipeline updates (silent when ``quiet``)."""
@@ -74,7 +80,7 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
     if opts.get("try_rotations"):
         from promptmid.api import rotation_steps
 
-        o["geometry"]["rotations"] = rotation_steps(opts.get("rotation_step") or 90.0)
+        o["geometry"]["rotations"] = rotation_steps(opts.get("rotation_step") or DEFAULT_ROTATION_STEP)
     if opts.get("dm"):
         o["sources"] = {"diffusion": diffusion_conf(opts)}
     if opts.get("aggregator") == "none":
@@ -116,11 +122,16 @@ def set_threads(threads: Optional[int]) -> None:
 PresetOpt = typer.Option("lite", "--preset", "-p", help="Pipeline preset: lite | xfeat | full.")
 ModelOpt = typer.Option(None, "--geometry", "--model", "-m", help="Fitted transform family: affine (default) | "
                         "homography | similarity. (--model is a deprecated alias, to be removed in the next release.)")
-ThresholdOpt = typer.Option(None, "--threshold", help="Inlier threshold in SAR pixels (default 3).")
+ThresholdOpt = typer.Option(None, "--threshold",
+                            help=f"Inlier threshold in SAR pixels (default {DEFAULTS['geometry']['threshold']:g}).")
 RotOpt = typer.Option(False, "--try-rotations", help="Also try the SAR image rotated (steps of --rotation-step).")
-RotStepOpt = typer.Option(None, "--rotation-step", help="Rotation step in degrees for --try-rotations (default 90).")
-TopKOpt = typer.Option(None, "--top-k", help="Keypoints per image (default 2048).")
-MaxSideOpt = typer.Option(None, "--max-side", help="Working resolution: long side in px (default 1024).")
+RotStepOpt = typer.Option(None, "--rotation-step",
+                          help=f"Rotation step in degrees for --try-rotations (default {DEFAULT_ROTATION_STEP:g}).")
+TopKOpt = typer.Option(None, "--top-k", help=f"Keypoints per image (default {DEFAULTS['keypoints']['top_k']}).")
+MaxSideOpt = typer.Option(None, "--max-side",
+                          help=f"Working resolution: long side in px (default {DEFAULTS['io']['max_side']}).")
+MinInliersOpt = typer.Option(None, "--min-inliers",
+                             help=f"Fewer inliers = failed (default {DEFAULTS['geometry']['min_inliers']}).")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: all).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 JsonOpt = typer.Option(False, "--json", help="Print result.json on stdout.")
@@ -133,5 +144,6 @@ DmLoraOpt = typer.Option(None, "--dm-lora", help="PromptDM LoRA adapter (from `p
 LandUseOpt = typer.Option(None, "--land-use", help="Land-use prompt: auto (diffusion classifier on the optical "
                           "image, default), average, or a class (farmland, forest, grassland, water, urban, "
                           "rural settlement, road, bare land, mountain).")
-DmEnsembleOpt = typer.Option(None, "--dm-ensemble", help="Noise draws averaged per image (default 4).")
+DmEnsembleOpt = typer.Option(None, "--dm-ensemble", help="Noise draws averaged per image (default "
+                             f"{DIFFUSION_DEFAULTS['ensemble']}).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace files in an existing output directory.")

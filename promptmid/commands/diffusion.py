@@ -7,10 +7,9 @@ from typing import Optional
 
 import typer
 
-from promptmid.commands.common import OverwriteOpt, QuietOpt, handle_errors, out_console, set_threads
+from promptmid.commands.common import OverwriteOpt, QuietOpt, add_command, out_console, set_threads
 
 
-@handle_errors
 def finetune_dm(
     dm: str = typer.Option(..., "--dm", help="Base Stable Diffusion model (diffusers layout dir, or hub id)."),
     images: Path = typer.Option(..., "--images", help="CSV with columns image,class,modality (empty class = "
@@ -50,4 +49,4 @@ def finetune_dm(
 
 def register(app: typer.Typer) -> None:
     """Add ``finetune-dm`` to ``app``."""
-    app.command("finetune-dm")(finetune_dm)
+    add_command(app, "finetune-dm", finetune_dm)

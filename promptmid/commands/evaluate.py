@@ -7,14 +7,13 @@ from typing import List, Optional
 
 import typer
 
-from promptmid.commands.common import OverwriteOpt, QuietOpt, ThreadsOpt, err_console, handle_errors, out_console
+from promptmid.commands.common import OverwriteOpt, QuietOpt, ThreadsOpt, add_command, err_console, out_console
 
 
 def _split(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-@handle_errors
 def eval_command(
     manifests: List[Path] = typer.Argument(..., help="Pair manifests (JSON lines, README 'Manifest format')."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
@@ -76,5 +75,5 @@ def list_methods() -> None:
 
 def register(app: typer.Typer) -> None:
     """Add ``promptmid eval`` and ``promptmid eval-methods``."""
-    app.command("eval")(eval_command)
-    app.command("eval-methods", help="List the methods that `promptmid eval` can run.")(list_methods)
+    add_command(app, "eval", eval_command)
+    add_command(app, "eval-methods", list_methods, help="List the methods that `promptmid eval` can run.")

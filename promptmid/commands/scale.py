@@ -12,7 +12,7 @@ from rich.table import Table
 
 from promptmid.commands.common import (
     JsonOpt, OverwriteOpt, PresetOpt, QuietOpt, ThreadsOpt, ThresholdOpt, TopKOpt, build_overrides, err_console,
-    fail, handle_errors, out_console, set_threads, status,
+    add_command, fail, out_console, set_threads, status,
 )
 from promptmid.geometry import format_matrix
 
@@ -155,5 +155,5 @@ def batch(
 
 def register(app: typer.Typer) -> None:
     """Add ``scene`` and ``batch`` to the app."""
-    app.command(name="scene")(handle_errors(scene))
-    app.command(name="batch")(handle_errors(batch))
+    add_command(app, "scene", scene)
+    add_command(app, "batch", batch)

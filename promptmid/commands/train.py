@@ -7,11 +7,11 @@ from typing import List, Optional
 
 import typer
 
-from promptmid.commands.common import OverwriteOpt, PresetOpt, QuietOpt, ThreadsOpt, handle_errors, out_console, set_threads
+from promptmid.commands.common import OverwriteOpt, PresetOpt, QuietOpt, ThreadsOpt, add_command, out_console, set_threads
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="train")(handle_errors(train_command))
+    add_command(app, "train", train_command)
 
 
 def train_command(

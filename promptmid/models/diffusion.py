@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from promptmid.config import merge_options
+from promptmid.config import DIFFUSION_DEFAULTS, merge_options
 from promptmid.errors import InputError
 from promptmid.models.base import PairContext
 from promptmid.models.prompts import (
@@ -66,7 +66,7 @@ class DiffusionFeatures:
     default_conf: dict[str, Any] = {
         "timestep": 40,  # diffusion timestep t of the single noising step (0..999); DIFT/DESIGN: small t
         "up_blocks": (1, 2),  # UNet up-blocks whose outputs are kept (SD 2.1: 1 -> 1280ch @1/16, 2 -> 640ch @1/8)
-        "ensemble": 4,  # noise draws averaged per image (8 for quality runs)
+        "ensemble": DIFFUSION_DEFAULTS["ensemble"],  # noise draws averaged per image (8 for quality runs)
         "ensemble_batch": 0,  # draws per UNet batch; 0 = all at once (lower it to cap memory)
         "long_side": 512,  # input resized so the long side is ~this (px), sides rounded to multiples of 64; None = keep
         "prompt": None,  # literal prompt text overriding land-use prompts (same for both modalities)
