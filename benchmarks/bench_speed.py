@@ -1,6 +1,6 @@
 """Time and peak memory per 512x512 optical/SAR pair, split by stage, for each preset.
 
-Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 1,2] [--repeats 5] [--presets xfeat,lite-concat,lite]
+Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 1,2] [--repeats 5] [--presets xfeat,aliked,lite-concat,lite]
 
 Each preset runs in its own subprocess (so peak RSS is per preset), on the generated demo
 pair (no rotation search), after one warm-up call. Prints a table and writes
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--presets", default="xfeat,lite-concat,lite")
+    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite")
     args = parser.parse_args()
     stages = ["read", "keypoints", "dinov2", "aggregation", "matching", "fitting", "refine", "total"]
     rows = []
