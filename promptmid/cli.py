@@ -36,7 +36,7 @@ def match(
     rotation_step: Optional[float] = RotStepOpt,
     top_k: Optional[int] = TopKOpt,
     max_side: Optional[int] = MaxSideOpt,
-    sar_scale: Optional[str] = typer.Option(None, "--sar-scale", help="SAR scaling: auto | log | linear."),
+    sar_scale: Optional[str] = typer.Option(None, "--sar-scale", help="SAR scaling: auto (uint8: linear; negative values: dB; else log) | log | linear | db (already in dB: never logged twice)."),
     nan_as_nodata: bool = typer.Option(False, "--nan-as-nodata", help="Treat NaN/inf pixels as nodata."),
     aggregator: Optional[str] = AggregatorOpt,
     dm: Optional[str] = DmOpt,

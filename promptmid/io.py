@@ -194,16 +194,42 @@ def stretch(values: np.ndarray, valid: np.ndarray, lo: float = 1.0, hi: float = 
     return np.clip(out, 0.0, 1.0)
 
 
+SAR_SCALES = ("auto", "log", "linear", "db")
+
+
+def sar_scale_of(data: np.ndarray, valid: np.ndarray, scale: str = "auto") -> str:
+    """The SAR scaling :func:`sar_to_unit` applies: ``scale`` itself, or for ``"auto"``: ``"linear"`` for uint8
+    (already display-scaled), ``"db"`` for data with negative values (a logarithmic product, e.g. Sentinel-1
+    backscatter in dB), ``"log"`` otherwise (raw amplitude or intensity).
+
+    Raises:
+        InputError: an unknown ``scale``.
+    """
+    if scale not in SAR_SCALES:
+        raise InputError(f"Unknown SAR scaling {scale!r}; valid: {', '.join(SAR_SCALES)}.")
+    if scale != "auto":
+        return scale
+    if data.dtype == np.uint8:
+        return "linear"
+    values = data[valid] if valid.any() else data.reshape(-1, data.shape[-1])
+    return "db" if bool((values < 0).any()) else "log"
+
+
 def sar_to_unit(data: np.ndarray, valid: np.ndarray, scale: str = "auto") -> np.ndarray:
     """Turn SAR amplitude/intensity ``[H, W, C]`` into one ``[H, W]`` band in ``[0, 1]``.
 
-    ``scale``: ``"log"`` (dB-like, ``log10`` of the values), ``"linear"``, or ``"auto"``:
-    log for integer types wider than 8 bit and floats (raw amplitude/intensity), linear for
-    uint8 (already display-scaled). Multi-band SAR (e.g. HH/HV) is averaged in power.
+    ``scale`` (:data:`SAR_SCALES`, resolved by :func:`sar_scale_of`): ``"log"`` (``log10`` of linear
+    amplitude/intensity), ``"linear"`` (stretch as is), ``"db"`` (values already logarithmic: stretched as
+    is, never logged twice) or ``"auto"``. Multi-band linear SAR (e.g. HH/HV) is averaged in power, dB bands
+    are averaged in dB.
     """
+    scale = sar_scale_of(data, valid, scale)
     band = data[..., :3].astype(np.float64)
-    band = np.sqrt((band**2).mean(axis=-1)) if band.shape[-1] > 1 else band[..., 0]
-    use_log = scale == "log" or (scale == "auto" and data.dtype != np.uint8)
+    if band.shape[-1] > 1:
+        band = band.mean(axis=-1) if scale == "db" else np.sqrt((band**2).mean(axis=-1))
+    else:
+        band = band[..., 0]
+    use_log = scale == "log"
     if use_log:
         floor = np.percentile(band[valid & (band > 0)], 0.1) if (band[valid] > 0).any() else 1e-6
         band = np.log10(np.maximum(band, floor))
@@ -255,7 +281,7 @@ def load_image(
         valid &= ~border_fill_mask(data[..., 0] if data.shape[-1] < 3 else data[..., :3].max(axis=-1))
         if valid.mean() < 0.02:
             raise InputError(f"{_name(raster)} has almost no valid pixels after masking fill/nodata.")
-    unit = sar_to_unit(data, valid) if modality == "sar" else optical_to_unit(data, valid)
+    unit = sar_to_unit(data, valid, sar_scale) if modality == "sar" else optical_to_unit(data, valid)
     if modality == "sar":
         if sar_smooth > 0:
             unit = cv2.GaussianBlur(unit, (0, 0), sar_smooth)

@@ -104,3 +104,24 @@ def test_read_raster_keeps_georeferencing(tmp_path):
     r = read_raster(path)
     assert r.crs is not None and "UTM zone 33N" in r.crs
     assert r.transform.a == 10 and r.size == (50, 40)
+
+
+def test_sar_scale_is_honoured_and_db_is_not_logged_twice():
+    """--sar-scale reaches the scaling; a dB product (negative values) is detected by auto and never logged."""
+    from promptmid.errors import InputError
+    from promptmid.io import load_image, sar_scale_of
+
+    rng = np.random.default_rng(0)
+    linear = rng.gamma(2.0, 0.05, (64, 64)).astype(np.float32)
+    db = (10 * np.log10(linear)).astype(np.float32)  # typical Sentinel-1 sigma0 in dB: mostly negative
+    valid = np.ones((64, 64), bool)
+    assert sar_scale_of(db[..., None], valid) == "db" and sar_scale_of(linear[..., None], valid) == "log"
+    as_db = load_image(db, "sar", sar_scale="db").image[..., 0]
+    assert np.allclose(load_image(db, "sar").image[..., 0], as_db)  # auto == db on dB data
+    # dB data stretched as is is a monotone map of the linear data logged once: same ranks
+    logged = load_image(linear, "sar", sar_scale="log").image[..., 0]
+    assert np.corrcoef(as_db.ravel(), logged.ravel())[0, 1] > 0.99
+    lin = load_image(linear, "sar", sar_scale="linear").image[..., 0]
+    assert not np.allclose(lin, logged, atol=1e-3)  # the option changes the result
+    with pytest.raises(InputError, match="valid: auto, log, linear, db"):
+        load_image(linear, "sar", sar_scale="banana")
