@@ -105,6 +105,33 @@ def test_corrupt_cache_is_detected_and_rebuilt(model, cache: Path, tmp_path: Pat
     assert torch.equal(rebuilt.layernorm.weight, model.layernorm.weight)
 
 
+def test_conversion_matches_the_pinned_checksum(model, cache: Path) -> None:
+    assert weights.sha256_file(cache / "dinov2_vits14.safetensors") == vfm.SPEC.cache_sha256
+
+
+def test_tampered_cache_with_edited_sidecar_is_refused(model, cache: Path, tmp_path: Path) -> None:
+    """Replacing the weights and writing their new sha256 into the sidecar is not enough: the checksum is
+    pinned in code, ``promptmid models`` reports the cache as failing, and loading converts again."""
+    import json
+
+    for name in ("dinov2_vits14.safetensors", "dinov2_vits14.json"):
+        shutil.copy(cache / name, tmp_path / name)
+    target = tmp_path / "dinov2_vits14.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    target.write_bytes(bytes(data))
+    record = json.loads((tmp_path / "dinov2_vits14.json").read_text())
+    record["sha256"] = weights.sha256_file(target)
+    (tmp_path / "dinov2_vits14.json").write_text(json.dumps(record))
+    assert weights._cache_state(vfm.SPEC, target, verify=True).startswith(weights._CACHE_FAILS)
+    assert "fails its pinned sha256" in weights._cache_state(vfm.SPEC, target, verify=True)
+    with pytest.warns(UserWarning, match="corrupt"):
+        rebuilt = vfm.load_dinov2(cache=tmp_path)
+    assert weights.sha256_file(target) == vfm.SPEC.cache_sha256
+    assert torch.equal(rebuilt.layernorm.weight, model.layernorm.weight)
+    assert weights._cache_state(vfm.SPEC, target, verify=True) == "converted, verified"
+
+
 def test_wrong_keys_raise_model_error() -> None:
     module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     state = dict(module.state_dict())

