@@ -124,3 +124,47 @@ def test_cli_train_and_resume(synth_manifest: Path, tmp_path: Path, monkeypatch:
     r = CliRunner().invoke(app, args + ["--epochs", "2", "--val-fraction", "0.3", "--resume"])
     assert r.exit_code == 0, r.output
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_overwrite_keeps_files_it_did_not_write(synth_manifest: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    from promptmid.cli import app
+
+    monkeypatch.setenv("PROMPTMID_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"1")
+    args = ["train", str(synth_manifest), "--out", str(out), "--preset", "xfeat", "--quiet", "--epochs", "1",
+            "--val-fraction", "0.3"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    # a missing manifest fails before anything in OUT is touched
+    bad = CliRunner().invoke(app, ["train", str(tmp_path / "nope.jsonl"), "--out", str(out), "--overwrite", "-q"])
+    assert bad.exit_code != 0 and (out / "best.safetensors").is_file()
+    r = CliRunner().invoke(app, args + ["--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "data.bin").is_file()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1  # the old run's log was replaced, not extended
+
+
+class _Planted:
+    """Pickles to a call that writes a marker file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_planted_cache_file_is_never_executed(tmp_path: Path):
+    from promptmid.training.data import load_cached
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "entry.pt"
+    torch.save({"payload": _Planted(marker)}, path)
+    assert load_cached(path) is None  # refused (weights_only) and rebuilt by the caller
+    assert not marker.exists()
