@@ -147,3 +147,14 @@ def test_cli_options_map_onto_config_overrides():
     assert o["aggregator"] == CONCAT
     assert o["sources"]["diffusion"] == {"model": "sd21", "lora": "lora", "land_use": "water", "ensemble": 2}
     assert resolve_preset("lite", "sd21") == "full" and resolve_preset("xfeat", None) == "xfeat"
+
+
+@pytest.mark.parametrize("option", [["--top-k", "-5"], ["--top-k", "0"], ["--threshold", "-3"], ["--threshold", "0"],
+                                    ["--max-side", "1"], ["--min-inliers", "0"], ["--threads", "-1"],
+                                    ["--try-rotations", "--rotation-step", "0"],
+                                    ["--try-rotations", "--rotation-step", "200"]])
+def test_numeric_options_are_checked_up_front(tmp_path, demo_files, option):
+    out = tmp_path / "o"
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), *option, "-q")
+    assert res.exit_code == 2, res.output
+    assert "must be" in res.stderr and not out.exists()  # refused before anything was written

@@ -111,6 +111,11 @@ def test_runner_and_report(tmp_path, pair: tuple) -> None:
     for name in ("pairs.csv", "summary.md", "summary.json", "mma.png", "corner_cdf.png", "checkerboards.png"):
         assert (tmp_path / "out" / name).is_file()
     assert "image error" in (tmp_path / "out" / "summary.md").read_text()
+    # strict JSON although the failed pair has infinite errors (NaN/Infinity would not parse elsewhere)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in summary.json"))
+    assert summary["overall"]["sift-ratio"]["affine"]["median_corner_error"] is None or \
+        isinstance(summary["overall"]["sift-ratio"]["affine"]["median_corner_error"], float)
     assert any((tmp_path / "cache").rglob("*.npz"))
     again = run_and_report(read_manifest(manifest), conf, tmp_path / "out2", figures=False)["rows"]
     assert [r["corner_error"] for r in again] == [r["corner_error"] for r in rows]  # from the cache

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from promptmid.config import DEFAULT_ROTATION_STEP, DEFAULTS, DIFFUSION_DEFAULTS
-from promptmid.errors import PromptMIDError
+from promptmid.errors import InputError, PromptMIDError
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -63,8 +63,34 @@ def status(quiet: bool) -> Iterator[Callable[[str], None]]:
         yield lambda msg: st.update(msg)
 
 
+# numeric options: name -> (smallest valid value, whether it is excluded, what the option means)
+NUMERIC_LIMITS: dict[str, tuple[float, bool, str]] = {
+    "threshold": (0.0, True, "the inlier threshold (SAR px) must be > 0"),
+    "min_inliers": (3, False, "--min-inliers must be at least 3"),
+    "top_k": (8, False, "--top-k must be at least 8 keypoints"),
+    "max_side": (64, False, "--max-side must be at least 64 px"),
+    "rotation_step": (0.0, True, "--rotation-step must be in (0, 180] degrees"),
+    "threads": (1, False, "--threads must be at least 1"),
+}
+
+
+def check_numeric(**opts: Any) -> None:
+    """Refuse out-of-range numeric options up front (exit 2), before anything is read or written."""
+    for name, value in opts.items():
+        if value is None or name not in NUMERIC_LIMITS:
+            continue
+        low, exclusive, message = NUMERIC_LIMITS[name]
+        if value < low or (exclusive and value == low) or (name == "rotation_step" and value > 180):
+            raise InputError(f"{message}; got {value}.")
+
+
 def build_overrides(**opts: Any) -> dict[str, Any]:
-    """Map CLI options onto nested config overrides (``None`` = keep the preset's value)."""
+    """Map CLI options onto nested config overrides (``None`` = keep the preset's value).
+
+    Raises:
+        InputError: a numeric option out of range (:data:`NUMERIC_LIMITS`).
+    """
+    check_numeric(**opts)
     o: dict[str, Any] = {"io": {}, "keypoints": {}, "geometry": {}, "matching": {}}
     mapping = {
         "model": ("geometry", "model"), "threshold": ("geometry", "threshold"),
@@ -80,7 +106,8 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
     if opts.get("try_rotations"):
         from promptmid.api import rotation_steps
 
-        o["geometry"]["rotations"] = rotation_steps(opts.get("rotation_step") or DEFAULT_ROTATION_STEP)
+        step = opts.get("rotation_step")
+        o["geometry"]["rotations"] = rotation_steps(DEFAULT_ROTATION_STEP if step is None else step)
     if opts.get("dm"):
         o["sources"] = {"diffusion": diffusion_conf(opts)}
     if opts.get("aggregator") == "none":
@@ -112,6 +139,8 @@ def resolve_preset(preset: str, dm: Optional[str]) -> str:
 
 
 def set_threads(threads: Optional[int]) -> None:
+    """Torch CPU threads (``None`` = torch's default); refuses values below 1 (exit 2)."""
+    check_numeric(threads=threads)
     if threads:
         import torch
 

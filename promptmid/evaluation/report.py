@@ -142,13 +142,28 @@ def write_summary(rows: list[dict[str, Any]], out_dir: Path, header: list[str], 
     write_pairs_csv(rows, out_dir / "pairs.csv")
     summary = summarize(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
-    (out_dir / "summary.json").write_text(json.dumps({"config": config, **summary}, indent=1, default=_json))
+    doc = json_safe({"config": config, **summary})
+    (out_dir / "summary.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
     (out_dir / "summary.md").write_text(summary_markdown(summary, header, models) + "\n")
     return summary
 
 
-def _json(v: Any) -> Any:
-    return float(v) if isinstance(v, (np.floating, np.integer)) else str(v)
+def json_safe(v: Any) -> Any:
+    """``v`` with numpy scalars as Python numbers and NaN/inf as ``None`` (strict JSON: a failed pair's
+    infinite error becomes null), recursively; other objects as strings."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if v is None or isinstance(v, str):
+        return v
+    return str(v)
 
 
 # --- figures -------------------------------------------------------------------------------------
