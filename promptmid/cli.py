@@ -53,9 +53,10 @@ def match(
     from promptmid.api import Matcher
     from promptmid.config import get_config
     from promptmid.io import load_image
-    from promptmid.registration import prepare_out_dir, write_products
+    from promptmid.registration import prepare_out_dir, refuse_inputs_among_products, write_products
 
     set_threads(threads)
+    refuse_inputs_among_products(out, optical, sar)
     overrides = build_overrides(model=model, threshold=threshold, min_inliers=min_inliers, try_rotations=try_rotations,
                                 rotation_step=rotation_step, top_k=top_k, max_side=max_side,
                                 sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, aggregator=aggregator,

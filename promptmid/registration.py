@@ -24,6 +24,22 @@ from promptmid.io import PreparedImage, RasterImage, open_for_write
 from promptmid.geometry import checkerboard, residuals, warp_to_optical  # noqa: F401 (re-exported)
 
 
+PRODUCTS = ("result.json", "tiepoints.csv", "registered_sar.tif", "matches.png", "checkerboard.png")
+
+
+def refuse_inputs_among_products(out: str | Path, *inputs: str | Path, products: tuple[str, ...] = PRODUCTS) -> None:
+    """Refuse (exit 3) when an input file is one of the products that would be written into ``out``.
+
+    Raises:
+        OutputExistsError: naming the input that would be overwritten.
+    """
+    targets = {(Path(out) / name).resolve() for name in products}
+    for item in inputs:
+        if isinstance(item, (str, Path)) and Path(item).resolve() in targets:
+            raise OutputExistsError(f"{item} is an input and would be overwritten by an output of the same name in "
+                                    f"{out}; choose another --out.")
+
+
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Create ``out``; refuse a non-empty existing directory unless ``overwrite``.
 
@@ -96,10 +112,14 @@ def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: Prep
                    figures: bool = True) -> dict[str, str]:
     """Write result.json, tiepoints.csv and (on success) figures and registered_sar.tif.
 
+    Products of an earlier run in ``out`` that this run does not write (e.g. the figures and registered
+    SAR of a pair that now fails) are removed, so that nothing stale sits beside the new ``result.json``.
+
     Returns:
         ``{product name: path}`` of what was written.
     """
-
+    for name in PRODUCTS:
+        (out / name).unlink(missing_ok=True)
     paths = {"result": out / "result.json", "tiepoints": out / "tiepoints.csv"}
     write_tiepoints(paths["tiepoints"], result)
     if result.ok:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,27 @@ def test_numeric_options_are_checked_up_front(tmp_path, demo_files, option):
     res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), *option, "-q")
     assert res.exit_code == 2, res.output
     assert "must be" in res.stderr and not out.exists()  # refused before anything was written
+
+
+def test_overwrite_removes_our_stale_products_and_never_an_input(tmp_path, demo_files):
+    out = tmp_path / "out"
+    assert _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "-p", "xfeat", "-q").exit_code == 0
+    assert (out / "registered_sar.tif").is_file() and (out / "matches.png").is_file()
+    (out / "mine.txt").write_text("keep")
+    # the same output folder, now a pair that fails: the old pair's products must not stay beside it
+    flat = tmp_path / "flat.png"
+    import cv2
+
+    cv2.imwrite(str(flat), (np.random.default_rng(0).random((200, 200)) * 4).astype(np.uint8) + 100)
+    res = _run("match", str(flat), str(demo_files[1]), "--out", str(out), "-p", "xfeat", "--overwrite", "-q")
+    assert res.exit_code == 5, res.output
+    assert not (out / "registered_sar.tif").exists() and not (out / "matches.png").exists()
+    assert json.loads((out / "result.json").read_text())["status"] == "failed"
+    assert (out / "mine.txt").read_text() == "keep"
+    # an input that sits in --out under a product's name is refused, untouched
+    victim = out / "checkerboard.png"
+    victim.write_bytes(Path(demo_files[0]).read_bytes())
+    before = victim.read_bytes()
+    res = _run("match", str(victim), str(demo_files[1]), "--out", str(out), "--overwrite", "-q")
+    assert res.exit_code == 3 and "would be overwritten" in res.stderr
+    assert victim.read_bytes() == before

@@ -91,3 +91,13 @@ def test_scene_with_lite_preset(tmp_path: Path) -> None:
     assert r.ok and r.transform is not None, r.reason
     d = r.to_dict()
     assert d["rmse_after_px"] < d["rmse_before_px"]
+
+
+def test_search_radius_is_clamped_to_the_scene(tmp_path: Path) -> None:
+    """A huge --search-radius must not turn into a huge allocation: it is clamped to the scene size."""
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=3)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["scene", str(pair["optical"]), str(pair["sar"]), "--out", str(out), "-p", "xfeat",
+                                   "--tile", "512", "--max-tiles", "1", "--search-radius", "20000px", "--quiet"])
+    assert res.exit_code in (0, 5), res.output
+    assert json.loads((out / "result.json").read_text())["search_radius_px"] <= 512

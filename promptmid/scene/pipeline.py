@@ -165,6 +165,7 @@ def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: 
         grid = tile_grid(bbox, options.tile, options.overlap)
         tiles = select_tiles(grid, options.max_tiles)
         margin = int(np.ceil(geo.parse_search_radius(options.search_radius, sc.opt.pixel_size)))
+        margin = min(margin, max(sc.opt.width, sc.opt.height, sc.sar.width, sc.sar.height))  # never beyond the scene
         t0 = time.perf_counter()
         found = _match_tiles(sc, matcher, tiles, prior, margin, say)
         timings["tiles"] = time.perf_counter() - t0
