@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "optsar"
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / "cache"
-PEERS = "promptmid-lite,promptmid-lite-posfree,promptmid-lite-agg-v2,xfeat-mnn,aliked-mnn,aliked-lightglue,rift"
+PEERS = "promptmid-lite,promptmid-lite-concat-aliked,promptmid-lite-posfree,promptmid-lite-agg-v2,xfeat-mnn,aliked-mnn,aliked-lightglue,rift"
 RUNS = ("val", "unseen", "aligned", "shift")
 
 

@@ -71,10 +71,10 @@ ALIKED = {"detector": "aliked", "top_k": 2048}
 PRESETS: dict[str, dict[str, Any]] = {
     # XFeat local descriptors only (baseline)
     "xfeat": {},
-    # default: ALIKED-n16 keypoints and descriptors + DINOv2-S/14 multi-layer features, training-free fusion.
-    # Chosen on the perturbed validation protocol (benchmarks/results/realpairs.md); the trained aggregator
-    # promptmid-agg-v2 (XFeat + DINOv2) learned image position and is no longer used by any preset.
-    "lite": {"keypoints": ALIKED, "sources": {"dinov2": DINOV2}, "aggregator": CONCAT},
+    # default: ALIKED-n16 keypoints and descriptors + DINOv2-S/14 multi-layer features, fused by promptmid-agg-v3
+    # (trained on views with independent warps of both images, selected on the perturbed validation pairs;
+    # benchmarks/results/realpairs.md). promptmid-agg-v1/v2 (XFeat + DINOv2) learned image position: no preset.
+    "lite": {"keypoints": ALIKED, "sources": {"dinov2": DINOV2}, "aggregator": {"name": "promptmid-agg-v3"}},
     # XFeat keypoints and descriptors + DINOv2-S/14, training-free fusion
     "lite-concat": {"sources": {"dinov2": DINOV2}, "aggregator": CONCAT},
     # ALIKED-n16 keypoints and descriptors only (our matching: MNN + guided re-matching)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from promptmid.config import INLIER_THRESHOLD_PX, merge_options
+from promptmid.config import CONCAT, INLIER_THRESHOLD_PX, merge_options
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
 from promptmid.geometry import apply_transform
@@ -156,14 +156,17 @@ def _promptmid_spec(preset: str, description: str, default: bool = True, name: s
                       {"preset": preset, "overrides": overrides}, rotations_inside=True, default=default)
 
 
-register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-S/14 L4/8/12, concat fusion, MNN"))
+register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-S/14 L4/8/12 fused by the trained "
+                         "promptmid-agg-v3, MNN"))
+register(_promptmid_spec("lite", "lite with the training-free fusion (concatenation) instead of promptmid-agg-v3",
+                         default=False, name="lite-concat-aliked", overrides={"aggregator": CONCAT}))
 register(_promptmid_spec("lite-concat", "promptmid lite-concat: XFeat + DINOv2-S/14, concat fusion"))
 register(_promptmid_spec("xfeat", "promptmid xfeat: XFeat keypoints and descriptors only, MNN"))
 register(_promptmid_spec("aliked", "promptmid aliked: ALIKED-n16 keypoints and descriptors, MNN + guided matching",
                          default=False))
-register(_promptmid_spec("lite", "lite with position-free DINOv2 (patch position embeddings averaged; ablation)",
-                         default=False, name="lite-posfree",
-                         overrides={"sources": {"dinov2": {"position": "mean"}}}))
+register(_promptmid_spec("lite", "lite-concat-aliked with position-free DINOv2 (patch position embeddings "
+                         "averaged; ablation)", default=False, name="lite-posfree",
+                         overrides={"sources": {"dinov2": {"position": "mean"}}, "aggregator": CONCAT}))
 register(_promptmid_spec("lite-concat", "the previous default: XFeat + DINOv2 fused by the trained promptmid-agg-v2 "
                          "(learned image position)", default=False, name="lite-agg-v2",
                          overrides={"aggregator": {"name": "promptmid-agg-v2"}}))
