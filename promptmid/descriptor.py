@@ -6,7 +6,7 @@ diffusion) and the aggregator. It works on one image at a time; its output dict 
 - ``keypoints``: ``[N, 2]`` float32 (x, y) pixels of the working-resolution image,
 - ``scores``: ``[N]`` detector scores,
 - ``descriptors``: ``[N, D]`` L2-normalised,
-- ``image_size``: ``(H, W)`` of the working-resolution image,
+- ``image_size``: :class:`~promptmid.geometry.Size` ``(W, H)`` of the working-resolution image,
 - ``timings``: seconds per stage.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from promptmid.errors import ModelError
+from promptmid.geometry import Size
 from promptmid.io import PreparedImage
 from promptmid.models.aggregation import Aggregator, ConcatFusion
 from promptmid.models.base import FeatureSource, PairContext
@@ -96,7 +97,7 @@ class Describer:
         Returns:
             ``keypoints [N, 2]`` (x, y working px), ``scores [N]``, ``features {key: [N, C]}`` (the local
             descriptor under :attr:`KeypointExtractor.local_name`, then every source's keys),
-            ``image_size (H, W)``, ``timings``.
+            ``image_size`` (:class:`~promptmid.geometry.Size`, ``(W, H)``), ``timings``.
         """
         image = image_to_tensor(prepared.image)
         timings: dict[str, float] = {}
@@ -110,7 +111,7 @@ class Describer:
             features.update(source.describe(image, local["keypoints"], modality=prepared.modality, context=context))
             timings[name] = time.perf_counter() - t0
         return {"keypoints": local["keypoints"], "scores": local["scores"], "features": features,
-                "image_size": tuple(prepared.image.shape[:2]), "timings": timings}
+                "image_size": Size.of(prepared.image), "timings": timings}
 
     @torch.inference_mode()
     def __call__(self, prepared: PreparedImage, context: PairContext | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from promptmid.geometry import Size
 from promptmid.errors import InputError
 from promptmid.geometry import apply_transform
 
@@ -168,7 +169,7 @@ def parse_search_radius(text: str | float, pixel_size: float | None) -> float:
     return value / pixel_size
 
 
-def overlap_bbox(prior: np.ndarray, optical_size: tuple[int, int], sar_size: tuple[int, int],
+def overlap_bbox(prior: np.ndarray, optical_size: Size, sar_size: Size,
                  samples: int = 21) -> tuple[int, int, int, int] | None:
     """Optical pixel box ``(x0, y0, x1, y1)`` (end-exclusive) covering the SAR footprint.
 

@@ -9,8 +9,29 @@ image 1 the SAR image.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cv2
 import numpy as np
+
+
+class Size(NamedTuple):
+    """An image size in pixels, everywhere in promptmid as ``(width, height)`` = (columns, rows)."""
+
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, image: Any) -> "Size":
+        """The size of an ``[H, W, ...]`` array or a ``[..., H, W]`` tensor (``channels_first`` torch layout)."""
+        if hasattr(image, "dim"):  # torch tensor: [..., H, W]
+            return cls(int(image.shape[-1]), int(image.shape[-2]))
+        return cls(int(image.shape[1]), int(image.shape[0]))
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """``(height, width)``, for APIs that want rows first (numpy shapes, torch ``interpolate``)."""
+        return self.height, self.width
 
 
 def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -25,13 +46,13 @@ def residuals(matrix: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> n
     return np.linalg.norm(apply_transform(matrix, points0) - np.asarray(points1, dtype=np.float64), axis=1)
 
 
-def corners(size: tuple[int, int]) -> np.ndarray:
+def corners(size: Size) -> np.ndarray:
     """``[4, 2]`` corner pixel centres of an image of ``size = (W, H)``, clockwise from top-left."""
     w, h = size
     return np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], float)
 
 
-def corner_error(estimated: np.ndarray, truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def corner_error(estimated: np.ndarray, truth: np.ndarray, size: Size) -> np.ndarray:
     """``[4]`` distances (image-1 px) between the image-0 corners mapped by ``estimated`` and by ``truth``.
 
     ``size = (W, H)`` of image 0 (the optical image).
@@ -45,7 +66,7 @@ def translation(tx: float, ty: float) -> np.ndarray:
     return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
 
 
-def affine_about_centre(size: tuple[int, int], angle_deg: float, scale: float, shear: float = 0.0,
+def affine_about_centre(size: Size, angle_deg: float, scale: float, shear: float = 0.0,
                         shift: np.ndarray | tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """3x3 affine: shear, scale and rotate (counter-clockwise on screen) about the image centre, then shift.
 
@@ -70,7 +91,7 @@ def format_matrix(matrix: np.ndarray | list | None, indent: str = "") -> str:
     return "\n".join(indent + " ".join(f"{v:10.4f}" for v in row) for row in np.asarray(matrix))
 
 
-def warp_to_optical(image: np.ndarray, matrix: np.ndarray, optical_size: tuple[int, int],
+def warp_to_optical(image: np.ndarray, matrix: np.ndarray, optical_size: Size,
                     interpolation: int = cv2.INTER_LINEAR, fill: float = 0.0) -> np.ndarray:
     """Resample a SAR image ``[h, w(, C)]`` onto the optical grid ``(W, H)``.
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from promptmid.errors import InputError
+from promptmid.geometry import Size
 
 Modality = Literal["optical", "sar"]
 
@@ -44,9 +45,9 @@ class RasterImage:
     transform: Any = None
 
     @property
-    def size(self) -> tuple[int, int]:
+    def size(self) -> Size:
         """``(width, height)`` in pixels."""
-        return int(self.data.shape[1]), int(self.data.shape[0])
+        return Size.of(self.data)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class PreparedImage:
         image: ``[h, w, 3]`` float32 in ``[0, 1]`` at working resolution.
         valid: ``[h, w]`` bool, False on nodata / fill pixels.
         scale: ``(sx, sy)``: original pixels per working pixel.
-        original_size: ``(W, H)`` of the original image.
+        original_size: :class:`~promptmid.geometry.Size` ``(W, H)`` of the original image.
         modality: ``"optical"`` or ``"sar"``.
         raster: the raw image it came from.
     """
@@ -65,7 +66,7 @@ class PreparedImage:
     image: np.ndarray
     valid: np.ndarray
     scale: tuple[float, float]
-    original_size: tuple[int, int]
+    original_size: Size
     modality: Modality
     raster: RasterImage = field(repr=False)
 
@@ -304,7 +305,7 @@ def _resize_prepared(
         image=np.ascontiguousarray(unit, dtype=np.float32),
         valid=valid,
         scale=(w / ww, h / hh),
-        original_size=(w, h),
+        original_size=Size(w, h),
         modality=modality,
         raster=raster,
     )

@@ -60,4 +60,4 @@ def test_concat_fusion_weights_groups_by_norm():
 def test_describer_output_contract(optical):
     out = Describer({"top_k": 200}, {}, {"name": "concat"})(optical)
     assert set(out) == {"keypoints", "scores", "descriptors", "image_size", "timings"}
-    assert out["image_size"] == optical.image.shape[:2] and out["descriptors"].shape == (len(out["keypoints"]), 64)
+    assert out["image_size"] == (optical.image.shape[1], optical.image.shape[0]) and out["descriptors"].shape == (len(out["keypoints"]), 64)

@@ -21,6 +21,7 @@ import torch
 
 from promptmid.evaluation.base import MethodFn, MethodSpec, gray_uint8, image_tensor, in_valid, output, timed
 from promptmid.io import PreparedImage
+from promptmid.geometry import Size
 from promptmid.matching import mutual_nearest_neighbours
 from promptmid.models.keypoints import load_aliked_net
 from promptmid.models.weights import load_checked, package_weights
@@ -56,9 +57,9 @@ def load_lightglue(features: str) -> torch.nn.Module:
     return load_checked(module, _lightglue_keys(sd, conf.get("n_layers", 9), prefix), path)
 
 
-def lightglue_match(matcher: torch.nn.Module, k0: torch.Tensor, d0: torch.Tensor, size0: tuple[int, int],
-                    k1: torch.Tensor, d1: torch.Tensor, size1: tuple[int, int], min_conf: float) -> tuple[np.ndarray, np.ndarray]:
-    """Run LightGlue on ``[N, 2]`` keypoints / ``[N, D]`` descriptors; sizes are ``(h, w)``.
+def lightglue_match(matcher: torch.nn.Module, k0: torch.Tensor, d0: torch.Tensor, size0: Size,
+                    k1: torch.Tensor, d1: torch.Tensor, size1: Size, min_conf: float) -> tuple[np.ndarray, np.ndarray]:
+    """Run LightGlue on ``[N, 2]`` keypoints / ``[N, D]`` descriptors of images of ``size0``, ``size1`` ``(W, H)``.
 
     Returns ``matches [K, 2]`` indices and ``scores [K]``.
     """
@@ -66,9 +67,9 @@ def lightglue_match(matcher: torch.nn.Module, k0: torch.Tensor, d0: torch.Tensor
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     matcher.conf.filter_threshold = min_conf
 
-    def image(k: torch.Tensor, d: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def image(k: torch.Tensor, d: torch.Tensor, size: Size) -> dict[str, torch.Tensor]:
         return {"keypoints": k[None].float(), "descriptors": d[None].float(),
-                "image_size": torch.tensor([[size[1], size[0]]], dtype=torch.float32)}
+                "image_size": torch.tensor([[size.width, size.height]], dtype=torch.float32)}
 
     with torch.inference_mode():
         out = matcher({"image0": image(k0, d0, size0), "image1": image(k1, d1, size1)})
@@ -164,8 +165,8 @@ def build_xfeat(conf: dict[str, Any]) -> MethodFn:
                 matches, scores = mutual_nearest_neighbours(f0["descriptors"], f1["descriptors"],
                                                             min_similarity=conf["min_cossim"])
             else:
-                matches, scores = lightglue_match(glue, f0["keypoints"], f0["descriptors"], optical.image.shape[:2],
-                                                  f1["keypoints"], f1["descriptors"], sar.image.shape[:2],
+                matches, scores = lightglue_match(glue, f0["keypoints"], f0["descriptors"], Size.of(optical.image),
+                                                  f1["keypoints"], f1["descriptors"], Size.of(sar.image),
                                                   conf["min_conf"])
         k0, k1 = f0["keypoints"].numpy(), f1["keypoints"].numpy()
         return output(optical, sar, k0[matches[:, 0]], k1[matches[:, 1]], scores, timings)
@@ -209,8 +210,8 @@ def build_aliked(conf: dict[str, Any]) -> MethodFn:
             if glue is None:
                 matches, scores = mutual_nearest_neighbours(d0, d1, min_similarity=conf["min_cossim"])
             else:
-                matches, scores = lightglue_match(glue, torch.from_numpy(k0), d0, optical.image.shape[:2],
-                                                  torch.from_numpy(k1), d1, sar.image.shape[:2], conf["min_conf"])
+                matches, scores = lightglue_match(glue, torch.from_numpy(k0), d0, Size.of(optical.image),
+                                                  torch.from_numpy(k1), d1, Size.of(sar.image), conf["min_conf"])
         return output(optical, sar, k0[matches[:, 0]], k1[matches[:, 1]], scores, timings)
 
     return run
@@ -234,7 +235,7 @@ def build_disk(conf: dict[str, Any]) -> MethodFn:
         with timed(timings, "features"):
             (k0, d0), (k1, d1) = features(optical), features(sar)
         with timed(timings, "matching"):
-            matches, scores = lightglue_match(glue, k0, d0, optical.image.shape[:2], k1, d1, sar.image.shape[:2],
+            matches, scores = lightglue_match(glue, k0, d0, Size.of(optical.image), k1, d1, Size.of(sar.image),
                                               conf["min_conf"])
         return output(optical, sar, k0.numpy()[matches[:, 0]], k1.numpy()[matches[:, 1]], scores, timings)
 

@@ -29,7 +29,7 @@ import numpy as np
 from promptmid.config import CONCAT, INLIER_THRESHOLD_PX, merge_options
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
-from promptmid.geometry import apply_transform
+from promptmid.geometry import Size, apply_transform
 from promptmid.matching import fit_geometry
 
 FULL_ROTATIONS = [0.0, 90.0, 180.0, 270.0]
@@ -102,7 +102,7 @@ def with_rotation_search(fn: MethodFn, rotations: list[float], threshold: float 
         for angle in rotations:
             rotated, to_sar = rotate_prepared(sar, angle)
             h, w = rotated.image.shape[:2]
-            unit = dataclasses.replace(rotated, scale=(1.0, 1.0), original_size=(w, h))
+            unit = dataclasses.replace(rotated, scale=(1.0, 1.0), original_size=Size(w, h))
             out = fn(optical, unit)
             t0 = time.perf_counter()
             out["points1"] = sar.to_original(apply_transform(to_sar, out["points1"])) if len(out["points1"]) else \

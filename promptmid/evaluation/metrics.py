@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from promptmid.geometry import Size
 from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.geometry import corner_error
 from promptmid.geometry import apply_transform, residuals
@@ -41,7 +42,7 @@ def mma(errors: np.ndarray, thresholds: Iterable[float] = MMA_THRESHOLDS) -> dic
     return {f"mma@{t:g}": float((errors <= t).sum() / n) for t in thresholds}
 
 
-def grid_points(size: tuple[int, int], steps: int = GRID_STEPS) -> np.ndarray:
+def grid_points(size: Size, steps: int = GRID_STEPS) -> np.ndarray:
     """``[steps*steps, 2]`` points spanning the image of ``size = (W, H)`` corner to corner."""
     w, h = size
     xs, ys = np.meshgrid(np.linspace(0, w - 1, steps), np.linspace(0, h - 1, steps))
@@ -49,7 +50,7 @@ def grid_points(size: tuple[int, int], steps: int = GRID_STEPS) -> np.ndarray:
 
 
 def transform_rmse(
-    estimated: np.ndarray | None, truth: np.ndarray | None, size: tuple[int, int],
+    estimated: np.ndarray | None, truth: np.ndarray | None, size: Size,
     check_points: np.ndarray | None = None,
 ) -> float:
     """RMSE (SAR px) of the estimated transform against the GT.
@@ -69,7 +70,7 @@ def transform_rmse(
     return float(np.sqrt(np.mean(d**2))) if np.isfinite(d).all() else float("inf")
 
 
-def mean_corner_error(estimated: np.ndarray | None, truth: np.ndarray, size: tuple[int, int]) -> float:
+def mean_corner_error(estimated: np.ndarray | None, truth: np.ndarray, size: Size) -> float:
     """Mean distance (SAR px) of the 4 optical corners mapped by ``estimated`` vs ``truth``; inf if failed."""
     if estimated is None:
         return float("inf")
@@ -107,7 +108,7 @@ def success_rates(rmses: Iterable[float], thresholds: Iterable[float] = SR_THRES
 
 def pair_metrics(
     truth: np.ndarray, points0: np.ndarray, points1: np.ndarray, estimated: np.ndarray | None,
-    inliers: np.ndarray | None, optical_size: tuple[int, int], check_points: np.ndarray | None = None,
+    inliers: np.ndarray | None, optical_size: Size, check_points: np.ndarray | None = None,
     epsilon: float = EPSILON,
 ) -> dict[str, Any]:
     """Every per-pair metric of one fit.

@@ -31,7 +31,7 @@ import numpy as np
 
 from promptmid.evaluation.manifest import Pair
 from promptmid.io import RasterImage, read_raster
-from promptmid.geometry import affine_about_centre, apply_transform, translation
+from promptmid.geometry import Size, affine_about_centre, apply_transform, translation
 
 KINDS = ("standard", "full-rotation", "shift")
 
@@ -78,7 +78,7 @@ class Perturbation:
                 f"{lo:g}-{hi:g}, shear +-{self.max_shear:g}, translation up to +-{self.max_shift:.0%} of the size); "
                 "GT composed")
 
-    def draw(self, pair_id: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    def draw(self, pair_id: str, size: Size) -> tuple[np.ndarray, Size]:
         """The transform of one pair and the size of the displaced canvas.
 
         Args:
@@ -99,15 +99,15 @@ class Perturbation:
             # content moves right/down by mag on a positive sign (padding before it), else it stays at the
             # origin and the padding goes after it: either way its position relative to the frame changes
             t = translation(*(np.where(sign > 0, mag, 0.0)))
-            return t, (int(round(w + mag[0])), int(round(h + mag[1])))
+            return t, Size(int(round(w + mag[0])), int(round(h + mag[1])))
         angle = rng.uniform(0, 360) if self.kind == "full-rotation" else rng.uniform(-1, 1) * self.max_rotation
         scale = float(np.exp(rng.uniform(*np.log(self.scale_range))))
         shear = rng.uniform(-1, 1) * self.max_shear
         shift = rng.uniform(-1, 1, 2) * self.max_shift * (w, h)
-        return affine_about_centre(size, angle, scale, shear, shift), (w, h)
+        return affine_about_centre(size, angle, scale, shear, shift), Size(w, h)
 
 
-def warp_raster(raster: RasterImage, matrix: np.ndarray, size: tuple[int, int] | None = None) -> RasterImage:
+def warp_raster(raster: RasterImage, matrix: np.ndarray, size: Size | None = None) -> RasterImage:
     """Resample ``raster`` by ``matrix`` (input px -> output px) onto a canvas of ``size = (W, H)``
     (default: the raster's size).
 

@@ -28,6 +28,7 @@ import numpy as np
 from promptmid.evaluation import metrics
 from promptmid.evaluation.manifest import Pair
 from promptmid.evaluation.perturb import Perturbation, perturb_pair
+from promptmid.geometry import Size
 from promptmid.evaluation.split import split_group
 from promptmid.io import PreparedImage, load_image
 from promptmid.matching import fit_geometry
@@ -241,11 +242,11 @@ def _row(pair: Pair, name: str, model: str, out: dict[str, Any], geom: Any, esti
     return row
 
 
-def _optical_size(pair: Pair, images: tuple[PreparedImage, PreparedImage] | None) -> tuple[int, int]:
+def _optical_size(pair: Pair, images: tuple[PreparedImage, PreparedImage] | None) -> Size:
     if images is not None:
         return images[0].original_size
     size = pair.meta.get("optical_size")
-    return (int(size[0]), int(size[1])) if size else (1, 1)
+    return Size(int(size[0]), int(size[1])) if size else Size(1, 1)
 
 
 def evaluate_pair(pair: Pair, conf: EvalConfig) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 An aggregator takes the dict of per-source keypoint features of ONE image
 (``{"xfeat": [N, 64], "dinov2_l4": [N, 384], ...}``), the keypoints ``[N, 2]`` (x, y px)
-and the image size ``(H, W)``, and returns ``[N, D]`` L2-normalised descriptors.
+and the image :class:`~promptmid.geometry.Size` ``(W, H)``, and returns ``[N, D]`` L2-normalised descriptors.
 Aggregators never see the other image, so descriptors can be cached and indexed.
 
 :class:`ConcatFusion` is the training-free fusion: each source is L2-normalised,
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptmid.config import merge_options
+from promptmid.geometry import Size
 
 
 class Aggregator(Protocol):
@@ -30,7 +31,7 @@ class Aggregator(Protocol):
     name: str
 
     def __call__(
-        self, features: dict[str, torch.Tensor], keypoints: torch.Tensor, image_size: tuple[int, int]
+        self, features: dict[str, torch.Tensor], keypoints: torch.Tensor, image_size: Size
     ) -> torch.Tensor: ...
 
 
@@ -51,7 +52,7 @@ class ConcatFusion:
         self.weights = dict(weights or {})
 
     def __call__(
-        self, features: dict[str, torch.Tensor], keypoints: torch.Tensor, image_size: tuple[int, int]
+        self, features: dict[str, torch.Tensor], keypoints: torch.Tensor, image_size: Size
     ) -> torch.Tensor:
         groups: dict[str, list[str]] = {}
         for key in sorted(features):
@@ -157,7 +158,7 @@ class PromptMIDAggregator(nn.Module):
     """Trained per-image aggregation of local, semantic (and diffusion) keypoint features.
 
     Input: ``features`` ``{key: [N, C_key]}`` with at least the keys of ``conf.sources``
-    (extra keys are ignored), ``keypoints [N, 2]`` (x, y px), ``image_size (H, W)``.
+    (extra keys are ignored), ``keypoints [N, 2]`` (x, y px), ``image_size`` :class:`~promptmid.geometry.Size` ``(W, H)``.
     Output: ``[N, dim]`` L2-normalised descriptors.
 
     Per-source projections to ``dim``; the local source (``conf.local``, XFeat) goes through a
@@ -198,7 +199,7 @@ class PromptMIDAggregator(nn.Module):
         return dict(vars(self.conf))
 
     def forward(self, features: dict[str, torch.Tensor], keypoints: torch.Tensor,
-                image_size: tuple[int, int]) -> torch.Tensor:
+                image_size: Size) -> torch.Tensor:
         missing = [k for k in self.conf.sources if k not in features]
         if missing:
             raise ValueError(f"aggregator {self.name!r} needs features {missing} (have {sorted(features)}); "
@@ -221,7 +222,7 @@ class PromptMIDAggregator(nn.Module):
         else:
             x = sem.mean(dim=1)
         if self.lg is not None:
-            h, w = image_size
+            w, h = image_size
             xy = keypoints.to(dev, torch.float32) / x.new_tensor([max(w - 1, 1), max(h - 1, 1)]) * 2 - 1
             x = self.lg(x, xy)
         return F.normalize(self.head(x), dim=-1)
@@ -237,7 +238,7 @@ class TrainedAggregator:
 
     @torch.inference_mode()
     def __call__(self, features: dict[str, torch.Tensor], keypoints: torch.Tensor,
-                 image_size: tuple[int, int]) -> torch.Tensor:
+                 image_size: Size) -> torch.Tensor:
         return self.module(features, keypoints, image_size).cpu()
 
 

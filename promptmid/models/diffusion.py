@@ -31,6 +31,7 @@ from promptmid.models.prompts import (
     load_prompt_set,
     select_land_use,
 )
+from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
 from promptmid.models.sd import (
     encode_latents,
@@ -212,7 +213,7 @@ class DiffusionFeatures:
             context: the pair's :class:`PairContext` (land-use class in, prompt used out).
         """
         maps = self.dense(image, modality=modality, context=context)
-        size = (int(image.shape[-2]), int(image.shape[-1]))
+        size = Size.of(image)
         kp = keypoints.float().cpu()
         return {name: sample_features(m, kp, size).to(keypoints.device) for name, m in maps.items()}
 

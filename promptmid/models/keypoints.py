@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from promptmid.config import merge_options
+from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
 
 
@@ -91,8 +92,7 @@ class KeypointExtractor:
         kpts = self._detect(image, score_map, valid)
         scores = score_map[kpts[:, 1].round().long(), kpts[:, 0].round().long()]
         kpts, scores = _top_k(kpts, scores, self.conf.top_k)
-        padded_size = x.shape[-2:]
-        desc = F.normalize(sample_features(dense, kpts, padded_size), dim=-1)
+        desc = F.normalize(sample_features(dense, kpts, Size.of(x)), dim=-1)
         return {"keypoints": kpts, "scores": scores, "descriptors": desc}
 
     def _aliked(self, image: torch.Tensor, valid: np.ndarray | None) -> dict[str, torch.Tensor]:

@@ -13,32 +13,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from promptmid.geometry import Size
 
-def keypoints_to_grid(keypoints: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+
+def keypoints_to_grid(keypoints: torch.Tensor, image_size: Size) -> torch.Tensor:
     """Convert pixel keypoints to ``grid_sample`` coordinates.
 
     Args:
         keypoints: ``[N, 2]`` (x, y) in pixels of an image of size ``image_size``.
-        image_size: ``(H, W)`` of that image in pixels.
+        image_size: :class:`~promptmid.geometry.Size` ``(W, H)`` of that image in pixels.
 
     Returns:
         ``[1, 1, N, 2]`` normalised coordinates in ``[-1, 1]`` for ``align_corners=False``.
     """
-    h, w = image_size
-    scale = keypoints.new_tensor([w, h])
+    scale = keypoints.new_tensor([image_size[0], image_size[1]])  # (W, H)
     grid = (keypoints + 0.5) / scale * 2.0 - 1.0
     return grid.view(1, 1, -1, 2)
 
 
 def sample_features(
-    feature_map: torch.Tensor, keypoints: torch.Tensor, image_size: tuple[int, int]
+    feature_map: torch.Tensor, keypoints: torch.Tensor, image_size: Size
 ) -> torch.Tensor:
     """Bilinearly sample a dense feature map at keypoints.
 
     Args:
         feature_map: ``[1, C, h, w]`` features covering the whole image.
         keypoints: ``[N, 2]`` (x, y) pixel coordinates in the image.
-        image_size: ``(H, W)`` of the image in pixels.
+        image_size: :class:`~promptmid.geometry.Size` ``(W, H)`` of the image in pixels.
 
     Returns:
         ``[N, C]`` features (not normalised).

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from promptmid.config import merge_options
 from promptmid.errors import ModelError
+from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
 from promptmid.models.weights import (
     MODELS,
@@ -403,7 +404,7 @@ class DINOv2Features:
         """
         if keypoints.ndim != 2 or keypoints.shape[1] != 2:
             raise ValueError(f"keypoints must be [N, 2], got {list(keypoints.shape)}")
-        size = (int(image.shape[-2]), int(image.shape[-1]))
+        size = Size.of(image)
         kpts = keypoints.to(self.conf.device, torch.float32)
         return {
             name: sample_features(fmap, kpts, size).to(keypoints.device)

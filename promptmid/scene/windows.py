@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from promptmid.geometry import Size
 from promptmid.geometry import apply_transform, translation, warp_to_optical
 
 CV_DTYPES = ("uint8", "uint16", "int16", "float32", "float64")
@@ -33,7 +34,7 @@ def cv_ready(data: np.ndarray) -> np.ndarray:
     return data if data.dtype.name in CV_DTYPES else data.astype(np.float32)
 
 
-def sar_chip(sar_ds: Any, chip_to_sar: np.ndarray, size: tuple[int, int], fill: float) -> np.ndarray | None:
+def sar_chip(sar_ds: Any, chip_to_sar: np.ndarray, size: Size, fill: float) -> np.ndarray | None:
     """Resample the SAR onto a chip grid of ``size = (W, H)`` through ``chip_to_sar`` (chip px -> SAR px).
 
     Only the SAR window under the chip is read. ``None`` when the chip misses the SAR image.

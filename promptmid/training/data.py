@@ -40,9 +40,10 @@ import torch
 from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.evaluation.manifest import Pair
 from promptmid.evaluation.split import split_group
+from promptmid.geometry import Size
 from promptmid.io import PreparedImage, load_image, working_transform
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: sizes stored as (W, H)
 ROTATION_STEPS = (0.0, 90.0, 180.0, 270.0)
 
 def read_manifest(path: str | Path) -> list[Pair]:
@@ -108,11 +109,11 @@ def best_rotation_step(sar: PreparedImage, H: np.ndarray) -> float:
     return best
 
 
-def random_warp(rng: np.random.Generator, size: tuple[int, int], max_rot: float = 25.0,
+def random_warp(rng: np.random.Generator, size: Size, max_rot: float = 25.0,
                 scale_log: float = 0.25, shear: float = 0.1, shift: float = 0.15, persp: float = 2e-4
                 ) -> np.ndarray:
-    """Random 3x3 homography about the centre of an image of ``size`` (H, W)."""
-    h, w = size
+    """Random 3x3 homography about the centre of an image of ``size`` (W, H)."""
+    w, h = size
     c = np.array([[1, 0, (w - 1) / 2], [0, 1, (h - 1) / 2], [0, 0, 1.0]])
     a = np.deg2rad(rng.uniform(-max_rot, max_rot))
     s = np.exp(rng.uniform(-scale_log, scale_log))
@@ -171,7 +172,7 @@ def warp_prepared(image: PreparedImage, A: np.ndarray, pixels: np.ndarray | None
 def make_optical_view(opt: PreparedImage, rng: np.random.Generator) -> tuple[PreparedImage, np.ndarray]:
     """An independently warped optical view and its warp ``A`` (optical working px -> view px)."""
     h, w = opt.image.shape[:2]
-    A = random_warp(rng, (h, w), max_rot=10.0, scale_log=0.15, shear=0.05, shift=0.15, persp=1e-4)
+    A = random_warp(rng, Size(w, h), max_rot=10.0, scale_log=0.15, shear=0.05, shift=0.15, persp=1e-4)
     view = warp_prepared(opt, A)
     return warp_prepared(opt, A, optical_photometry(view.image, view.valid, rng)), A
 
@@ -189,7 +190,7 @@ def make_view(sar: PreparedImage, H: np.ndarray, rng: np.random.Generator | None
     if rng is None:
         return rotated, H_view
     h, w = rotated.image.shape[:2]
-    A = random_warp(rng, (h, w))
+    A = random_warp(rng, Size(w, h))
     warped = warp_prepared(rotated, A)
     img = sar_radiometry(warped.image[..., 0], warped.valid, rng)
     return warp_prepared(rotated, A, np.repeat(img[..., None], 3, axis=-1)), A @ H_view
@@ -214,11 +215,11 @@ class SourceDescriber:
 
     @torch.inference_mode()
     def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
-        """``{"keypoints": [N,2], "scores": [N], "features": {name: [N,C] fp16}, "size": (H,W)}``
+        """``{"keypoints": [N,2], "scores": [N], "features": {name: [N,C] fp16}, "size": (W, H)}``
         (exactly :meth:`promptmid.descriptor.Describer.features`, stored compactly)."""
         out = self.describer.features(prepared)
         return {"keypoints": out["keypoints"].float(), "scores": out["scores"].float(),
-                "features": {k: v.half() for k, v in out["features"].items()}, "size": out["image_size"]}
+                "features": {k: v.half() for k, v in out["features"].items()}, "size": tuple(int(v) for v in out["image_size"])}
 
 
 def cache_root() -> Path:

@@ -29,7 +29,7 @@ import torch
 from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.evaluation.metrics import auc as auc_curve
 from promptmid.evaluation.metrics import mean_corner_error
-from promptmid.geometry import apply_transform
+from promptmid.geometry import Size, apply_transform
 from promptmid.matching import match_and_fit
 from promptmid.models.aggregation import PromptMIDAggregator, save_aggregator
 from promptmid.training.data import gt_correspondences
@@ -52,7 +52,7 @@ def remove_outputs(out: Path) -> None:
             path.unlink()
 
 
-DescribeFn = Callable[[dict[str, torch.Tensor], torch.Tensor, tuple[int, int]], torch.Tensor]
+DescribeFn = Callable[[dict[str, torch.Tensor], torch.Tensor, Size], torch.Tensor]
 
 
 @dataclass
@@ -99,9 +99,9 @@ def _subsample(n: int, keep: torch.Tensor, max_n: int, gen: torch.Generator) -> 
     return torch.sort(torch.cat([keep, extra])).values
 
 
-def _jitter_xy(kp: torch.Tensor, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+def _jitter_xy(kp: torch.Tensor, size: Size, gen: torch.Generator) -> torch.Tensor:
     """Random similarity of the coordinates (about the image centre) seen by the positional encoding."""
-    h, w = size
+    w, h = size
     c = kp.new_tensor([(w - 1) / 2, (h - 1) / 2])
     a = (torch.rand(1, generator=gen).item() - 0.5) * math.radians(40)
     s = math.exp((torch.rand(1, generator=gen).item() - 0.5) * 0.4)
@@ -132,8 +132,8 @@ def pair_step(model: PromptMIDAggregator, entry: dict[str, Any], cfg: TrainConfi
             kp0 = _jitter_xy(kp0, opt["size"], gen)
         if torch.rand(1, generator=gen).item() < cfg.xy_jitter:
             kp1 = _jitter_xy(kp1, view["size"], gen)
-    d0 = model(_feats(opt, keys, i0), kp0, opt["size"])
-    d1 = model(_feats(view, keys, i1), kp1, view["size"])
+    d0 = model(_feats(opt, keys, i0), kp0, Size(*opt["size"]))
+    d1 = model(_feats(view, keys, i1), kp1, Size(*view["size"]))
     loss = dual_softmax_loss(d0, d1, p, dist[i0][:, i1], cfg.temperature)
     return loss, matching_accuracy(d0.detach(), d1.detach(), p), len(p)
 
@@ -148,11 +148,11 @@ def evaluate_entry(describe: DescribeFn, entry: dict[str, Any], matching: dict[s
     """Matcher-equivalent registration of one cached eval pair with descriptor function ``describe``."""
     t0 = time.perf_counter()
     opt = entry["optical"]
-    d0 = describe({k: v.float() for k, v in opt["features"].items()}, opt["keypoints"], opt["size"])
+    d0 = describe({k: v.float() for k, v in opt["features"].items()}, opt["keypoints"], Size(*opt["size"]))
     H = entry["H"].numpy()
     best: tuple[int, Any, float, float] | None = None
     for angle, rot in entry["rotations"].items():
-        d1 = describe({k: v.float() for k, v in rot["features"].items()}, rot["keypoints"], rot["size"])
+        d1 = describe({k: v.float() for k, v in rot["features"].items()}, rot["keypoints"], Size(*rot["size"]))
         k0 = _to_original(opt["keypoints"].numpy(), entry["opt_scale"])
         k1 = _to_original(apply_transform(rot["to_sar"].numpy(), rot["keypoints"].numpy()), entry["sar_scale"])
         cand = match_and_fit(d0, d1, k0, k1, matching, geometry)  # exactly the Matcher's core
