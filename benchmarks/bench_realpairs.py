@@ -137,7 +137,9 @@ def main() -> int:
         texts.append((out_dir / "summary.md").read_text())
     cmd = (f"`.venv/bin/python benchmarks/bench_realpairs.py --methods {args.methods} --seed {args.seed} "
            f"--runs {args.runs} --per-figure {args.per_figure}" + (f" --limit {args.limit}" if args.limit else "")
-           + f" --workers {args.workers} --threads {args.threads}`")
+           + f" --workers {args.workers} --threads {args.threads}"
+           + ("" if args.out == RESULTS / "realpairs.md" else f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+           + "`")
     head = ["# Real optical-SAR pairs: displaced (perturbed) protocol first", "",
             f"Regenerate: {cmd} (raw matches cached in benchmarks/cache/).", "",
             "Headline numbers after affine fit + area-based refinement, identical for every method. 'perturbed' = "
