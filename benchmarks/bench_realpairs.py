@@ -150,7 +150,8 @@ def main() -> int:
             "that encodes image position drops far below 1.", "",
             headline_table(summaries, methods), ""]
     args.out.write_text("\n".join(head) + "\n" + "\n\n".join(texts)
-                        + f"\nPer-pair rows: {args.out.parent.name}/{args.out.stem}/<run>/pairs.csv\n")
+                        + f"\nPer-pair rows (not committed: they hold figures of the shared data): "
+                        f"{args.out.parent.name}/{args.out.stem}/<run>/pairs.csv\n")
     (args.out.parent / args.out.stem).mkdir(parents=True, exist_ok=True)
     (args.out.parent / args.out.stem / "headline.json").write_text(json.dumps(
         {run: s["overall"] for run, s in summaries.items()}, indent=1, default=float))
