@@ -47,6 +47,7 @@ class MatchResult:
         timings: seconds per stage.
         pair_context: what the feature sources decided for this pair (land-use class and scores,
             prompt per modality; empty without a prompted source).
+        input_notes: what was done to the inputs that a user should know (e.g. complex SAR used as amplitude).
     """
 
     status: str
@@ -67,6 +68,7 @@ class MatchResult:
     rotation_scores: dict[str, int] = field(default_factory=dict)
     refinement: dict[str, Any] | None = None
     pair_context: dict[str, Any] = field(default_factory=dict)
+    input_notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -194,6 +196,7 @@ class Matcher:
             timings=timings,
             models=self.describer.info(),
             pair_context=context.to_dict(),
+            input_notes=[f"{m}: {n}" for m, img in (("optical", opt), ("sar", sar)) for n in img.notes],
             config={"preset": self.preset, **self.conf},
             rotation_scores=rotation_scores,
         )

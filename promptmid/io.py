@@ -9,6 +9,7 @@ A working-resolution point ``p`` maps to the original image as ``(p + 0.5) * sca
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class PreparedImage:
         original_size: :class:`~promptmid.geometry.Size` ``(W, H)`` of the original image.
         modality: ``"optical"`` or ``"sar"``.
         raster: the raw image it came from.
+        notes: what was done to the input that a user should know (e.g. complex SAR taken as amplitude).
     """
 
     image: np.ndarray
@@ -69,6 +71,7 @@ class PreparedImage:
     original_size: Size
     modality: Modality
     raster: RasterImage = field(repr=False)
+    notes: tuple[str, ...] = ()
 
     def to_original(self, points: np.ndarray) -> np.ndarray:
         """Map ``[N, 2]`` working-resolution (x, y) to original pixel coordinates."""
@@ -276,6 +279,12 @@ def load_image(
         InputError: for any unusable input (see :func:`check_raster`).
     """
     raster = as_raster(source)
+    notes: tuple[str, ...] = ()
+    if np.iscomplexobj(raster.data):  # SLC: complex samples; the amplitude is what the models can use
+        if modality != "sar":
+            raise InputError(f"{_name(raster)} is complex-valued; only SAR (SLC) input may be complex.")
+        notes = ("complex (SLC) SAR: the amplitude |z| of each band was used",)
+        raster = dataclasses.replace(raster, data=np.abs(raster.data).astype(np.float32))
     valid = check_raster(raster, nan_as_nodata)
     data = np.where(valid[..., None], raster.data, 0) if not valid.all() else raster.data
     if detect_fill:
@@ -288,7 +297,7 @@ def load_image(
             unit = cv2.GaussianBlur(unit, (0, 0), sar_smooth)
         unit = np.repeat(unit[..., None], 3, axis=-1)
     unit[~valid] = 0.0
-    return _resize_prepared(unit, valid, raster, modality, max_side)
+    return dataclasses.replace(_resize_prepared(unit, valid, raster, modality, max_side), notes=notes)
 
 
 def _resize_prepared(

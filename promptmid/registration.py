@@ -51,7 +51,12 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise OutputExistsError(f"{out} exists and is not a directory.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"Output directory {out} exists and is not empty; pass --overwrite to replace its files.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".promptmid-write-test-"):
+            pass  # checked before any work is done, not after a long registration
+    except OSError as exc:
+        raise OutputExistsError(f"Output directory {out} is not writable: {exc.strerror or exc}.") from None
     return out
 
 
@@ -94,8 +99,8 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
     """
     assert result.transform is not None
     nodata = sar.nodata if sar.nodata is not None else 0
-    data = sar.data.astype(np.float32) if sar.data.dtype.kind == "f" else sar.data
-    bands = [warp_to_optical(data[..., i], result.transform, optical.size, fill=float(nodata))
+    data, cast = _warpable(sar.data)
+    bands = [cast(warp_to_optical(data[..., i], result.transform, optical.size, fill=float(nodata)))
              for i in range(data.shape[-1])]
     profile = {
         "driver": "GTiff", "width": optical.size[0], "height": optical.size[1], "count": len(bands),
@@ -108,18 +113,51 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
         dst.write(np.stack(bands))
 
 
+CV_WARP_DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
+
+
+def _warpable(data: np.ndarray) -> tuple[np.ndarray, Any]:
+    """``data`` in a dtype OpenCV can warp, and the cast back to what is written.
+
+    Complex (SLC) data is written as amplitude (float32); other dtypes OpenCV cannot warp (int8, int32,
+    uint32, ...) are warped in float64 and rounded back into their own dtype.
+    """
+    if np.iscomplexobj(data):
+        return np.abs(data).astype(np.float32), lambda band: band
+    if data.dtype.kind == "f":
+        return data.astype(np.float32, copy=False), lambda band: band
+    if data.dtype.type in CV_WARP_DTYPES:
+        return data, lambda band: band
+    info = np.iinfo(data.dtype)
+    return data.astype(np.float64), lambda band: np.clip(np.round(band), info.min, info.max).astype(data.dtype)
+
+
 def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
                    figures: bool = True) -> dict[str, str]:
     """Write result.json, tiepoints.csv and (on success) figures and registered_sar.tif.
 
     Products of an earlier run in ``out`` that this run does not write (e.g. the figures and registered
     SAR of a pair that now fails) are removed, so that nothing stale sits beside the new ``result.json``.
+    Everything is written into a temporary folder in ``out`` first and moved into place at the end:
+    the products are written completely or not at all.
 
     Returns:
         ``{product name: path}`` of what was written.
     """
-    for name in PRODUCTS:
-        (out / name).unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".promptmid-products-"))
+    try:
+        written = _write_all(staging, result, opt, sar, figures)
+        for name in PRODUCTS:
+            (out / name).unlink(missing_ok=True)
+        for path in sorted(written.values(), key=lambda p: p.name == "result.json"):  # result.json last
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {k: str(out / v.name) for k, v in written.items()}
+
+
+def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
+               figures: bool) -> dict[str, Path]:
     paths = {"result": out / "result.json", "tiepoints": out / "tiepoints.csv"}
     write_tiepoints(paths["tiepoints"], result)
     if result.ok:
@@ -133,4 +171,4 @@ def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: Prep
     data = result.to_dict()
     data["outputs"] = {k: v.name for k, v in paths.items()}
     write_json(paths["result"], data)
-    return {k: str(v) for k, v in paths.items()}
+    return paths

@@ -183,3 +183,31 @@ def test_overwrite_removes_our_stale_products_and_never_an_input(tmp_path, demo_
     res = _run("match", str(victim), str(demo_files[1]), "--out", str(out), "--overwrite", "-q")
     assert res.exit_code == 3 and "would be overwritten" in res.stderr
     assert victim.read_bytes() == before
+
+
+def test_int8_and_complex_sar_write_complete_products(tmp_path, demo_files, demo_pair):
+    """SAR dtypes OpenCV cannot warp (int8) and complex SLC still give every product; result.json says what was
+    done to a complex input."""
+    import rasterio
+
+    amp = demo_pair.sar / demo_pair.sar.max()
+    cases = {"int8": (1 + amp * 120).astype(np.int8),
+             "complex64": (amp * np.exp(1j * np.random.default_rng(0).uniform(0, 6.28, amp.shape))).astype(np.complex64)}
+    for name, data in cases.items():
+        sar = write_tif(tmp_path / f"sar_{name}.tif", data)
+        out = tmp_path / f"out_{name}"
+        res = _run("match", str(demo_files[0]), str(sar), "--out", str(out), "-p", "xfeat", "-q")
+        assert res.exit_code == 0, (name, res.output)
+        assert {p.name for p in out.iterdir()} >= {"result.json", "tiepoints.csv", "registered_sar.tif"}
+        assert not [p for p in out.iterdir() if p.name.startswith(".promptmid")]  # no staging left behind
+        with rasterio.open(out / "registered_sar.tif") as ds:
+            assert ds.dtypes[0] == ("int8" if name == "int8" else "float32")
+        notes = json.loads((out / "result.json").read_text())["input_notes"]
+        assert bool(notes) == (name == "complex64")
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, demo_files):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(blocker / "out"), "-q")
+    assert res.exit_code == 3 and "not writable" in res.stderr

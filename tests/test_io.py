@@ -125,3 +125,18 @@ def test_sar_scale_is_honoured_and_db_is_not_logged_twice():
     assert not np.allclose(lin, logged, atol=1e-3)  # the option changes the result
     with pytest.raises(InputError, match="valid: auto, log, linear, db"):
         load_image(linear, "sar", sar_scale="banana")
+
+
+def test_complex_sar_is_used_as_amplitude_and_said():
+    import warnings
+
+    rng = np.random.default_rng(1)
+    amp = rng.gamma(2.0, 1.0, (64, 64)).astype(np.float32)
+    slc = (amp * np.exp(1j * rng.uniform(0, 2 * np.pi, amp.shape))).astype(np.complex64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ComplexWarning may leak
+        got = load_image(slc, "sar")
+    assert np.allclose(got.image, load_image(amp, "sar").image, atol=1e-5)
+    assert got.notes and "amplitude" in got.notes[0]
+    with pytest.raises(InputError, match="complex"):
+        load_image(slc, "optical")

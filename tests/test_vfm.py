@@ -206,3 +206,13 @@ def test_features_move_with_the_image(model) -> None:
         unrelated = torch.cosine_similarity(feats_a[name], same_xy[name]).mean()
         assert corresponding > 0.9, name
         assert corresponding > unrelated + 0.15, name
+
+
+def test_unwritable_cache_folder_still_loads(model, tmp_path: Path) -> None:
+    """A cache 'folder' that cannot be created (here: a file is in the way) is no crash: the converted weights
+    are used from memory, with a warning."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
+        loaded = vfm.load_dinov2(cache=blocker / "cache")
+    assert torch.equal(loaded.layernorm.weight, model.layernorm.weight)

@@ -210,7 +210,11 @@ def _read_cache(directory: Path) -> dict[str, torch.Tensor] | None:
     if not fresh:
         warnings.warn(f"DINOv2 cache {meta} is stale or unreadable; converting again", stacklevel=3)
         return None
-    got = sha256_file(weights)
+    try:
+        got = sha256_file(weights)
+    except OSError as exc:
+        warnings.warn(f"DINOv2 cache {weights} is unreadable ({exc}); converting again", stacklevel=3)
+        return None
     if got != expected:
         warnings.warn(
             f"DINOv2 cache {weights} is corrupt (sha256 {got[:16]}, expected {expected[:16]}); "
@@ -218,7 +222,11 @@ def _read_cache(directory: Path) -> dict[str, torch.Tensor] | None:
             stacklevel=3,
         )
         return None
-    return load_file(str(weights))
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - a broken file is rebuilt, never a crash
+        warnings.warn(f"DINOv2 cache {weights} cannot be read ({exc}); converting again", stacklevel=3)
+        return None
 
 
 def load_dinov2(cache: str | os.PathLike[str] | None = None) -> Dinov2Model:
@@ -244,11 +252,16 @@ def load_dinov2(cache: str | os.PathLike[str] | None = None) -> Dinov2Model:
         onnx_path = verify_source(SPEC)
         log.info("converting %s to %s", onnx_path, source)
         _, state = convert_onnx_to_dinov2(onnx_path)
-        _write_cache(directory, state)
-        written = sha256_file(_cache_paths(directory)[0])
-        if SPEC.cache_sha256 and written != SPEC.cache_sha256:  # the source is verified: use it, but say so
-            warnings.warn(f"the DINOv2 conversion gave sha256 {written[:16]}, not the pinned "
-                          f"{SPEC.cache_sha256[:16]}; the next load converts again", stacklevel=2)
+        try:
+            _write_cache(directory, state)
+        except OSError as exc:  # read-only or broken cache folder: work from memory, convert again next time
+            warnings.warn(f"cannot write the DINOv2 cache in {directory} ({exc}); using the converted weights "
+                          "without caching them (set PROMPTMID_CACHE to a writable folder)", stacklevel=2)
+        else:
+            written = sha256_file(_cache_paths(directory)[0])
+            if SPEC.cache_sha256 and written != SPEC.cache_sha256:  # the source is verified: use it, but say so
+                warnings.warn(f"the DINOv2 conversion gave sha256 {written[:16]}, not the pinned "
+                              f"{SPEC.cache_sha256[:16]}; the next load converts again", stacklevel=2)
     else:
         log.info("loading DINOv2 from cache %s", source)
     model = Dinov2Model(_config())
