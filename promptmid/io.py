@@ -118,9 +118,27 @@ def read_raster(path: str | Path) -> RasterImage:
                 crs = src.crs.to_wkt() if src.crs else None
                 transform = src.transform if src.crs else None
                 nodata = src.nodata
+                driver = src.driver
     except (RasterioIOError, ValueError) as exc:
         raise InputError(f"Cannot read {path} as an image ({exc}).") from None
+    if driver in ("PNG", "JPEG"):
+        _check_complete(path)
     return RasterImage(np.moveaxis(data, 0, -1), path, nodata, crs, transform)
+
+
+def _check_complete(path: Path) -> None:
+    """GDAL fills a truncated PNG/JPEG with zeros silently; a full decode with Pillow notices it.
+
+    Raises:
+        InputError: the file is truncated or corrupt.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path} is truncated or corrupt ({exc}).") from None
 
 
 def as_raster(source: str | Path | np.ndarray | RasterImage) -> RasterImage:

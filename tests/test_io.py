@@ -140,3 +140,15 @@ def test_complex_sar_is_used_as_amplitude_and_said():
     assert got.notes and "amplitude" in got.notes[0]
     with pytest.raises(InputError, match="complex"):
         load_image(slc, "optical")
+
+
+def test_truncated_png_is_refused(tmp_path):
+    import cv2
+
+    img = (np.random.default_rng(0).random((300, 300)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "full.png"), img)
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert read_raster(tmp_path / "full.png").data.shape == (300, 300, 1)
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        read_raster(tmp_path / "cut.png")

@@ -101,3 +101,21 @@ def test_search_radius_is_clamped_to_the_scene(tmp_path: Path) -> None:
                                    "--tile", "512", "--max-tiles", "1", "--search-radius", "20000px", "--quiet"])
     assert res.exit_code in (0, 5), res.output
     assert json.loads((out / "result.json").read_text())["search_radius_px"] <= 512
+
+
+def test_scene_failure_message_carries_the_tile_causes(tmp_path: Path) -> None:
+    """When no tile gives tie points, the one-line message says why the tiles failed (here: NaN pixels)."""
+    import rasterio
+
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=5)
+    with rasterio.open(pair["sar"]) as ds:
+        profile, data = ds.profile, ds.read().astype("float32")
+    data[:, ::7, :] = np.nan  # NaN rows everywhere: every tile's SAR chip is refused for its input
+    profile.update(dtype="float32", nodata=None)
+    nan_sar = tmp_path / "nan_sar.tif"
+    with rasterio.open(nan_sar, "w", **profile) as dst:
+        dst.write(data)
+    res = CliRunner().invoke(app, ["scene", str(pair["optical"]), str(nan_sar), "--out", str(tmp_path / "out"),
+                                   "-p", "xfeat", "--tile", "512", "--max-tiles", "1", "--quiet"])
+    assert res.exit_code == 5, res.output
+    assert "NaN" in res.stderr and "tiles" in res.stderr

@@ -223,7 +223,19 @@ def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], fou
     tp = TiePoints(p0, p1, geo.sar_grid_to_file_pixels(p1, sc.sar, sc.sar_file), tile_idx, scores,
                    inliers, res_after, res_before)
     _tile_qc(tiles, tp, g["min_inliers"])
+    if model is None:
+        reason = f"{reason}; {tile_reasons(tiles)}"
     return model, tp, reason
+
+
+def tile_reasons(tiles: list[Tile], most: int = 3) -> str:
+    """One line on why tiles gave no tie points: ``"4 tiles: 3 empty (...), 1 failed (...)"``."""
+    from collections import Counter
+
+    counts = Counter((t.status, t.reason) for t in tiles if t.status != "ok")
+    parts = [f"{n} {status} ({why})" if why else f"{n} {status}" for (status, why), n in counts.most_common(most)]
+    ok = sum(t.status == "ok" for t in tiles)
+    return f"{len(tiles)} tiles, {ok} ok" + (": " + ", ".join(parts) if parts else "")
 
 
 def _accuracy(sc: _Scene, model: GlobalModel | None, tp: TiePoints) -> dict[str, Any]:
