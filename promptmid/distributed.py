@@ -73,17 +73,22 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
+MAX_ID_LENGTH = 128  # pair ids become folder names
+
+
 def _parse_line(text: str, n: int, root: Path) -> Pair:
-    default_id = f"pair-{n:04d}"
+    bad_id = f"~line-{n:04d}"  # for lines that are refused: '~' is not allowed in user ids, so never a collision
     try:
         obj = json.loads(text)
         if not isinstance(obj, dict) or "optical" not in obj or "sar" not in obj:
             raise ValueError("needs an object with 'optical' and 'sar'")
     except ValueError as exc:
-        return Pair(default_id, "", "", n, f"line {n}: not a pair ({exc})")
-    pid = str(obj.get("id", default_id))
+        return Pair(bad_id, "", "", n, f"line {n}: not a pair ({exc})")
+    pid = str(obj.get("id", f"pair-{n:04d}"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", pid) or pid.startswith("."):
-        return Pair(default_id, "", "", n, f"line {n}: id {pid!r} must use letters, digits, '.', '_' or '-'")
+        return Pair(bad_id, "", "", n, f"line {n}: id {pid[:40]!r} must use letters, digits, '.', '_' or '-'")
+    if len(pid) > MAX_ID_LENGTH:
+        return Pair(bad_id, "", "", n, f"line {n}: id of {len(pid)} characters; at most {MAX_ID_LENGTH}")
     return Pair(pid, str(root / obj["optical"]), str(root / obj["sar"]), n)
 
 

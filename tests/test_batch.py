@@ -52,3 +52,16 @@ def test_batch_broken_pair_and_resume(tmp_path: Path) -> None:
     assert summary["ran"] == 1 and summary["skipped"] == 3
     assert [r["status"] for r in summary["pairs"]] == ["skipped", "error", "skipped", "skipped"]
     assert (out / "p2" / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_bad_ids_and_malformed_lines_never_collide(tmp_path: Path) -> None:
+    long_id = "a" * 300
+    lines = ['{"id": "pair-0002", "optical": "o.tif", "sar": "s.tif"}', "not json",
+             json.dumps({"id": long_id, "optical": "o.tif", "sar": "s.tif"})]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
+    pairs = read_pairs(tmp_path / "x.jsonl")  # no 'duplicate id' although line 2's default id would be pair-0002
+    assert [p.id for p in pairs] == ["pair-0002", "~line-0002", "~line-0003"]
+    assert pairs[1].error.startswith("line 2: not a pair") and "300 characters" in pairs[2].error
+    s = run_batch(tmp_path / "x.jsonl", tmp_path / "out", BatchOptions("xfeat", scene=SCENE), workers=1)
+    rows = {r["id"]: r for r in s["pairs"]}
+    assert rows["~line-0003"]["status"] == "error" and "300 characters" in rows["~line-0003"]["reason"]
