@@ -36,7 +36,9 @@ class RasterImage:
         path: where it came from (``None`` for in-memory arrays).
         nodata: the file's nodata value, if any.
         crs: CRS as WKT, or ``None`` when not georeferenced.
-        transform: affine geotransform (rasterio ``Affine``) or ``None``.
+        transform: affine geotransform (rasterio ``Affine``) of the file's full grid, or ``None``.
+        full_size: the file's size when ``data`` was read decimated (a large image read only up to the
+            working size), else ``None``; see :attr:`original_size`.
     """
 
     data: np.ndarray
@@ -44,6 +46,16 @@ class RasterImage:
     nodata: float | None = None
     crs: str | None = None
     transform: Any = None
+    full_size: Size | None = None
+
+    @property
+    def original_size(self) -> Size:
+        """``(width, height)`` of the image in the file (the size every result refers to)."""
+        return self.full_size or self.size
+
+    def full(self) -> "RasterImage":
+        """The raster at full resolution (read again from its file when ``data`` is decimated)."""
+        return self if self.full_size is None or self.path is None else read_raster(self.path)
 
     @property
     def size(self) -> Size:
@@ -94,8 +106,16 @@ def original_transform(matrix: np.ndarray, optical: PreparedImage, sar: Prepared
     return sar.scale_matrix() @ np.asarray(matrix, np.float64) @ np.linalg.inv(optical.scale_matrix())
 
 
-def read_raster(path: str | Path) -> RasterImage:
+DECIMATE_ABOVE = 2  # read decimated when the long side exceeds this many times the working size
+
+
+def read_raster(path: str | Path, max_side: int | None = None) -> RasterImage:
     """Read an image file into a :class:`RasterImage` (all bands, native dtype).
+
+    With ``max_side``, an image whose long side exceeds ``DECIMATE_ABOVE * max_side`` is read decimated
+    (nearest neighbour, whole-pixel steps) to about that size, so memory stays bounded whatever the file
+    size; ``full_size`` then records the file's size and :meth:`RasterImage.full` reads it all when a product
+    needs full resolution.
 
     Raises:
         InputError: missing, unreadable or empty file, or an unsupported band count.
@@ -114,7 +134,10 @@ def read_raster(path: str | Path) -> RasterImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                data = src.read()
+                step = _decimation(src.width, src.height, max_side)
+                out_shape = (src.count, -(-src.height // step), -(-src.width // step))
+                data = src.read() if step == 1 else src.read(out_shape=out_shape)
+                full_size = Size(src.width, src.height) if step > 1 else None
                 crs = src.crs.to_wkt() if src.crs else None
                 transform = src.transform if src.crs else None
                 nodata = src.nodata
@@ -123,7 +146,14 @@ def read_raster(path: str | Path) -> RasterImage:
         raise InputError(f"Cannot read {path} as an image ({exc}).") from None
     if driver in ("PNG", "JPEG"):
         _check_complete(path)
-    return RasterImage(np.moveaxis(data, 0, -1), path, nodata, crs, transform)
+    return RasterImage(np.moveaxis(data, 0, -1), path, nodata, crs, transform, full_size)
+
+
+def _decimation(width: int, height: int, max_side: int | None) -> int:
+    """Whole-pixel read step for a file of ``width x height`` px (1 = read everything)."""
+    if not max_side or max(width, height) <= DECIMATE_ABOVE * max_side:
+        return 1
+    return -(-max(width, height) // (DECIMATE_ABOVE * max_side))  # ceil: the read stays <= that size
 
 
 def _check_complete(path: Path) -> None:
@@ -141,8 +171,9 @@ def _check_complete(path: Path) -> None:
         raise InputError(f"{path} is truncated or corrupt ({exc}).") from None
 
 
-def as_raster(source: str | Path | np.ndarray | RasterImage) -> RasterImage:
-    """Accept a path, an ``[H, W]`` / ``[H, W, C]`` array, or a :class:`RasterImage`."""
+def as_raster(source: str | Path | np.ndarray | RasterImage, max_side: int | None = None) -> RasterImage:
+    """Accept a path (read decimated up to ``max_side``, see :func:`read_raster`), an ``[H, W]`` /
+    ``[H, W, C]`` array, or a :class:`RasterImage`."""
     if isinstance(source, RasterImage):
         return source
     if isinstance(source, np.ndarray):
@@ -150,7 +181,7 @@ def as_raster(source: str | Path | np.ndarray | RasterImage) -> RasterImage:
         if data.ndim != 3:
             raise InputError(f"Expected an [H, W] or [H, W, C] array, got shape {source.shape}.")
         return RasterImage(data)
-    return read_raster(source)
+    return read_raster(source, max_side)
 
 
 def _name(raster: RasterImage) -> str:
@@ -296,7 +327,7 @@ def load_image(
     Raises:
         InputError: for any unusable input (see :func:`check_raster`).
     """
-    raster = as_raster(source)
+    raster = as_raster(source, max_side)
     notes: tuple[str, ...] = ()
     if np.iscomplexobj(raster.data):  # SLC: complex samples; the amplitude is what the models can use
         if modality != "sar":
@@ -321,9 +352,10 @@ def load_image(
 def _resize_prepared(
     unit: np.ndarray, valid: np.ndarray, raster: RasterImage, modality: Modality, max_side: int | None
 ) -> PreparedImage:
-    w, h = raster.size
+    w, h = raster.original_size
+    dw, dh = raster.size  # the data as read (decimated for very large files)
     factor = 1.0 if max_side is None else min(1.0, max_side / max(w, h))
-    if factor < 1.0:
+    if factor < 1.0 or (dw, dh) != (w, h):
         size = (max(MIN_SIDE, round(w * factor)), max(MIN_SIDE, round(h * factor)))
         unit = cv2.resize(unit, size, interpolation=cv2.INTER_AREA)
         valid = cv2.resize(valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)

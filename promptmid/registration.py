@@ -99,13 +99,14 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
     """
     assert result.transform is not None
     nodata = sar.nodata if sar.nodata is not None else 0
-    data, cast = _warpable(sar.data)
-    bands = [cast(warp_to_optical(data[..., i], result.transform, optical.size, fill=float(nodata)))
+    data, cast = _warpable(sar.full().data)  # full resolution, also when matching read it decimated
+    w, h = optical.original_size
+    bands = [cast(warp_to_optical(data[..., i], result.transform, (w, h), fill=float(nodata)))
              for i in range(data.shape[-1])]
     profile = {
-        "driver": "GTiff", "width": optical.size[0], "height": optical.size[1], "count": len(bands),
+        "driver": "GTiff", "width": w, "height": h, "count": len(bands),
         "dtype": str(bands[0].dtype), "nodata": nodata, "compress": "deflate",
-        "tiled": optical.size[0] >= 256 and optical.size[1] >= 256, "blockxsize": 256, "blockysize": 256,
+        "tiled": w >= 256 and h >= 256, "blockxsize": 256, "blockysize": 256,
     }
     if optical.crs:
         profile.update(crs=optical.crs, transform=optical.transform)

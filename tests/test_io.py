@@ -152,3 +152,22 @@ def test_truncated_png_is_refused(tmp_path):
     assert read_raster(tmp_path / "full.png").data.shape == (300, 300, 1)
     with pytest.raises(InputError, match="truncated or corrupt"):
         read_raster(tmp_path / "cut.png")
+
+
+def test_very_large_files_are_read_decimated(tmp_path):
+    """Memory stays bounded: a file far larger than the working size is read decimated, and every
+    coordinate still refers to the file's pixels."""
+    big = np.full((3000, 4000), 40, np.uint8)
+    big[1000:1040, 2000:2040] = 250  # a bright square centred near (2019.5, 1019.5)
+    big[::97, :] = 90  # some structure so the image is not constant elsewhere
+    path = write_tif(tmp_path / "big.tif", big)
+    prepared = load_image(path, "optical", max_side=256)
+    raster = prepared.raster
+    assert raster.full_size == (4000, 3000) and max(raster.size) <= 2 * 256 + 1  # never read whole
+    assert prepared.original_size == (4000, 3000) and prepared.image.shape[:2] == (192, 256)
+    ys, xs = np.nonzero(prepared.image[..., 0] > 0.6)
+    centre = prepared.to_original(np.array([[xs.mean(), ys.mean()]]))[0]
+    assert np.allclose(centre, [2019.5, 1019.5], atol=prepared.scale[0])
+    assert raster.full().data.shape == (3000, 4000, 1)
+    small = load_image(write_tif(tmp_path / "small.tif", big[:400, :500]), "optical", max_side=256)
+    assert small.raster.full_size is None  # up to twice the working size: read as is (results unchanged)
