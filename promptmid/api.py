@@ -48,6 +48,7 @@ class MatchResult:
         pair_context: what the feature sources decided for this pair (land-use class and scores,
             prompt per modality; empty without a prompted source).
         input_notes: what was done to the inputs that a user should know (e.g. complex SAR used as amplitude).
+        sar_scaling: the SAR radiometric scaling actually applied (what ``--sar-scale auto`` resolved to).
     """
 
     status: str
@@ -69,6 +70,7 @@ class MatchResult:
     refinement: dict[str, Any] | None = None
     pair_context: dict[str, Any] = field(default_factory=dict)
     input_notes: list[str] = field(default_factory=list)
+    sar_scaling: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -197,6 +199,7 @@ class Matcher:
             models=self.describer.info(),
             pair_context=context.to_dict(),
             input_notes=[f"{m}: {n}" for m, img in (("optical", opt), ("sar", sar)) for n in img.notes],
+            sar_scaling=sar.sar_scaling,
             config={"preset": self.preset, **self.conf},
             rotation_scores=rotation_scores,
         )

@@ -75,6 +75,8 @@ class PreparedImage:
         modality: ``"optical"`` or ``"sar"``.
         raster: the raw image it came from.
         notes: what was done to the input that a user should know (e.g. complex SAR taken as amplitude).
+        sar_scaling: the radiometric scaling applied to a SAR image (``"log"``, ``"linear"``, ``"db"``: what
+            ``auto`` resolved to), ``None`` for optical images.
     """
 
     image: np.ndarray
@@ -84,6 +86,7 @@ class PreparedImage:
     modality: Modality
     raster: RasterImage = field(repr=False)
     notes: tuple[str, ...] = ()
+    sar_scaling: str | None = None
 
     def to_original(self, points: np.ndarray) -> np.ndarray:
         """Map ``[N, 2]`` working-resolution (x, y) to original pixel coordinates."""
@@ -340,13 +343,15 @@ def load_image(
         valid &= ~border_fill_mask(data[..., 0] if data.shape[-1] < 3 else data[..., :3].max(axis=-1))
         if valid.mean() < 0.02:
             raise InputError(f"{_name(raster)} has almost no valid pixels after masking fill/nodata.")
-    unit = sar_to_unit(data, valid, sar_scale) if modality == "sar" else optical_to_unit(data, valid)
+    scaling = sar_scale_of(data, valid, sar_scale) if modality == "sar" else None
+    unit = sar_to_unit(data, valid, scaling) if modality == "sar" else optical_to_unit(data, valid)
     if modality == "sar":
         if sar_smooth > 0:
             unit = cv2.GaussianBlur(unit, (0, 0), sar_smooth)
         unit = np.repeat(unit[..., None], 3, axis=-1)
     unit[~valid] = 0.0
-    return dataclasses.replace(_resize_prepared(unit, valid, raster, modality, max_side), notes=notes)
+    return dataclasses.replace(_resize_prepared(unit, valid, raster, modality, max_side), notes=notes,
+                               sar_scaling=scaling)
 
 
 def _resize_prepared(

@@ -117,7 +117,8 @@ def test_sar_scale_is_honoured_and_db_is_not_logged_twice():
     valid = np.ones((64, 64), bool)
     assert sar_scale_of(db[..., None], valid) == "db" and sar_scale_of(linear[..., None], valid) == "log"
     as_db = load_image(db, "sar", sar_scale="db").image[..., 0]
-    assert np.allclose(load_image(db, "sar").image[..., 0], as_db)  # auto == db on dB data
+    auto = load_image(db, "sar")
+    assert np.allclose(auto.image[..., 0], as_db) and auto.sar_scaling == "db"  # auto == db on dB data
     # dB data stretched as is is a monotone map of the linear data logged once: same ranks
     logged = load_image(linear, "sar", sar_scale="log").image[..., 0]
     assert np.corrcoef(as_db.ravel(), logged.ravel())[0, 1] > 0.99
