@@ -27,6 +27,7 @@ Splits follow ``../shared/data/optsar/README.md`` (:func:`split_of`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -158,15 +159,13 @@ def optical_photometry(img: np.ndarray, valid: np.ndarray, rng: np.random.Genera
     return x
 
 
-def warp_prepared(image: PreparedImage, A: np.ndarray, pixels: np.ndarray | None = None) -> PreparedImage:
-    """``image`` resampled by the 3x3 ``A`` (image px -> new px) on the same canvas; ``pixels`` replaces
-    the warped pixel array (e.g. after radiometric augmentation) when given."""
+def warp_prepared(image: PreparedImage, A: np.ndarray) -> PreparedImage:
+    """``image`` (pixels and validity mask) resampled by the 3x3 ``A`` (image px -> new px) on the same canvas."""
     h, w = image.image.shape[:2]
     valid = cv2.warpPerspective(image.valid.astype(np.uint8), A, (w, h), flags=cv2.INTER_NEAREST,
                                 borderValue=0).astype(bool)
-    img = pixels if pixels is not None else cv2.warpPerspective(image.image, A, (w, h), flags=cv2.INTER_LINEAR,
-                                                                 borderValue=0)
-    return PreparedImage(img, valid, image.scale, image.original_size, image.modality, image.raster)
+    img = cv2.warpPerspective(image.image, A, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    return dataclasses.replace(image, image=img, valid=valid)
 
 
 def make_optical_view(opt: PreparedImage, rng: np.random.Generator) -> tuple[PreparedImage, np.ndarray]:
@@ -174,7 +173,7 @@ def make_optical_view(opt: PreparedImage, rng: np.random.Generator) -> tuple[Pre
     h, w = opt.image.shape[:2]
     A = random_warp(rng, Size(w, h), max_rot=10.0, scale_log=0.15, shear=0.05, shift=0.15, persp=1e-4)
     view = warp_prepared(opt, A)
-    return warp_prepared(opt, A, optical_photometry(view.image, view.valid, rng)), A
+    return dataclasses.replace(view, image=optical_photometry(view.image, view.valid, rng)), A
 
 
 def make_view(sar: PreparedImage, H: np.ndarray, rng: np.random.Generator | None) -> tuple[PreparedImage, np.ndarray]:
@@ -193,7 +192,7 @@ def make_view(sar: PreparedImage, H: np.ndarray, rng: np.random.Generator | None
     A = random_warp(rng, Size(w, h))
     warped = warp_prepared(rotated, A)
     img = sar_radiometry(warped.image[..., 0], warped.valid, rng)
-    return warp_prepared(rotated, A, np.repeat(img[..., None], 3, axis=-1)), A @ H_view
+    return dataclasses.replace(warped, image=np.repeat(img[..., None], 3, axis=-1)), A @ H_view
 
 
 # --------------------------------------------------------------------------- features
