@@ -9,7 +9,7 @@ image 1 the SAR image.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import cv2
 import numpy as np
@@ -113,3 +113,23 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     if a.ndim == 3:
         mask = mask[..., None]
     return np.where(mask, a, b)
+
+
+CV_WARP_DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)  # what cv2.warp* accepts
+
+
+def warpable(data: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """``data`` in a dtype OpenCV can warp, and the cast that turns a warped band back into what is stored.
+
+    The one place that decides how any raster is resampled with OpenCV: its own dtypes (:data:`CV_WARP_DTYPES`)
+    as they are, floats as float32, complex (SLC) data as its float32 amplitude, other integer dtypes (int8,
+    int32, uint32, ...) warped in float64 and rounded and clipped back into their own dtype.
+    """
+    if np.iscomplexobj(data):
+        return np.abs(data).astype(np.float32), lambda band: band
+    if data.dtype.kind == "f":
+        return data.astype(np.float32, copy=False), lambda band: band
+    if data.dtype.type in CV_WARP_DTYPES:
+        return data, lambda band: band
+    info = np.iinfo(data.dtype)
+    return data.astype(np.float64), lambda band: np.clip(np.round(band), info.min, info.max).astype(data.dtype)

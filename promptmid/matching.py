@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from promptmid.config import INLIER_THRESHOLD_PX
-from promptmid.geometry import apply_transform, format_matrix, residuals  # noqa: F401 (re-exported)
+from promptmid.geometry import apply_transform, residuals
 
 GEOMETRY_MODELS = ("affine", "homography", "similarity")
 MIN_SAMPLES = {"affine": 3, "homography": 4, "similarity": 2}

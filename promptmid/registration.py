@@ -21,7 +21,7 @@ from promptmid import viz
 from promptmid.api import MatchResult
 from promptmid.errors import OutputExistsError
 from promptmid.io import PreparedImage, RasterImage, open_for_write
-from promptmid.geometry import checkerboard, residuals, warp_to_optical  # noqa: F401 (re-exported)
+from promptmid.geometry import residuals, warp_to_optical, warpable
 
 
 PRODUCTS = ("result.json", "tiepoints.csv", "registered_sar.tif", "matches.png", "checkerboard.png")
@@ -99,7 +99,7 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
     """
     assert result.transform is not None
     nodata = sar.nodata if sar.nodata is not None else 0
-    data, cast = _warpable(sar.full().data)  # full resolution, also when matching read it decimated
+    data, cast = warpable(sar.full().data)  # full resolution, also when matching read it decimated
     w, h = optical.original_size
     bands = [cast(warp_to_optical(data[..., i], result.transform, (w, h), fill=float(nodata)))
              for i in range(data.shape[-1])]
@@ -112,25 +112,6 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
         profile.update(crs=optical.crs, transform=optical.transform)
     with open_for_write(path, profile) as dst:
         dst.write(np.stack(bands))
-
-
-CV_WARP_DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
-
-
-def _warpable(data: np.ndarray) -> tuple[np.ndarray, Any]:
-    """``data`` in a dtype OpenCV can warp, and the cast back to what is written.
-
-    Complex (SLC) data is written as amplitude (float32); other dtypes OpenCV cannot warp (int8, int32,
-    uint32, ...) are warped in float64 and rounded back into their own dtype.
-    """
-    if np.iscomplexobj(data):
-        return np.abs(data).astype(np.float32), lambda band: band
-    if data.dtype.kind == "f":
-        return data.astype(np.float32, copy=False), lambda band: band
-    if data.dtype.type in CV_WARP_DTYPES:
-        return data, lambda band: band
-    info = np.iinfo(data.dtype)
-    return data.astype(np.float64), lambda band: np.clip(np.round(band), info.min, info.max).astype(data.dtype)
 
 
 def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from promptmid.matching import apply_transform, fit_geometry, guided_matches, mutual_nearest_neighbours, residuals
+from promptmid.geometry import apply_transform, residuals
+from promptmid.matching import fit_geometry, guided_matches, mutual_nearest_neighbours
 
 
 def _affine(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 
 from promptmid.evaluation.manifest import Pair
 from promptmid.io import RasterImage, read_raster
-from promptmid.geometry import Size, affine_about_centre, apply_transform, translation
+from promptmid.geometry import Size, affine_about_centre, apply_transform, translation, warpable
 
 KINDS = ("standard", "full-rotation", "shift")
 
@@ -111,18 +111,15 @@ def warp_raster(raster: RasterImage, matrix: np.ndarray, size: Size | None = Non
     """Resample ``raster`` by ``matrix`` (input px -> output px) onto a canvas of ``size = (W, H)``
     (default: the raster's size).
 
-    Bilinear resampling, band by band, in the raster's dtype (other dtypes via float32). Pixels
-    with no source are 0, which :func:`promptmid.io.load_image` masks as border fill. Georeferencing
-    is dropped: the displaced image is a new, non-georeferenced image.
+    Bilinear resampling, band by band, with the dtype handling of :func:`promptmid.geometry.warpable`.
+    Pixels with no source are 0, which :func:`promptmid.io.load_image` masks as border fill.
+    Georeferencing is dropped: the displaced image is a new, non-georeferenced image.
     """
-    data = raster.data
+    src, cast = warpable(raster.data)
     w, h = size or raster.size
-    flags = cv2.INTER_LINEAR
-    src = data.astype(np.float32) if data.dtype not in (np.uint8, np.uint16, np.float32) else data
-    bands = [cv2.warpPerspective(np.ascontiguousarray(src[..., c]), matrix, (w, h), flags=flags,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0) for c in range(src.shape[-1])]
-    out = np.stack(bands, axis=-1).astype(data.dtype, copy=False)
-    return RasterImage(out, path=None, nodata=raster.nodata)
+    bands = [cast(cv2.warpPerspective(np.ascontiguousarray(src[..., c]), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)) for c in range(src.shape[-1])]
+    return RasterImage(np.stack(bands, axis=-1), path=None, nodata=raster.nodata)
 
 
 def perturb_pair(pair: Pair, perturbation: Perturbation | None) -> tuple[Pair, RasterImage]:

@@ -217,7 +217,7 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
 
     from promptmid.evaluation.perturb import perturb_pair
     from promptmid.io import load_image
-    from promptmid.geometry import checkerboard
+    from promptmid.geometry import checkerboard, warp_to_optical
 
     plt = pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -241,9 +241,7 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
                 ax.set_title(f"{method}\nfailed", fontsize=6)
                 continue
             h, w = opt.shape[:2]
-            warped = cv2.warpPerspective(sar, np.asarray(row["transform"], np.float64), (w, h),
-                                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)  # optical px -> SAR px
-            board = checkerboard(opt, warped)
+            board = checkerboard(opt, warp_to_optical(sar, row["transform"], (w, h)))
             f = side / max(h, w)
             ax.imshow(cv2.resize(board, (max(1, round(w * f)), max(1, round(h * f)))))
             ax.set_title(f"{method}\n{pid} {_num(row['corner_error'], 1)} px", fontsize=6)

@@ -6,10 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from promptmid.geometry import Size
-from promptmid.geometry import apply_transform, translation, warp_to_optical
+from promptmid.geometry import CV_WARP_DTYPES, Size, apply_transform, translation, warp_to_optical
 
-CV_DTYPES = ("uint8", "uint16", "int16", "float32", "float64")
+CV_DTYPES = tuple(np.dtype(t).name for t in CV_WARP_DTYPES)  # dtype names OpenCV warps as they are
 
 
 def read_window(ds: Any, x0: int, y0: int, w: int, h: int) -> np.ndarray:
