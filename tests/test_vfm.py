@@ -123,13 +123,13 @@ def test_tampered_cache_with_edited_sidecar_is_refused(model, cache: Path, tmp_p
     record = json.loads((tmp_path / "dinov2_vits14.json").read_text())
     record["sha256"] = weights.sha256_file(target)
     (tmp_path / "dinov2_vits14.json").write_text(json.dumps(record))
-    assert weights._cache_state(vfm.SPEC, target, verify=True).startswith(weights._CACHE_FAILS)
-    assert "fails its pinned sha256" in weights._cache_state(vfm.SPEC, target, verify=True)
+    usable, state = weights._cache_state(vfm.SPEC, target, verify=True)
+    assert not usable and "fails its pinned sha256" in state
     with pytest.warns(UserWarning, match="corrupt"):
         rebuilt = vfm.load_dinov2(cache=tmp_path)
     assert weights.sha256_file(target) == vfm.SPEC.cache_sha256
     assert torch.equal(rebuilt.layernorm.weight, model.layernorm.weight)
-    assert weights._cache_state(vfm.SPEC, target, verify=True) == "converted, verified"
+    assert weights._cache_state(vfm.SPEC, target, verify=True) == (True, "converted, verified")
 
 
 def test_wrong_keys_raise_model_error() -> None:

@@ -63,14 +63,14 @@ def status(quiet: bool) -> Iterator[Callable[[str], None]]:
         yield lambda msg: st.update(msg)
 
 
-# numeric options: name -> (smallest valid value, whether it is excluded, what the option means)
-NUMERIC_LIMITS: dict[str, tuple[float, bool, str]] = {
-    "threshold": (0.0, True, "the inlier threshold (SAR px) must be > 0"),
-    "min_inliers": (3, False, "--min-inliers must be at least 3"),
-    "top_k": (8, False, "--top-k must be at least 8 keypoints"),
-    "max_side": (64, False, "--max-side must be at least 64 px"),
-    "rotation_step": (0.0, True, "--rotation-step must be in (0, 180] degrees"),
-    "threads": (1, False, "--threads must be at least 1"),
+# numeric options: name -> (smallest valid value, whether it is excluded, largest valid value or None, message)
+NUMERIC_LIMITS: dict[str, tuple[float, bool, float | None, str]] = {
+    "threshold": (0.0, True, None, "the inlier threshold (SAR px) must be > 0"),
+    "min_inliers": (3, False, None, "--min-inliers must be at least 3"),
+    "top_k": (8, False, None, "--top-k must be at least 8 keypoints"),
+    "max_side": (64, False, None, "--max-side must be at least 64 px"),
+    "rotation_step": (0.0, True, 180.0, "--rotation-step must be in (0, 180] degrees"),
+    "threads": (1, False, None, "--threads must be at least 1"),
 }
 
 
@@ -79,8 +79,8 @@ def check_numeric(**opts: Any) -> None:
     for name, value in opts.items():
         if value is None or name not in NUMERIC_LIMITS:
             continue
-        low, exclusive, message = NUMERIC_LIMITS[name]
-        if value < low or (exclusive and value == low) or (name == "rotation_step" and value > 180):
+        low, exclusive, high, message = NUMERIC_LIMITS[name]
+        if value < low or (exclusive and value == low) or (high is not None and value > high):
             raise InputError(f"{message}; got {value}.")
 
 

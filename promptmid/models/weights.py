@@ -262,24 +262,23 @@ def _status_of(spec: ModelSpec, verify: bool) -> dict[str, Any]:
     row["ready"] = True
     row["message"] = f"{'verified' if verify else 'found (not verified)'}: {path}"
     if cache_path is not None:
-        state = _cache_state(spec, cache_path, verify)
+        verified, state = _cache_state(spec, cache_path, verify)
         row["message"] += "; " + state
-        row["ready"] = not state.startswith(_CACHE_FAILS)
+        row["ready"] = verified
     return row
 
 
-_CACHE_FAILS = "converted cache fails its pinned sha256"
-
-
-def _cache_state(spec: ModelSpec, cache_path: Path, verify: bool) -> str:
-    """How the converted cache stands: checked against the checksum pinned in :data:`MODELS`, not its sidecar."""
+def _cache_state(spec: ModelSpec, cache_path: Path, verify: bool) -> tuple[bool, str]:
+    """``(usable, text)``: how the converted cache stands, checked against the checksum pinned in
+    :data:`MODELS` (not its sidecar). Only a cache that fails that checksum is not usable."""
     if not cache_path.is_file():
-        return "not converted yet (done on first use)"
+        return True, "not converted yet (done on first use)"
     if not verify or spec.cache_sha256 is None:
-        return "converted (not verified)"
+        return True, "converted (not verified)"
     if sha256_file(cache_path) != spec.cache_sha256:
-        return f"{_CACHE_FAILS} {spec.cache_sha256[:16]} ({cache_path}); it is converted again on next use"
-    return "converted, verified"
+        return False, (f"converted cache fails its pinned sha256 {spec.cache_sha256[:16]} ({cache_path}); it is "
+                       "converted again on next use")
+    return True, "converted, verified"
 
 
 def model_status(verify: bool = True) -> list[dict[str, Any]]:
