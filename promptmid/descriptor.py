@@ -126,8 +126,8 @@ class Describer:
         from promptmid.models.weights import MODELS
 
         spec = MODELS["aliked_n16" if self.extractor.local_name == "aliked" else "xfeat"]
-        xfeat = {"name": spec.name, "source": spec.pip_requirement, "sha256": spec.sha256[:16]}
-        out: dict[str, Any] = {"keypoints": {**xfeat, "detector": self.extractor.conf.detector}}
+        local = {"name": spec.name, "source": spec.pip_requirement, "sha256": spec.sha256[:16]}
+        out: dict[str, Any] = {"keypoints": {**local, "detector": self.extractor.conf.detector}}
         out["aggregator"] = self.aggregator.name
         for name, source in self.sources.items():
             out[name] = source.info()

@@ -90,8 +90,7 @@ class PreparedImage:
 
     def to_original(self, points: np.ndarray) -> np.ndarray:
         """Map ``[N, 2]`` working-resolution (x, y) to original pixel coordinates."""
-        s = np.asarray(self.scale, dtype=np.float64)
-        return (np.asarray(points, dtype=np.float64) + 0.5) * s - 0.5
+        return to_original(points, self.scale)
 
     def scale_matrix(self) -> np.ndarray:
         """3x3 matrix mapping working-resolution pixels to original pixels."""
@@ -107,6 +106,12 @@ def working_transform(matrix: np.ndarray, optical: PreparedImage, sar: PreparedI
 def original_transform(matrix: np.ndarray, optical: PreparedImage, sar: PreparedImage) -> np.ndarray:
     """Inverse of :func:`working_transform`: working-image transform -> original pixels."""
     return sar.scale_matrix() @ np.asarray(matrix, np.float64) @ np.linalg.inv(optical.scale_matrix())
+
+
+def to_original(points: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """Map ``[N, 2]`` working-resolution (x, y) to original pixels for ``scale = (sx, sy)`` (original px per
+    working px; pixel centres at integers in both)."""
+    return (np.asarray(points, dtype=np.float64) + 0.5) * np.asarray(scale, dtype=np.float64) - 0.5
 
 
 DECIMATE_ABOVE = 2  # read decimated when the long side exceeds this many times the working size

@@ -30,6 +30,7 @@ from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.evaluation.metrics import auc as auc_curve
 from promptmid.evaluation.metrics import mean_corner_error
 from promptmid.geometry import Size, apply_transform
+from promptmid.io import to_original
 from promptmid.matching import match_and_fit
 from promptmid.models.aggregation import PromptMIDAggregator, save_aggregator
 from promptmid.training.data import gt_correspondences
@@ -138,10 +139,6 @@ def pair_step(model: PromptMIDAggregator, entry: dict[str, Any], cfg: TrainConfi
     return loss, matching_accuracy(d0.detach(), d1.detach(), p), len(p)
 
 
-def _to_original(points: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
-    return (np.asarray(points, np.float64) + 0.5) * np.asarray(scale, np.float64) - 0.5
-
-
 @torch.inference_mode()
 def evaluate_entry(describe: DescribeFn, entry: dict[str, Any], matching: dict[str, Any],
                    geometry: dict[str, Any]) -> dict[str, Any]:
@@ -153,8 +150,8 @@ def evaluate_entry(describe: DescribeFn, entry: dict[str, Any], matching: dict[s
     best: tuple[int, Any, float, float] | None = None
     for angle, rot in entry["rotations"].items():
         d1 = describe({k: v.float() for k, v in rot["features"].items()}, rot["keypoints"], Size(*rot["size"]))
-        k0 = _to_original(opt["keypoints"].numpy(), entry["opt_scale"])
-        k1 = _to_original(apply_transform(rot["to_sar"].numpy(), rot["keypoints"].numpy()), entry["sar_scale"])
+        k0 = to_original(opt["keypoints"].numpy(), entry["opt_scale"])
+        k1 = to_original(apply_transform(rot["to_sar"].numpy(), rot["keypoints"].numpy()), entry["sar_scale"])
         cand = match_and_fit(d0, d1, k0, k1, matching, geometry)  # exactly the Matcher's core
         m, geom = cand.matches, cand.geometry
         p0, p1 = k0[m[:, 0]], k1[m[:, 1]]
