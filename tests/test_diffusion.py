@@ -252,3 +252,43 @@ def test_read_image_list(tmp_path):
     (tmp_path / "bad.csv").write_text("image,class,modality\nmissing.png,water,optical\n")
     with pytest.raises(InputError, match="not found"):
         read_image_list(tmp_path / "bad.csv")
+
+
+# ----------------------------------------------------------------------------- also-fix regressions
+
+
+def test_unset_tokenizer_length_is_clamped_to_the_text_encoder(sd_dir, tmp_path):
+    """A tokenizer without ``model_max_length`` (transformers reports ~1e30) must not overflow: the prompt
+    length is clamped to the text encoder's ``max_position_embeddings``."""
+    from promptmid.models.sd import encode_prompt, prompt_length
+
+    copy = shutil.copytree(sd_dir, tmp_path / "sd_nolen")
+    config_file = copy / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    del config["model_max_length"]
+    config_file.write_text(json.dumps(config))
+    components = load_sd_components(copy)
+    assert components.tokenizer.model_max_length > 1e20
+    assert prompt_length(components) == components.text_encoder.config.max_position_embeddings
+    emb = encode_prompt(components, "an optical satellite image of water")
+    assert emb.shape[1] == components.text_encoder.config.max_position_embeddings
+    feats = DiffusionFeatures(str(copy), land_use="water", ensemble=1, long_side=64)
+    assert feats.dense(textured(64))["sd_up1"].shape[0] == 1
+
+
+def test_result_land_use_scores_is_a_json_object(sd_dir, tmp_path):
+    """result.json's ``pair_context.land_use_scores`` is an object of numbers, not a JSON string."""
+    from promptmid.api import Matcher
+    from promptmid.registration import write_json
+
+    overrides = {"sources": {"diffusion": {"model": str(sd_dir), "land_use": "auto", "ensemble": 1, "long_side": 64,
+                                           "selection_noise": 1}},
+                 "keypoints": {"top_k": 128}}
+    result = Matcher("full", overrides).match(textured(128)[0].permute(1, 2, 0).numpy(),
+                                              textured(128, seed=1)[0].permute(1, 2, 0).numpy())
+    write_json(tmp_path / "result.json", result.to_dict())  # how match writes result.json
+    context = json.loads((tmp_path / "result.json").read_text())["pair_context"]
+    scores = context["land_use_scores"]
+    assert isinstance(scores, dict) and len(scores) == 9
+    assert all(isinstance(v, float) for v in scores.values())
+    assert context["land_use_class"] == min(scores, key=scores.get)

