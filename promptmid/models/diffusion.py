@@ -33,7 +33,9 @@ from promptmid.models.prompts import (
 )
 from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
+from promptmid.models.promptdm import PROMPTS as PROMPTDM_PROMPTS, PixelSpace
 from promptmid.models.sd import (
+    SDComponents,
     encode_latents,
     encode_prompt,
     load_sd_components,
@@ -90,10 +92,11 @@ class DiffusionFeatures:
         self.conf = merge_options(self.default_conf, conf, "DiffusionFeatures")
         self.conf["up_blocks"] = tuple(int(i) for i in self.conf["up_blocks"])
         self.model, self.lora, self.land_use = str(model), lora, land_use
-        self.prompts: PromptSet = load_prompt_set(self.conf["prompt_file"]) if self.conf["prompt_file"] else DEFAULT_PROMPTS
+        self.components = load_sd_components(model, lora=lora, device=device, dtype=self._dtype(device))
+        self.prompts: PromptSet = load_prompt_set(self.conf["prompt_file"]) if self.conf["prompt_file"] else \
+            default_prompts(self.components)
         if land_use not in ("auto", "average"):
             self.prompts.check_class(land_use)
-        self.components = load_sd_components(model, lora=lora, device=device, dtype=self._dtype(device))
         self.geometry = up_block_geometry(self.components.unet, self.components.vae)
         bad = [i for i in self.conf["up_blocks"] if i not in self.geometry]
         if bad:
@@ -231,6 +234,12 @@ class DiffusionFeatures:
             "ensemble": str(self.conf["ensemble"]),
             "long_side": str(self.conf["long_side"]),
         }
+
+
+def default_prompts(components: SDComponents) -> PromptSet:
+    """The land-use prompt set a model was trained with: the 3MOS scene classes for PromptDM-small
+    (:data:`promptmid.models.promptdm.PROMPTS`), the 9 DESIGN classes for Stable Diffusion."""
+    return PROMPTDM_PROMPTS if isinstance(components.vae, PixelSpace) else DEFAULT_PROMPTS
 
 
 def _noise(shape: torch.Size, seed: int) -> torch.Tensor:

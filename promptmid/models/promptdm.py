@@ -132,7 +132,7 @@ def load_text_encoder(device: str | torch.device = "cpu") -> tuple[Any, torch.nn
     folder = verify_source(MODELS["minilm_l6"]).parent
     try:
         tokenizer = BertTokenizer.from_pretrained(str(folder), local_files_only=True)
-        encoder = BertModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False)
+        encoder = BertModel.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the MiniLM text encoder from {folder}: {exc}") from exc
     tokenizer.model_max_length = TEXT_TOKENS

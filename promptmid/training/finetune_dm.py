@@ -9,6 +9,12 @@ encoder frozen. Output layout of ``out_dir``::
                              load with load_sd_components(model, lora=out_dir / "adapter")
     checkpoints/step_XXXXXX/ adapter/ + state.pt (optimizer, step, losses, RNG states)
     train_log.json           losses, classes used, settings
+    loss.csv                 step, loss, seconds since start (one line per step, written as it trains)
+
+``rank=0`` trains every UNet weight instead of a LoRA (how PromptDM-small is trained from scratch,
+:mod:`promptmid.training.promptdm_small`): then ``unet.safetensors`` replaces ``adapter/`` (and the
+checkpoints hold ``unet.safetensors``); for PromptDM-small it is written by
+:func:`promptmid.models.promptdm.save_promptdm` and loads with ``--dm out_dir/unet.safetensors``.
 
 Training data: a list of ``(image, class, modality)``; ``image`` is a path or an array
 (``[H, W]`` / ``[H, W, C]``, any dtype: read and scaled by :func:`promptmid.io.load_image`),
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +45,7 @@ from promptmid.models.sd import (
     prepare_image,
 )
 from promptmid.models.prompts import DEFAULT_PROMPTS, PromptSet, select_land_use
+from promptmid.models.promptdm import PixelSpace, save_promptdm
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ImageItem = tuple[Any, "str | None", str]
@@ -53,6 +61,8 @@ class TrainSettings:
     batch: int = 4
     crop: int = 512
     seed: int = 0
+    long_side: int | None = None
+    max_minutes: float = 0.0
 
 
 def read_image_list(csv_path: str | Path) -> list[ImageItem]:
@@ -137,6 +147,9 @@ def finetune_dm(
     device: str = "cpu",
     prompt_set: PromptSet = DEFAULT_PROMPTS,
     eval_batch: int = 8,
+    components: SDComponents | None = None,
+    long_side: int | None = None,
+    max_minutes: float = 0.0,
 ) -> dict[str, Any]:
     """Fine-tune PromptDM (LoRA on the UNet attention projections) and save the adapter.
 
@@ -144,7 +157,7 @@ def finetune_dm(
         model_dir: base SD model (directory or hub id, see :func:`load_sd_components`).
         images: ``(path or array, class or None, modality)`` items (see module docstring).
         out_dir: output directory (adapter/, checkpoints/, train_log.json).
-        rank: LoRA rank (alpha = rank, so the LoRA scale is 1).
+        rank: LoRA rank (alpha = rank, so the LoRA scale is 1); 0 = train every UNet weight.
         steps: total optimiser steps (including those of a resumed run).
         lr: AdamW learning rate.
         batch: crops per step.
@@ -157,6 +170,11 @@ def finetune_dm(
         prompt_set: land-use classes/templates.
         eval_batch: size of a fixed evaluation batch (fixed crops, noise and timesteps) whose loss
             is reported before and after training — a low-variance measure of progress.
+        components: already loaded components to train (e.g. a freshly initialised PromptDM-small);
+            ``model_dir`` is then only recorded.
+        long_side: resize every training image so its long side is ~this (px) before cropping
+            (``None`` = native size); the scale the features are later computed at.
+        max_minutes: stop (checkpoint and save) once this much wall time has passed (0 = no limit).
 
     Returns:
         ``{"losses": [per-step loss], "eval_loss_initial", "eval_loss_final", "adapter": path,
@@ -166,14 +184,14 @@ def finetune_dm(
         raise InputError(f"crop must be a multiple of 64 pixels, got {crop}.")
     if not images:
         raise InputError("finetune_dm needs at least one training image.")
-    settings = TrainSettings(rank, steps, lr, batch, crop, seed)
+    settings = TrainSettings(rank, steps, lr, batch, crop, seed, long_side, max_minutes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    components = load_sd_components(model_dir, device=device)
+    components = components or load_sd_components(model_dir, device=device)
     classes = assign_classes(components, images, prompt_set, seed)
-    data = _TrainData(components, images, classes, prompt_set, crop)
-    model = _add_lora(components, rank)
+    data = _TrainData(components, images, classes, prompt_set, crop, long_side)
+    model = _add_lora(components, rank) if rank > 0 else components.unet.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
@@ -185,9 +203,11 @@ def finetune_dm(
     eval_set = data.fixed_batch(eval_batch, seed + 1)
     eval_initial = _eval_loss(model, components, eval_set)
     step_fn = lambda: _train_step(model, components, optimizer, data.sample(batch, rng))  # noqa: E731
-    losses += _run(step_fn, start, steps, progress, lambda s, l: _save_checkpoint(model, optimizer, out, s, l, rng), checkpoint_every, losses)
-    adapter = out / "adapter"
-    model.save_pretrained(str(adapter))
+    log = _LossLog(out / "loss.csv", fresh=state is None, max_minutes=max_minutes)
+    ours = isinstance(components.vae, PixelSpace)  # PromptDM-small: saved in its own format
+    save = lambda s, l: _save_checkpoint(model, optimizer, out, s, l, rng, ours)  # noqa: E731
+    losses += _run(step_fn, start, steps, progress, save, checkpoint_every, losses, log)
+    adapter = _save_model(model, out, ours)
     eval_final = _eval_loss(model, components, eval_set)
     result = {
         "losses": losses,
@@ -196,7 +216,8 @@ def finetune_dm(
         "adapter": str(adapter),
         "classes": classes,
         "start_step": start,
-        "steps": steps,
+        "steps": start + len(losses) - (len(state["losses"]) if state else 0),
+        "stopped_early": log.stopped,
         "settings": asdict(settings),
         "model": str(model_dir),
     }
@@ -208,10 +229,13 @@ class _TrainData:
     """Images (kept in memory as [1,3,H,W] tensors) with their prompt embeddings."""
 
     def __init__(
-        self, components: SDComponents, items: Sequence[ImageItem], classes: list[str], prompts: PromptSet, crop: int
+        self, components: SDComponents, items: Sequence[ImageItem], classes: list[str], prompts: PromptSet, crop: int,
+        long_side: int | None = None,
     ) -> None:
         self.components, self.crop = components, crop
         self.images = [load_training_image(src, mod) for src, _, mod in items]
+        if long_side:
+            self.images = [prepare_image(im, long_side) for im in self.images]
         cache: dict[str, torch.Tensor] = {}
         self.text = [encode_prompt(components, prompts.prompt_for(c, mod), cache) for c, (_, _, mod) in zip(classes, items)]
 
@@ -274,8 +298,10 @@ def _run(
     checkpoint: Callable[[int, list[float]], None],
     every: int,
     previous: list[float],
+    log: "_LossLog | None" = None,
 ) -> list[float]:
-    """Run steps ``start+1 .. steps`` with a rich progress bar; checkpoint every ``every`` steps and at the end."""
+    """Run steps ``start+1 .. steps`` with a rich progress bar; checkpoint every ``every`` steps and at the end
+    (or when ``log`` says the time budget is spent)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     losses: list[float] = []
@@ -285,16 +311,53 @@ def _run(
         for step in range(start + 1, steps + 1):
             losses.append(step_fn())
             bar.update(task, advance=1, loss=f"{np.mean(losses[-20:]):.4f}")
-            if every and (step % every == 0 or step == steps):
+            stop = log is not None and log.add(step, losses[-1])
+            if every and (step % every == 0 or step == steps or stop):
                 checkpoint(step, previous + losses)
+            if stop:
+                break
     return losses
 
 
+class _LossLog:
+    """Appends ``step,loss,seconds`` lines to a CSV as training runs; says when ``max_minutes`` is spent."""
+
+    def __init__(self, path: Path, fresh: bool, max_minutes: float = 0.0) -> None:
+        self.path, self.limit, self.start, self.stopped = path, max_minutes * 60.0, time.monotonic(), False
+        if fresh or not path.is_file():
+            path.write_text("step,loss,seconds\n", encoding="utf-8")
+
+    def add(self, step: int, loss: float) -> bool:
+        """Record one step; return True when the time budget is spent."""
+        elapsed = time.monotonic() - self.start
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(f"{step},{loss:.6f},{elapsed:.1f}\n")
+        self.stopped = bool(self.limit) and elapsed >= self.limit
+        return self.stopped
+
+
+def _save_model(model: torch.nn.Module, folder: Path, promptdm: bool) -> Path:
+    """Write the trained part: ``folder/adapter`` (LoRA) or ``folder/unet.safetensors`` (every weight; in
+    PromptDM-small's format when ``promptdm``)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(folder / "adapter"))
+        return folder / "adapter"
+    file = folder / "unet.safetensors"
+    if promptdm:
+        return save_promptdm(model, file, half=False)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(file))
+    return file
+
+
 def _save_checkpoint(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path, step: int, losses: list[float], rng: np.random.Generator
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path, step: int, losses: list[float],
+    rng: np.random.Generator, promptdm: bool = False,
 ) -> None:
     folder = out / "checkpoints" / f"step_{step:06d}"
-    model.save_pretrained(str(folder / "adapter"))
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_model(model, folder, promptdm)
     state = {
         "step": step,
         "losses": losses,
@@ -314,7 +377,10 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path)
     if not folders:
         return None
     latest = folders[-1]
-    set_peft_model_state_dict(model, load_file(str(latest / "adapter" / "adapter_model.safetensors")))
+    if hasattr(model, "peft_config"):
+        set_peft_model_state_dict(model, load_file(str(latest / "adapter" / "adapter_model.safetensors")))
+    else:
+        model.load_state_dict({k: v.float() for k, v in load_file(str(latest / "unet.safetensors")).items()})
     state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)  # no pickle code runs
     optimizer.load_state_dict(state["optimizer"])
     return state
