@@ -23,7 +23,7 @@ from promptmid.config import get_config
 from promptmid.descriptor import Describer
 from promptmid.models.base import PairContext
 from promptmid.io import PreparedImage, load_image
-from promptmid.refine import Refinement, refine_prepared
+from promptmid import qc
 from promptmid.geometry import apply_transform
 from promptmid.matching import Geometry, match_and_fit
 
@@ -33,8 +33,11 @@ class MatchResult:
     """Matches, fitted transform and QC numbers of one optical/SAR pair.
 
     Attributes:
-        status: ``"ok"`` or ``"failed"`` (then ``transform`` is ``None`` and ``reason`` says why).
+        status: the QC verdict (:mod:`promptmid.qc`): ``"ok"`` (trust it), ``"uncertain"`` (a transform exists,
+            check it; ``reason`` says why) or ``"failed"`` (then ``transform`` is ``None`` and ``reason`` says why).
         transform: 3x3 optical -> SAR pixel transform (original resolutions).
+        confidence: calibrated probability in [0, 1] that ``transform`` is within 5 px (0 without one).
+        qc: the verdict with every piece of evidence (:meth:`promptmid.qc.Verdict.to_dict`).
         points0: ``[K, 2]`` matched optical keypoints (px).
         points1: ``[K, 2]`` matched SAR keypoints (px).
         scores: ``[K]`` descriptor similarities of the matches.
@@ -42,13 +45,16 @@ class MatchResult:
         rmse: residual RMSE of inliers (SAR px).
         rotation_deg: SAR rotation (search step) that gave the kept fit.
         refinement: what the area-based refinement did (``None`` when off or the fit failed);
-            ``transform`` is the refined one when ``refinement["applied"]``.
+            ``transform`` is the refined one when ``refinement["applied"]`` (a refinement that disagrees with
+            the keypoint evidence is not applied, and ``refinement["reason"]`` says why).
         num_keypoints: keypoints detected per image ``(optical, SAR)``.
         timings: seconds per stage.
         pair_context: what the feature sources decided for this pair (land-use class and scores,
             prompt per modality; empty without a prompted source).
         input_notes: what was done to the inputs that a user should know (e.g. complex SAR used as amplitude).
         sar_scaling: the SAR radiometric scaling actually applied (what ``--sar-scale auto`` resolved to).
+        bands: the bands of each file the models saw, and why (``{"optical": ..., "sar": ...}``, see
+            :class:`promptmid.io.BandChoice`).
     """
 
     status: str
@@ -60,6 +66,8 @@ class MatchResult:
     model: str
     rmse: float = float("nan")
     reason: str = ""
+    confidence: float = 0.0
+    qc: dict[str, Any] = field(default_factory=dict)
     rotation_deg: float = 0.0
     num_keypoints: tuple[int, int] = (0, 0)
     image_sizes: dict[str, list[int]] = field(default_factory=dict)
@@ -71,10 +79,17 @@ class MatchResult:
     pair_context: dict[str, Any] = field(default_factory=dict)
     input_notes: list[str] = field(default_factory=list)
     sar_scaling: str | None = None
+    bands: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
+        """The verdict is ``ok``: the transform can be trusted."""
         return self.status == "ok"
+
+    @property
+    def has_transform(self) -> bool:
+        """A transform was fitted (status ``ok`` or ``uncertain``)."""
+        return self.transform is not None
 
     @property
     def num_inliers(self) -> int:
@@ -145,9 +160,11 @@ class Matcher:
             rotation_scores[f"{angle:g}"] = cand[0].num_inliers
             if best is None or cand[0].num_inliers > best[0].num_inliers:
                 best = cand
-        refinement = self._refine(best[0], opt, sar_img, timings)
+        _progress(progress, "quality control")
+        with _timer(timings, "qc"):
+            checked = self._check(best[0], best[1], opt, sar_img)
         timings["total"] = time.perf_counter() - t_start
-        return self._result(best, refinement, opt, sar_img, feats0, timings, rotation_scores, context)
+        return self._result(best, checked, opt, sar_img, feats0, timings, rotation_scores, context)
 
     def _match_rotation(
         self, feats0: dict[str, Any], opt: PreparedImage, sar: PreparedImage, angle: float, timings: dict[str, float],
@@ -167,31 +184,38 @@ class Matcher:
                 "n1": len(feats1["keypoints"])}
         return geom, data, angle
 
-    def _refine(self, geom: Geometry, opt: PreparedImage, sar: PreparedImage, timings: dict[str, float]) -> Refinement | None:
-        """Area-based refinement of a successful fit (see :mod:`promptmid.refine`), in original pixels."""
+    def _check(self, geom: Geometry, data: dict[str, Any], opt: PreparedImage, sar: PreparedImage
+               ) -> tuple[np.ndarray | None, dict[str, Any] | None, qc.Verdict]:
+        """The QC stage (:func:`promptmid.qc.assess`): area-based refinement (when enabled) kept only when it
+        agrees with the keypoint evidence, then the verdict. Returns (transform, refinement info, verdict)."""
         conf = dict(self.conf["refine"])
-        if not conf.pop("enabled") or not geom.ok:
-            return None
-        with _timer(timings, "refine"):
-            return refine_prepared(opt, sar, geom.matrix, geom.model, **conf)
+        refine_conf = conf if conf.pop("enabled") else None
+        final, info, evidence = qc.assess(opt, sar, data["points0"], data["points1"], data["scores"], geom,
+                                          refine_conf, self.conf["geometry"]["threshold"])
+        return final, info, qc.judge(evidence, geom.reason)
 
     def _result(
-        self, best: tuple[Geometry, dict[str, Any], float], refinement: Refinement | None,
+        self, best: tuple[Geometry, dict[str, Any], float],
+        checked: tuple[np.ndarray | None, dict[str, Any] | None, qc.Verdict],
         opt: PreparedImage, sar: PreparedImage,
         feats0: dict[str, Any], timings: dict[str, float], rotation_scores: dict[str, int], context: PairContext,
     ) -> MatchResult:
         geom, data, angle = best
+        final, refinement, verdict = checked
         return MatchResult(
-            status="ok" if geom.ok else "failed",
-            transform=refinement.matrix if refinement is not None else geom.matrix,
-            refinement=refinement.to_dict() if refinement is not None else None,
+            status=verdict.status,
+            transform=None if verdict.status == "failed" else final,
+            confidence=verdict.confidence,
+            qc={**verdict.to_dict(), **({"rejected_transform": np.asarray(final).tolist()}
+                                       if final is not None and verdict.status == "failed" else {})},
+            refinement=refinement,
             points0=data["points0"],
             points1=data["points1"],
             scores=data["scores"],
             inliers=geom.inliers,
             model=geom.model,
             rmse=geom.rmse,
-            reason=geom.reason,
+            reason="; ".join(verdict.reasons),
             rotation_deg=angle,
             num_keypoints=(len(feats0["keypoints"]), data["n1"]),
             image_sizes={"optical": list(opt.original_size), "sar": list(sar.original_size)},
@@ -200,6 +224,7 @@ class Matcher:
             pair_context=context.to_dict(),
             input_notes=[f"{m}: {n}" for m, img in (("optical", opt), ("sar", sar)) for n in img.notes],
             sar_scaling=sar.sar_scaling,
+            bands={m: img.bands.to_dict() for m, img in (("optical", opt), ("sar", sar)) if img.bands},
             config={"preset": self.preset, **self.conf},
             rotation_scores=rotation_scores,
         )

@@ -42,7 +42,7 @@ def run_demo(out: str | Path, preset: str = "lite", seed: int = 7, size: int = 5
     write_products(out_dir, result, opt_img, sar_img)
     summary: dict[str, Any] = {"status": result.status, "reason": result.reason, "true_transform": pair.H.tolist(),
                                "estimated_transform": None, "mean_corner_error_px": float("inf")}
-    if result.ok:
+    if result.has_transform:
         err = corner_error(result.transform, pair.H, (size, size))
         summary.update(estimated_transform=result.transform.tolist(), mean_corner_error_px=float(err.mean()),
                        max_corner_error_px=float(err.max()))
@@ -55,7 +55,7 @@ def _summary_text(summary: dict[str, Any], result: Any, out_dir: Path) -> str:
     lines = [f"promptmid demo ({result.config.get('preset')}): generated {out_dir / 'inputs'}",
              "true transform (optical px -> SAR px):", format_matrix(summary["true_transform"], "  "),
              "recovered transform:", format_matrix(summary["estimated_transform"], "  ")]
-    if result.ok:
+    if result.has_transform:
         lines.append(f"corner error: mean {summary['mean_corner_error_px']:.2f} px, max {summary['max_corner_error_px']:.2f} px; "
                      f"{result.num_inliers} inliers of {len(result.points0)} matches, RMSE {result.rmse:.2f} px, "
                      f"{result.timings['total']:.1f} s")

@@ -3,8 +3,9 @@
 ``PAIRS.jsonl``: one JSON object per line, ``{"id": "...", "optical": "path", "sar": "path"}``
 (paths relative to the JSONL file; ``id`` defaults to ``pair-<line number>``). Each pair is
 registered by :func:`promptmid.scene.register_scene` into ``DIR/<id>/``; its ``result.json``
-(written atomically) has ``status`` ``ok`` / ``failed`` (registered or not) / ``error`` (an
-exception; ``reason`` says which). Pairs whose ``result.json`` says ``ok`` or ``failed`` are
+(written atomically) has ``status`` ``ok`` / ``uncertain`` (registered, QC verdict; see :mod:`promptmid.qc`) /
+``failed`` / ``error`` (an exception; ``reason`` says which). Pairs whose ``result.json`` says ``ok``,
+``uncertain`` or ``failed`` are
 skipped on a rerun, so an interrupted batch resumes where it stopped; ``error`` pairs are retried.
 
 Workers are processes with one thread each by default; each worker process builds one
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 from promptmid.errors import InputError
 
-DONE_STATUSES = ("ok", "failed")
+DONE_STATUSES = ("ok", "uncertain", "failed")
 _MATCHERS: dict[str, Any] = {}
 _LOADS = {"count": 0}
 
@@ -144,7 +145,8 @@ def run_pair(pair: Pair, out_root: str, options: BatchOptions) -> dict[str, Any]
 
 def _row(result: dict[str, Any], seconds: float) -> dict[str, Any]:
     tiles = result.get("tiles") or {}
-    return {"id": result["id"], "status": result["status"], "reason": result.get("reason", ""),
+    return {"id": result["id"], "status": result["status"], "confidence": result.get("confidence"),
+            "reason": result.get("reason", ""),
             "tiles": tiles.get("processed"), "inliers": result.get("inliers"),
             "rmse_after_px": result.get("rmse_after_px"), "seconds": round(seconds, 2),
             "worker_pid": result["worker"]["pid"], "matcher_loads": result["worker"]["matcher_loads"]}
@@ -207,7 +209,7 @@ def run_batch(pairs_file: str | Path, out_root: str | Path, options: BatchOption
             if cluster is not None:
                 cluster.close()
     ordered = [rows[p.id] for p in pairs]
-    counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "failed", "error", "skipped")}
+    counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "uncertain", "failed", "error", "skipped")}
     summary = {"pairs": ordered, "counts": counts, "ran": len(todo), "skipped": len(pairs) - len(todo),
                "seconds": round(time.perf_counter() - t0, 2), "workers": None if scheduler else workers,
                "scheduler": scheduler or "LocalCluster", "options": asdict(options)}

@@ -35,3 +35,9 @@ class MatchingError(PromptMIDError):
     """Too few matches or inliers to fit the requested transform."""
 
     exit_code = 5
+
+
+class UncertainResultError(PromptMIDError):
+    """``--strict``: a transform was found but the QC verdict is ``uncertain``."""
+
+    exit_code = 6

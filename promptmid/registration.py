@@ -142,7 +142,7 @@ def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: Prepared
                figures: bool) -> dict[str, Path]:
     paths = {"result": out / "result.json", "tiepoints": out / "tiepoints.csv"}
     write_tiepoints(paths["tiepoints"], result)
-    if result.ok:
+    if result.has_transform:
         paths["registered_sar"] = out / "registered_sar.tif"
         write_registered_sar(paths["registered_sar"], result, opt.raster, sar.raster)
         if figures:

@@ -31,7 +31,7 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
     inl = result.inliers
     p0 = (result.points0[inl] + 0.5) / np.asarray(opt.scale) - 0.5
     p1 = (result.points1[inl] + 0.5) / np.asarray(sar.scale) - 0.5
-    res = residuals(result.transform, result.points0[inl], result.points1[inl]) if result.ok else np.zeros(len(p0))
+    res = residuals(result.transform, result.points0[inl], result.points1[inl]) if result.has_transform else np.zeros(len(p0))
     if len(p0) > max_lines:
         keep = np.random.default_rng(0).choice(len(p0), max_lines, replace=False)
         p0, p1, res = p0[keep], p1[keep], res[keep]

@@ -76,7 +76,24 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("time_total", "time_features", "time_matching", "time_fitting", "peak_mem_mb"):
         vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         out[f"median_{key}"] = float(np.median(vals)) if vals else math.nan
+    if any(r.get("qc_status") not in (None, "n/a") for r in rows):
+        out["verdict"] = verdict_counts(rows)
     return out
+
+
+def verdict_counts(rows: list[dict[str, Any]], success_px: float = 5.0, wrong_px: float = 20.0) -> dict[str, Any]:
+    """QC verdicts of rows against the truth: counts per status, precision of ``ok`` (share within
+    ``success_px`` RMSE), recall of ``ok`` (share of the rows within ``success_px`` that are ``ok``) and how
+    many ``ok`` rows are beyond ``wrong_px``. Rows without a fit count as ``failed``."""
+    status = [r.get("qc_status") or "failed" for r in rows]
+    right = [r.get("rmse", math.inf) <= success_px for r in rows]
+    n_ok = sum(s == "ok" for s in status)
+    ok_right = sum(s == "ok" and g for s, g in zip(status, right))
+    return {"ok": n_ok, "uncertain": status.count("uncertain"), "failed": status.count("failed"),
+            "ok_precision": ok_right / n_ok if n_ok else math.nan,
+            "ok_recall": ok_right / sum(right) if sum(right) else math.nan,
+            f"ok_beyond_{wrong_px:g}px": sum(s == "ok" and r.get("rmse", math.inf) > wrong_px
+                                              for s, r in zip(status, rows))}
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,6 +139,19 @@ def markdown_table(tab: dict[str, dict[str, Any]], model: str) -> list[str]:
     return lines
 
 
+def verdict_table(tab: dict[str, dict[str, Any]], model: str) -> list[str]:
+    """Rows of the QC verdict table (methods with a verdict) for ``model``; empty when none has one."""
+    lines = []
+    for method, per_model in tab.items():
+        v = (per_model.get(model) or {}).get("verdict")
+        if v:
+            lines.append(f"| {method} | {v['ok']} | {v['uncertain']} | {v['failed']} | {_num(v['ok_precision'])} "
+                         f"| {_num(v['ok_recall'])} | {v['ok_beyond_20px']} |")
+    head = ["| method | ok | uncertain | failed | precision of ok (RMSE <= 5 px) | recall of ok | ok beyond 20 px |",
+            "|---|---|---|---|---|---|---|"]
+    return head + lines if lines else []
+
+
 def summary_markdown(summary: dict[str, Any], header: list[str], models: Iterable[str]) -> str:
     """The whole ``summary.md`` text."""
     out = list(header)
@@ -130,6 +160,9 @@ def summary_markdown(summary: dict[str, Any], header: list[str], models: Iterabl
             "pairs; times are medians (s); failed pairs count in every rate.", ""]
     for model in models:
         out += [f"## {model}", "", "### overall", "", *markdown_table(summary["overall"], model), ""]
+        verdicts = verdict_table(summary["overall"], model)
+        if verdicts:
+            out += ["### QC verdict (overall)", "", *verdicts, ""]
         for name, key in (("split group", "by_group"), ("source", "by_source")):
             for value, tab in summary[key].items():
                 out += [f"### {name}: {value}", "", *markdown_table(tab, model), ""]
@@ -206,6 +239,33 @@ def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, models: tuple[str, .
                  title="Corner error CDF")
 
 
+def plot_reliability(rows: list[dict[str, Any]], path: Path, model: str = "affine+refine", bins: int = 10,
+                     success_px: float = 5.0) -> None:
+    """Reliability diagram: mean predicted QC confidence vs observed share within ``success_px`` RMSE, per
+    confidence bin and method (only rows with a fit and a verdict); the diagonal is perfect calibration."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    edges = np.linspace(0, 1, bins + 1)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method and r["model"] == model
+               and isinstance(r.get("qc_confidence"), float) and math.isfinite(r["qc_confidence"])]
+        if not sel:
+            continue
+        conf = np.array([r["qc_confidence"] for r in sel])
+        right = np.array([r.get("rmse", math.inf) <= success_px for r in sel], float)
+        idx = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+        xs = [conf[idx == b].mean() for b in range(bins) if (idx == b).any()]
+        ys = [right[idx == b].mean() for b in range(bins) if (idx == b).any()]
+        ns = [int((idx == b).sum()) for b in range(bins) if (idx == b).any()]
+        ax.plot(xs, ys, marker="o", label=f"{method} ({len(sel)} fits)")
+        for x, y, n in zip(xs, ys, ns):
+            ax.annotate(str(n), (x, y), fontsize=6, textcoords="offset points", xytext=(3, -8))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xlim(0, 1)
+    _save_curves(fig, ax, path, 7, xlabel="predicted confidence", ylabel=f"observed share within {success_px:g} px",
+                 title="QC reliability (numbers: fits per bin)")
+
+
 def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: Path, model: str = "affine",
                        n_pairs: int = 3, side: int = 256, perturb: Any = None) -> None:
     """Grid of checkerboards (optical / SAR warped with the estimate): pairs as rows, methods as columns.
@@ -251,9 +311,12 @@ def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: 
 
 
 def write_figures(rows: list[dict[str, Any]], pairs: dict[str, Any], out_dir: Path, perturb: Any = None) -> None:
-    """``mma.png``, ``corner_cdf.png`` and ``checkerboards.png`` (with the run's ``perturb``) in ``out_dir``."""
+    """``mma.png``, ``corner_cdf.png``, ``reliability.png`` (when rows carry a QC verdict) and
+    ``checkerboards.png`` (with the run's ``perturb``) in ``out_dir``."""
     plot_mma(rows, out_dir / "mma.png")
     plot_corner_cdf(rows, out_dir / "corner_cdf.png")
+    if any(isinstance(r.get("qc_confidence"), float) and math.isfinite(r["qc_confidence"]) for r in rows):
+        plot_reliability(rows, out_dir / "reliability.png")
     refined = any(r["model"] == "affine+refine" for r in rows)
     plot_checkerboards(rows, pairs, out_dir / "checkerboards.png", model="affine+refine" if refined else "affine",
                        perturb=perturb)

@@ -194,7 +194,12 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
 
 def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedImage, PreparedImage] | None,
              conf: EvalConfig) -> list[dict[str, Any]]:
-    """One row per geometry model (and per model + refinement): fit, metrics, timings."""
+    """One row per geometry model (and per model + refinement): fit, metrics, timings.
+
+    The ``+refine`` rows go through the QC stage like :class:`~promptmid.api.Matcher` does (refinement kept
+    only when it agrees with the keypoint evidence) and carry the verdict: ``qc_status``, ``qc_confidence``
+    and every piece of evidence as ``qc_<name>``.
+    """
     rows = []
     for model in conf.models:
         t0 = time.perf_counter()
@@ -204,19 +209,41 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
         rows.append(_row(pair, name, model, out, geom, None if geom is None else geom.matrix, t_fit, images))
         if conf.refine:
             t0 = time.perf_counter()
-            refined = _refined(geom, images)
+            refined, evidence = _checked(geom, out, images, conf.threshold)
             t_ref = t_fit + time.perf_counter() - t0
             rows.append(_row(pair, name, f"{model}+refine", out, geom, refined, t_ref, images))
+            rows[-1].update(qc_columns(evidence, geom))
     return rows
 
 
-def _refined(geom: Any, images: tuple[PreparedImage, PreparedImage] | None) -> np.ndarray | None:
-    """The fit after area-based refinement (original pixels), or ``None`` when the fit failed."""
-    from promptmid.refine import refine_prepared
+def _checked(geom: Any, out: dict[str, Any], images: tuple[PreparedImage, PreparedImage] | None,
+             threshold: float) -> tuple[np.ndarray | None, dict[str, float]]:
+    """The fit after the QC stage's area-based refinement (original pixels) and its QC evidence;
+    ``(None, {})`` when the fit failed."""
+    from promptmid.config import DEFAULTS
+    from promptmid.qc import assess
 
     if geom is None or not geom.ok or images is None:
-        return None
-    return refine_prepared(images[0], images[1], geom.matrix, geom.model).matrix
+        return None, {}
+    refine_conf = {k: v for k, v in DEFAULTS["refine"].items() if k != "enabled"}
+    final, _info, evidence = assess(images[0], images[1], out["points0"], out["points1"],
+                                    np.asarray(out["scores"], np.float64), geom, refine_conf, threshold)
+    return final, evidence
+
+
+def qc_columns(evidence: dict[str, float], geom: Any) -> dict[str, Any]:
+    """``qc_status``, ``qc_confidence`` and ``qc_<evidence>`` of a row (status ``"n/a"`` when no QC model
+    is available, e.g. while calibrating one)."""
+    from promptmid.errors import ModelError
+    from promptmid.qc import judge
+
+    cols: dict[str, Any] = {f"qc_{k}": v for k, v in evidence.items()}
+    try:
+        verdict = judge(evidence, "" if geom is None else geom.reason)
+        cols.update(qc_status=verdict.status, qc_confidence=verdict.confidence)
+    except ModelError:
+        cols.update(qc_status="n/a", qc_confidence=float("nan"))
+    return cols
 
 
 def _row(pair: Pair, name: str, model: str, out: dict[str, Any], geom: Any, estimated: np.ndarray | None,

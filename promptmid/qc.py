@@ -1,0 +1,425 @@
+"""Quality control of a fitted transform: independent evidence, a calibrated confidence, a verdict.
+
+Inlier count and residual RMSE are not evidence that a transform is right: descriptors that share a
+bias (image position, repetitive fields, flat water) agree with each other on a wrong transform, and a
+robust fit can lock onto a degenerate configuration. This stage gathers evidence that does not come
+from the fit alone:
+
+- **keypoints**: inliers, inlier ratio, residual RMSE, how much of the overlap the inliers span, whether
+  a *competing* transform fits the remaining matches nearly as well, whether the backward fit
+  (SAR -> optical, fitted separately) agrees with the forward one, and whether inliers are more similar
+  than outliers;
+- **area**: agreement of the area-based refinement blocks (:mod:`promptmid.refine`) with the keypoint
+  fit, and a dense correlation of oriented-gradient features of the optical image and the SAR image
+  warped by the transform over shifts of up to 15 % of the image: its peak must sit at zero shift and
+  stand out (a periodic texture registered one period off has a second peak as high as the first);
+- **plausibility**: anisotropy and shear of the transform, and its scale against the pixel sizes when
+  both images are georeferenced.
+
+A logistic model over these numbers (coefficients in ``promptmid/weights/promptmid-qc-v1.json``,
+fitted on perturbed training and validation pairs only; see :mod:`promptmid.training.qc`) gives
+``confidence`` = the probability that the transform is within 5 px RMSE; the status is ``ok`` above
+the threshold chosen for >= 98 % precision, ``uncertain`` below it, and ``failed`` when there is no
+transform or the confidence is below the failure threshold.
+
+Coordinates: ``points0`` optical, ``points1`` SAR, (x, y) pixels of the ORIGINAL images; ``matrix``
+maps optical pixels to SAR pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import cv2
+import numpy as np
+
+from promptmid.config import INLIER_THRESHOLD_PX
+from promptmid.errors import ModelError
+from promptmid.geometry import Size, apply_transform, corners, residuals, warp_to_optical
+from promptmid.io import PreparedImage, working_transform
+from promptmid.matching import Geometry, fit_geometry
+from promptmid.refine import Refinement, oriented_gradient_features, refine_prepared
+
+STATUSES = ("ok", "uncertain", "failed")
+QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v1.json"
+QC_MODEL_SHA256 = "91b511e03e2ab16333918b84beb7de301558719dee698c9091f0dcae21934ba8"  # promptmid.training.qc
+SUCCESS_PX = 5.0
+DENSE_TOLERANCE = 0.01  # a refinement may lower the dense correlation at the transform by this much (noise)  # what "right" means for the confidence: RMSE against the truth <= 5 px
+
+# features of the logistic model: name -> how it is computed from the evidence
+FEATURES: dict[str, Any] = {
+    "log_inliers": lambda e: math.log1p(e["inliers"]),
+    "inlier_ratio": lambda e: e["inlier_ratio"],
+    "log_rmse": lambda e: math.log1p(e["rmse_px"]),
+    "coverage": lambda e: e["coverage"],
+    "competitor_ratio": lambda e: e["competitor_ratio"],
+    "log_backward_px": lambda e: math.log1p(min(e["backward_px"], 1e3)),
+    "score_margin": lambda e: e["score_margin"],
+    "refine_agreement": lambda e: e["refine_agreement"],
+    "refine_inlier_ratio": lambda e: e["refine_inlier_ratio"],
+    "log_refine_shift": lambda e: math.log1p(min(e["refine_shift_px"], 1e3)),
+    "log_dense_offset": lambda e: math.log1p(min(e["dense_offset_px"], 1e3)),
+    "dense_distinctness": lambda e: e["dense_distinctness"],
+    "dense_peak": lambda e: e["dense_peak"],
+    "anisotropy": lambda e: e["anisotropy"],
+}
+
+
+@dataclass
+class Verdict:
+    """Status, confidence and the evidence behind them.
+
+    Attributes:
+        status: ``"ok"`` (trust it), ``"uncertain"`` (a transform exists; check it) or ``"failed"``.
+        confidence: calibrated probability in [0, 1] that the transform is within 5 px (0 without one).
+        evidence: every number the confidence is computed from (see the module docstring).
+        reasons: why the status is not ``ok`` (short phrases, strongest first).
+    """
+
+    status: str
+    confidence: float
+    evidence: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else round(float(v), 4))
+                 for k, v in self.evidence.items()}
+        return {"status": self.status, "confidence": round(self.confidence, 4), "reasons": self.reasons,
+                "evidence": clean}
+
+
+# --- evidence ------------------------------------------------------------------------------------
+
+
+def keypoint_evidence(points0: np.ndarray, points1: np.ndarray, scores: np.ndarray, geom: Geometry,
+                      optical_size: Size, sar_size: Size, threshold: float = INLIER_THRESHOLD_PX) -> dict[str, float]:
+    """Evidence from the matches and their robust fit (``geom`` must have a matrix).
+
+    Returns:
+        ``matches``, ``inliers``, ``inlier_ratio``, ``rmse_px`` (SAR px), ``coverage`` (share of the
+        overlap spanned by the inliers' convex hull), ``competitor_ratio`` (inliers of the best fit among
+        the outliers / inliers), ``backward_px`` (mean corner distance between the forward fit and the
+        inverted SAR -> optical fit, SAR px), ``score_margin`` (mean similarity of inliers minus that of
+        outliers), ``anisotropy`` (log of the ratio of the singular values of the linear part),
+        ``scale`` (geometric mean of the singular values, SAR px per optical px).
+    """
+    inl = geom.inliers.astype(bool)
+    n, k = len(points0), int(inl.sum())
+    rest = fit_geometry(points0[~inl], points1[~inl], geom.model, threshold, min_inliers=1)
+    backward = fit_geometry(points1, points0, geom.model, threshold, min_inliers=1)
+    s = np.linalg.svd(np.asarray(geom.matrix)[:2, :2], compute_uv=False)
+    return {
+        "matches": float(n), "inliers": float(k), "inlier_ratio": k / max(n, 1), "rmse_px": float(geom.rmse),
+        "coverage": inlier_coverage(points0[inl], geom.matrix, optical_size, sar_size),
+        "competitor_ratio": rest.num_inliers / max(k, 1),
+        "backward_px": _backward_disagreement(geom.matrix, backward, optical_size),
+        "score_margin": float(np.mean(scores[inl]) - np.mean(scores[~inl])) if 0 < k < n else 0.0,
+        "anisotropy": float(np.log(max(s[0], 1e-9) / max(s[1], 1e-9))),
+        "scale": float(np.sqrt(max(s[0] * s[1], 0.0))),
+    }
+
+
+def inlier_coverage(points0: np.ndarray, matrix: np.ndarray, optical_size: Size, sar_size: Size) -> float:
+    """Area of the inliers' convex hull over the area of the overlap (optical px), in [0, 1]."""
+    if len(points0) < 3:
+        return 0.0
+    hull = float(cv2.contourArea(cv2.convexHull(points0.astype(np.float32))))
+    sar_in_optical = apply_transform(np.linalg.inv(matrix), corners(sar_size)).astype(np.float32)
+    area, _ = cv2.intersectConvexConvex(corners(optical_size).astype(np.float32),
+                                        cv2.convexHull(sar_in_optical))
+    return float(np.clip(hull / area, 0.0, 1.0)) if area > 0 else 0.0
+
+
+def _backward_disagreement(matrix: np.ndarray, backward: Geometry, optical_size: Size) -> float:
+    """Mean distance (SAR px) between the optical corners mapped by ``matrix`` and by the inverse of the
+    separately fitted SAR -> optical transform (infinite when the backward fit fails)."""
+    if not backward.ok:
+        return float("inf")
+    c = corners(optical_size)
+    return float(np.linalg.norm(apply_transform(matrix, c) - apply_transform(np.linalg.inv(backward.matrix), c),
+                                axis=1).mean())
+
+
+def refinement_evidence(geom: Geometry, refinement: Refinement | None, points0: np.ndarray, points1: np.ndarray,
+                        optical_size: Size, threshold: float = INLIER_THRESHOLD_PX) -> dict[str, float]:
+    """How the area-based refinement relates to the keypoint fit.
+
+    Returns:
+        ``refine_agreement``: share of the keypoint inliers still within ``2 * threshold`` px of the refined
+        transform (1 when refinement did not run or was not applied); ``refine_inlier_ratio``: inliers of the
+        block-shift fit over accepted blocks (0 when none); ``refine_shift_px``: mean corner displacement
+        between the keypoint fit and the refined transform (SAR px).
+    """
+    if refinement is None or not refinement.applied:
+        blocks = refinement.blocks if refinement is not None else 0
+        return {"refine_agreement": 1.0, "refine_inlier_ratio": 0.0, "refine_shift_px": 0.0,
+                "refine_blocks": float(blocks)}
+    inl = geom.inliers.astype(bool)
+    res = residuals(refinement.matrix, points0[inl], points1[inl])
+    c = corners(optical_size)
+    shift = np.linalg.norm(apply_transform(refinement.matrix, c) - apply_transform(geom.matrix, c), axis=1).mean()
+    return {"refine_agreement": float(np.mean(res <= 2 * threshold)) if len(res) else 0.0,
+            "refine_inlier_ratio": refinement.inliers / max(refinement.blocks, 1),
+            "refine_shift_px": float(shift), "refine_blocks": float(refinement.blocks)}
+
+
+def refinement_agrees(before: Mapping[str, float], after: Mapping[str, float]) -> tuple[bool, str]:
+    """Accept an applied refinement only when the dense correlation over the whole overlap
+    (:func:`dense_evidence`, an independent check of the block matching) does not get worse (by more than
+    :data:`DENSE_TOLERANCE`) at the transform, and its peak does not move away from the transform.
+
+    Keypoint agreement is deliberately not the criterion: measured on perturbed validation pairs, keypoint fits
+    whose inliers agree to 2 px are often 5-20 px off (coarse descriptors share a bias), and the refinement that
+    corrects them moves away from those inliers.
+
+    Args:
+        before, after: :func:`dense_evidence` of the keypoint fit and of the refined transform.
+
+    Returns:
+        ``(accepted, reason)``; ``reason`` says why not.
+    """
+    if after["dense_at_zero"] < before["dense_at_zero"] - DENSE_TOLERANCE:
+        return False, (f"refinement rejected: dense correlation at the transform dropped from "
+                       f"{before['dense_at_zero']:.3f} to {after['dense_at_zero']:.3f}")
+    if after["dense_offset_px"] > before["dense_offset_px"] + 1.0:
+        return False, (f"refinement rejected: dense correlation peak moved from {before['dense_offset_px']:.1f} "
+                       f"to {after['dense_offset_px']:.1f} px")
+    return True, ""
+
+
+def dense_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, max_side: int = 256,
+                   search: float = 0.15) -> dict[str, float]:
+    """Dense oriented-gradient correlation of the optical image and the SAR warped by ``matrix``.
+
+    Both images are reduced to ``max_side`` px, the SAR is warped onto the optical grid, and the central
+    part of the overlap is correlated (normalised, all orientation channels) at every shift up to
+    ``search`` x the image size.
+
+    Returns:
+        ``dense_offset_px``: where the correlation peaks, as a shift in optical px of the original image
+        (0 for a right transform); ``dense_peak``: the peak correlation; ``dense_distinctness``: peak minus
+        the highest correlation farther than 3 % of the size from the peak (0 = ambiguous, e.g. periodic);
+        ``dense_at_zero``: the correlation at zero shift (how well the transform itself aligns the images).
+    """
+    h, w = optical.image.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    size = Size(max(int(round(w * f)), 8), max(int(round(h * f)), 8))
+    down = np.array([[f, 0.0, 0.5 * f - 0.5], [0.0, f, 0.5 * f - 0.5], [0.0, 0.0, 1.0]])  # working -> reduced px
+    work = working_transform(matrix, optical, sar) @ np.linalg.inv(down)
+    opt_small = cv2.resize(_gray(optical.image), size, interpolation=cv2.INTER_AREA)
+    valid0 = cv2.resize(optical.valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    warped = warp_to_optical(_gray(sar.image), work, size)
+    valid1 = warp_to_optical(sar.valid.astype(np.float32), work, size) > 0.99
+    return _correlate(oriented_gradient_features(opt_small, sigma=1.0), oriented_gradient_features(warped, sigma=1.0),
+                      valid0 & valid1, int(round(search * min(size))), optical.scale, f)
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    return (image.mean(-1) if image.ndim == 3 else image).astype(np.float32)
+
+
+def _correlate(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, radius: int, scale: tuple[float, float],
+               factor: float) -> dict[str, float]:
+    """Correlate the valid bounding box of ``feat0`` (shrunk by ``radius``) inside ``feat1``."""
+    nothing = {"dense_offset_px": float("inf"), "dense_peak": 0.0, "dense_distinctness": 0.0, "dense_at_zero": 0.0}
+    ys, xs = np.nonzero(valid)
+    if len(ys) == 0 or radius < 2:
+        return nothing
+    y0, y1, x0, x1 = ys.min() + radius, ys.max() - radius, xs.min() + radius, xs.max() - radius
+    if y1 - y0 < 16 or x1 - x0 < 16:
+        return nothing
+    mask = valid.astype(np.float32)
+    f0, f1 = feat0 * mask, feat1 * mask
+    score = sum(cv2.matchTemplate(np.ascontiguousarray(b[y0 - radius:y1 + radius, x0 - radius:x1 + radius]),
+                                  np.ascontiguousarray(a[y0:y1, x0:x1]), cv2.TM_CCOEFF_NORMED)
+                for a, b in zip(f0, f1)) / len(f0)
+    score = np.nan_to_num(score, nan=-1.0)
+    iy, ix = np.unravel_index(int(np.argmax(score)), score.shape)
+    peak = float(score[iy, ix])
+    exclusion = max(2, int(round(0.03 * min(valid.shape))))
+    yy, xx = np.ogrid[: score.shape[0], : score.shape[1]]
+    far = (np.abs(yy - iy) > exclusion) | (np.abs(xx - ix) > exclusion)
+    second = float(score[far].max()) if far.any() else -1.0
+    offset = np.hypot((ix - radius) * scale[0], (iy - radius) * scale[1]) / factor
+    return {"dense_offset_px": float(offset), "dense_peak": peak, "dense_distinctness": peak - second,
+            "dense_at_zero": float(score[radius, radius])}
+
+
+def pixel_size_evidence(optical: PreparedImage, sar: PreparedImage, scale: float) -> dict[str, float]:
+    """``scale_vs_pixel_size``: |log| of the fitted scale over the ratio of the pixel sizes (optical px size /
+    SAR px size), when both images carry a georeferenced pixel size in the same CRS units; else absent."""
+    try:
+        r0, r1 = optical.raster, sar.raster
+        if r0 is None or r1 is None or not r0.crs or not r1.crs or r0.crs != r1.crs:
+            return {}
+        px0 = math.sqrt(abs(r0.transform.a * r0.transform.e))
+        px1 = math.sqrt(abs(r1.transform.a * r1.transform.e))
+    except AttributeError:
+        return {}
+    return {"scale_vs_pixel_size": abs(math.log(max(scale, 1e-9) / (px0 / px1)))} if px0 > 0 and px1 > 0 else {}
+
+
+def gather_evidence(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray,
+                    scores: np.ndarray, geom: Geometry, refinement: Refinement | None,
+                    threshold: float = INLIER_THRESHOLD_PX) -> dict[str, float]:
+    """The keypoint, refinement and plausibility evidence of a successful keypoint fit ``geom`` and its
+    area-based ``refinement`` (``None`` when it did not run); the dense evidence of the transform finally
+    kept is added by :func:`assess`."""
+    size0, size1 = optical.original_size, sar.original_size
+    ev = keypoint_evidence(points0, points1, scores, geom, size0, size1, threshold)
+    ev.update(refinement_evidence(geom, refinement, points0, points1, size0, threshold))
+    ev.update(pixel_size_evidence(optical, sar, ev["scale"]))
+    return ev
+
+
+# --- confidence and verdict ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QCModel:
+    """Logistic model over :data:`FEATURES` and the two status thresholds (see :mod:`promptmid.training.qc`)."""
+
+    features: tuple[str, ...]
+    mean: np.ndarray
+    std: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    ok_threshold: float
+    fail_threshold: float
+    info: dict[str, Any]
+
+    def confidence(self, evidence: Mapping[str, float]) -> float:
+        x = (feature_vector(evidence, self.features) - self.mean) / self.std
+        return float(1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept))))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": list(self.features), "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "coef": self.coef.tolist(), "intercept": self.intercept, "ok_threshold": self.ok_threshold,
+                "fail_threshold": self.fail_threshold, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QCModel":
+        return cls(tuple(d["features"]), np.asarray(d["mean"], float), np.asarray(d["std"], float),
+                   np.asarray(d["coef"], float), float(d["intercept"]), float(d["ok_threshold"]),
+                   float(d["fail_threshold"]), dict(d.get("info", {})))
+
+
+def feature_vector(evidence: Mapping[str, float], names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """The logistic model's inputs from an evidence dict (non-finite values clipped)."""
+    return np.nan_to_num(np.array([FEATURES[n](evidence) for n in names], float), nan=0.0, posinf=10.0,
+                         neginf=-10.0)
+
+
+@lru_cache(maxsize=4)
+def load_qc_model(path: str | None = None) -> QCModel:
+    """The shipped QC model (checksum verified) or one from ``path`` (e.g. a fresh calibration).
+
+    Raises:
+        ModelError: missing file, checksum mismatch, or unknown features.
+    """
+    file = Path(path) if path else QC_MODEL
+    if not file.is_file():
+        raise ModelError(f"QC model {file} is missing; reinstall promptmid or pass a calibrated model file.")
+    raw = file.read_bytes()
+    if path is None and QC_MODEL_SHA256 and hashlib.sha256(raw).hexdigest() != QC_MODEL_SHA256:
+        raise ModelError(f"QC model {file} does not match its pinned sha256 {QC_MODEL_SHA256[:16]}...; "
+                           "reinstall promptmid.")
+    data = json.loads(raw)
+    unknown = [n for n in data.get("features", []) if n not in FEATURES]
+    if unknown:
+        raise ModelError(f"QC model {file} uses unknown features {unknown}; valid: {', '.join(FEATURES)}")
+    return QCModel.from_dict(data)
+
+
+def verdict_of(evidence: Mapping[str, float], model: QCModel | None = None) -> Verdict:
+    """Confidence and status of a transform from its evidence (see :func:`gather_evidence`)."""
+    model = model or load_qc_model()
+    conf = model.confidence(evidence)
+    reasons = weak_evidence(evidence)
+    if conf >= model.ok_threshold:
+        status = "ok"
+    elif conf < model.fail_threshold:
+        status = "failed"
+        reasons.insert(0, f"confidence {conf:.2f} below {model.fail_threshold:.2f}")
+    else:
+        status = "uncertain"
+        reasons.insert(0, f"confidence {conf:.2f} below {model.ok_threshold:.2f}")
+    for vetoed, why in vetoes(evidence):
+        if status == "ok" and vetoed:
+            status = "uncertain"
+            reasons.insert(0, why)
+    return Verdict(status, conf, dict(evidence), reasons if status != "ok" else [])
+
+
+def vetoes(evidence: Mapping[str, float]) -> list[tuple[bool, str]]:
+    """Evidence that rules out ``ok`` whatever the confidence (the logistic model is linear and extrapolates):
+    the dense correlation peaking more than 2 x 5 px away from the transform (right transforms on the
+    calibration pairs peak within 3.4 px), and a scale more than 1.5x off the ratio of the pixel sizes."""
+    offset = evidence.get("dense_offset_px", 0.0)
+    return [(offset > 2 * SUCCESS_PX, f"dense correlation peaks {offset:.0f} px away from the transform"),
+            (evidence.get("scale_vs_pixel_size", 0.0) > math.log(1.5),
+             "scale differs from the ratio of the pixel sizes by more than 1.5x")]
+
+
+def no_transform(reason: str) -> Verdict:
+    """The verdict of a pair without a transform."""
+    return Verdict("failed", 0.0, {}, [reason])
+
+
+def weak_evidence(ev: Mapping[str, float]) -> list[str]:
+    """Plain-language flags for the evidence that argues against the transform."""
+    flags = []
+    if ev.get("dense_offset_px", 0.0) > SUCCESS_PX:
+        flags.append(f"dense correlation peaks {ev['dense_offset_px']:.0f} px away from the transform")
+    if ev.get("dense_distinctness", 1.0) < 0.02:
+        flags.append("dense correlation is ambiguous (repetitive or featureless scene)")
+    if ev.get("competitor_ratio", 0.0) > 0.5:
+        flags.append("another transform fits the remaining matches almost as well")
+    if ev.get("backward_px", 0.0) > 2 * SUCCESS_PX:
+        flags.append(f"forward and backward fits disagree by {ev['backward_px']:.0f} px")
+    if ev.get("coverage", 1.0) < 0.1:
+        flags.append("inliers cover less than 10 % of the overlap")
+    if ev.get("inliers", 99) < 15:
+        flags.append(f"only {int(ev['inliers'])} inliers")
+    return flags
+
+
+def assess(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray, scores: np.ndarray,
+           geom: Geometry, refine_conf: Mapping[str, Any] | None = None, threshold: float = INLIER_THRESHOLD_PX
+           ) -> tuple[np.ndarray | None, dict[str, Any] | None, dict[str, float]]:
+    """The QC stage before the verdict: refine (when ``refine_conf`` is given), accept the refinement only when
+    it agrees with the keypoint evidence, and gather the evidence about the kept transform.
+
+    Returns:
+        ``(transform, refinement_info, evidence)``: ``transform`` is the refined matrix when the refinement was
+        accepted, else the keypoint fit (``None`` when the fit failed); ``refinement_info`` is
+        :meth:`Refinement.to_dict` with ``applied``/``reason`` saying why a refinement was rejected (``None``
+        when it did not run); ``evidence`` is empty without a fit. Pass it to :func:`verdict_of`.
+    """
+    if not geom.ok:
+        return None, None, {}
+    refinement = refine_prepared(optical, sar, geom.matrix, geom.model, **refine_conf) if refine_conf else None
+    final, info = geom.matrix, None
+    dense = dense_evidence(optical, sar, geom.matrix)
+    if refinement is not None:
+        info = refinement.to_dict()
+        if refinement.applied:
+            refined = dense_evidence(optical, sar, refinement.matrix)
+            accepted, why = refinement_agrees(dense, refined)
+            if accepted:
+                final, dense = refinement.matrix, refined
+            else:
+                info.update(applied=False, reason=why)
+    evidence = gather_evidence(optical, sar, points0, points1, scores, geom, refinement, threshold)
+    return final, info, {**evidence, **dense}
+
+
+def judge(evidence: Mapping[str, float], reason: str = "", model: QCModel | None = None) -> Verdict:
+    """:func:`verdict_of` the evidence, or a failed verdict with ``reason`` when there is none (no fit)."""
+    return verdict_of(evidence, model) if evidence else no_transform(reason)
