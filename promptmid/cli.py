@@ -16,7 +16,8 @@ from rich.table import Table
 from promptmid.commands import register_all
 from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
-    AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, ThreadsOpt,
+    AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
+    OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, ThreadsOpt,
     ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console, set_threads, status,
 )
 
@@ -25,7 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def match(
-    optical: Path = typer.Argument(..., help="Optical image (PNG/JPEG/TIFF/GeoTIFF, 1-4 bands)."),
+    optical: Path = typer.Argument(..., help="Optical image (PNG/JPEG/TIFF/GeoTIFF; bands: --optical-bands)."),
     sar: Path = typer.Argument(..., help="SAR image (amplitude or intensity, any dtype)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     preset: str = PresetOpt,
@@ -36,8 +37,10 @@ def match(
     rotation_step: Optional[float] = RotStepOpt,
     top_k: Optional[int] = TopKOpt,
     max_side: Optional[int] = MaxSideOpt,
-    sar_scale: Optional[str] = typer.Option(None, "--sar-scale", help="SAR scaling: auto (uint8: linear; negative values: dB; else log) | log | linear | db (already in dB: never logged twice)."),
-    nan_as_nodata: bool = typer.Option(False, "--nan-as-nodata", help="Treat NaN/inf pixels as nodata."),
+    sar_scale: Optional[str] = SarScaleOpt,
+    nan_as_nodata: bool = NanOpt,
+    optical_bands: Optional[str] = OpticalBandsOpt,
+    sar_bands: Optional[str] = SarBandsOpt,
     aggregator: Optional[str] = AggregatorOpt,
     dm: Optional[str] = DmOpt,
     dm_lora: Optional[str] = DmLoraOpt,
@@ -59,7 +62,8 @@ def match(
     refuse_inputs_among_products(out, optical, sar)
     overrides = build_overrides(model=model, threshold=threshold, min_inliers=min_inliers, try_rotations=try_rotations,
                                 rotation_step=rotation_step, top_k=top_k, max_side=max_side,
-                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, aggregator=aggregator,
+                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
+                                sar_bands=sar_bands, aggregator=aggregator,
                                 dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble)
     preset = resolve_preset(preset, dm)
     io_conf = get_config(preset, overrides)["io"]

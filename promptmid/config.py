@@ -34,9 +34,11 @@ DEFAULTS: dict[str, Any] = {
     "io": {
         "max_side": 1024,  # working resolution: long side at most this (px); results are in original px
         "sar_scale": "auto",  # SAR radiometry: "auto" | "log" | "linear"
-        "nan_as_nodata": False,  # mask NaN/inf pixels instead of refusing the image
+        "nan_as_nodata": False,  # also mask NaN/inf pixels of the optical image (SAR NaN/inf are always nodata)
         "detect_fill": True,  # mask exact-zero fill touching the border (rotation corners)
         "sar_smooth": 0.0,  # Gaussian sigma (px) on log-scaled SAR against speckle; 0 = off
+        "optical_bands": None,  # 1-based bands, e.g. "4,3,2" (red, green, blue) or "1"; None = automatic (io.choose_bands)
+        "sar_bands": None,  # 1-based bands, e.g. "1" (VV); None = automatic: the co-pol band of dual-pol data
     },
     "keypoints": {"detector": "xfeat", "top_k": 2048},
     "sources": {},

@@ -13,7 +13,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import cv2
 import numpy as np
@@ -24,7 +24,6 @@ from promptmid.geometry import Size
 Modality = Literal["optical", "sar"]
 
 MIN_SIDE = 32  # smallest side (px) the models can use
-SUPPORTED_BANDS = (1, 2, 3, 4)
 
 
 @dataclass
@@ -32,13 +31,17 @@ class RasterImage:
     """Raw pixels as read from disk.
 
     Attributes:
-        data: ``[H, W, C]`` array in the file's dtype (C = 1..4 bands).
+        data: ``[H, W, C]`` array in the file's dtype (all C bands of the file).
         path: where it came from (``None`` for in-memory arrays).
         nodata: the file's nodata value, if any.
         crs: CRS as WKT, or ``None`` when not georeferenced.
         transform: affine geotransform (rasterio ``Affine``) of the file's full grid, or ``None``.
         full_size: the file's size when ``data`` was read decimated (a large image read only up to the
             working size), else ``None``; see :attr:`original_size`.
+        descriptions: per-band descriptions (e.g. ``("B02", "B03", "B04", "B08")`` or ``("VV", "VH")``; ``None``
+            where a band has none); empty when unknown (arrays).
+        colorinterp: per-band colour interpretation names (``"red"``, ``"gray"``, ``"alpha"``, ...); empty when
+            unknown. Both drive :func:`choose_bands`.
     """
 
     data: np.ndarray
@@ -47,6 +50,8 @@ class RasterImage:
     crs: str | None = None
     transform: Any = None
     full_size: Size | None = None
+    descriptions: tuple[str | None, ...] = ()
+    colorinterp: tuple[str, ...] = ()
 
     @property
     def original_size(self) -> Size:
@@ -56,6 +61,13 @@ class RasterImage:
     def full(self) -> "RasterImage":
         """The raster at full resolution (read again from its file when ``data`` is decimated)."""
         return self if self.full_size is None or self.path is None else read_raster(self.path)
+
+    def pick(self, bands: Sequence[int]) -> "RasterImage":
+        """The same raster with only ``bands`` (1-based, in that order)."""
+        idx = [b - 1 for b in bands]
+        keep = lambda items: tuple(items[i] for i in idx) if len(items) == self.data.shape[-1] else ()  # noqa: E731
+        return dataclasses.replace(self, data=self.data[..., idx], descriptions=keep(self.descriptions),
+                                   colorinterp=keep(self.colorinterp))
 
     @property
     def size(self) -> Size:
@@ -77,6 +89,7 @@ class PreparedImage:
         notes: what was done to the input that a user should know (e.g. complex SAR taken as amplitude).
         sar_scaling: the radiometric scaling applied to a SAR image (``"log"``, ``"linear"``, ``"db"``: what
             ``auto`` resolved to), ``None`` for optical images.
+        bands: the :class:`BandChoice` (which file bands the models saw, and why).
     """
 
     image: np.ndarray
@@ -87,6 +100,7 @@ class PreparedImage:
     raster: RasterImage = field(repr=False)
     notes: tuple[str, ...] = ()
     sar_scaling: str | None = None
+    bands: "BandChoice | None" = None
 
     def to_original(self, points: np.ndarray) -> np.ndarray:
         """Map ``[N, 2]`` working-resolution (x, y) to original pixel coordinates."""
@@ -150,11 +164,12 @@ def read_raster(path: str | Path, max_side: int | None = None) -> RasterImage:
                 transform = src.transform if src.crs else None
                 nodata = src.nodata
                 driver = src.driver
+                meta = {"descriptions": tuple(src.descriptions), "colorinterp": tuple(c.name for c in src.colorinterp)}
     except (RasterioIOError, ValueError) as exc:
         raise InputError(f"Cannot read {path} as an image ({exc}).") from None
     if driver in ("PNG", "JPEG"):
         _check_complete(path)
-    return RasterImage(np.moveaxis(data, 0, -1), path, nodata, crs, transform, full_size)
+    return RasterImage(np.moveaxis(data, 0, -1), path, nodata, crs, transform, full_size, **meta)
 
 
 def _decimation(width: int, height: int, max_side: int | None) -> int:
@@ -196,35 +211,145 @@ def _name(raster: RasterImage) -> str:
     return str(raster.path) if raster.path else "input array"
 
 
-def check_raster(raster: RasterImage, nan_as_nodata: bool = False) -> np.ndarray:
-    """Validate a raster and return its ``[H, W]`` validity mask (before fill detection).
+def check_raster(raster: RasterImage, nan_as_nodata: bool = False, mask: np.ndarray | None = None) -> np.ndarray:
+    """Validate a raster (the bands the models will see) and return its ``[H, W]`` validity mask (before fill
+    detection): False where a band is NaN/inf (allowed only with ``nan_as_nodata`` or a NaN nodata value), where
+    every band equals the nodata value, and where ``mask`` (e.g. an alpha band) is False.
 
     Raises:
-        InputError: empty, too small, unsupported band count, NaNs (unless
-            ``nan_as_nodata``), no valid pixel, or a constant image.
+        InputError: empty, too small, NaNs (unless allowed), no valid pixel, or a constant image.
     """
     data, name = raster.data, _name(raster)
     h, w, c = data.shape
-    if h == 0 or w == 0:
-        raise InputError(f"{name} is empty (size {w}x{h}).")
-    if c not in SUPPORTED_BANDS:
-        raise InputError(f"{name} has {c} bands; supported: 1 (gray/SAR), 2 (gray+alpha), 3 (RGB), 4 (RGBA/RGBN).")
+    if h == 0 or w == 0 or c == 0:
+        raise InputError(f"{name} is empty (size {w}x{h}, {c} bands).")
     if min(h, w) < MIN_SIDE:
         raise InputError(f"{name} is {w}x{h} px; the models need at least {MIN_SIDE} px a side.")
     finite = np.isfinite(data).all(axis=-1) if data.dtype.kind == "f" else np.ones((h, w), bool)
-    if not finite.all() and not nan_as_nodata:
+    nan_nodata = raster.nodata is not None and np.isnan(raster.nodata)
+    if not finite.all() and not (nan_as_nodata or nan_nodata):
         raise InputError(
             f"{name} contains {int((~finite).sum())} NaN/inf pixels; pass --nan-as-nodata to treat them as nodata."
         )
-    valid = finite
-    if raster.nodata is not None and not np.isnan(raster.nodata):
+    valid = finite if mask is None else finite & mask
+    if raster.nodata is not None and not nan_nodata:
         valid &= ~(data == raster.nodata).all(axis=-1)
     if not valid.any():
-        raise InputError(f"{name} has no valid pixel (all nodata).")
+        raise InputError(f"{name} has no valid pixel (all nodata, NaN/inf or masked).")
     vals = data[valid]
     if float(np.ptp(vals)) == 0.0:
         raise InputError(f"{name} is constant (every valid pixel is {vals.flat[0]}); nothing to match.")
     return valid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Band choice (which bands of a multi-band file the models see)
+
+S2_RGB_BY_COUNT = {12: (4, 3, 2), 13: (4, 3, 2)}  # Sentinel-2 L2A (12 bands, no B10) / L1C (13): B04, B03, B02
+COLOUR_NAMES = {"red": "red", "green": "green", "blue": "blue", "b04": "red", "b4": "red", "b03": "green",
+                "b3": "green", "b02": "blue", "b2": "blue"}  # band descriptions (Sentinel-2 / Landsat 8-9 names)
+CO_POL = ("vv", "hh")  # dual-pol SAR: the co-polarised band is used
+
+
+@dataclass(frozen=True)
+class BandChoice:
+    """Which bands of a file are used, and why.
+
+    Attributes:
+        bands: 1-based band numbers (as GDAL) given to the models, in order (optical: red, green, blue or one
+            gray band; SAR: one band, or several averaged in power / in dB).
+        alpha: 1-based band used as a validity mask (colour interpretation ``alpha``; 0 = invalid), or ``None``.
+        rule: how the choice was made (``"user"``, ``"colour interpretation"``, ``"band descriptions"``, ...).
+        names: the descriptions of the chosen bands (empty strings where the file has none).
+    """
+
+    bands: tuple[int, ...]
+    alpha: int | None
+    rule: str
+    names: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bands": list(self.bands), "alpha": self.alpha, "rule": self.rule, "names": list(self.names)}
+
+
+def parse_bands(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``"4,3,2"`` (1-based, as GDAL) or a sequence of ints -> ``(4, 3, 2)``; ``None``/empty -> ``None``.
+
+    Raises:
+        InputError: not a comma-separated list of positive integers.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        bands = tuple(int(str(b).strip()) for b in items)
+    except ValueError:
+        raise InputError(f"Cannot parse band list {text!r}; use 1-based band numbers, e.g. '4,3,2'.") from None
+    if not bands or min(bands) < 1:
+        raise InputError(f"Band numbers are 1-based (as GDAL); got {text!r}.")
+    return bands
+
+
+def choose_bands(raster: RasterImage, modality: Modality, requested: str | Sequence[int] | None = None) -> BandChoice:
+    """The bands of ``raster`` to use for ``modality`` (see the README section "Bands").
+
+    Optical: ``requested`` (1 or 3 bands) if given; else red/green/blue by colour interpretation, else by band
+    descriptions (``B04,B03,B02`` / ``red,green,blue``), else by count: 1-2 bands -> band 1 (gray),
+    3-4 -> bands 1,2,3 (RGB, RGBA, RGBN), 12-13 -> 4,3,2 (Sentinel-2 L2A / L1C order).
+    SAR: ``requested`` (any number of bands, averaged) if given; else the co-polarised band (description
+    ``VV`` or ``HH``), else band 1 of a 2-band file (dual-pol products put the co-pol band first), else every
+    band of a 1-4 band file (averaged). A band is an alpha mask only when its colour interpretation says so.
+
+    Raises:
+        InputError: a band number beyond the file's count, or a band layout that cannot be guessed.
+    """
+    count, name = raster.data.shape[-1], _name(raster)
+    colour = [c.lower() for c in raster.colorinterp] if len(raster.colorinterp) == count else [""] * count
+    desc = [(d or "") for d in raster.descriptions] if len(raster.descriptions) == count else [""] * count
+    alpha = next((i + 1 for i, c in enumerate(colour) if c == "alpha"), None)
+    wanted = parse_bands(requested)
+    if wanted:
+        flag = "--optical-bands" if modality == "optical" else "--sar-bands"
+        if max(wanted) > count:
+            raise InputError(f"{name} has {count} bands; {flag} asks for band {max(wanted)}.")
+        if modality == "optical" and len(wanted) not in (1, 3):
+            raise InputError(f"{flag} takes 1 (gray) or 3 (red,green,blue) bands; got {len(wanted)}.")
+        bands, rule = wanted, "user"
+    else:
+        usable = [i + 1 for i in range(count) if i + 1 != alpha]
+        bands, rule = (_auto_optical if modality == "optical" else _auto_sar)(usable, colour, desc, name)
+    return BandChoice(tuple(bands), alpha if alpha not in bands else None, rule, tuple(desc[b - 1] for b in bands))
+
+
+def _auto_optical(usable: list[int], colour: list[str], desc: list[str], name: str) -> tuple[list[int], str]:
+    for names, rule in ((colour, "colour interpretation"), ([COLOUR_NAMES.get(d.lower().strip(), "") for d in desc],
+                                                              "band descriptions")):
+        rgb = [names.index(c) + 1 if c in names else None for c in ("red", "green", "blue")]
+        if all(rgb):
+            return [int(b) for b in rgb], rule  # type: ignore[arg-type]
+    n = len(usable)
+    if n in (1, 2):
+        return usable[:1], "gray (band 1)"
+    if n in (3, 4):
+        return usable[:3], "bands 1,2,3 as red, green, blue"
+    if n in S2_RGB_BY_COUNT:
+        return list(S2_RGB_BY_COUNT[n]), f"Sentinel-2 order ({n} bands): B04, B03, B02"
+    raise InputError(f"{name} has {n} bands and no red/green/blue colour interpretation or band descriptions; "
+                     f"say which to use with --optical-bands, e.g. '4,3,2'.")
+
+
+def _auto_sar(usable: list[int], colour: list[str], desc: list[str], name: str) -> tuple[list[int], str]:
+    for pol in CO_POL:
+        hit = [b for b in usable if desc[b - 1].strip().lower() == pol]
+        if hit:
+            return hit[:1], f"co-polarised band ({pol.upper()}) by band description"
+    n = len(usable)
+    if n == 2:
+        return usable[:1], "band 1 of 2 (dual-pol: co-polarised band first)"
+    if 1 <= n <= 4:
+        return usable, "all bands" if n > 1 else "single band"
+    raise InputError(f"{name} has {n} bands and no VV/HH band description; say which to use with --sar-bands, "
+                     f"e.g. '1'.")
 
 
 def border_fill_mask(gray: np.ndarray, min_fraction: float = 0.01) -> np.ndarray:
@@ -281,11 +406,11 @@ def sar_to_unit(data: np.ndarray, valid: np.ndarray, scale: str = "auto") -> np.
 
     ``scale`` (:data:`SAR_SCALES`, resolved by :func:`sar_scale_of`): ``"log"`` (``log10`` of linear
     amplitude/intensity), ``"linear"`` (stretch as is), ``"db"`` (values already logarithmic: stretched as
-    is, never logged twice) or ``"auto"``. Multi-band linear SAR (e.g. HH/HV) is averaged in power, dB bands
-    are averaged in dB.
+    is, never logged twice) or ``"auto"``. Multi-band linear SAR (the bands :func:`choose_bands` kept, e.g.
+    HH/HV given with ``--sar-bands 1,2``) is averaged in power, dB bands are averaged in dB.
     """
     scale = sar_scale_of(data, valid, scale)
-    band = data[..., :3].astype(np.float64)
+    band = data.astype(np.float64)
     if band.shape[-1] > 1:
         band = band.mean(axis=-1) if scale == "db" else np.sqrt((band**2).mean(axis=-1))
     else:
@@ -300,7 +425,8 @@ def sar_to_unit(data: np.ndarray, valid: np.ndarray, scale: str = "auto") -> np.
 def optical_to_unit(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Turn optical ``[H, W, C]`` into ``[H, W, 3]`` in ``[0, 1]``.
 
-    1 band: gray; 2 bands: gray + alpha; 3: RGB; 4: the first three (RGB of RGBA/RGBN).
+    Expects the bands :func:`choose_bands` picked: 1 band: gray; 3: red, green, blue (for other counts: band 1
+    if fewer than 3, else the first three).
     uint8 data is scaled by 1/255, anything else is percentile-stretched per band.
     """
     c = data.shape[-1]
@@ -320,6 +446,8 @@ def load_image(
     nan_as_nodata: bool = False,
     detect_fill: bool = True,
     sar_smooth: float = 0.0,
+    optical_bands: str | Sequence[int] | None = None,
+    sar_bands: str | Sequence[int] | None = None,
 ) -> PreparedImage:
     """Read and prepare an optical or SAR image for description.
 
@@ -328,12 +456,15 @@ def load_image(
         modality: ``"optical"`` or ``"sar"``.
         max_side: downscale so that the long side is at most this (px); ``None`` keeps size.
         sar_scale: SAR radiometric scaling, see :func:`sar_to_unit`.
-        nan_as_nodata: mask NaN/inf pixels instead of refusing the image.
+        nan_as_nodata: also mask NaN/inf pixels of an OPTICAL image instead of refusing it (NaN/inf in a SAR
+            image, e.g. the border of a dB product, are always nodata).
         detect_fill: mask exact-zero fill connected to the border (rotation corners).
         sar_smooth: Gaussian sigma (px) applied to the log-scaled SAR to damp speckle; 0 = off.
+        optical_bands, sar_bands: 1-based band numbers (``"4,3,2"``) for the image of that modality; ``None``
+            chooses automatically (:func:`choose_bands`).
 
     Raises:
-        InputError: for any unusable input (see :func:`check_raster`).
+        InputError: for any unusable input (see :func:`check_raster`, :func:`choose_bands`).
     """
     raster = as_raster(source, max_side)
     notes: tuple[str, ...] = ()
@@ -342,8 +473,11 @@ def load_image(
             raise InputError(f"{_name(raster)} is complex-valued; only SAR (SLC) input may be complex.")
         notes = ("complex (SLC) SAR: the amplitude |z| of each band was used",)
         raster = dataclasses.replace(raster, data=np.abs(raster.data).astype(np.float32))
-    valid = check_raster(raster, nan_as_nodata)
-    data = np.where(valid[..., None], raster.data, 0) if not valid.all() else raster.data
+    choice = choose_bands(raster, modality, optical_bands if modality == "optical" else sar_bands)
+    picked = raster.pick(choice.bands)
+    alpha = raster.data[..., choice.alpha - 1] != 0 if choice.alpha else None
+    valid = check_raster(picked, nan_as_nodata or modality == "sar", alpha)
+    data = np.where(valid[..., None], picked.data, 0) if not valid.all() else picked.data
     if detect_fill:
         valid &= ~border_fill_mask(data[..., 0] if data.shape[-1] < 3 else data[..., :3].max(axis=-1))
         if valid.mean() < 0.02:
@@ -356,7 +490,7 @@ def load_image(
         unit = np.repeat(unit[..., None], 3, axis=-1)
     unit[~valid] = 0.0
     return dataclasses.replace(_resize_prepared(unit, valid, raster, modality, max_side), notes=notes,
-                               sar_scaling=scaling)
+                               sar_scaling=scaling, bands=choice)
 
 
 def _resize_prepared(

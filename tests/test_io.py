@@ -78,8 +78,6 @@ def _write(path, content: bytes):
          "at least"),
         (lambda p: write_tif(p / "const.tif", np.full((64, 64), 7, np.uint8)), "constant"),
         (lambda p: write_tif(p / "nodata.tif", np.full((64, 64), -1, np.float32), nodata=-1), "no valid pixel"),
-        (lambda p: write_tif(p / "nan.tif", np.where(np.eye(64, dtype=bool), np.nan, 1.0).astype(np.float32)),
-         "NaN"),
         (lambda p: p, "directory"),
     ],
 )
@@ -90,10 +88,27 @@ def test_bad_inputs_raise_input_error(tmp_path, make, message):
 
 
 def test_nan_as_nodata_masks_instead_of_failing(tmp_path):
+    """NaN/inf in an optical image is refused unless --nan-as-nodata; in a SAR image it is always nodata."""
     data = np.random.default_rng(4).random((64, 64)).astype(np.float32) + 0.1
     data[:5] = np.nan
-    img = load_image(write_tif(tmp_path / "nan.tif", data), "sar", nan_as_nodata=True)
-    assert not img.valid[:5].any() and np.isfinite(img.image).all()
+    data[10, 10] = np.inf
+    path = write_tif(tmp_path / "nan.tif", data)
+    with pytest.raises(InputError, match="NaN"):
+        load_image(path, "optical")
+    for img in (load_image(path, "optical", nan_as_nodata=True), load_image(path, "sar")):
+        assert not img.valid[:5].any() and not img.valid[10, 10] and img.valid[20:].sum() > 40 * 60
+        assert np.isfinite(img.image).all()
+    with pytest.raises(InputError, match="NaN"):  # all NaN: nothing left, and the message says NaN
+        load_image(write_tif(tmp_path / "allnan.tif", np.full((64, 64), np.nan, np.float32)), "sar")
+
+
+def test_nan_nodata_value_in_db_sar_is_masked(tmp_path):
+    """A Sentinel-1 dB product with nodata=NaN (NaN border) loads; the NaN border is invalid."""
+    rng = np.random.default_rng(5)
+    db = (10 * np.log10(rng.gamma(2.0, 0.05, (80, 80)))).astype(np.float32)
+    db[:, :15] = np.nan
+    img = load_image(write_tif(tmp_path / "s1.tif", db, nodata=np.nan), "sar")
+    assert img.sar_scaling == "db" and not img.valid[:, :15].any() and img.valid[:, 16:].all()
 
 
 def test_read_raster_keeps_georeferencing(tmp_path):
@@ -172,3 +187,84 @@ def test_very_large_files_are_read_decimated(tmp_path):
     assert raster.full().data.shape == (3000, 4000, 1)
     small = load_image(write_tif(tmp_path / "small.tif", big[:400, :500]), "optical", max_side=256)
     assert small.raster.full_size is None  # up to twice the working size: read as is (results unchanged)
+
+
+def _bands_tif(path, data, descriptions=None, colorinterp=None, **profile):
+    """Write ``[H, W, C]`` with band descriptions / colour interpretation (as real products carry them)."""
+    import rasterio
+
+    write_tif(path, data, **profile)
+    with rasterio.open(path, "r+") as ds:
+        for i, d in enumerate(descriptions or []):
+            ds.set_band_description(i + 1, d)
+        if colorinterp:
+            ds.colorinterp = colorinterp
+    return path
+
+
+def _s2_like(n: int, seed: int = 0) -> np.ndarray:
+    """``[64, 64, n]`` uint16 where band b holds the value 100 * b everywhere (plus texture), to tell bands apart."""
+    tex = np.random.default_rng(seed).integers(0, 50, (64, 64))
+    return np.stack([100 * (b + 1) + tex for b in range(n)], -1).astype(np.uint16)
+
+
+@pytest.mark.parametrize("count", [12, 13])
+def test_sentinel2_band_stacks_load_as_red_green_blue(tmp_path, count):
+    """A 12-band L2A / 13-band L1C stack needs no conversion: bands 4,3,2 (B04, B03, B02) become R, G, B."""
+    from promptmid.io import choose_bands, read_raster
+
+    path = write_tif(tmp_path / "s2.tif", _s2_like(count))
+    img = load_image(path, "optical")
+    assert img.bands.bands == (4, 3, 2) and "Sentinel-2" in img.bands.rule
+    assert choose_bands(read_raster(path), "optical", "8,4,3").bands == (8, 4, 3)  # user choice wins
+    # the chosen bands, in order: the stretched red channel equals band 4 stretched alone
+    alone = load_image(write_tif(tmp_path / "b4.tif", _s2_like(count)[..., 3]), "optical")
+    assert np.allclose(img.image[..., 0], alone.image[..., 0])
+
+
+def test_bigearthnet_like_blue_green_red_nir_uses_descriptions(tmp_path):
+    from promptmid.io import choose_bands, read_raster
+
+    path = _bands_tif(tmp_path / "ben.tif", _s2_like(4), ["B02", "B03", "B04", "B08"])
+    choice = choose_bands(read_raster(path), "optical")
+    assert choice.bands == (3, 2, 1) and choice.names == ("B04", "B03", "B02") and choice.rule == "band descriptions"
+    plain = choose_bands(read_raster(write_tif(tmp_path / "rgbn.tif", _s2_like(4))), "optical")
+    assert plain.bands == (1, 2, 3)  # no descriptions: RGB(N) order, documented
+
+
+def test_dual_pol_sar_uses_the_co_pol_band_not_gray_alpha(tmp_path):
+    """VV/VH (dB, float32) is two polarisations: VV is used; band 2 is not an alpha mask."""
+    from promptmid.io import choose_bands, read_raster
+
+    rng = np.random.default_rng(6)
+    vv = (10 * np.log10(rng.gamma(2.0, 0.05, (64, 64)))).astype(np.float32)
+    vh = vv - 7 + rng.normal(0, 1, vv.shape).astype(np.float32)
+    for order, names in (((vv, vh), ["VV", "VH"]), ((vh, vv), ["VH", "VV"])):
+        path = _bands_tif(tmp_path / f"{names[0]}.tif", np.stack(order, -1), names)
+        img = load_image(path, "sar")
+        assert img.bands.names == ("VV",) and img.bands.alpha is None and img.valid.all()
+        assert np.allclose(img.image[..., 0], load_image(vv, "sar").image[..., 0])
+    nameless = read_raster(write_tif(tmp_path / "hhhv.tif", np.stack([vv, vh], -1)))
+    assert choose_bands(nameless, "sar").bands == (1,)
+    assert choose_bands(nameless, "sar", "1,2").bands == (1, 2)
+    with pytest.raises(InputError, match="--sar-bands asks for band 3"):
+        load_image(nameless, "sar", sar_bands="3")
+
+
+def test_alpha_only_when_colour_interpretation_says_so(tmp_path):
+    from rasterio.enums import ColorInterp
+
+    gray = np.random.default_rng(7).integers(10, 250, (64, 64)).astype(np.uint8)
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :20] = 0
+    path = _bands_tif(tmp_path / "ga.tif", np.stack([gray, alpha], -1), colorinterp=[ColorInterp.gray, ColorInterp.alpha])
+    for modality in ("optical", "sar"):
+        img = load_image(path, modality)
+        assert img.bands.bands == (1,) and img.bands.alpha == 2
+        assert not img.valid[:, :20].any() and img.valid[:, 21:].all()
+
+
+@pytest.mark.parametrize("text", ["0", "a,b", "1,,2"])
+def test_bad_band_lists_are_clear_errors(text):
+    with pytest.raises(InputError, match="[Bb]and"):
+        load_image(np.random.default_rng(0).random((64, 64, 3)).astype(np.float32), "optical", optical_bands=text)

@@ -97,10 +97,17 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
         "min_inliers": ("geometry", "min_inliers"), "top_k": ("keypoints", "top_k"),
         "detector": ("keypoints", "detector"), "max_side": ("io", "max_side"),
         "sar_scale": ("io", "sar_scale"), "ratio": ("matching", "ratio"),
+        "optical_bands": ("io", "optical_bands"), "sar_bands": ("io", "sar_bands"),
     }
     for name, (section, key) in mapping.items():
         if opts.get(name) is not None:
             o[section][key] = opts[name]
+    for key in ("optical_bands", "sar_bands"):  # checked up front, stored as a list of 1-based bands
+        if opts.get(key) is not None:
+            from promptmid.io import parse_bands
+
+            bands = parse_bands(opts[key])
+            o["io"][key] = list(bands) if bands else None
     if opts.get("nan_as_nodata"):
         o["io"]["nan_as_nodata"] = True
     if opts.get("try_rotations"):
@@ -176,3 +183,13 @@ LandUseOpt = typer.Option(None, "--land-use", help="Land-use prompt: auto (diffu
 DmEnsembleOpt = typer.Option(None, "--dm-ensemble", help="Noise draws averaged per image (default "
                              f"{DIFFUSION_DEFAULTS['ensemble']}).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace files in an existing output directory.")
+# Input options shared by match, scene and batch (one definition: the same bands, scaling and nodata everywhere).
+OpticalBandsOpt = typer.Option(None, "--optical-bands", help="Optical bands to use, 1-based as GDAL: 'R,G,B' (e.g. "
+                               "'4,3,2') or one band. Default: by colour interpretation, band descriptions (B04,B03,"
+                               "B02) or count (12-13 bands: Sentinel-2 order 4,3,2).")
+SarBandsOpt = typer.Option(None, "--sar-bands", help="SAR bands to use, 1-based (several are averaged). Default: the "
+                           "co-polarised band (VV/HH by description; band 1 of a 2-band dual-pol file).")
+SarScaleOpt = typer.Option(None, "--sar-scale", help="SAR scaling: auto (uint8: linear; negative values: dB; else "
+                           "log) | log | linear | db (already in dB: never logged twice).")
+NanOpt = typer.Option(False, "--nan-as-nodata", help="Also mask NaN/inf pixels of the optical image (NaN/inf and the "
+                      "nodata value of the SAR image are always masked).")

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from promptmid.commands.common import (
-    JsonOpt, OverwriteOpt, PresetOpt, QuietOpt, ThreadsOpt, ThresholdOpt, TopKOpt, build_overrides, err_console,
-    add_command, fail, out_console, set_threads, status,
+    JsonOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, SarBandsOpt, SarScaleOpt, ThreadsOpt,
+    ThresholdOpt, TopKOpt, build_overrides, err_console, add_command, fail, out_console, set_threads, status,
 )
 from promptmid.geometry import format_matrix
 
@@ -35,9 +35,10 @@ def _scene_options(model: str, tile: int, overlap: int, max_tiles: int, geo_prio
             "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures}
 
 
-def _overrides(tile: int, threshold: Optional[float], top_k: Optional[int]) -> dict[str, Any]:
+def _overrides(tile: int, threshold: Optional[float], top_k: Optional[int], **inputs: Any) -> dict[str, Any]:
+    """Matcher overrides of a scene; ``inputs``: sar_scale, nan_as_nodata, optical_bands, sar_bands (as in match)."""
     # tiles are matched at full resolution (chips are at most tile + 2 * radius; cap keeps memory bounded)
-    return build_overrides(threshold=threshold, top_k=top_k, max_side=max(1024, min(2 * tile, 4096)))
+    return build_overrides(threshold=threshold, top_k=top_k, max_side=max(1024, min(2 * tile, 4096)), **inputs)
 
 
 def scene(
@@ -53,6 +54,10 @@ def scene(
     max_tiles: int = MaxTilesOpt,
     threshold: Optional[float] = ThresholdOpt,
     top_k: Optional[int] = TopKOpt,
+    sar_scale: Optional[str] = SarScaleOpt,
+    nan_as_nodata: bool = NanOpt,
+    optical_bands: Optional[str] = OpticalBandsOpt,
+    sar_bands: Optional[str] = SarBandsOpt,
     no_figures: bool = NoFigOpt,
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
@@ -70,11 +75,13 @@ def scene(
 
     set_threads(threads)
     opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures))
+    overrides = _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
+                           optical_bands=optical_bands, sar_bands=sar_bands)
     out_dir = prepare_out_dir(out, overwrite)
     quiet = quiet or json_out
     with status(quiet) as progress:
         progress("loading models")
-        matcher = Matcher(preset, _overrides(tile, threshold, top_k))
+        matcher = Matcher(preset, overrides)
         result = register_scene(optical, sar, out_dir, matcher, opts, progress).to_dict()
     if json_out:
         print((out_dir / "result.json").read_text())
@@ -118,6 +125,10 @@ def batch(
     max_tiles: int = MaxTilesOpt,
     threshold: Optional[float] = ThresholdOpt,
     top_k: Optional[int] = TopKOpt,
+    sar_scale: Optional[str] = SarScaleOpt,
+    nan_as_nodata: bool = NanOpt,
+    optical_bands: Optional[str] = OpticalBandsOpt,
+    sar_bands: Optional[str] = SarBandsOpt,
     no_figures: bool = NoFigOpt,
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also rerun pairs whose last run failed to register."),
@@ -127,7 +138,8 @@ def batch(
     """Register many pairs on Dask; resumable (finished pairs are skipped), failures reported per pair."""
     from promptmid.distributed import BatchOptions, run_batch, summary_rows
 
-    opts = BatchOptions(preset, _overrides(tile, threshold, top_k),
+    opts = BatchOptions(preset, _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
+                                           optical_bands=optical_bands, sar_bands=sar_bands),
                         _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures),
                         threads, retry_failed)
     quiet = quiet or json_out
