@@ -48,7 +48,7 @@ from promptmid.refine import Refinement, oriented_gradient_features, refine_prep
 
 STATUSES = ("ok", "uncertain", "failed")
 QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v1.json"
-QC_MODEL_SHA256 = "91b511e03e2ab16333918b84beb7de301558719dee698c9091f0dcae21934ba8"  # promptmid.training.qc
+QC_MODEL_SHA256 = "335b16fa4ab9c923e49c83e86cfdc4919657c86d738d048497923b22aa7f18d3"  # promptmid.training.qc
 SUCCESS_PX = 5.0
 DENSE_TOLERANCE = 0.01  # a refinement may lower the dense correlation at the transform by this much (noise)  # what "right" means for the confidence: RMSE against the truth <= 5 px
 
@@ -67,6 +67,7 @@ FEATURES: dict[str, Any] = {
     "log_dense_offset": lambda e: math.log1p(min(e["dense_offset_px"], 1e3)),
     "dense_distinctness": lambda e: e["dense_distinctness"],
     "dense_peak": lambda e: e["dense_peak"],
+    "dense_at_zero": lambda e: e.get("dense_at_zero", 0.0),
     "anisotropy": lambda e: e["anisotropy"],
 }
 
@@ -216,8 +217,25 @@ def dense_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarra
     valid0 = cv2.resize(optical.valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     warped = warp_to_optical(_gray(sar.image), work, size)
     valid1 = warp_to_optical(sar.valid.astype(np.float32), work, size) > 0.99
-    return _correlate(oriented_gradient_features(opt_small, sigma=1.0), oriented_gradient_features(warped, sigma=1.0),
-                      valid0 & valid1, int(round(search * min(size))), optical.scale, f)
+    feat0, valid0 = _neutral_outside(oriented_gradient_features(opt_small, sigma=1.0), valid0)
+    feat1, valid1 = _neutral_outside(oriented_gradient_features(warped, sigma=1.0), valid1)
+    return _correlate(feat0, feat1, valid0 & valid1, int(round(search * min(size))), optical.scale, f)
+
+
+def _neutral_outside(feat: np.ndarray, valid: np.ndarray, margin: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Replace features outside ``valid`` (eroded by ``margin`` px, where gradients see the border) by their mean
+    inside, so that neither a footprint edge nor a nodata mask can correlate with anything.
+
+    Returns:
+        the features and the eroded mask.
+    """
+    kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+    inner = cv2.erode(valid.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    if not inner.any():
+        return np.zeros_like(feat), inner
+    out = feat.copy()
+    out[:, ~inner] = feat[:, inner].mean(axis=1)[:, None]
+    return out, inner
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -226,7 +244,8 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 def _correlate(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, radius: int, scale: tuple[float, float],
                factor: float) -> dict[str, float]:
-    """Correlate the valid bounding box of ``feat0`` (shrunk by ``radius``) inside ``feat1``."""
+    """Correlate the bounding box of ``valid`` in ``feat0`` (shrunk by ``radius``) inside ``feat1`` (both neutral
+    outside their own valid areas, see :func:`_neutral_outside`)."""
     nothing = {"dense_offset_px": float("inf"), "dense_peak": 0.0, "dense_distinctness": 0.0, "dense_at_zero": 0.0}
     ys, xs = np.nonzero(valid)
     if len(ys) == 0 or radius < 2:
@@ -234,8 +253,7 @@ def _correlate(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, radius: 
     y0, y1, x0, x1 = ys.min() + radius, ys.max() - radius, xs.min() + radius, xs.max() - radius
     if y1 - y0 < 16 or x1 - x0 < 16:
         return nothing
-    mask = valid.astype(np.float32)
-    f0, f1 = feat0 * mask, feat1 * mask
+    f0, f1 = feat0, feat1
     score = sum(cv2.matchTemplate(np.ascontiguousarray(b[y0 - radius:y1 + radius, x0 - radius:x1 + radius]),
                                   np.ascontiguousarray(a[y0:y1, x0:x1]), cv2.TM_CCOEFF_NORMED)
                 for a, b in zip(f0, f1)) / len(f0)
@@ -308,6 +326,20 @@ class QCModel:
         return cls(tuple(d["features"]), np.asarray(d["mean"], float), np.asarray(d["std"], float),
                    np.asarray(d["coef"], float), float(d["intercept"]), float(d["ok_threshold"]),
                    float(d["fail_threshold"]), dict(d.get("info", {})))
+
+
+def qc_model_status() -> list[dict[str, Any]]:
+    """``promptmid models`` row for the shipped QC model (loaded and checksum-verified)."""
+    row = {"name": QC_MODEL.stem, "source": "promptmid (this package)", "sha256": (QC_MODEL_SHA256 or "")[:16],
+           "licence": "Apache-2.0", "cache_path": str(QC_MODEL), "ready": True,
+           "message": "QC confidence (logistic; calibrated on perturbed training+validation pairs)"}
+    try:
+        load_qc_model.cache_clear()
+        model = load_qc_model()
+        row["message"] += f"; ok >= {model.ok_threshold:.2f}, failed < {model.fail_threshold:.2f}"
+    except ModelError as exc:
+        row.update(ready=False, message=str(exc))
+    return [row]
 
 
 def feature_vector(evidence: Mapping[str, float], names: tuple[str, ...] | list[str]) -> np.ndarray:

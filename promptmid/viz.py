@@ -51,8 +51,11 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
         fig.add_artist(con)
     axes[0].scatter(p0[:, 0], p0[:, 1], s=3, c="yellow")
     axes[1].scatter(p1[:, 0], p1[:, 1], s=3, c="yellow")
-    fig.suptitle(f"{result.num_inliers} inliers / {len(result.points0)} matches, RMSE {result.rmse:.2f} px, "
-                 f"{result.model}, SAR rotation {result.rotation_deg:g} deg (colour: residual 0..{thr:g} px)")
+    colour = {"ok": "green", "uncertain": "darkorange"}.get(result.status, "red")
+    fig.suptitle(f"verdict {result.status.upper()} (confidence {result.confidence:.2f})\n"
+                 f"{result.num_inliers} inliers / {len(result.points0)} matches, RMSE {result.rmse:.2f} px, "
+                 f"{result.model}, SAR rotation {result.rotation_deg:g} deg (colour: residual 0..{thr:g} px)",
+                 color=colour)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -132,3 +132,23 @@ def test_tampered_qc_model_is_refused(tmp_path, monkeypatch):
             qc.load_qc_model()
     finally:
         qc.load_qc_model.cache_clear()
+
+
+def _uncertain_result():
+    from promptmid.api import MatchResult
+
+    empty = np.zeros((0, 2))
+    return MatchResult("uncertain", np.eye(3), empty, empty, np.zeros(0), np.zeros(0, bool), "affine",
+                       reason="confidence 0.40 below 0.66", confidence=0.4)
+
+
+def test_uncertain_warns_and_strict_exits_6(tmp_path, capsys):
+    import typer
+
+    from promptmid.cli import report
+
+    report(_uncertain_result(), tmp_path, quiet=True, json_out=False)  # exit 0, a warning
+    assert "uncertain" in capsys.readouterr().err
+    with pytest.raises(typer.Exit) as exc:
+        report(_uncertain_result(), tmp_path, quiet=True, json_out=False, strict=True)
+    assert exc.value.exit_code == 6
