@@ -18,8 +18,10 @@ from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
     OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, ThreadsOpt,
-    ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console, set_threads, status,
+    StrictOpt, ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console,
+    set_threads, status, warn,
 )
+from promptmid.errors import UncertainResultError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Register optical and SAR images with modality-invariant descriptors (PromptMID).")
@@ -49,6 +51,7 @@ def match(
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip matches.png and checkerboard.png."),
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
+    strict: bool = StrictOpt,
     quiet: bool = QuietOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -79,30 +82,53 @@ def match(
         result = matcher.match(opt_img, sar_img, progress=progress)
         progress("writing outputs")
         write_products(out_dir, result, opt_img, sar_img, not no_figures)
-    report(result, out_dir, quiet, json_out)
+    report(result, out_dir, quiet, json_out, strict)
 
 
-def report(result: Any, out_dir: Path, quiet: bool, json_out: bool) -> None:
-    """Print the outcome; exit non-zero (after writing result.json) when the fit failed."""
+def report(result: Any, out_dir: Path, quiet: bool, json_out: bool, strict: bool = False) -> None:
+    """Print the outcome; after writing result.json exit 5 when registration failed, and warn (``strict``:
+    exit 6) when the verdict is uncertain."""
     if json_out:
         print((out_dir / "result.json").read_text())
-    if not result.ok:
+    if not result.has_transform:
         fail(f"registration failed: {result.reason} (see {out_dir / 'result.json'})", 5)
-    if quiet:
-        return
+    if not quiet:
+        _print_table(result, out_dir)
+    if result.status == "uncertain":
+        message = (f"verdict uncertain (confidence {result.confidence:.2f}): {result.reason}; check "
+                   f"{out_dir / 'checkerboard.png'}")
+        if strict:
+            fail(message, UncertainResultError.exit_code)
+        warn(message)
+
+
+def _print_table(result: Any, out_dir: Path) -> None:
+    colour = {"ok": "green", "uncertain": "yellow"}.get(result.status, "red")
     table = Table(title=f"promptmid {result.config.get('preset')} -> {out_dir}", show_header=False)
     rows = [
+        ("verdict", f"[bold {colour}]{result.status}[/] (confidence {result.confidence:.2f})"),
         ("transform (optical px -> SAR px)", format_matrix(result.transform)),
         ("matches / inliers", f"{len(result.points0)} / {result.num_inliers} ({result.num_inliers / max(1, len(result.points0)):.0%})"),
         ("residual RMSE", f"{result.rmse:.2f} SAR px"),
         ("inlier coverage", f"{result.coverage():.0%} of the optical image"),
         ("SAR rotation tried/kept", f"{result.rotation_deg:g} deg"),
         ("area-based refinement", _refinement_text(result.refinement)),
+        ("QC evidence", _evidence_text(result.qc.get("evidence", {}))),
         ("time", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())),
     ]
     for k, v in rows:
         table.add_row(k, v)
     out_console.print(table)
+
+
+def _evidence_text(ev: dict[str, Any]) -> str:
+    """The main QC evidence in one line (all of it is in result.json under ``qc``)."""
+    if not ev:
+        return "none (no transform)"
+    offset = ev.get("dense_offset_px")
+    return (f"dense correlation peak {'n/a' if offset is None else f'{offset:.1f} px'} from the transform, "
+            f"distinctness {ev.get('dense_distinctness') or 0:.2f}; "
+            f"{ev.get('refine_inlier_ratio') or 0:.0%} of refinement blocks agree")
 
 
 def _refinement_text(ref: dict[str, Any] | None) -> str:
@@ -140,8 +166,9 @@ def models(
     """List every model: source package and version, checksum, cache path, readiness."""
     from promptmid.models.aggregation import aggregator_status
     from promptmid.models.weights import model_status
+    from promptmid.qc import qc_model_status
 
-    rows = model_status(verify) + aggregator_status()
+    rows = model_status(verify) + aggregator_status() + qc_model_status()
     if json_out:
         print(json.dumps(rows, indent=2))
         return

@@ -21,6 +21,11 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 
+def warn(message: str) -> None:
+    """Print one warning line on stderr."""
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one error line on stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -182,6 +187,8 @@ LandUseOpt = typer.Option(None, "--land-use", help="Land-use prompt: auto (diffu
                           "rural settlement, road, bare land, mountain).")
 DmEnsembleOpt = typer.Option(None, "--dm-ensemble", help="Noise draws averaged per image (default "
                              f"{DIFFUSION_DEFAULTS['ensemble']}).")
+StrictOpt = typer.Option(False, "--strict", help="Exit 6 when the QC verdict is uncertain (default: exit 0 "
+                          "with a warning on stderr).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace files in an existing output directory.")
 # Input options shared by match, scene and batch (one definition: the same bands, scaling and nodata everywhere).
 OpticalBandsOpt = typer.Option(None, "--optical-bands", help="Optical bands to use, 1-based as GDAL: 'R,G,B' (e.g. "
