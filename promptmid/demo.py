@@ -56,7 +56,8 @@ def _summary_text(summary: dict[str, Any], result: Any, out_dir: Path) -> str:
              "true transform (optical px -> SAR px):", format_matrix(summary["true_transform"], "  "),
              "recovered transform:", format_matrix(summary["estimated_transform"], "  ")]
     if result.has_transform:
-        lines.append(f"corner error: mean {summary['mean_corner_error_px']:.2f} px, max {summary['max_corner_error_px']:.2f} px; "
+        lines.append(f"verdict {result.status} (confidence {result.confidence:.2f}); "
+                     f"corner error: mean {summary['mean_corner_error_px']:.2f} px, max {summary['max_corner_error_px']:.2f} px; "
                      f"{result.num_inliers} inliers of {len(result.points0)} matches, RMSE {result.rmse:.2f} px, "
                      f"{result.timings['total']:.1f} s")
     else:
