@@ -257,13 +257,13 @@ def plot_reliability(rows: list[dict[str, Any]], path: Path, model: str = "affin
         xs = [conf[idx == b].mean() for b in range(bins) if (idx == b).any()]
         ys = [right[idx == b].mean() for b in range(bins) if (idx == b).any()]
         ns = [int((idx == b).sum()) for b in range(bins) if (idx == b).any()]
-        ax.plot(xs, ys, marker="o", label=f"{method} ({len(sel)} fits)")
+        ax.plot(xs, ys, marker="o", label=f"{method} ({len(sel)} pairs)")
         for x, y, n in zip(xs, ys, ns):
             ax.annotate(str(n), (x, y), fontsize=6, textcoords="offset points", xytext=(3, -8))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set_xlim(0, 1)
     _save_curves(fig, ax, path, 7, xlabel="predicted confidence", ylabel=f"observed share within {success_px:g} px",
-                 title="QC reliability (numbers: fits per bin)")
+                 title="QC reliability (numbers: pairs per bin)")
 
 
 def plot_checkerboards(rows: list[dict[str, Any]], pairs: dict[str, Any], path: Path, model: str = "affine",
