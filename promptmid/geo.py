@@ -57,8 +57,15 @@ class GeoInfo:
 
     @property
     def pixel_size(self) -> float | None:
-        """Mean pixel size in map units (sqrt of the pixel area), ``None`` when not georeferenced."""
+        """Mean pixel size in map units (sqrt of the pixel area; DEGREES for a geographic CRS), ``None`` when not
+        georeferenced. For ground distances use :attr:`metres_per_pixel`."""
         return math.sqrt(abs(self.transform.determinant)) if self.georeferenced else None
+
+    @property
+    def metres_per_pixel(self) -> tuple[float, float] | None:
+        """Ground metres per pixel step along x and along y at the raster's centre (see
+        :func:`metres_per_pixel`), ``None`` when not georeferenced."""
+        return metres_per_pixel(self.crs, self.transform, self.width, self.height) if self.georeferenced else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"width": self.width, "height": self.height, "count": self.count, "dtype": self.dtype,
@@ -149,15 +156,58 @@ def map_transform(transform: np.ndarray, optical: GeoInfo, sar: GeoInfo) -> np.n
     return pixel_to_map_matrix(sar.transform) @ transform @ np.linalg.inv(pixel_to_map_matrix(optical.transform))
 
 
-def parse_search_radius(text: str | float, pixel_size: float | None) -> float:
-    """Search radius in optical pixels from ``"64px"``, ``"500m"`` or a bare number.
+def utm_crs_at(lon: float, lat: float) -> Any:
+    """The WGS84 / UTM zone CRS (a ``rasterio.crs.CRS``) containing ``(lon, lat)`` degrees."""
+    from rasterio.crs import CRS
 
-    A bare number means metres when ``pixel_size`` (map units per optical pixel, assumed metres)
-    is known, else pixels.
+    zone = min(60, max(1, int((lon + 180.0) // 6.0) + 1))
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
+def metres_per_pixel(crs: Any, transform: Any, width: int, height: int) -> tuple[float, float]:
+    """Ground metres per pixel step ``(along x, along y)`` at the centre of a ``width x height`` grid.
+
+    Projected CRS: the pixel step lengths times the CRS's linear unit in metres (1 for metres, 0.3048 for
+    feet). Geographic CRS (degrees): the centre pixel and its right / lower neighbours are transformed to the
+    local UTM zone (:func:`utm_crs_at`) and measured there, so a degree of longitude shrinks with latitude.
+    """
+    if not crs.is_geographic:
+        try:
+            unit = float(crs.linear_units_factor[1])
+        except Exception:  # noqa: BLE001 - CRS without a known linear unit: assume metres
+            unit = 1.0
+        return math.hypot(transform.a, transform.d) * unit, math.hypot(transform.b, transform.e) * unit
+    from rasterio.warp import transform as crs_transform
+
+    c = np.array([[(width - 1) / 2, (height - 1) / 2]])
+    pts = pixel_to_map(transform, np.concatenate([c, c + [1, 0], c + [0, 1]]))
+    xs, ys = crs_transform(crs, utm_crs_at(float(pts[0, 0]), float(pts[0, 1])), pts[:, 0], pts[:, 1])
+    xy = np.stack([xs, ys], 1)
+    return float(np.linalg.norm(xy[1] - xy[0])), float(np.linalg.norm(xy[2] - xy[0]))
+
+
+def residuals_m(vectors_px: np.ndarray, mpp: tuple[float, float] | None) -> np.ndarray | None:
+    """``[N, 2]`` residual vectors in pixels -> ``[N]`` ground lengths in metres (``None`` without ``mpp``)."""
+    if mpp is None or len(vectors_px) == 0:
+        return None
+    return np.linalg.norm(np.asarray(vectors_px, np.float64) * np.asarray(mpp, np.float64), axis=1)
+
+
+AUTO_RADIUS_PX, AUTO_RADIUS_M = 64.0, 150.0  # --search-radius auto: the larger of these (metres when georeferenced)
+
+
+def parse_search_radius(text: str | float, pixel_size: float | None) -> float:
+    """Search radius in optical pixels from ``"64px"``, ``"500m"``, a bare number or ``"auto"`` (the larger of
+    64 px and 150 m: 150 px on a 1 m product, whose geolocation may be tens of metres off; 64 px = 640 m at 10 m).
+
+    A bare number means metres when ``pixel_size`` (ground metres per optical pixel; pass the smaller of
+    :attr:`GeoInfo.metres_per_pixel` so that the radius is covered along both axes) is known, else pixels.
 
     Raises:
         InputError: unparsable text, or metres without a georeferenced optical image.
     """
+    if str(text).strip() == "auto":
+        return max(AUTO_RADIUS_PX, AUTO_RADIUS_M / pixel_size) if pixel_size else AUTO_RADIUS_PX
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(px|m)?\s*", str(text))
     if not m:
         raise InputError(f"Cannot parse search radius {text!r}; use e.g. '64px' or '500m'.")

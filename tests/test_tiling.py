@@ -104,13 +104,13 @@ def test_search_radius_is_clamped_to_the_scene(tmp_path: Path) -> None:
 
 
 def test_scene_failure_message_carries_the_tile_causes(tmp_path: Path) -> None:
-    """When no tile gives tie points, the one-line message says why the tiles failed (here: NaN pixels)."""
+    """When no tile gives tie points, the one-line message says why the tiles failed (here: a constant SAR)."""
     import rasterio
 
     pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=5)
     with rasterio.open(pair["sar"]) as ds:
         profile, data = ds.profile, ds.read().astype("float32")
-    data[:, ::7, :] = np.nan  # NaN rows everywhere: every tile's SAR chip is refused for its input
+    data[:] = 7.0  # constant: every tile's SAR chip is refused for its input (NaN would be masked as nodata)
     profile.update(dtype="float32", nodata=None)
     nan_sar = tmp_path / "nan_sar.tif"
     with rasterio.open(nan_sar, "w", **profile) as dst:
@@ -118,4 +118,69 @@ def test_scene_failure_message_carries_the_tile_causes(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["scene", str(pair["optical"]), str(nan_sar), "--out", str(tmp_path / "out"),
                                    "-p", "xfeat", "--tile", "512", "--max-tiles", "1", "--quiet"])
     assert res.exit_code == 5, res.output
-    assert "NaN" in res.stderr and "tiles" in res.stderr
+    assert "1 tiles, 0 ok: 1 failed (only 0 matches" in res.stderr
+
+
+def test_one_tile_when_the_scene_fits_the_working_size() -> None:
+    """A 1092 px scene with --tile 1024 is one tile when the matcher takes 2048 px (not 4 overlapping tiles)."""
+    tiles = scene.scene_tiles((0, 0, 1092, 1092), 1024, 128, single_side=2048)
+    assert [(t.x0, t.y0, t.w, t.h) for t in tiles] == [(0, 0, 1092, 1092)]
+    assert len(scene.scene_tiles((0, 0, 1092, 1092), 1024, 128, single_side=1024)) == 4
+    with pytest.raises(InputError):
+        scene.scene_tiles((0, 0, 100, 100), 512, 600, single_side=2048)
+
+
+def _fitted_tile(index: int, x0: int, matrix: np.ndarray, inliers: int = 50) -> "scene.Tile":
+    return scene.Tile(index, 0, index, x0, 0, 500, 500, status="ok", inliers=inliers, transform=matrix.tolist())
+
+
+def test_tiles_are_checked_against_each_other_and_the_prior() -> None:
+    """Three tiles agree on a 20 px shift, one (with the most inliers) says 40 px, one departs beyond the search
+    radius: the consensus is the three, the outlier disagrees by ~20 px, the far one is rejected by the prior check."""
+    from promptmid.geometry import translation
+    from promptmid.scene import agreement
+
+    prior = translation(0, 0)
+    tiles = [_fitted_tile(i, 500 * i, translation(20, 0)) for i in range(3)]
+    tiles.append(_fitted_tile(3, 1500, translation(40, 0), inliers=500))
+    tiles.append(_fitted_tile(4, 2000, translation(120, 0)))
+    agreement.reject_beyond_prior(tiles, prior, limit_px=67.0)
+    assert tiles[4].status == "rejected" and "beyond the search radius" in tiles[4].reason
+    core = agreement.consensus(tiles, agree_px=6.0)
+    assert [t.index for t in core] == [0, 1, 2]
+    ag = agreement.assess(tiles, agreement.as_mapping(translation(20, 0)), prior, 6.0, 67.0)
+    assert ag.ok and ag.agreeing == [0, 1, 2] and ag.fitted == 4 and ag.rejected_by_prior == [4]
+    assert abs(tiles[3].disagreement_px - 20.0) < 1e-9 and not tiles[3].agrees
+    # two of four agreeing is not a majority: the scene does not agree
+    tiles[2].transform = translation(40, 0).tolist()
+    ag = agreement.assess(tiles, agreement.as_mapping(translation(20, 0)), prior, 6.0, 67.0)
+    assert not ag.ok and "only 2 of 4" in ag.reason
+    # a model beyond the prior's reach is never accepted, however many tiles agree
+    far = [_fitted_tile(0, 0, translation(80, 0))]
+    ag = agreement.assess(far, agreement.as_mapping(translation(80, 0)), prior, 6.0, 67.0)
+    assert not ag.ok and "departs 80.0 px from the prior" in ag.reason
+
+
+def test_area_shift_recovers_a_shift_across_modalities() -> None:
+    """The whole-tile shift (oriented-gradient NCC) finds a 7.3, -4.6 px offset of a speckled 'SAR' chip."""
+    import cv2
+
+    from promptmid.scene.shift import similarity, tile_shift
+
+    from promptmid.io import load_image
+
+    pair = synth.make_pair(320, seed=4, H=np.eye(3))
+    opt = load_image(pair.optical, "optical", max_side=None).image.mean(axis=-1)
+    sar = load_image(pair.sar, "sar", max_side=None).image[..., 0]
+    m, (sx, sy) = 32, (7.3, -4.6)
+    tile = opt[m:-m, m:-m]
+    # chip px q shows SAR px q - s (SAR = optical here), so tile px p (optical p + m) sits at chip px p + m + s
+    warp = np.array([[1, 0, sx], [0, 1, sy]], np.float32)
+    chip = cv2.warpAffine(sar, warp, (sar.shape[1], sar.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
+    ones = np.ones_like(chip, bool)
+    found = tile_shift(tile, np.ones_like(tile, bool), chip, ones, m)
+    assert found is not None and found.ok
+    assert abs(found.sx - (m + sx)) < 0.5 and abs(found.sy - (m + sy)) < 0.5, (found.sx - m, found.sy - m)
+    good = similarity(tile, np.ones_like(tile, bool), chip, ones, found.matrix())
+    bad = similarity(tile, np.ones_like(tile, bool), chip, ones, found.matrix() @ np.diag([1.05, 1.05, 1.0]))
+    assert good > bad

@@ -19,8 +19,9 @@ from promptmid.geometry import format_matrix
 GeoPriorOpt = typer.Option(True, "--geo-prior/--no-geo-prior",
                            help="Use the geotransforms as prior when both images are georeferenced "
                                 "(else: coarse match of overviews).")
-RadiusOpt = typer.Option("64px", "--search-radius",
-                         help="Search radius around the prior: '64px', '500m' or a number (metres if georeferenced).")
+RadiusOpt = typer.Option("auto", "--search-radius",
+                         help="Search radius around the prior: '64px', '500m', a number (metres if georeferenced) or "
+                              "auto (the larger of 64 px and 150 m).")
 SceneModelOpt = typer.Option("affine", "--geometry", "--model", "-m", help="Global transform family: affine | poly2 "
                              "(2nd-order polynomial). (--model is a deprecated alias, to be removed in the next release.)")
 TileOpt = typer.Option(1024, "--tile", help="Tile side on the optical image (px).")

@@ -8,9 +8,16 @@ import numpy as np
 
 from promptmid.errors import InputError
 
+
 @dataclass
 class Tile:
-    """One optical window ``[x0, x0 + w) x [y0, y0 + h)`` and its QC numbers."""
+    """One optical window ``[x0, x0 + w) x [y0, y0 + h)`` and its QC numbers.
+
+    ``transform`` is the tile's own fit as a 3x3 optical SCENE px -> SAR-grid px matrix (``None`` without one);
+    ``disagreement_px`` the RMS distance (SAR px, over a 3x3 grid of the tile) between that fit and the scene's
+    global model; ``prior_departure_px`` the largest distance between the tile fit and the prior over the tile's
+    corners; ``agrees``: the tile's fit agrees with the global model (see :mod:`promptmid.scene.agreement`).
+    """
 
     index: int
     row: int
@@ -26,6 +33,23 @@ class Tile:
     global_inliers: int = 0
     rmse_px: float | None = None
     seconds: float = 0.0
+    transform: list[list[float]] | None = None
+    disagreement_px: float | None = None
+    prior_departure_px: float | None = None
+    agrees: bool = False
+    method: str = ""  # "keypoints" or "area shift": where the tile's fit comes from
+    area_shift: dict | None = None  # the whole-tile area-based shift (px after the prior), peak, distinctness
+    keypoints_vs_shift_px: float | None = None  # RMS distance between the keypoint fit and the area shift
+
+    @property
+    def matrix(self) -> np.ndarray | None:
+        """The tile's own fit as a 3x3 array (``None`` without one)."""
+        return None if self.transform is None else np.asarray(self.transform, np.float64)
+
+    def grid_points(self, n: int = 3) -> np.ndarray:
+        """``[n * n, 2]`` optical scene px spread over the tile (corners included)."""
+        xs, ys = np.linspace(self.x0, self.x0 + self.w - 1, n), np.linspace(self.y0, self.y0 + self.h - 1, n)
+        return np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
 
 
 def tile_grid(bbox: tuple[int, int, int, int], tile: int, overlap: int) -> list[Tile]:
@@ -39,6 +63,17 @@ def tile_grid(bbox: tuple[int, int, int, int], tile: int, overlap: int) -> list[
     xs, ys = _starts(x0, x1, tile, overlap), _starts(y0, y1, tile, overlap)
     return [Tile(r * len(xs) + c, r, c, x, y, min(tile, x1 - x), min(tile, y1 - y))
             for r, y in enumerate(ys) for c, x in enumerate(xs)]
+
+
+def scene_tiles(bbox: tuple[int, int, int, int], tile: int, overlap: int, single_side: int | None) -> list[Tile]:
+    """The tile grid of a scene: ONE tile over the whole ``bbox`` when both its sides fit in ``single_side`` px
+    (the matcher's working size: splitting a scene the matcher can take whole only adds tiles that disagree),
+    else :func:`tile_grid`."""
+    x0, y0, x1, y1 = bbox
+    if single_side and max(x1 - x0, y1 - y0) <= single_side:
+        tile_grid(bbox, tile, overlap)  # same option checks
+        return [Tile(0, 0, 0, x0, y0, x1 - x0, y1 - y0)]
+    return tile_grid(bbox, tile, overlap)
 
 
 def _starts(lo: int, hi: int, tile: int, overlap: int) -> list[int]:

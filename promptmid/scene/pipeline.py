@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from contextlib import contextmanager
@@ -17,10 +18,14 @@ import numpy as np
 from promptmid import __version__, geo
 from promptmid.errors import InputError
 from promptmid.geometry import apply_transform
+from promptmid.io import choose_bands
 from promptmid.registration import write_json
-from promptmid.scene.grid import Tile, select_tiles, tile_grid
+from promptmid.scene import agreement
+from promptmid.scene.agreement import Agreement
+from promptmid.scene.grid import Tile, scene_tiles, select_tiles
 from promptmid.scene.matching import SceneMatches, coarse_prior, match_tile
 from promptmid.scene.model import GlobalModel, fit_global
+from promptmid.scene.windows import window_raster
 from promptmid.scene.products import (
     TiePoints,
     plot_tile_map,
@@ -40,8 +45,11 @@ class SceneOptions:
     max_tiles: int | None = 64
     model: str = "affine"
     geo_prior: bool = True
-    search_radius: str = "64px"  # "64px", "500m", or a bare number (metres if georeferenced)
+    search_radius: str = "auto"  # "64px", "500m", a bare number (metres if georeferenced) or "auto" (geo.AUTO_RADIUS_*)
     overview_side: int = 1024  # coarse prior / figure resolution when there is no geo prior
+    agree_px: float | None = None  # tile fits within this RMS distance (SAR px) of the global model agree;
+    # None = twice the matcher's inlier threshold
+    area_shift: bool = True  # check each tile's keypoint fit against a whole-tile area-based shift (scene/shift.py)
     block: int = 1024  # output block side
     figures: bool = True
 
@@ -51,10 +59,13 @@ class SceneResult:
     """What :func:`estimate_scene` found for one optical/SAR scene pair.
 
     Attributes:
-        status: ``"ok"`` or ``"failed"`` (then ``reason`` says why and there is no model).
+        status: ``"ok"`` (a model, and the tiles agree) or ``"failed"`` (then ``reason`` says why and there is no
+            model; a model the tiles did not agree on is kept in ``info["rejected_model"]`` for inspection).
         model: the global optical px -> SAR-grid px model (affine or poly2), or ``None``.
         tiepoints: merged tie points with global-fit inliers and residuals (``None`` without a prior).
-        tiles: every processed tile with its QC numbers.
+        tiles: every processed tile with its QC numbers, own fit, disagreement with the model and prior departure
+            (a per-tile verdict can be attached to each).
+        agreement: how well the tiles agree (:class:`~promptmid.scene.agreement.Agreement`), ``None`` before tiling.
         prior: 3x3 optical px -> SAR-grid px prior, or ``None``; ``prior_kind`` ``"geo"`` or ``"coarse"``.
         info: the rest of ``result.json`` (image descriptions, accuracy, tile counts, config).
         timings: seconds per stage.
@@ -70,6 +81,7 @@ class SceneResult:
     info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    agreement: Agreement | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,6 +100,7 @@ class SceneResult:
                 "global_model": None if self.model is None else self.model.to_dict(),
                 "prior": {"kind": self.prior_kind, "transform": _list(self.prior)},
                 "map_convention": "map coordinates in the optical CRS; pixel centre (x, y) -> A * (x + 0.5, y + 0.5)",
+                "agreement": None if self.agreement is None else self.agreement.to_dict(),
                 "tile_qc": [asdict(t) for t in self.tiles], "timings": dict(self.timings),
                 "outputs": dict(self.outputs),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -162,20 +175,27 @@ def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: 
         bbox = geo.overlap_bbox(prior, (sc.opt.width, sc.opt.height), (sc.sar.width, sc.sar.height))
         if bbox is None:
             raise InputError("The optical and SAR images do not overlap (under the prior).")
-        grid = tile_grid(bbox, options.tile, options.overlap)
+        io_conf = getattr(matcher, "conf", {}).get("io", {})
+        grid = scene_tiles(bbox, options.tile, options.overlap, io_conf.get("max_side"))
         tiles = select_tiles(grid, options.max_tiles)
-        margin = int(np.ceil(geo.parse_search_radius(options.search_radius, sc.opt.pixel_size)))
+        mpp = sc.opt.metres_per_pixel
+        margin = int(np.ceil(geo.parse_search_radius(options.search_radius, min(mpp) if mpp else None)))
         margin = min(margin, max(sc.opt.width, sc.opt.height, sc.sar.width, sc.sar.height))  # never beyond the scene
         t0 = time.perf_counter()
-        found = _match_tiles(sc, matcher, tiles, prior, margin, say)
+        found = _match_tiles(sc, matcher, tiles, prior, margin, options, say)
         timings["tiles"] = time.perf_counter() - t0
         info.update(overlap_bbox_px=list(bbox), search_radius_px=margin,
                     tiles={"grid": len(grid), "processed": len(tiles), "tile": options.tile,
-                           "overlap": options.overlap, "max_tiles": options.max_tiles})
+                           "overlap": options.overlap, "max_tiles": options.max_tiles,
+                           "single_tile_up_to_px": io_conf.get("max_side")})
         say("global fit")
-        model, tp, reason = _fit(sc, matcher, options, tiles, found, prior)
-        info.update(_accuracy(sc, model, tp))
-        return SceneResult("ok" if model else "failed", reason, model, tp, tiles, prior, kind, info, timings)
+        model, tp, reason, agreed = _fit(sc, matcher, options, tiles, found, prior, margin)
+        info.update(_accuracy(sc, model, tp, prior))
+        if model is not None and not agreed.ok:
+            info["rejected_model"] = model.to_dict()
+            model = None
+        return SceneResult("ok" if model else "failed", reason, model, tp, tiles, prior, kind, info, timings,
+                           agreement=agreed)
 
 
 def write_scene(result: SceneResult, optical: str | Path, sar: str | Path, out_dir: Path,
@@ -203,29 +223,59 @@ def _prior(sc: _Scene, matcher: Any, options: SceneOptions) -> tuple[np.ndarray 
     return p, "coarse", reason
 
 
+def _agree_px(matcher: Any, options: SceneOptions) -> float:
+    return options.agree_px or 2.0 * matcher.conf["geometry"]["threshold"]
+
+
 def _match_tiles(sc: _Scene, matcher: Any, tiles: list[Tile], prior: np.ndarray, margin: int,
-                 say: Callable[[str], None]) -> SceneMatches:
+                 options: SceneOptions, say: Callable[[str], None]) -> SceneMatches:
     found = SceneMatches()
     fill = sc.sar.nodata if sc.sar.nodata is not None else 0.0
     for i, tile in enumerate(tiles):
         say(f"matching tile {i + 1}/{len(tiles)}")
-        match_tile(matcher, sc.opt_ds, sc.sar_ds, prior, tile, margin, fill, found)
+        match_tile(matcher, sc.opt_ds, sc.sar_ds, prior, tile, margin, fill, found, options.area_shift,
+                   _agree_px(matcher, options))
     return found
 
 
 def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], found: SceneMatches,
-         prior: np.ndarray) -> tuple[GlobalModel | None, TiePoints, str]:
+         prior: np.ndarray, margin: int) -> tuple[GlobalModel | None, TiePoints, str, Agreement]:
+    """Global model fitted to the fits of the tiles that agree (:mod:`promptmid.scene.agreement`), each sampled
+    on a 5x5 grid over its tile; tie points are inliers when they lie within the inlier threshold of the model
+    and belong to an agreeing tile."""
     p0, p1, scores, tile_idx, _ = found.arrays()
     g = matcher.conf["geometry"]
-    model, inliers, reason = fit_global(p0, p1, options.model, g["threshold"], g["min_inliers"])
+    agree_px, limit = _agree_px(matcher, options), margin + g["threshold"]
+    agreement.reject_beyond_prior(tiles, prior, limit)
+    model, reason = _model_from_tiles(agreement.consensus(tiles, agree_px), options, g)
+    agreed = agreement.assess(tiles, model.apply if model else None, prior, agree_px, limit)
+    if model is not None and agreed.agreeing:  # refit once on every tile that agrees with the consensus model
+        model, reason = _model_from_tiles([t for t in tiles if t.agrees], options, g)
+        agreed = agreement.assess(tiles, model.apply if model else None, prior, agree_px, limit)
     res_after = np.linalg.norm(model.apply(p0) - p1, axis=1) if model else np.full(len(p0), np.nan)
     res_before = np.linalg.norm(apply_transform(prior, p0) - p1, axis=1) if len(p0) else np.zeros(0)
+    inliers = np.isin(tile_idx, agreed.agreeing) & (res_after < g["threshold"])
     tp = TiePoints(p0, p1, geo.sar_grid_to_file_pixels(p1, sc.sar, sc.sar_file), tile_idx, scores,
                    inliers, res_after, res_before)
-    _tile_qc(tiles, tp, g["min_inliers"])
+    _tile_qc(tiles, tp)
     if model is None:
         reason = f"{reason}; {tile_reasons(tiles)}"
-    return model, tp, reason
+    elif not agreed.ok:
+        reason = f"{agreed.reason}; {tile_reasons(tiles)}"
+    return model, tp, reason, agreed
+
+
+TILE_SAMPLES = 5  # each tile fit is sampled on a TILE_SAMPLES x TILE_SAMPLES grid for the global model
+
+
+def _model_from_tiles(use: list[Tile], options: SceneOptions, g: dict[str, Any]) -> tuple[GlobalModel | None, str]:
+    """:func:`fit_global` on the tile fits of ``use`` (their refined transforms, sampled over each tile)."""
+    if not use:
+        return None, "no tile gave an accepted fit"
+    p0 = np.concatenate([t.grid_points(TILE_SAMPLES) for t in use])
+    p1 = np.concatenate([apply_transform(t.matrix, t.grid_points(TILE_SAMPLES)) for t in use])
+    model, _, reason = fit_global(p0, p1, options.model, g["threshold"], g["min_inliers"])
+    return model, reason
 
 
 def tile_reasons(tiles: list[Tile], most: int = 3) -> str:
@@ -238,22 +288,44 @@ def tile_reasons(tiles: list[Tile], most: int = 3) -> str:
     return f"{len(tiles)} tiles, {ok} ok" + (": " + ", ".join(parts) if parts else "")
 
 
-def _accuracy(sc: _Scene, model: GlobalModel | None, tp: TiePoints) -> dict[str, Any]:
-    px = sc.sar.pixel_size or 0.0
+def _accuracy(sc: _Scene, model: GlobalModel | None, tp: TiePoints, prior: np.ndarray) -> dict[str, Any]:
+    """RMSE over global inliers under the prior and the fitted model, in SAR-grid px and in ground metres
+    (per-axis metres per pixel at the scene centre: correct for geographic CRSs too)."""
     inl = tp.inlier
+    p0, p1 = tp.optical_px[inl], tp.sar_px[inl]
     before, after = geo.rmse(tp.prior_residual_px[inl]), geo.rmse(tp.residual_px[inl])
+    mpp = sc.sar.metres_per_pixel
+    m_before = geo.residuals_m(apply_transform(prior, p0) - p1, mpp)
+    m_after = geo.residuals_m(model.apply(p0) - p1, mpp) if model is not None else None
     d: dict[str, Any] = {"tiepoints": int(len(tp.optical_px)), "inliers": int(inl.sum()),
                          "rmse_before_px": before, "rmse_after_px": after,
-                         "rmse_before_m": before * px if before is not None and px else None,
-                         "rmse_after_m": after * px if after is not None and px else None,
-                         "rmse_note": "over global inliers, SAR-grid px; before = prior, after = fitted model"}
+                         "rmse_before_m": geo.rmse(m_before) if m_before is not None else None,
+                         "rmse_after_m": geo.rmse(m_after) if m_after is not None else None,
+                         "sar_metres_per_pixel": list(mpp) if mpp else None,
+                         "rmse_note": "over global inliers, SAR-grid px; before = prior, after = fitted model; "
+                                      "metres from the SAR grid's ground pixel size (x, y) at the scene centre"}
     if model:
         d["map_transform"] = _list(geo.map_transform(model.matrix, sc.opt, sc.sar))
     return d
 
 
+def band_choices(sc: _Scene, matcher: Any) -> dict[str, dict[str, Any]]:
+    """The bands every window of each image will use (:func:`promptmid.io.choose_bands` with the matcher's
+    ``io.optical_bands`` / ``io.sar_bands``), checked once before any tile is read.
+
+    Raises:
+        InputError: a requested band the file does not have, or a layout that cannot be guessed.
+    """
+    io_conf = getattr(matcher, "conf", {}).get("io", {})
+    out = {}
+    for modality, ds in (("optical", sc.opt_ds), ("sar", sc.sar_ds)):
+        stub = dataclasses.replace(window_raster(np.zeros((0, 0, ds.count), ds.dtypes[0]), ds), path=Path(ds.name))
+        out[modality] = choose_bands(stub, modality, io_conf.get(f"{modality}_bands")).to_dict()
+    return out
+
+
 def _base_info(sc: _Scene, matcher: Any, options: SceneOptions) -> dict[str, Any]:
-    return {"model": options.model, "optical": sc.opt.to_dict(), "sar": sc.sar_file.to_dict(),
+    return {"model": options.model, "bands": band_choices(sc, matcher), "optical": sc.opt.to_dict(), "sar": sc.sar_file.to_dict(),
             "sar_grid": {"reprojected_to_optical_crs": sc.reprojected, **sc.sar.to_dict()},
             "config": {"preset": getattr(matcher, "preset", None), "scene": asdict(options)}}
 
@@ -267,7 +339,8 @@ def _write_products(sc: _Scene, result: SceneResult, sar_path: Path, out_dir: Pa
     write_tiepoints_geojson(out_dir / out["tiepoints_geojson"], tp, sc.opt, sc.sar)
     if options.figures:
         out["tile_map"] = "tile_map.png"
-        plot_tile_map(out_dir / out["tile_map"], sc.opt_ds, result.tiles, tp)
+        plot_tile_map(out_dir / out["tile_map"], sc.opt_ds, result.tiles, tp,
+                      result.info.get("bands", {}).get("optical", {}).get("bands"))
     if model is None:
         return out
     if sc.opt.georeferenced and tp.inlier.any():
@@ -279,15 +352,15 @@ def _write_products(sc: _Scene, result: SceneResult, sar_path: Path, out_dir: Pa
     return out
 
 
-def _tile_qc(tiles: list[Tile], tp: TiePoints, min_inliers: int) -> None:
-    """Per-tile global inliers and RMSE; a tile whose matches the global fit rejects becomes ``rejected``."""
+def _tile_qc(tiles: list[Tile], tp: TiePoints) -> None:
+    """Per-tile global inliers and RMSE; a fitted tile that disagrees with the global model becomes ``rejected``."""
     for t in tiles:
         mine = tp.tile == t.index
         t.global_inliers = int((mine & tp.inlier).sum())
         if t.global_inliers:
             t.rmse_px = geo.rmse(tp.residual_px[mine & tp.inlier])
-        if t.status == "ok" and t.global_inliers < min(min_inliers, t.inliers):
-            t.status, t.reason = "rejected", "tile fit disagrees with the global model"
+        if t.status == "ok" and t.disagreement_px is not None and not t.agrees:
+            t.status, t.reason = "rejected", f"tile fit disagrees with the global model by {t.disagreement_px:.1f} px"
 
 
 def _list(m: np.ndarray | None) -> list | None:

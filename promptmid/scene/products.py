@@ -80,8 +80,10 @@ def _warp_block(model: GlobalModel, sar_ds: Any, bx: int, by: int, bw: int, bh: 
     return np.stack(bands, -1)
 
 
-def plot_tile_map(path: Path, opt_ds: Any, tiles: list[Tile], tp: TiePoints, max_side: int = 900) -> None:
-    """Figure: optical overview, tiles coloured by status with inlier counts, tie points (green = inlier)."""
+def plot_tile_map(path: Path, opt_ds: Any, tiles: list[Tile], tp: TiePoints, bands: list[int] | None = None,
+                  max_side: int = 900) -> None:
+    """Figure: optical overview (``bands``, 1-based, as matched), tiles coloured by status with inlier counts,
+    tie points (green = inlier)."""
     from promptmid.viz import pyplot
 
     plt = pyplot()
@@ -90,7 +92,9 @@ def plot_tile_map(path: Path, opt_ds: Any, tiles: list[Tile], tp: TiePoints, max
     from promptmid.io import optical_to_unit
 
     data, to_full = read_overview(opt_ds, max_side)
-    img = optical_to_unit(data, np.ones(data.shape[:2], bool))
+    if bands:
+        data = data[..., [b - 1 for b in bands]]
+    img = optical_to_unit(np.nan_to_num(data), np.ones(data.shape[:2], bool))
     f = 1.0 / to_full[0, 0], 1.0 / to_full[1, 1]
     colours = {"ok": "lime", "failed": "red", "rejected": "orange", "empty": "grey", "outside": "grey", "error": "magenta"}
     fig, ax = plt.subplots(figsize=(8, 8 * img.shape[0] / img.shape[1]))

@@ -29,6 +29,19 @@ def read_overview(ds: Any, max_side: int) -> tuple[np.ndarray, np.ndarray]:
     return np.moveaxis(data, 0, -1), np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
 
 
+def band_meta(ds: Any) -> dict[str, tuple]:
+    """Band descriptions and colour interpretations of an open dataset, as :class:`promptmid.io.RasterImage`
+    fields (they drive the automatic band choice of every window read from it)."""
+    return {"descriptions": tuple(ds.descriptions), "colorinterp": tuple(c.name for c in ds.colorinterp)}
+
+
+def window_raster(data: np.ndarray, ds: Any, nodata: float | None = None) -> Any:
+    """A :class:`promptmid.io.RasterImage` of pixels read from ``ds`` (its nodata unless given, its band metadata)."""
+    from promptmid.io import RasterImage
+
+    return RasterImage(data, nodata=ds.nodata if nodata is None else nodata, **band_meta(ds))
+
+
 def cv_ready(data: np.ndarray) -> np.ndarray:
     return data if data.dtype.name in CV_DTYPES else data.astype(np.float32)
 

@@ -1,0 +1,136 @@
+"""Do the tiles of a scene agree? Per-tile fits checked against the prior, against each other and against the
+global model (self-contained; the per-tile results stay on the :class:`~promptmid.scene.grid.Tile` objects so a
+verdict can be attached to each later).
+
+All distances are in SAR-grid pixels; every transform maps optical scene px -> SAR-grid px.
+
+* **prior departure**: a tile is matched against a SAR chip that extends ``search radius`` px around the prior, so a
+  correct tile fit can differ from the prior by at most about the radius over the tile. A tile whose fit departs
+  further (max over its corners) is ``rejected``: its matches cannot be right (this is what keeps a 13 px
+  georeferencing error from becoming a 43 px answer).
+* **consensus**: each fitted tile's transform is a hypothesis; the one that most other tiles agree with (RMS
+  distance over each tile's 3x3 grid <= ``agree_px``; ties broken by inlier count) defines the tiles whose tie
+  points the global model is fitted on.
+* **disagreement**: each fitted tile's RMS distance to the final global model; the scene agrees when more than
+  half of the fitted tiles are within ``agree_px`` and the model itself stays within the search radius of the
+  prior over those tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from promptmid.geometry import apply_transform
+from promptmid.scene.grid import Tile
+
+Mapping = Callable[[np.ndarray], np.ndarray]  # [N, 2] optical px -> [N, 2] SAR px
+
+
+def distance_rms(a: Mapping, b: Mapping, points: np.ndarray) -> float:
+    """RMS distance (px) between two mappings over ``points``."""
+    return float(np.sqrt(np.mean(np.sum((a(points) - b(points)) ** 2, axis=1))))
+
+
+def distance_max(a: Mapping, b: Mapping, points: np.ndarray) -> float:
+    """Largest distance (px) between two mappings over ``points``."""
+    return float(np.max(np.linalg.norm(a(points) - b(points), axis=1)))
+
+
+def as_mapping(matrix: np.ndarray) -> Mapping:
+    """A 3x3 transform as a point mapping."""
+    return lambda p: apply_transform(matrix, p)
+
+
+def fitted(tiles: list[Tile]) -> list[Tile]:
+    """Tiles with their own accepted fit."""
+    return [t for t in tiles if t.status == "ok" and t.transform is not None]
+
+
+def reject_beyond_prior(tiles: list[Tile], prior: np.ndarray, limit_px: float) -> None:
+    """Record each fitted tile's departure from the prior; reject those beyond ``limit_px`` (in place)."""
+    for t in fitted(tiles):
+        t.prior_departure_px = distance_max(as_mapping(t.matrix), as_mapping(prior), t.grid_points(2))
+        if t.prior_departure_px > limit_px:
+            t.status = "rejected"
+            t.reason = (f"tile fit departs {t.prior_departure_px:.1f} px from the prior, beyond the search radius "
+                        f"({limit_px:.1f} px): its matches cannot be right")
+
+
+def consensus(tiles: list[Tile], agree_px: float) -> list[Tile]:
+    """The largest set of fitted tiles agreeing with one tile's fit (ties: most inliers); ``[]`` if none."""
+    best: list[Tile] = []
+    for hyp in fitted(tiles):
+        m = as_mapping(hyp.matrix)
+        group = [t for t in fitted(tiles) if distance_rms(m, as_mapping(t.matrix), t.grid_points()) <= agree_px]
+        key = (len(group), sum(t.inliers for t in group))
+        if key > (len(best), sum(t.inliers for t in best)):
+            best = group
+    return best
+
+
+@dataclass
+class Agreement:
+    """How well the tiles of a scene agree (``result.json`` key ``agreement``).
+
+    Attributes:
+        agree_px: largest RMS distance (SAR px) between a tile's fit and the global model for the tile to agree.
+        prior_limit_px: largest departure from the prior that a fit may show (search radius + inlier threshold).
+        fitted: tiles with their own fit (after the prior check); agreeing: indices of those that agree.
+        rejected_by_prior: indices of tiles whose fit departed from the prior beyond ``prior_limit_px``.
+        model_prior_departure_px: largest distance between the global model and the prior over the agreeing tiles.
+    """
+
+    agree_px: float
+    prior_limit_px: float
+    fitted: int = 0
+    agreeing: list[int] = field(default_factory=list)
+    rejected_by_prior: list[int] = field(default_factory=list)
+    model_prior_departure_px: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """More than half of the fitted tiles agree, and the model stays within reach of the prior."""
+        return (bool(self.agreeing) and 2 * len(self.agreeing) > self.fitted
+                and self.model_prior_departure_px is not None
+                and self.model_prior_departure_px <= self.prior_limit_px)
+
+    @property
+    def reason(self) -> str:
+        """Why the tiles do not agree (empty when :attr:`ok`)."""
+        if self.ok:
+            return ""
+        if not self.agreeing:
+            return "no tile agrees with the global model"
+        if 2 * len(self.agreeing) <= self.fitted:
+            return (f"tiles disagree: only {len(self.agreeing)} of {self.fitted} fitted tiles agree with the global "
+                    f"model within {self.agree_px:g} px")
+        return (f"the global model departs {self.model_prior_departure_px:.1f} px from the prior, beyond the search "
+                f"radius ({self.prior_limit_px:.1f} px)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "reason": self.reason, "agree_px": self.agree_px,
+                "prior_limit_px": self.prior_limit_px, "tiles_fitted": self.fitted,
+                "tiles_agreeing": list(self.agreeing), "tiles_rejected_by_prior": list(self.rejected_by_prior),
+                "model_prior_departure_px": self.model_prior_departure_px}
+
+
+def assess(tiles: list[Tile], model: Mapping | None, prior: np.ndarray, agree_px: float,
+           prior_limit_px: float) -> Agreement:
+    """Each fitted tile's disagreement with ``model`` (set on the tiles) and the scene's :class:`Agreement`."""
+    ag = Agreement(agree_px, prior_limit_px, fitted=len(fitted(tiles)),
+                   rejected_by_prior=[t.index for t in tiles if t.prior_departure_px is not None
+                                      and t.prior_departure_px > prior_limit_px])
+    if model is None:
+        return ag
+    for t in fitted(tiles):
+        t.disagreement_px = distance_rms(model, as_mapping(t.matrix), t.grid_points())
+        t.agrees = t.disagreement_px <= agree_px
+    agreeing = [t for t in fitted(tiles) if t.agrees]
+    ag.agreeing = [t.index for t in agreeing]
+    if agreeing:
+        corners = np.concatenate([t.grid_points(2) for t in agreeing])
+        ag.model_prior_departure_px = distance_max(model, as_mapping(prior), corners)
+    return ag
