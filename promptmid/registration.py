@@ -151,6 +151,9 @@ def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: Prepared
             viz.plot_matches(paths["matches"], result, opt, sar)
             viz.save_checkerboard(paths["checkerboard"], result, opt, sar)
     data = result.to_dict()
+    from promptmid.apply import grid_of  # the grids `promptmid apply` needs to reproduce registered_sar.tif
+
+    data["grids"] = {"optical": grid_of(opt.raster), "sar": grid_of(sar.raster)}
     data["outputs"] = {k: v.name for k, v in paths.items()}
     write_json(paths["result"], data)
     return paths

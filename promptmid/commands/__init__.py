@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import typer
 
-from promptmid.commands import diffusion, evaluate, scale, train
+from promptmid.commands import apply, diffusion, evaluate, scale, train
 
-COMMAND_MODULES = (train, scale, evaluate, diffusion)
+COMMAND_MODULES = (train, scale, apply, evaluate, diffusion)
 
 
 def register_all(app: typer.Typer) -> None:

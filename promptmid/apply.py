@@ -1,0 +1,232 @@
+"""Apply a fitted result (``result.json`` of ``match`` or ``scene``) to any raster on either grid.
+
+As AROSICS separates estimating a shift (``COREG``) from applying it (``DESHIFTER``), a fit is estimated once and
+then applied to other bands, masks or the full-resolution product of the same acquisition:
+
+* a raster on the **SAR grid** (the SAR image's size; for a scene, the SAR file) is resampled onto the optical grid,
+  exactly as ``registered_sar.tif`` was written (the same writer: :func:`promptmid.registration.write_registered_sar`
+  for ``match``, :func:`promptmid.scene.products.write_registered_scene` for ``scene``);
+* a raster on the **optical grid** is resampled onto the SAR grid through the inverse transform (affine and
+  homography fits; a ``poly2`` scene model has no closed-form inverse and is refused).
+
+The grid is recognised by the raster's size (``--from`` decides when both images have the same size; ``auto``
+then takes the SAR grid). Every transform maps optical pixel (x, y) -> SAR pixel (x, y), pixel centres at integers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from promptmid.errors import InputError, OutputExistsError
+from promptmid.geometry import Size
+
+DIRECTIONS = ("auto", "sar", "optical")  # --from: which grid the raster is on
+
+
+@dataclass
+class Grid:
+    """A pixel grid: size, CRS (any ``rasterio`` CRS input, or ``None``) and geotransform (``Affine`` or ``None``)."""
+
+    width: int
+    height: int
+    crs: Any = None
+    transform: Any = None
+    nodata: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Grid":
+        from rasterio.crs import CRS
+        from rasterio.transform import Affine
+
+        crs = CRS.from_user_input(d["crs"]) if d.get("crs") else None
+        transform = Affine(*d["transform"][:6]) if d.get("transform") else None
+        return cls(int(d["width"]), int(d["height"]), crs, transform, d.get("nodata"))
+
+    @property
+    def size(self) -> Size:
+        return Size(self.width, self.height)
+
+
+@dataclass
+class Fit:
+    """A fitted result read from ``result.json``.
+
+    Attributes:
+        kind: ``"match"`` or ``"scene"``; status: its status (``ok``, ``uncertain``, ...).
+        matrix: 3x3 optical px -> SAR px (match: the fit; scene: the affine part of the global model).
+        model: the scene's :class:`~promptmid.scene.model.GlobalModel` (``None`` for match).
+        optical, sar: the two grids (for a scene, ``sar`` is the SAR file; ``reprojected`` says whether the scene
+            matched it through a WarpedVRT in the optical CRS).
+    """
+
+    kind: str
+    status: str
+    matrix: np.ndarray
+    model: Any
+    optical: Grid
+    sar: Grid
+    reprojected: bool = False
+    source: Any = None  # the scene's optical GeoInfo (for write_registered_scene)
+
+
+def load_fit(path: str | Path) -> Fit:
+    """Read a ``match`` or ``scene`` ``result.json``.
+
+    Raises:
+        InputError: missing or unreadable file, not a promptmid result, or no fitted transform in it.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"No result file at {path}.") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Cannot read {path} as a promptmid result.json ({exc}).") from None
+    if not isinstance(data, dict) or "transform" not in data:
+        raise InputError(f"{path} is not a promptmid result.json (no 'transform').")
+    if data["transform"] is None:
+        raise InputError(f"{path} has no fitted transform (status {data.get('status')!r}: {data.get('reason', '')}).")
+    return _scene_fit(data) if "global_model" in data else _match_fit(data, path)
+
+
+def _match_fit(data: dict[str, Any], path: Path) -> Fit:
+    grids = data.get("grids")
+    if not grids:
+        raise InputError(f"{path} has no 'grids' (written by an older promptmid); rerun match to apply it.")
+    return Fit("match", str(data.get("status")), np.asarray(data["transform"], np.float64), None,
+               Grid.from_dict(grids["optical"]), Grid.from_dict(grids["sar"]))
+
+
+def _scene_fit(data: dict[str, Any]) -> Fit:
+    from promptmid.geo import GeoInfo
+    from promptmid.scene.model import GlobalModel
+
+    g = data["global_model"]
+    model = GlobalModel(g["kind"], np.array([g["coeffs_x"], g["coeffs_y"]], np.float64),
+                        tuple(g["normalisation"][k] for k in ("cx", "cy", "scale")))
+    opt, sar = Grid.from_dict(data["optical"]), Grid.from_dict(data["sar"])
+    info = GeoInfo(opt.width, opt.height, data["optical"]["count"], data["optical"]["dtype"], opt.crs,
+                   opt.transform, opt.nodata)
+    return Fit("scene", str(data.get("status")), model.matrix, model, opt, sar,
+               bool(data.get("sar_grid", {}).get("reprojected_to_optical_crs")), info)
+
+
+def grid_of(raster: Any) -> dict[str, Any]:
+    """``result.json`` description of a :class:`promptmid.io.RasterImage`'s grid (what :class:`Grid` reads)."""
+    w, h = raster.original_size
+    return {"width": int(w), "height": int(h), "crs": raster.crs,
+            "transform": list(raster.transform)[:6] if raster.transform is not None else None,
+            "nodata": raster.nodata}
+
+
+def apply_fit(fit: Fit, raster: str | Path, out: str | Path, direction: str = "auto", cog: bool = False,
+              overwrite: bool = False) -> dict[str, Any]:
+    """Resample ``raster`` (on the SAR or the optical grid of ``fit``) onto the other grid and write ``out``.
+
+    The file is written beside ``out`` first and moved into place (complete or absent); ``cog`` writes a
+    cloud-optimised GeoTIFF (GDAL's COG driver, DEFLATE).
+
+    Returns:
+        what was done: ``{"from": "sar"|"optical", "to": ..., "size": [w, h], "cog": bool}``.
+    Raises:
+        InputError: bad ``direction``, a raster on neither grid, or an optical-grid raster for a fit without an
+            inverse; OutputExistsError: ``out`` exists (without ``overwrite``) or is the input.
+    """
+    from promptmid.geo import open_raster
+
+    raster, out = Path(raster), Path(out)
+    if direction not in DIRECTIONS:
+        raise InputError(f"Unknown --from {direction!r}; valid: {', '.join(DIRECTIONS)}.")
+    if out.exists() and out.resolve() == raster.resolve():
+        raise OutputExistsError(f"{out} is the input raster; choose another --out.")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it.")
+    if not out.parent.is_dir():
+        raise OutputExistsError(f"The folder of {out} does not exist.")
+    with open_raster(raster) as ds:
+        source = _which_grid(fit, Size(ds.width, ds.height), direction, raster)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tif")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        (_sar_to_optical if source == "sar" else _optical_to_sar)(fit, raster, tmp)
+        if cog:
+            _to_cog(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    target = fit.optical if source == "sar" else fit.sar
+    return {"from": source, "to": "optical" if source == "sar" else "sar", "size": [target.width, target.height],
+            "cog": cog, "fit": fit.kind, "status": fit.status}
+
+
+def _which_grid(fit: Fit, size: Size, direction: str, path: Path) -> str:
+    on = [name for name, grid in (("sar", fit.sar), ("optical", fit.optical)) if grid.size == size]
+    if direction != "auto":
+        if direction not in on:
+            grid = fit.sar if direction == "sar" else fit.optical
+            raise InputError(f"{path} is {size[0]}x{size[1]} px; the {direction} grid of this result is "
+                             f"{grid.width}x{grid.height}.")
+        return direction
+    if not on:
+        raise InputError(f"{path} is {size[0]}x{size[1]} px: on neither grid of this result (SAR "
+                         f"{fit.sar.width}x{fit.sar.height}, optical {fit.optical.width}x{fit.optical.height}).")
+    return on[0]  # both sizes equal: the SAR grid (use --from optical for the other way)
+
+
+def _sar_to_optical(fit: Fit, raster: Path, out: Path) -> None:
+    """The writer of ``registered_sar.tif`` itself, with this raster in place of the SAR image."""
+    if fit.kind == "scene":
+        from promptmid.geo import geo_info, open_raster, sar_in_optical_crs
+        from promptmid.scene.products import write_registered_scene
+
+        with open_raster(raster) as ds:
+            src, reprojected = sar_in_optical_crs(ds, fit.source) if fit.reprojected else (ds, False)
+            try:
+                if fit.reprojected and geo_info(ds).crs != fit.sar.crs:
+                    raise InputError(f"{raster} is not in the CRS of the scene's SAR ({fit.sar.crs}).")
+                write_registered_scene(out, fit.model, fit.source, src)
+            finally:
+                if reprojected:
+                    src.close()
+        return
+    _write_match(fit.matrix, fit.optical, raster, out)
+
+
+def _optical_to_sar(fit: Fit, raster: Path, out: Path) -> None:
+    if fit.kind == "scene" and (fit.model.kind != "affine" or fit.reprojected):
+        raise InputError("This scene result cannot be applied from the optical grid: only an affine model on the "
+                         "SAR file's own grid has an exact inverse (resample the SAR onto the optical grid instead).")
+    _write_match(np.linalg.inv(fit.matrix), fit.sar, raster, out)
+
+
+def _write_match(matrix: np.ndarray, target: Grid, raster: Path, out: Path) -> None:
+    """:func:`promptmid.registration.write_registered_sar` sampling ``raster`` at ``matrix @ p`` for every
+    pixel ``p`` of ``target``."""
+    from promptmid.io import RasterImage, read_raster
+    from promptmid.registration import write_registered_sar
+
+    grid = RasterImage(np.zeros((0, 0, 1), np.uint8), full_size=target.size,
+                       crs=target.crs.to_wkt() if target.crs is not None else None, transform=target.transform)
+    write_registered_sar(out, SimpleNamespace(transform=matrix), grid, read_raster(raster))
+
+
+def _to_cog(path: Path) -> None:
+    """Rewrite ``path`` in place as a cloud-optimised GeoTIFF (GDAL COG driver, DEFLATE, overviews)."""
+    import rasterio.shutil
+
+    cog = path.with_name(path.name + ".cog.tif")
+    try:
+        rasterio.shutil.copy(path, cog, driver="COG", COMPRESS="DEFLATE", BIGTIFF="IF_SAFER")
+        shutil.move(cog, path)
+    finally:
+        cog.unlink(missing_ok=True)

@@ -1,0 +1,100 @@
+"""`promptmid apply`: a fitted result applied to other rasters reproduces registered_sar.tif exactly, on both
+grids, as a COG, and refuses what it cannot do with one clear line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from typer.testing import CliRunner
+
+from promptmid import synth
+from promptmid.cli import app
+from tests.conftest import write_tif
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _same_raster(a: Path, b: Path) -> None:
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        assert (x.crs, x.transform, x.nodata, x.dtypes, x.width, x.height) == \
+            (y.crs, y.transform, y.nodata, y.dtypes, y.width, y.height)
+        assert np.array_equal(x.read(), y.read())
+
+
+@pytest.fixture(scope="module")
+def match_run(tmp_path_factory) -> dict:
+    """A georeferenced generated pair registered by `match` (xfeat, fast)."""
+    root = tmp_path_factory.mktemp("apply_match")
+    pair = synth.write_synthetic_geo_pair(root / "in", 320, seed=2, rotation_deg=0.5, shift_m=(40, -30), towns=False)
+    out = root / "out"
+    res = _run("match", str(pair["optical"]), str(pair["sar"]), "--out", str(out), "-p", "xfeat", "--no-figures",
+               "--quiet")
+    assert res.exit_code in (0, 6), res.output  # 6: --strict only; a transform is written either way
+    return {"pair": pair, "out": out, "root": root}
+
+
+def test_apply_reproduces_match_registered_sar(match_run: dict) -> None:
+    out, pair = match_run["out"], match_run["pair"]
+    applied = match_run["root"] / "applied.tif"
+    res = _run("apply", str(out / "result.json"), str(pair["sar"]), "--out", str(applied), "--quiet")
+    assert res.exit_code == 0, res.output
+    _same_raster(applied, out / "registered_sar.tif")
+    grids = json.loads((out / "result.json").read_text())["grids"]
+    with rasterio.open(pair["optical"]) as o:
+        assert grids["optical"]["width"] == o.width and rasterio.crs.CRS.from_user_input(grids["optical"]["crs"]) == o.crs
+
+
+def test_apply_other_bands_both_ways_and_cog(match_run: dict, tmp_path: Path) -> None:
+    """A mask on the SAR grid goes to the optical grid; a mask on the optical grid goes to the SAR grid (inverse),
+    and the round trip lands back where it started (inside the overlap); --cog writes a COG."""
+    out, pair = match_run["out"], match_run["pair"]
+    with rasterio.open(pair["sar"]) as s:
+        prof, (h, w) = s.profile, s.shape
+    mask = np.zeros((h, w), np.uint8)
+    mask[100:200, 120:220] = 200
+    sar_mask = write_tif(tmp_path / "sar_mask.tif", mask, crs=prof["crs"], transform=prof["transform"])
+    on_opt = tmp_path / "on_optical.tif"
+    assert _run("apply", str(out / "result.json"), str(sar_mask), "--out", str(on_opt), "--cog", "-q").exit_code == 0
+    with rasterio.open(on_opt) as d:
+        assert d.driver == "GTiff" and d.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    back = tmp_path / "back_on_sar.tif"
+    res = _run("apply", str(out / "result.json"), str(on_opt), "--out", str(back), "--from", "optical", "-q")
+    assert res.exit_code == 0, res.output
+    with rasterio.open(back) as d:
+        assert d.shape == (h, w) and d.crs == prof["crs"] and d.transform == prof["transform"]
+        assert np.abs(d.read(1)[110:190, 130:210].astype(int) - 200).max() <= 2
+
+
+def test_apply_refuses_clearly(match_run: dict, tmp_path: Path) -> None:
+    out, pair = match_run["out"], match_run["pair"]
+    target = tmp_path / "x.tif"
+    target.write_bytes(b"user file")
+    res = _run("apply", str(out / "result.json"), str(pair["sar"]), "--out", str(target))
+    assert res.exit_code == 3 and "--overwrite" in res.stderr and target.read_bytes() == b"user file"
+    odd = write_tif(tmp_path / "odd.tif", np.ones((50, 70), np.uint8))
+    res = _run("apply", str(out / "result.json"), str(odd), "--out", str(tmp_path / "y.tif"))
+    assert res.exit_code == 2 and "neither grid" in res.stderr and "Traceback" not in res.output
+    failed = tmp_path / "failed.json"
+    failed.write_text(json.dumps({"status": "failed", "reason": "too few inliers", "transform": None}))
+    res = _run("apply", str(failed), str(pair["sar"]), "--out", str(tmp_path / "z.tif"))
+    assert res.exit_code == 2 and "no fitted transform" in res.stderr
+    assert not (tmp_path / "y.tif").exists() and not (tmp_path / "z.tif").exists()
+
+
+def test_apply_reproduces_scene_registered_sar(tmp_path: Path) -> None:
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 384, seed=1, rotation_deg=0.5, shift_m=(40, -30),
+                                          towns=False)
+    out = tmp_path / "scene"
+    res = _run("scene", str(pair["optical"]), str(pair["sar"]), "--out", str(out), "-p", "xfeat", "--tile", "512",
+               "--search-radius", "150m", "--no-figures", "--quiet")
+    assert res.exit_code == 0, res.output
+    applied = tmp_path / "applied.tif"
+    res = _run("apply", str(out / "result.json"), str(pair["sar"]), "--out", str(applied), "-q")
+    assert res.exit_code == 0, res.output
+    _same_raster(applied, out / "registered_sar.tif")
