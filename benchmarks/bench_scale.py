@@ -1,17 +1,20 @@
-"""Time and peak memory of `promptmid scene` vs scene size, and of `promptmid batch` vs Dask workers.
+"""Time and peak memory of `promptmid scene` vs scene size (against the targets: a 1 MP scene <= 20 s and a
+10k x 10k scene <= 3 min with `lite` on 2 cores, peak memory <= 2 GB), and of `promptmid batch` vs Dask workers.
 
 Each run goes through a small wrapper process that reports the RUSAGE_CHILDREN peak of its own
 descendants only, so every row's peak RSS is that run's largest single process (for batch: the
-largest of the client and the Dask workers). torch threads fixed to 1 per process. Scenes are
-generated into benchmarks/cache/ (gitignored). Writes benchmarks/results/scale.md.
+largest of the client and the Dask workers). Scenes are generated into benchmarks/cache/ (gitignored).
+Writes benchmarks/results/scale.md (with the load average at the start: the machine may be shared).
 
-    python benchmarks/bench_scale.py [--sizes 1000 4000 10000] [--max-tiles 9]
+    python benchmarks/bench_scale.py [--preset lite] [--threads 2] [--sizes 1000 10000] [--max-tiles 16]
+                                     [--workers 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,21 +52,25 @@ def run(cmd: list[str]) -> tuple[float, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 10000])
-    ap.add_argument("--max-tiles", type=int, default=9)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--preset", default="lite")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--max-tiles", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="*", default=[], help="batch rows (none by default)")
     a = ap.parse_args()
+    a.load = os.getloadavg()
     rows, brows = [], []
     for size in a.sizes:
         d = ensure_pair(size)
         out = CACHE / f"out{size}"
         wall, peak, rc = run(BIN + ["scene", str(d / "optical.tif"), str(d / "sar.tif"), "--out", str(out),
-                                    "--overwrite", "-p", "xfeat", "--tile", "512", "--overlap", "64",
-                                    "--max-tiles", str(a.max_tiles), "--search-radius", "200m", "--threads", "1",
-                                    "--quiet"])
+                                    "--overwrite", "-p", a.preset, "--tile", str(a.tile), "--overlap", "128",
+                                    "--max-tiles", str(a.max_tiles), "--search-radius", "200m", "--threads",
+                                    str(a.threads), "--quiet"])
         r = json.loads((out / "result.json").read_text())
         rows.append((size, wall, peak, rc, r["tiles"]["processed"], r["tiles"]["grid"], r["inliers"],
-                     r["rmse_before_px"], r["rmse_after_px"], r["timings"]))
+                     r["rmse_before_px"], r["rmse_after_px"], r["timings"], r["status"]))
         print(rows[-1], flush=True)
     pairs = CACHE / "pairs.jsonl"
     ids = [ensure_pair(1000, s) for s in (1, 2)]
@@ -72,28 +79,41 @@ def main() -> None:
     for w in a.workers:
         out = CACHE / f"batch_w{w}"
         subprocess.run(["rm", "-rf", str(out)])
-        wall, peak, rc = run(BIN + ["batch", str(pairs), "--out", str(out), "-p", "xfeat", "--workers", str(w),
+        wall, peak, rc = run(BIN + ["batch", str(pairs), "--out", str(out), "-p", a.preset, "--workers", str(w),
                                     "--tile", "512", "--max-tiles", "4", "--search-radius", "200m", "--quiet"])
         brows.append((w, wall, peak, rc))
         print(brows[-1], flush=True)
     write_md(rows, brows, a)
 
 
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def write_md(rows: list, brows: list, a: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import header_lines
 
-    md = header_lines("Scale benchmark", threads=1) + [
-          "Preset xfeat, torch threads 1 per process, tile 512, overlap 64, search radius 200 m, synthetic "
-          "georeferenced UTM pairs (benchmarks/cache/). Peak RSS = the run's largest process (MB); wall time "
-          "includes starting Python and loading the models.", "",
+    md = header_lines("Scale benchmark", threads=a.threads) + [
+          f"Preset {a.preset}, torch threads {a.threads} (`--threads`), tile {a.tile}, overlap 128, search radius "
+          f"200 m, at most {a.max_tiles} tiles, synthetic georeferenced UTM pairs at 10 m (benchmarks/cache/). Peak "
+          "RSS = the run's largest process (MB); wall time includes starting Python and loading the models. Load "
+          f"average when the run started: {a.load[0]:.1f} / {a.load[1]:.1f} / {a.load[2]:.1f} (1/5/15 min) on "
+          f"{os.cpu_count()} logical CPUs (a shared machine: other jobs inflate the times).", "",
+          "Targets: a 1 MP scene <= 20 s and a 10k x 10k scene <= 180 s with `lite` on 2 cores, peak memory "
+          "<= 2048 MB.", "",
           f"## Scene size (`promptmid scene`, max {a.max_tiles} tiles)", "",
-          "| side px | wall s | peak RSS MB | tiles processed / grid | inliers | RMSE before -> after px | split (s) |",
-          "|---|---|---|---|---|---|---|"]
-    for s, wall, peak, rc, n, g, inl, b, af, t in rows:
+          "| side px | wall s | target s | peak RSS MB | status | tiles processed / grid | inliers | RMSE before -> "
+          "after px | split (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s, wall, peak, rc, n, g, inl, b, af, t, status in rows:
         split = ", ".join(f"{k} {v:.1f}" for k, v in t.items())
-        md.append(f"| {s} | {wall:.1f} | {peak:.0f} | {n} / {g} | {inl} | {b:.2f} -> {af:.2f} | {split} |")
-    md += ["", "## Dask workers (`promptmid batch`, 2 pairs of 1000 px, 4 tiles each, LocalCluster processes)", "",
+        target = {1000: 20.0, 10000: 180.0}.get(s)
+        verdict = "" if target is None else (" (met)" if wall <= target and peak <= 2048 else " (MISSED)")
+        md.append(f"| {s} | {wall:.1f} | {target or '-'}{verdict} | {peak:.0f} | {status} | {n} / {g} | {inl} | "
+                  f"{_f(b)} -> {_f(af)} | {split} |")
+    if not brows:
+        md += ["", "(batch rows not run: `--workers 1 2` adds them)"]
+    md += [] if not brows else ["", "## Dask workers (`promptmid batch`, 2 pairs of 1000 px, 4 tiles each, LocalCluster processes)", "",
            "| workers | wall s | peak RSS MB (largest process) | exit |", "|---|---|---|---|"]
     md += [f"| {w} | {wall:.1f} | {peak:.0f} | {rc} |" for w, wall, peak, rc in brows]
     out = ROOT / "benchmarks" / "results" / "scale.md"
