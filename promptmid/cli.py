@@ -68,7 +68,7 @@ def match(
                                 sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
                                 sar_bands=sar_bands, aggregator=aggregator,
                                 dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble)
-    preset = resolve_preset(preset, dm)
+    preset = resolve_preset(preset, dm, aggregator)
     io_conf = get_config(preset, overrides)["io"]
     opt_img, sar_img = load_image(optical, "optical", **io_conf), load_image(sar, "sar", **io_conf)
     out_dir = prepare_out_dir(out, overwrite)
@@ -165,10 +165,11 @@ def models(
 ) -> None:
     """List every model: source package and version, checksum, cache path, readiness."""
     from promptmid.models.aggregation import aggregator_status
+    from promptmid.models.promptdm import promptdm_status
     from promptmid.models.weights import model_status
     from promptmid.qc import qc_model_status
 
-    rows = model_status(verify) + aggregator_status() + qc_model_status()
+    rows = model_status(verify) + aggregator_status() + [promptdm_status(verify)] + qc_model_status()
     if json_out:
         print(json.dumps(rows, indent=2))
         return

@@ -120,7 +120,7 @@ MODELS: dict[str, ModelSpec] = {
     ]
 }
 # sha256 of promptmid/weights/promptdm-small.safetensors (trained here; promptmid/weights/PROMPTDM_CARD.md)
-PROMPTDM_SHA256 = ""
+PROMPTDM_SHA256 = "298aa2d52e8d035b06ba85258afe0ae3129f4d028d45d4d8ce21b5b392dd05b0"
 
 
 def cache_dir() -> Path:
