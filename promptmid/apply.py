@@ -76,6 +76,7 @@ class Fit:
     sar: Grid
     reprojected: bool = False
     source: Any = None  # the scene's optical GeoInfo (for write_registered_scene)
+    block: int = 1024  # the scene's output block side (the same blocks give the same pixels)
 
 
 def load_fit(path: str | Path) -> Fit:
@@ -117,7 +118,8 @@ def _scene_fit(data: dict[str, Any]) -> Fit:
     info = GeoInfo(opt.width, opt.height, data["optical"]["count"], data["optical"]["dtype"], opt.crs,
                    opt.transform, opt.nodata)
     return Fit("scene", str(data.get("status")), model.matrix, model, opt, sar,
-               bool(data.get("sar_grid", {}).get("reprojected_to_optical_crs")), info)
+               bool(data.get("sar_grid", {}).get("reprojected_to_optical_crs")), info,
+               int(data.get("config", {}).get("scene", {}).get("block", 1024)))
 
 
 def grid_of(raster: Any) -> dict[str, Any]:
@@ -194,7 +196,7 @@ def _sar_to_optical(fit: Fit, raster: Path, out: Path) -> None:
             try:
                 if fit.reprojected and geo_info(ds).crs != fit.sar.crs:
                     raise InputError(f"{raster} is not in the CRS of the scene's SAR ({fit.sar.crs}).")
-                write_registered_scene(out, fit.model, fit.source, src)
+                write_registered_scene(out, fit.model, fit.source, src, fit.block)
             finally:
                 if reprojected:
                     src.close()

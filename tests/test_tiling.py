@@ -155,6 +155,10 @@ def test_tiles_are_checked_against_each_other_and_the_prior() -> None:
     tiles[2].transform = translation(40, 0).tolist()
     ag = agreement.assess(tiles, agreement.as_mapping(translation(20, 0)), prior, 6.0, 67.0)
     assert not ag.ok and "only 2 of 4" in ag.reason
+    # a georeferenced prior fixes scale and orientation: a tile fit 10 % larger is rejected, even within the radius
+    scaled = [_fitted_tile(0, 0, np.diag([1.0, 1.1, 1.0]))]
+    agreement.reject_beyond_prior(scaled, prior, limit_px=67.0, max_distortion=0.05)
+    assert scaled[0].status == "rejected" and "10.0 %" in scaled[0].reason
     # a model beyond the prior's reach is never accepted, however many tiles agree
     far = [_fitted_tile(0, 0, translation(80, 0))]
     ag = agreement.assess(far, agreement.as_mapping(translation(80, 0)), prior, 6.0, 67.0)

@@ -6,8 +6,9 @@ All distances are in SAR-grid pixels; every transform maps optical scene px -> S
 
 * **prior departure**: a tile is matched against a SAR chip that extends ``search radius`` px around the prior, so a
   correct tile fit can differ from the prior by at most about the radius over the tile. A tile whose fit departs
-  further (max over its corners) is ``rejected``: its matches cannot be right (this is what keeps a 13 px
-  georeferencing error from becoming a 43 px answer).
+  further (max over its corners) is ``rejected``: its matches cannot be right. With a georeferenced prior, a tile
+  fit whose scale / shear / rotation differ from the prior's by more than ``max_distortion`` is rejected too (this
+  is what keeps a 13 px georeferencing error from becoming a 43 px answer with a 13 % scale).
 * **consensus**: each fitted tile's transform is a hypothesis; the one that most other tiles agree with (RMS
   distance over each tile's 3x3 grid <= ``agree_px``; ties broken by inlier count) defines the tiles whose tie
   points the global model is fitted on.
@@ -49,14 +50,31 @@ def fitted(tiles: list[Tile]) -> list[Tile]:
     return [t for t in tiles if t.status == "ok" and t.transform is not None]
 
 
-def reject_beyond_prior(tiles: list[Tile], prior: np.ndarray, limit_px: float) -> None:
-    """Record each fitted tile's departure from the prior; reject those beyond ``limit_px`` (in place)."""
+def distortion(matrix: np.ndarray, prior: np.ndarray) -> float:
+    """How far the linear part of ``matrix`` is from the prior's: spectral norm of ``A - I`` where ``A`` is the
+    linear part of ``inv(prior) @ matrix`` (0.05 = 5 % scale, or shear, or ~2.9 degrees of rotation)."""
+    a = (np.linalg.inv(prior) @ np.asarray(matrix, np.float64))[:2, :2]
+    return float(np.linalg.norm(a - np.eye(2), 2))
+
+
+def reject_beyond_prior(tiles: list[Tile], prior: np.ndarray, limit_px: float,
+                        max_distortion: float | None = None, min_px: float = 6.0) -> None:
+    """Record each fitted tile's departure from the prior; reject those beyond ``limit_px`` and, with
+    ``max_distortion`` (georeferenced priors: the georeferencing fixes scale and orientation, its errors are
+    shifts), those whose scale / shear / rotation differ from the prior's by more than that AND by more than
+    ``min_px`` at the tile's edge (a few px of noise on a small tile is no evidence) (in place)."""
     for t in fitted(tiles):
         t.prior_departure_px = distance_max(as_mapping(t.matrix), as_mapping(prior), t.grid_points(2))
+        bend = distortion(t.matrix, prior)
+        bend = bend if bend * max(t.w, t.h) / 2 > min_px else 0.0
         if t.prior_departure_px > limit_px:
             t.status = "rejected"
             t.reason = (f"tile fit departs {t.prior_departure_px:.1f} px from the prior, beyond the search radius "
                         f"({limit_px:.1f} px): its matches cannot be right")
+        elif max_distortion is not None and bend > max_distortion:
+            t.status = "rejected"
+            t.reason = (f"tile fit scales / shears / rotates {100 * bend:.1f} % against the georeferencing (at most "
+                        f"{100 * max_distortion:g} %)")
 
 
 def consensus(tiles: list[Tile], agree_px: float) -> list[Tile]:
@@ -79,7 +97,8 @@ class Agreement:
         agree_px: largest RMS distance (SAR px) between a tile's fit and the global model for the tile to agree.
         prior_limit_px: largest departure from the prior that a fit may show (search radius + inlier threshold).
         fitted: tiles with their own fit (after the prior check); agreeing: indices of those that agree.
-        rejected_by_prior: indices of tiles whose fit departed from the prior beyond ``prior_limit_px``.
+        rejected_by_prior: indices of tiles the prior check rejected (departure beyond ``prior_limit_px`` or, with
+            a georeferenced prior, too much scale / shear / rotation against it).
         model_prior_departure_px: largest distance between the global model and the prior over the agreeing tiles.
     """
 
@@ -121,8 +140,8 @@ def assess(tiles: list[Tile], model: Mapping | None, prior: np.ndarray, agree_px
            prior_limit_px: float) -> Agreement:
     """Each fitted tile's disagreement with ``model`` (set on the tiles) and the scene's :class:`Agreement`."""
     ag = Agreement(agree_px, prior_limit_px, fitted=len(fitted(tiles)),
-                   rejected_by_prior=[t.index for t in tiles if t.prior_departure_px is not None
-                                      and t.prior_departure_px > prior_limit_px])
+                   rejected_by_prior=[t.index for t in tiles if t.status == "rejected"
+                                      and t.prior_departure_px is not None and t.disagreement_px is None])
     if model is None:
         return ag
     for t in fitted(tiles):

@@ -50,6 +50,7 @@ class SceneOptions:
     agree_px: float | None = None  # tile fits within this RMS distance (SAR px) of the global model agree;
     # None = twice the matcher's inlier threshold
     area_shift: bool = True  # check each tile's keypoint fit against a whole-tile area-based shift (scene/shift.py)
+    max_distortion: float = 0.05  # geo prior: reject tile fits whose scale/shear/rotation differ more from it
     block: int = 1024  # output block side
     figures: bool = True
 
@@ -246,7 +247,8 @@ def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], fou
     p0, p1, scores, tile_idx, _ = found.arrays()
     g = matcher.conf["geometry"]
     agree_px, limit = _agree_px(matcher, options), margin + g["threshold"]
-    agreement.reject_beyond_prior(tiles, prior, limit)
+    geo_prior = options.geo_prior and sc.opt.georeferenced and sc.sar.georeferenced
+    agreement.reject_beyond_prior(tiles, prior, limit, options.max_distortion if geo_prior else None, agree_px)
     model, reason = _model_from_tiles(agreement.consensus(tiles, agree_px), options, g)
     agreed = agreement.assess(tiles, model.apply if model else None, prior, agree_px, limit)
     if model is not None and agreed.agreeing:  # refit once on every tile that agrees with the consensus model
