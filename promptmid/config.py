@@ -69,6 +69,10 @@ DEFAULTS: dict[str, Any] = {
 DINOV2 = {"layers": [4, 8, 12], "long_side": 518}
 CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "aliked": 1.0, "dinov2": 0.7, "sd": 0.7}}
 ALIKED = {"detector": "aliked", "top_k": 2048}
+# the diffusion source of preset "full": PromptDM-small, timestep and up-block chosen on perturbed validation
+# (benchmarks/results/diffusion.md); the land-use classifier scores the image at 64 px, 4 timesteps, 1 draw
+PROMPTDM = {"model": "promptdm-small", "land_use": "auto", "timestep": 200, "up_blocks": (1,), "ensemble": 1,
+            "long_side": 256, "selection_long_side": 64, "selection_noise": 1}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # XFeat local descriptors only (baseline)
@@ -81,10 +85,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lite-concat": {"sources": {"dinov2": DINOV2}, "aggregator": CONCAT},
     # ALIKED-n16 keypoints and descriptors only (our matching: MNN + guided re-matching)
     "aliked": {"keypoints": ALIKED},
-    # lite-concat + prompt-conditioned Stable Diffusion features (needs a local SD model: --dm)
+    # lite + PromptDM-small (our own prompt-conditioned diffusion model, shipped) DIFT features, fused by the
+    # aggregator promptmid-agg-full-v1 trained with them (promptmid/weights/PROMPTDM_CARD.md); --dm PATH swaps in a
+    # Stable Diffusion model, which then needs an aggregator trained with its features (or --aggregator none)
     "full": {
-        "sources": {"dinov2": DINOV2, "diffusion": {}},
-        "aggregator": CONCAT,  # no shipped trained aggregator has a diffusion input
+        "keypoints": ALIKED,
+        "sources": {"dinov2": DINOV2, "diffusion": PROMPTDM},
+        "aggregator": {"name": "promptmid-agg-full-v1"},
     },
 }
 

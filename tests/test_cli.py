@@ -122,8 +122,12 @@ def test_match_with_diffusion_features_from_a_local_model(tmp_path, demo_files):
 
     sd = make_tiny_sd(tmp_path / "sd")
     out = tmp_path / "out"
-    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "--dm", str(sd),
-               "--land-use", "water", "--dm-ensemble", "1", "--no-figures", "-q")
+    args = ("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "--dm", str(sd),
+            "--land-use", "water", "--dm-ensemble", "1", "--no-figures", "-q")
+    refused = _run(*args)  # full's shipped aggregator was trained on PromptDM-small features, not on this model's
+    assert refused.exit_code == 2 and "aggregator trained with its features" in refused.stderr
+    assert not out.exists()
+    res = _run(*args, "--aggregator", "none")
     assert res.exit_code in (0, 5), res.output  # random SD weights: registering is not the point here
     data = json.loads((out / "result.json").read_text())
     assert data["config"]["preset"] == "full"
@@ -133,9 +137,10 @@ def test_match_with_diffusion_features_from_a_local_model(tmp_path, demo_files):
     assert data["timings"]["diffusion"] > 0
 
 
-def test_full_preset_without_model_is_a_clear_error(tmp_path, demo_files):
-    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(tmp_path / "o"), "-p", "full")
-    assert res.exit_code == 4 and "--dm PATH" in res.stderr
+def test_missing_diffusion_model_is_a_clear_error(tmp_path, demo_files):
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(tmp_path / "o"), "-p", "full",
+               "--dm", str(tmp_path / "no_sd"), "--aggregator", "none")
+    assert res.exit_code == 4 and "not found" in res.stderr
 
 
 def test_cli_options_map_onto_config_overrides():
@@ -146,8 +151,10 @@ def test_cli_options_map_onto_config_overrides():
                         dm_lora="lora", land_use="water", dm_ensemble=2)
     assert o["geometry"] == {"model": "homography", "rotations": [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0]}
     assert o["aggregator"] == CONCAT
-    assert o["sources"]["diffusion"] == {"model": "sd21", "lora": "lora", "land_use": "water", "ensemble": 2}
-    assert resolve_preset("lite", "sd21") == "full" and resolve_preset("xfeat", None) == "xfeat"
+    dm = o["sources"]["diffusion"]
+    assert {k: dm[k] for k in ("model", "lora", "land_use", "ensemble")} == {"model": "sd21", "lora": "lora",
+                                                                           "land_use": "water", "ensemble": 2}
+    assert resolve_preset("lite", "sd21", "none") == "full" and resolve_preset("xfeat", None) == "xfeat"
 
 
 @pytest.mark.parametrize("option", [["--top-k", "-5"], ["--top-k", "0"], ["--threshold", "-3"], ["--threshold", "0"],

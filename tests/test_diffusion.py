@@ -283,7 +283,7 @@ def test_result_land_use_scores_is_a_json_object(sd_dir, tmp_path):
 
     overrides = {"sources": {"diffusion": {"model": str(sd_dir), "land_use": "auto", "ensemble": 1, "long_side": 64,
                                            "selection_noise": 1}},
-                 "keypoints": {"top_k": 128}}
+                 "keypoints": {"top_k": 128}, "aggregator": {"name": "concat"}}  # the tiny SD's features
     result = Matcher("full", overrides).match(textured(128)[0].permute(1, 2, 0).numpy(),
                                               textured(128, seed=1)[0].permute(1, 2, 0).numpy())
     write_json(tmp_path / "result.json", result.to_dict())  # how match writes result.json

@@ -85,3 +85,38 @@ def test_corrupt_weights_are_a_model_error(tmp_path):
 def test_shipped_weights_load_and_denoise():
     comps = load_sd_components("promptdm-small")
     assert comps.source == "promptdm-small"
+
+
+def test_dm_path_needs_an_aggregator_trained_with_its_features(tmp_path):
+    """`--dm SD_DIR` with preset full (trained aggregator) is refused with a clear message; `--aggregator none`
+    or a PromptDM-small file is accepted, and an SD model gets the SD defaults of the source."""
+    from promptmid.commands.common import diffusion_conf, resolve_preset
+    from promptmid.errors import InputError
+    from promptmid.models.diffusion import DiffusionFeatures
+
+    sd = tmp_path / "sd21"
+    sd.mkdir()
+    with pytest.raises(InputError, match="aggregator trained with its features"):
+        resolve_preset("full", str(sd))
+    assert resolve_preset("full", str(sd), "none") == "full"
+    assert resolve_preset("lite-concat", str(sd)) == "lite-concat"  # training-free fusion: fine
+    assert resolve_preset("full", "promptdm-small") == "full"
+    conf = diffusion_conf({"dm": str(sd)})
+    assert conf["long_side"] == DiffusionFeatures.default_conf["long_side"]
+    assert conf["up_blocks"] == DiffusionFeatures.default_conf["up_blocks"]
+    assert "long_side" not in diffusion_conf({"dm": "promptdm-small"})  # the preset's settings stay
+
+
+@pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason="shipped PromptDM-small weights not present")
+def test_full_preset_runs_offline_with_shipped_models(monkeypatch):
+    """`--preset full` needs no flag: ALIKED + DINOv2 + PromptDM-small through promptmid-agg-full-v1."""
+    from promptmid.api import Matcher
+    from promptmid.synth import make_pair
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pair = make_pair(size=192, seed=1)
+    result = Matcher("full").match(pair.optical, pair.sar)
+    ctx = result.pair_context
+    assert ctx["land_use_class"] in PROMPTS.classes and set(ctx["land_use_scores"]) == set(PROMPTS.classes)
+    assert ctx["prompts"]["sar"] == f"a SAR satellite image of {ctx['land_use_class']}"
+    assert result.timings["diffusion"] > 0

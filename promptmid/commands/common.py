@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from promptmid.config import DEFAULT_ROTATION_STEP, DEFAULTS, DIFFUSION_DEFAULTS
+from promptmid.config import DEFAULT_ROTATION_STEP, DEFAULTS, DIFFUSION_DEFAULTS, PROMPTDM
 from promptmid.errors import InputError, PromptMIDError
 
 err_console = Console(stderr=True)
@@ -120,7 +120,7 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
 
         step = opts.get("rotation_step")
         o["geometry"]["rotations"] = rotation_steps(DEFAULT_ROTATION_STEP if step is None else step)
-    if opts.get("dm"):
+    if any(opts.get(k) for k in ("dm", "dm_lora", "land_use", "dm_ensemble", "dm_timestep")):
         o["sources"] = {"diffusion": diffusion_conf(opts)}
     if opts.get("aggregator") == "none":
         from promptmid.config import CONCAT
@@ -132,8 +132,18 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
 
 
 def diffusion_conf(opts: dict[str, Any]) -> dict[str, Any]:
-    """Options of the diffusion source from ``--dm``, ``--dm-lora``, ``--land-use`` and friends."""
-    conf: dict[str, Any] = {"model": opts["dm"], "lora": opts.get("dm_lora"), "land_use": opts.get("land_use") or "auto"}
+    """Options of the diffusion source from ``--dm``, ``--dm-lora``, ``--land-use`` and friends.
+
+    A Stable Diffusion model (anything but PromptDM-small) gets the source's own SD defaults (timestep, up-blocks,
+    resolution, classifier settings) instead of the PromptDM-small settings of preset ``full``."""
+    conf: dict[str, Any] = {"lora": opts.get("dm_lora"), "land_use": opts.get("land_use") or "auto"}
+    if opts.get("dm"):
+        conf["model"] = opts["dm"]
+    if opts.get("dm") and not _is_promptdm(opts["dm"]):
+        from promptmid.models.diffusion import DiffusionFeatures
+
+        keys = ("timestep", "up_blocks", "ensemble", "long_side", "selection_long_side", "selection_noise")
+        conf.update({k: DiffusionFeatures.default_conf[k] for k in keys})
     for key in ("ensemble", "timestep"):
         if opts.get(f"dm_{key}") is not None:
             conf[key] = opts[f"dm_{key}"]
@@ -142,12 +152,34 @@ def diffusion_conf(opts: dict[str, Any]) -> dict[str, Any]:
     return conf
 
 
-def resolve_preset(preset: str, dm: Optional[str]) -> str:
-    """``--dm`` needs a preset with the diffusion source: ``lite`` becomes ``full`` (XFeat + DINOv2 + diffusion)."""
+def resolve_preset(preset: str, dm: Optional[str], aggregator: Optional[str] = None) -> str:
+    """``--dm`` needs a preset with the diffusion source: ``lite`` becomes ``full`` (ALIKED + DINOv2 + diffusion).
+
+    Raises:
+        InputError: ``--dm`` names a Stable Diffusion model while the preset's aggregator is a trained one and no
+            ``--aggregator`` is given: the shipped aggregator of ``full`` was trained on PromptDM-small features
+            and cannot read another model's features.
+    """
     if dm and preset == "lite":
-        err_console.print("note: --dm given: using preset 'full' (XFeat + DINOv2 + diffusion features)")
-        return "full"
+        err_console.print("note: --dm given: using preset 'full' (ALIKED + DINOv2 + diffusion features)")
+        preset = "full"
+    if dm and not aggregator and not _is_promptdm(dm):
+        from promptmid.config import get_config
+
+        trained = get_config(preset)["aggregator"].get("name", "concat")
+        if trained != "concat":
+            raise InputError(
+                f"--dm {dm}: preset '{preset}' fuses with the aggregator {trained}, trained on PromptDM-small "
+                "features; another diffusion model needs an aggregator trained with its features "
+                "(--aggregator PATH, from `promptmid train --preset full` with that model) or the training-free "
+                "fusion (--aggregator none).")
     return preset
+
+
+def _is_promptdm(dm: str) -> bool:
+    from promptmid.models.promptdm import is_promptdm
+
+    return is_promptdm(dm)
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -179,14 +211,16 @@ JsonOpt = typer.Option(False, "--json", help="Print result.json on stdout.")
 AggregatorOpt = typer.Option(None, "--aggregator",
                              help="Descriptor fusion: 'none' = training-free concatenation, or a trained "
                                   "aggregator name (default: the preset's, concat for every preset).")
-DmOpt = typer.Option(None, "--dm", help="Stable Diffusion model (diffusers layout: local dir, or hub id with "
-                     "internet) for diffusion features; implies preset 'full'.")
+DmOpt = typer.Option(None, "--dm", help="Diffusion model instead of the shipped PromptDM-small of preset 'full': a "
+                     "Stable Diffusion model (diffusers layout: local dir, or hub id with internet; needs --aggregator "
+                     "PATH trained with its features, or --aggregator none) or a PromptDM-small file; implies 'full'.")
 DmLoraOpt = typer.Option(None, "--dm-lora", help="PromptDM LoRA adapter (from `promptmid finetune-dm`).")
 LandUseOpt = typer.Option(None, "--land-use", help="Land-use prompt: auto (diffusion classifier on the optical "
-                          "image, default), average, or a class (farmland, forest, grassland, water, urban, "
-                          "rural settlement, road, bare land, mountain).")
-DmEnsembleOpt = typer.Option(None, "--dm-ensemble", help="Noise draws averaged per image (default "
-                             f"{DIFFUSION_DEFAULTS['ensemble']}).")
+                          "image, default), average, or a class of the model (PromptDM-small: city, desert, frozen, "
+                          "hills, mountain, plain, rural, water; Stable Diffusion: farmland, forest, grassland, water, "
+                          "urban, rural settlement, road, bare land, mountain).")
+DmEnsembleOpt = typer.Option(None, "--dm-ensemble", help="Noise draws averaged per image (default: PromptDM-small "
+                             f"{PROMPTDM['ensemble']}, Stable Diffusion {DIFFUSION_DEFAULTS['ensemble']}).")
 StrictOpt = typer.Option(False, "--strict", help="Exit 6 when the QC verdict is uncertain (default: exit 0 "
                           "with a warning on stderr).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace files in an existing output directory.")

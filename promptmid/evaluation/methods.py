@@ -170,8 +170,13 @@ register(_promptmid_spec("lite", "lite-concat-aliked with position-free DINOv2 (
 register(_promptmid_spec("lite-concat", "the previous default: XFeat + DINOv2 fused by the trained promptmid-agg-v2 "
                          "(learned image position)", default=False, name="lite-agg-v2",
                          overrides={"aggregator": {"name": "promptmid-agg-v2"}}))
-register(_promptmid_spec("full", "promptmid full: lite-concat + prompted Stable Diffusion features (needs a local SD model)",
-                         default=False))
+register(_promptmid_spec("full", "promptmid full: ALIKED + DINOv2 + PromptDM-small DIFT features (land use auto) fused "
+                         "by promptmid-agg-full-v1", default=False))
+register(_promptmid_spec("full", "full with an empty prompt (ablation)", default=False, name="full-noprompt",
+                         overrides={"sources": {"diffusion": {"prompt": " "}}}))
+register(_promptmid_spec("full", "full with a wrong prompt, 'a photograph of a cat on a sofa' (ablation)",
+                         default=False, name="full-wrongprompt",
+                         overrides={"sources": {"diffusion": {"prompt": "a photograph of a cat on a sofa"}}}))
 
 
 def _register_others() -> None:

@@ -74,12 +74,14 @@ SHIPPED = {  # name -> file in promptmid/weights/
     "promptmid-agg-v1": "promptmid-agg-v1.safetensors",  # 49 training pairs, 6 epochs
     "promptmid-agg-v2": "promptmid-agg-v2.safetensors",  # all 211 training pairs, 12 epochs (learned image position; no preset uses it)
     "promptmid-agg-v3": "promptmid-agg-v3.safetensors",  # ALIKED + DINOv2, independent views, perturbed validation (lite default)
+    "promptmid-agg-full-v1": "promptmid-agg-full-v1.safetensors",  # ALIKED + DINOv2 + PromptDM-small (preset full)
 }
 # sha256 of each shipped file, pinned in code so that a replaced file *and* sidecar is still refused
 SHIPPED_SHA256 = {
     "promptmid-agg-v1": "f782a3ce3405015451617823af17f63a2dbe00510d72ee214c076719a659d3c3",
     "promptmid-agg-v2": "9c049e6098940c895d9e1d418ab5bed602c6711c70992c3daec4bc11978a9e8e",
     "promptmid-agg-v3": "0e9c481cfa3cbe269fc7e5a4f997c529035f83cb6d70d7deca981f77002205a1",
+    "promptmid-agg-full-v1": "1fa6ad15f12c154a176c868850d5648f5b7248339480c2ab74b02c34f1b41a4b",
 }
 
 

@@ -77,6 +77,7 @@ class DiffusionFeatures:
         "seed": 0,  # noise of ensemble member k is drawn with seed + k (reproducible, shared by both images)
         "selection_timesteps": SELECTION_TIMESTEPS,  # timesteps scored by the land-use classifier
         "selection_noise": 2,  # noise draws per timestep for the land-use classifier
+        "selection_long_side": None,  # long side (px) of the image the classifier scores; None = long_side
         "fp16": False,  # half-precision weights (CUDA only; ignored on CPU)
         "attention_slicing": False,  # compute attention in slices (less GPU memory, slower)
     }
@@ -121,9 +122,11 @@ class DiffusionFeatures:
 
     def choose_land_use(self, image: torch.Tensor, modality: Modality = "optical") -> tuple[str, dict[str, float]]:
         """Classify ``image`` ``[1,3,H,W]`` (in [0, 1], any size) with the diffusion classifier: ``(class, scores)``."""
-        return self._classify(prepare_image(image, self.conf["long_side"]), modality)
+        return self._classify(image, modality)
 
-    def _classify(self, prepared: torch.Tensor, modality: Modality) -> tuple[str, dict[str, float]]:
+    def _classify(self, image: torch.Tensor, modality: Modality) -> tuple[str, dict[str, float]]:
+        """The classifier on ``image`` resized to ``selection_long_side`` (or ``long_side``)."""
+        prepared = prepare_image(image, self.conf["selection_long_side"] or self.conf["long_side"])
         return select_land_use(
             self.components, prepared, modality=modality, prompt_set=self.prompts,
             timesteps=tuple(self.conf["selection_timesteps"]), n_noise=self.conf["selection_noise"],
