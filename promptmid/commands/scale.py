@@ -101,14 +101,24 @@ def _print_scene(r: dict[str, Any], out_dir: Path) -> None:
         ("tiles processed / grid", f"{r['tiles']['processed']} / {r['tiles']['grid']}  "
                                    f"(ok {sum(t['status'] == 'ok' for t in r['tile_qc'])})"),
         ("tie points / inliers", f"{r['tiepoints']} / {r['inliers']}"),
+        ("tiles agreeing", _agreement_text(r.get("agreement"))),
         ("RMSE before -> after", f"{fmt(r['rmse_before_px'], 'px')} -> {fmt(r['rmse_after_px'], 'px')}"
                                   + (f"  ({fmt(r['rmse_before_m'], 'm')} -> {fmt(r['rmse_after_m'], 'm')})"
                                      if r.get("rmse_after_m") is not None else "")),
+        ("correction (model vs prior)", fmt(r.get("correction_px"), "px")
+         + (f"  ({fmt(r['correction_m'], 'm')})" if r.get("correction_m") is not None else "")),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items())),
     ]
     for k, v in rows:
         table.add_row(k, v)
     out_console.print(table)
+
+
+def _agreement_text(ag: dict[str, Any] | None) -> str:
+    if not ag:
+        return "n/a"
+    return (f"{len(ag['tiles_agreeing'])} of {ag['tiles_fitted']} fitted (within {ag['agree_px']:g} px)"
+            + (f", {len(ag['tiles_rejected_by_prior'])} rejected by the prior" if ag["tiles_rejected_by_prior"] else ""))
 
 
 def batch(

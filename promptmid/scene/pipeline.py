@@ -191,7 +191,7 @@ def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: 
                            "single_tile_up_to_px": io_conf.get("max_side")})
         say("global fit")
         model, tp, reason, agreed = _fit(sc, matcher, options, tiles, found, prior, margin)
-        info.update(_accuracy(sc, model, tp, prior))
+        info.update(_accuracy(sc, model, tp, prior, tiles))
         if model is not None and not agreed.ok:
             info["rejected_model"] = model.to_dict()
             model = None
@@ -290,22 +290,35 @@ def tile_reasons(tiles: list[Tile], most: int = 3) -> str:
     return f"{len(tiles)} tiles, {ok} ok" + (": " + ", ".join(parts) if parts else "")
 
 
-def _accuracy(sc: _Scene, model: GlobalModel | None, tp: TiePoints, prior: np.ndarray) -> dict[str, Any]:
-    """RMSE over global inliers under the prior and the fitted model, in SAR-grid px and in ground metres
+def _accuracy(sc: _Scene, model: GlobalModel | None, tp: TiePoints, prior: np.ndarray,
+              tiles: list[Tile]) -> dict[str, Any]:
+    """RMSE over the global inliers that were MEASURED (keypoint tie points; the grid points of an area-shift tile
+    lie on its fit by construction and are left out) under the prior and the fitted model, and the correction
+    (RMS distance between the model and the prior over the agreeing tiles), in SAR-grid px and in ground metres
     (per-axis metres per pixel at the scene centre: correct for geographic CRSs too)."""
-    inl = tp.inlier
+    shifted = [t.index for t in tiles if t.method == "area shift"]
+    inl = tp.inlier & ~np.isin(tp.tile, shifted)
     p0, p1 = tp.optical_px[inl], tp.sar_px[inl]
-    before, after = geo.rmse(tp.prior_residual_px[inl]), geo.rmse(tp.residual_px[inl])
     mpp = sc.sar.metres_per_pixel
     m_before = geo.residuals_m(apply_transform(prior, p0) - p1, mpp)
     m_after = geo.residuals_m(model.apply(p0) - p1, mpp) if model is not None else None
-    d: dict[str, Any] = {"tiepoints": int(len(tp.optical_px)), "inliers": int(inl.sum()),
-                         "rmse_before_px": before, "rmse_after_px": after,
+    agreeing = [t for t in tiles if t.agrees]
+    grid = np.concatenate([t.grid_points() for t in agreeing]) if agreeing else np.zeros((0, 2))
+    moved = model.apply(grid) - apply_transform(prior, grid) if model is not None else np.zeros((0, 2))
+    m_moved = geo.residuals_m(moved, mpp)
+    d: dict[str, Any] = {"tiepoints": int(len(tp.optical_px)), "inliers": int(tp.inlier.sum()),
+                         "measured_inliers": int(inl.sum()),
+                         "rmse_before_px": geo.rmse(tp.prior_residual_px[inl]),
+                         "rmse_after_px": geo.rmse(tp.residual_px[inl]),
                          "rmse_before_m": geo.rmse(m_before) if m_before is not None else None,
                          "rmse_after_m": geo.rmse(m_after) if m_after is not None else None,
+                         "correction_px": geo.rmse(np.linalg.norm(moved, axis=1)) if len(moved) else None,
+                         "correction_m": geo.rmse(m_moved) if m_moved is not None else None,
                          "sar_metres_per_pixel": list(mpp) if mpp else None,
-                         "rmse_note": "over global inliers, SAR-grid px; before = prior, after = fitted model; "
-                                      "metres from the SAR grid's ground pixel size (x, y) at the scene centre"}
+                         "rmse_note": "over measured global inliers (keypoint tie points of agreeing tiles), SAR-grid "
+                                      "px; before = prior, after = fitted model; correction = RMS distance model vs "
+                                      "prior over the agreeing tiles; metres from the SAR grid's ground pixel size "
+                                      "(x, y) at the scene centre"}
     if model:
         d["map_transform"] = _list(geo.map_transform(model.matrix, sc.opt, sc.sar))
     return d
