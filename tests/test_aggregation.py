@@ -131,6 +131,8 @@ def test_shipped_weights_load_and_are_small(name):
     feats, kpts = _features(64)
     g = torch.Generator().manual_seed(1)
     feats["aliked"] = torch.randn(64, 128, generator=g)  # the local source of promptmid-agg-v3
+    for key, dim in agg.module.conf.sources.items():  # e.g. sd_up1 (PromptDM-small) of promptmid-agg-full-v1
+        feats.setdefault(key, torch.randn(64, dim, generator=g))
     out = agg(feats, kpts, (200, 200))
     assert out.shape == (64, 256)
     assert torch.allclose(out.norm(dim=-1), torch.ones(64), atol=1e-4)
