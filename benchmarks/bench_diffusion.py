@@ -228,7 +228,41 @@ def part_speed(threads: int, limit: int | None) -> str:
         f"`lite`'s cost.", ""])
 
 
-PARTS = {"select": part_select, "landuse": part_landuse, "speed": part_speed}
+def part_presets(threads: int, limit: int | None) -> str:
+    """`full` vs `lite` vs peers and the ablations, from the headline.json files bench_realpairs.py wrote
+    (``diffusion_realpairs`` and, when present, ``diffusion_ablations``); runs nothing itself."""
+    import json
+
+    runs: dict[str, dict] = {}
+    for name in ("diffusion_realpairs", "diffusion_ablations"):
+        path = RESULTS / name / "headline.json"
+        if path.is_file():
+            for run, methods in json.loads(path.read_text()).items():
+                label = run if name == "diffusion_realpairs" else f"{run}: 17 srif pairs (prompt ablations)"
+                runs.setdefault(label, {}).update(methods)
+    rows = []
+    for run, methods in runs.items():
+        for method, models in methods.items():
+            m = models.get("affine+refine", {})
+            rows.append([run, method, str(m.get("pairs", "-")), f"{m.get('sr@5', float('nan')):.2f}",
+                         f"{m.get('auc@5', float('nan')):.2f}", f"{m.get('mean_ncm_before', float('nan')):.1f}",
+                         f"{m.get('median_time_features', float('nan')):.1f}"])
+    return "\n".join([
+        "## `full` against `lite` and the peers (perturbed protocol)", "",
+        "`promptmid eval --perturb 0` protocol through `benchmarks/bench_realpairs.py` (affine fit + area-based "
+        "refinement for every method; `val` = srif 181-200 + lnift_matlab + rift2 with rotation search, `unseen` = "
+        "2 tiles per unseen 3MOS figure + msg, vsff, mapglue, rift, osmnet), 1 worker, 1 torch thread, on a shared "
+        "2-core machine (load average 5-10: times are upper bounds). Regenerate: `bench_realpairs.py --methods "
+        "promptmid-full,promptmid-lite,xfeat-mnn,aliked-mnn,aliked-lightglue,rift --runs val,unseen --per-figure 2 "
+        "--workers 1 --threads 1 --out benchmarks/results/diffusion_realpairs.md`, then `bench_diffusion.py --parts "
+        "presets`. Prompt ablations: `--methods promptmid-full,promptmid-lite,promptmid-full-noprompt,"
+        "promptmid-full-wrongprompt --runs val --limit 17 --out benchmarks/results/diffusion_ablations.md` (empty "
+        "prompt; the prompt 'a photograph of a cat on a sofa' instead of the land-use prompt).", "",
+        markdown_table(["run", "method", "pairs", "SR@5", "AUC@5", "mean NCM (3 px, before fit)",
+                        "median feature time per pair (s)"], rows), ""])
+
+
+PARTS = {"presets": part_presets, "select": part_select, "landuse": part_landuse, "speed": part_speed}
 
 
 def main() -> int:
@@ -259,9 +293,9 @@ def main() -> int:
         text = PARTS[name](args.threads, args.limit)
         print(text)
         (sections_dir / f"{name}.md").write_text(text, encoding="utf-8")
-    # realpairs.md: the preset comparison (from the aggregator validation / bench_realpairs, written by hand);
+    # summary.md: the conclusions, written by hand from the parts;
     # sd21.md: the earlier Stable Diffusion 2.1 cost estimate
-    order = ["realpairs", *PARTS, "sd21"]
+    order = ["summary", *PARTS, "sd21"]
     body = [(sections_dir / f"{n}.md").read_text(encoding="utf-8") for n in order if (sections_dir / f"{n}.md").is_file()]
     args.out.write_text("\n".join(header_lines("PromptDM-small diffusion features", args.threads) + body),
                         encoding="utf-8")
