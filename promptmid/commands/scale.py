@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from promptmid.commands.common import (
-    JsonOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, SarBandsOpt, SarScaleOpt, ThreadsOpt,
-    ThresholdOpt, TopKOpt, build_overrides, err_console, add_command, fail, out_console, set_threads, status,
+    JsonOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, SarBandsOpt, SarScaleOpt, StrictOpt, ThreadsOpt,
+    ThresholdOpt, TopKOpt, build_overrides, err_console, add_command, fail, out_console, set_threads, status, warn,
 )
 from promptmid.geometry import format_matrix
 
@@ -143,6 +143,7 @@ def batch(
     no_figures: bool = NoFigOpt,
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also rerun pairs whose last run failed to register."),
+    strict: bool = StrictOpt,
     quiet: bool = QuietOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -171,9 +172,16 @@ def batch(
         for row in summary_rows(summary):
             table.add_row(*row)
         out_console.print(table)
-    bad = summary["counts"]["failed"] + summary["counts"]["error"]
+    counts = summary["counts"]
+    bad = counts["failed"] + counts["error"]
     if bad:
         fail(f"{bad} of {len(summary['pairs'])} pairs did not register (see {out / 'summary.json'})", 5)
+    if counts["uncertain"]:
+        message = (f"{counts['uncertain']} of {len(summary['pairs'])} pairs registered with verdict uncertain "
+                   f"(check them; see {out / 'summary.json'})")
+        if strict:
+            fail(message, 6)
+        warn(message)
 
 
 def register(app: typer.Typer) -> None:
