@@ -19,9 +19,8 @@ from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
     OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, ThreadsOpt,
     StrictOpt, ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console,
-    set_threads, status, warn,
+    set_threads, status, uncertain,
 )
-from promptmid.errors import UncertainResultError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Register optical and SAR images with modality-invariant descriptors (PromptMID).")
@@ -95,11 +94,8 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool, strict: bool
     if not quiet:
         _print_table(result, out_dir)
     if result.status == "uncertain":
-        message = (f"verdict uncertain (confidence {result.confidence:.2f}): {result.reason}; check "
-                   f"{out_dir / 'checkerboard.png'}")
-        if strict:
-            fail(message, UncertainResultError.exit_code)
-        warn(message)
+        uncertain(f"verdict uncertain (confidence {result.confidence:.2f}): {result.reason}; check "
+                  f"{out_dir / 'checkerboard.png'}", strict)
 
 
 def _print_table(result: Any, out_dir: Path) -> None:

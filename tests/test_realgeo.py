@@ -70,7 +70,9 @@ def test_bigearthnet_offsets_recovered_through_scene(tmp_path: Path, ben_pairs: 
         for offset in ((0.0, 0.0), OFFSET):
             sar = _copy(root / p["sar"], tmp_path / f"{name}_{offset[0]:g}.tif", offset)
             r = scene.estimate_scene(root / p["optical"], sar, matcher_lite, opts)
-            assert r.ok, (p["id"], r.reason)
+            assert r.has_transform, (p["id"], r.reason)
+            # the scene verdict follows its agreeing tiles' QC (a chip fitted by the area shift alone is uncertain)
+            assert r.ok == any(t.verdict == "ok" for t in r.tiles if t.agrees) and r.status != "failed"
             assert r.prior_kind == "geo" and np.allclose(r.prior, translation(-offset[0], -offset[1]), atol=1e-6)
             assert r.info["bands"]["optical"]["bands"] == [3, 2, 1] and r.info["bands"]["sar"]["names"] == ["VV"]
             assert r.agreement is not None and r.agreement.ok and len(r.tiles) == 1
@@ -101,7 +103,7 @@ def test_thirteen_band_optical_and_nan_bordered_db_sar_need_no_conversion(tmp_pa
     ref = scene.estimate_scene(GEO_ROOT / p["optical"], sar, matcher_lite, scene.SceneOptions(figures=False))
     for opt, s in ((opt13, sar), (GEO_ROOT / p["optical"], sar_nan)):
         r = scene.estimate_scene(opt, s, matcher_lite, scene.SceneOptions(figures=False))
-        assert r.ok, r.reason
+        assert r.has_transform and r.status == ref.status, r.reason
         assert _corner_error(r, ref.model.matrix) < 1.0
     assert r.info["bands"]["sar"]["bands"] == [1]
     r13 = scene.estimate_scene(opt13, sar, matcher_lite, scene.SceneOptions(figures=False))
@@ -133,3 +135,17 @@ def test_os_sift_geographic_crs_through_scene(tmp_path: Path, os_sift: None, rad
     assert err < 5.0, err
     assert 60 < r["rmse_before_m"] < 90 and 0 < r["rmse_after_m"] < 5  # metres, not degrees ("0.00 m")
     assert 0.99 < r["sar_metres_per_pixel"][0] < 1.01
+
+
+def test_scene_uncertain_warns_and_strict_exits_6(tmp_path: Path, ben_pairs: list[dict]) -> None:
+    """A 120 px Sentinel chip pair is fitted by the whole-tile area shift alone: verdict uncertain, a warning and
+    exit 0, the registered SAR written; with --strict exit 6 (result.json still written)."""
+    p = ben_pairs[0]
+    args = ["scene", str(GEO_ROOT / p["optical"]), str(GEO_ROOT / p["sar"]), "--no-figures"]
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a")])
+    r = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert res.exit_code == 0 and r["status"] == "uncertain" and "verdict uncertain" in res.output, res.output
+    assert (tmp_path / "a" / "registered_sar.tif").is_file() and 0.0 <= r["confidence"] <= 1.0
+    assert all("verdict" in t for t in r["tile_qc"])
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "b"), "--strict"])
+    assert res.exit_code == 6 and (tmp_path / "b" / "result.json").is_file(), res.output

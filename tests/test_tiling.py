@@ -188,3 +188,23 @@ def test_area_shift_recovers_a_shift_across_modalities() -> None:
     good = similarity(tile, np.ones_like(tile, bool), chip, ones, found.matrix())
     bad = similarity(tile, np.ones_like(tile, bool), chip, ones, found.matrix() @ np.diag([1.05, 1.05, 1.0]))
     assert good > bad
+
+
+def test_scene_verdict_follows_the_agreeing_tiles() -> None:
+    """ok needs agreeing tiles AND one of them with a keypoint fit whose QC verdict is ok; agreeing area shifts
+    alone give uncertain; tiles that do not agree give failed, whatever their own verdicts."""
+    from promptmid.geometry import translation
+    from promptmid.scene import agreement
+
+    prior = translation(0, 0)
+    tiles = [_fitted_tile(i, 500 * i, translation(20, 0)) for i in range(3)]
+    for t, verdict, conf in zip(tiles, ("ok", "uncertain", "uncertain"), (0.9, 0.5, 0.4)):
+        t.method, t.verdict, t.confidence = "keypoints", verdict, conf
+    ag = agreement.assess(tiles, agreement.as_mapping(translation(20, 0)), prior, 6.0, 67.0)
+    assert agreement.scene_verdict(True, ag, tiles, "") == ("ok", 0.9, "")
+    tiles[0].verdict, tiles[0].method, tiles[0].confidence = "uncertain", "area shift", None
+    status, conf, reason = agreement.scene_verdict(True, ag, tiles, "")
+    assert status == "uncertain" and conf == 0.5 and "area shift (uncertain)" in reason
+    bad = agreement.assess(tiles, agreement.as_mapping(translation(40, 0)), prior, 6.0, 67.0)
+    assert agreement.scene_verdict(True, bad, tiles, "tiles disagree")[0] == "failed"
+    assert agreement.scene_verdict(False, None, [], "no tile gave an accepted fit")[0] == "failed"

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from promptmid.config import DEFAULT_ROTATION_STEP, DEFAULTS, DIFFUSION_DEFAULTS, PROMPTDM
-from promptmid.errors import InputError, PromptMIDError
+from promptmid.errors import InputError, PromptMIDError, UncertainResultError
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -30,6 +30,13 @@ def fail(message: str, code: int = 1) -> None:
     """Print one error line on stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def uncertain(message: str, strict: bool) -> None:
+    """An ``uncertain`` QC verdict: a warning on stderr (exit 0), or with ``--strict`` an error and exit 6."""
+    if strict:
+        fail(message, UncertainResultError.exit_code)
+    warn(message)
 
 
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from promptmid.commands.common import (
     JsonOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, SarBandsOpt, SarScaleOpt, StrictOpt, ThreadsOpt,
-    ThresholdOpt, TopKOpt, build_overrides, err_console, add_command, fail, out_console, set_threads, status, warn,
+    ThresholdOpt, TopKOpt, build_overrides, err_console, add_command, fail, out_console, set_threads, status, uncertain,
 )
 from promptmid.geometry import format_matrix
 
@@ -62,6 +62,7 @@ def scene(
     no_figures: bool = NoFigOpt,
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
+    strict: bool = StrictOpt,
     quiet: bool = QuietOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -86,16 +87,23 @@ def scene(
         result = register_scene(optical, sar, out_dir, matcher, opts, progress).to_dict()
     if json_out:
         print((out_dir / "result.json").read_text())
-    if result["status"] != "ok":
+    if result["transform"] is None:
         fail(f"registration failed: {result['reason']} (see {out_dir / 'result.json'})", 5)
     if not quiet:
         _print_scene(result, out_dir)
+    if result["status"] == "uncertain":
+        uncertain(f"verdict uncertain (confidence {result['confidence']:.2f}): {result['reason']}; check "
+                  f"{out_dir / 'tile_map.png'}", strict)
 
 
 def _print_scene(r: dict[str, Any], out_dir: Path) -> None:
     table = Table(title=f"promptmid scene -> {out_dir}", show_header=False)
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
+    colour = {"ok": "green", "uncertain": "yellow"}.get(r["status"], "red")
+    verdicts = [t.get("verdict") for t in r["tile_qc"] if t.get("agrees")]
     rows = [
+        ("verdict", f"[bold {colour}]{r['status']}[/] (confidence {r['confidence']:.2f}; agreeing tiles "
+                    + ", ".join(f"{verdicts.count(v)} {v}" for v in ("ok", "uncertain") if v in verdicts) + ")"),
         ("transform (optical px -> SAR px)", format_matrix(r["transform"])),
         ("prior", r["prior"]["kind"] + (" (SAR reprojected to optical CRS)" if r["sar_grid"]["reprojected_to_optical_crs"] else "")),
         ("tiles processed / grid", f"{r['tiles']['processed']} / {r['tiles']['grid']}  "
@@ -177,11 +185,8 @@ def batch(
     if bad:
         fail(f"{bad} of {len(summary['pairs'])} pairs did not register (see {out / 'summary.json'})", 5)
     if counts["uncertain"]:
-        message = (f"{counts['uncertain']} of {len(summary['pairs'])} pairs registered with verdict uncertain "
-                   f"(check them; see {out / 'summary.json'})")
-        if strict:
-            fail(message, 6)
-        warn(message)
+        uncertain(f"{counts['uncertain']} of {len(summary['pairs'])} pairs registered with verdict uncertain "
+                  f"(check them; see {out / 'summary.json'})", strict)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,9 @@ All distances are in SAR-grid pixels; every transform maps optical scene px -> S
 * **disagreement**: each fitted tile's RMS distance to the final global model; the scene agrees when more than
   half of the fitted tiles are within ``agree_px`` and the model itself stays within the search radius of the
   prior over those tiles.
+* **verdict** (:func:`scene_verdict`): ``ok`` only when the tiles agree AND at least one agreeing tile's own keypoint
+  fit has the QC verdict ``ok`` (:mod:`promptmid.qc`); tiles that agree without such a fit (area shifts, uncertain
+  fits) give ``uncertain``; no model gives ``failed``.
 """
 
 from __future__ import annotations
@@ -153,3 +156,21 @@ def assess(tiles: list[Tile], model: Mapping | None, prior: np.ndarray, agree_px
         corners = np.concatenate([t.grid_points(2) for t in agreeing])
         ag.model_prior_departure_px = distance_max(model, as_mapping(prior), corners)
     return ag
+
+
+def scene_verdict(model_found: bool, agreement: Agreement | None, tiles: list[Tile],
+                  reason: str) -> tuple[str, float, str]:
+    """``(status, confidence, reason)`` of a scene (see the module notes).
+
+    ``confidence`` is the highest QC confidence among the agreeing tiles (0 without one); ``reason`` is the
+    given failure reason for ``failed``, why the scene is not ``ok`` for ``uncertain``, else ``""``.
+    """
+    agreeing = [t for t in tiles if t.agrees]
+    confidence = max([t.confidence or 0.0 for t in agreeing], default=0.0)
+    if not model_found or agreement is None or not agreement.ok:
+        return "failed", confidence, reason
+    if any(t.verdict == "ok" for t in agreeing):
+        return "ok", confidence, ""
+    kinds = ", ".join(sorted({f"{t.method} ({t.verdict})" for t in agreeing}))
+    return "uncertain", confidence, (f"the tiles agree, but no agreeing tile has a keypoint fit with QC verdict ok "
+                                     f"(agreeing: {kinds}; best confidence {confidence:.2f}); check the result")

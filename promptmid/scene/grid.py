@@ -16,7 +16,9 @@ class Tile:
     ``transform`` is the tile's own fit as a 3x3 optical SCENE px -> SAR-grid px matrix (``None`` without one);
     ``disagreement_px`` the RMS distance (SAR px, over a 3x3 grid of the tile) between that fit and the scene's
     global model; ``prior_departure_px`` the largest distance between the tile fit and the prior over the tile's
-    corners; ``agrees``: the tile's fit agrees with the global model (see :mod:`promptmid.scene.agreement`).
+    corners; ``agrees``: the tile's fit agrees with the global model (see :mod:`promptmid.scene.agreement`);
+    ``verdict`` / ``confidence``: the QC verdict of the tile's own keypoint fit (:mod:`promptmid.qc`; an area-shift
+    fit is ``"uncertain"``: one correlation peak, no independent evidence).
     """
 
     index: int
@@ -40,6 +42,8 @@ class Tile:
     method: str = ""  # "keypoints" or "area shift": where the tile's fit comes from
     area_shift: dict | None = None  # the whole-tile area-based shift (px after the prior), peak, distinctness
     keypoints_vs_shift_px: float | None = None  # RMS distance between the keypoint fit and the area shift
+    verdict: str | None = None  # ok | uncertain | failed: QC verdict of the tile's fit (None: not matched)
+    confidence: float | None = None  # QC confidence of the tile's keypoint fit in [0, 1]
 
     @property
     def matrix(self) -> np.ndarray | None:

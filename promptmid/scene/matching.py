@@ -61,6 +61,7 @@ def match_tile(matcher: Any, opt_ds: Any, sar_ds: Any, prior: np.ndarray, tile: 
     finally:
         tile.seconds = time.perf_counter() - t0
     tile.matches, tile.inliers = len(result.points0), result.num_inliers
+    tile.verdict, tile.confidence = result.status, result.confidence
     kp = to_scene(result.transform) if result.transform is not None else None
     sh = to_scene(shift[0].matrix()) if shift is not None and shift[0].ok else None
     if shift is not None:
@@ -83,6 +84,7 @@ def match_tile(matcher: Any, opt_ds: Any, sar_ds: Any, prior: np.ndarray, tile: 
         why = ("keypoint fit failed" if kp is None else f"keypoint fit {tile.keypoints_vs_shift_px:.1f} px away "
                "aligned the tile worse")
         tile.status, tile.method, tile.transform = "ok", "area shift", sh.tolist()
+        tile.verdict, tile.confidence = "uncertain", None
         tile.reason = f"area-based shift used ({why})"
         grid = tile.grid_points()
         _add(found, tile, grid, apply_transform(sh, grid), np.full(len(grid), shift[0].peak))

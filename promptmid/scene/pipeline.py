@@ -60,8 +60,11 @@ class SceneResult:
     """What :func:`estimate_scene` found for one optical/SAR scene pair.
 
     Attributes:
-        status: ``"ok"`` (a model, and the tiles agree) or ``"failed"`` (then ``reason`` says why and there is no
+        status: the scene's verdict (:func:`promptmid.scene.agreement.scene_verdict`): ``"ok"`` (the tiles agree and
+            an agreeing tile's keypoint fit has QC verdict ok), ``"uncertain"`` (a model the tiles agree on, but no
+            such fit: check it; ``reason`` says why) or ``"failed"`` (then ``reason`` says why and there is no
             model; a model the tiles did not agree on is kept in ``info["rejected_model"]`` for inspection).
+        confidence: the highest QC confidence among the agreeing tiles, in [0, 1].
         model: the global optical px -> SAR-grid px model (affine or poly2), or ``None``.
         tiepoints: merged tie points with global-fit inliers and residuals (``None`` without a prior).
         tiles: every processed tile with its QC numbers, own fit, disagreement with the model and prior departure
@@ -83,10 +86,16 @@ class SceneResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     agreement: Agreement | None = None
+    confidence: float = 0.0
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def has_transform(self) -> bool:
+        """A model was fitted (status ``ok`` or ``uncertain``)."""
+        return self.model is not None
 
     @property
     def transform(self) -> np.ndarray | None:
@@ -95,7 +104,7 @@ class SceneResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``result.json`` content."""
-        return {"status": self.status, "reason": self.reason, **self.info,
+        return {"status": self.status, "confidence": self.confidence, "reason": self.reason, **self.info,
                 "transform": _list(self.transform),
                 "transform_convention": "optical (x, y) px -> SAR-grid (x, y) px; pixel centres at integers",
                 "global_model": None if self.model is None else self.model.to_dict(),
@@ -192,11 +201,12 @@ def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: 
         say("global fit")
         model, tp, reason, agreed = _fit(sc, matcher, options, tiles, found, prior, margin)
         info.update(_accuracy(sc, model, tp, prior, tiles))
-        if model is not None and not agreed.ok:
+        verdict, confidence, reason = agreement.scene_verdict(model is not None, agreed, tiles, reason)
+        if model is not None and verdict == "failed":
             info["rejected_model"] = model.to_dict()
             model = None
-        return SceneResult("ok" if model else "failed", reason, model, tp, tiles, prior, kind, info, timings,
-                           agreement=agreed)
+        return SceneResult(verdict, reason, model, tp, tiles, prior, kind, info, timings, agreement=agreed,
+                           confidence=confidence)
 
 
 def write_scene(result: SceneResult, optical: str | Path, sar: str | Path, out_dir: Path,
@@ -355,7 +365,8 @@ def _write_products(sc: _Scene, result: SceneResult, sar_path: Path, out_dir: Pa
     if options.figures:
         out["tile_map"] = "tile_map.png"
         plot_tile_map(out_dir / out["tile_map"], sc.opt_ds, result.tiles, tp,
-                      result.info.get("bands", {}).get("optical", {}).get("bands"))
+                      result.info.get("bands", {}).get("optical", {}).get("bands"),
+                      verdict=f"{result.status} (confidence {result.confidence:.2f})")
     if model is None:
         return out
     if sc.opt.georeferenced and tp.inlier.any():

@@ -81,9 +81,9 @@ def _warp_block(model: GlobalModel, sar_ds: Any, bx: int, by: int, bw: int, bh: 
 
 
 def plot_tile_map(path: Path, opt_ds: Any, tiles: list[Tile], tp: TiePoints, bands: list[int] | None = None,
-                  max_side: int = 900) -> None:
-    """Figure: optical overview (``bands``, 1-based, as matched), tiles coloured by status with inlier counts,
-    tie points (green = inlier)."""
+                  max_side: int = 900, verdict: str = "") -> None:
+    """Figure: optical overview (``bands``, 1-based, as matched), tiles coloured by status and QC verdict with
+    inlier counts, tie points (green = inlier); ``verdict`` (the scene's) goes into the title."""
     from promptmid.viz import pyplot
 
     plt = pyplot()
@@ -100,14 +100,15 @@ def plot_tile_map(path: Path, opt_ds: Any, tiles: list[Tile], tp: TiePoints, ban
     fig, ax = plt.subplots(figsize=(8, 8 * img.shape[0] / img.shape[1]))
     ax.imshow(img)
     for t in tiles:
-        c = colours.get(t.status, "white")
+        c = "yellow" if t.status == "ok" and t.verdict == "uncertain" else colours.get(t.status, "white")
         ax.add_patch(Rectangle((t.x0 * f[0], t.y0 * f[1]), t.w * f[0], t.h * f[1], fill=False, edgecolor=c, lw=1.2))
         ax.text((t.x0 + t.w / 2) * f[0], (t.y0 + t.h / 2) * f[1], f"{t.index}\n{t.global_inliers}/{t.inliers}",
                 color=c, ha="center", va="center", fontsize=7)
     pts = (tp.optical_px + 0.5) * f - 0.5
     ax.scatter(pts[tp.inlier, 0], pts[tp.inlier, 1], s=2, c="lime")
     ax.scatter(pts[~tp.inlier, 0], pts[~tp.inlier, 1], s=2, c="red")
-    ax.set_title("tiles: index, global/tile inliers (green ok, red failed, orange rejected, grey empty)", fontsize=8)
+    ax.set_title((f"scene verdict {verdict}\n" if verdict else "") + "tiles: index, global/tile inliers (green ok, "
+                 "yellow fitted but uncertain, red failed, orange rejected, grey empty)", fontsize=8)
     ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
