@@ -61,3 +61,18 @@ def test_describer_output_contract(optical):
     out = Describer({"top_k": 200}, {}, {"name": "concat"})(optical)
     assert set(out) == {"keypoints", "scores", "descriptors", "image_size", "timings"}
     assert out["image_size"] == (optical.image.shape[1], optical.image.shape[0]) and out["descriptors"].shape == (len(out["keypoints"]), 64)
+
+
+def test_low_memory_aliked_equals_kornia(optical):
+    """Our ALIKED dense map (preallocated, normalised in place, score head by rows) gives kornia's keypoints,
+    scores and descriptors, on a size that needs padding."""
+    from promptmid.models.keypoints import aliked_features, load_aliked_net
+
+    net = load_aliked_net(1024, 0.2)
+    image = image_to_tensor(optical.image)[..., :200, :232]
+    with torch.inference_mode():
+        ref = net(image)[0]
+        kpts, scores, desc = aliked_features(net, image)
+    assert len(kpts) > 50 and kpts.shape == ref.keypoints.shape
+    assert torch.allclose(kpts, ref.keypoints, atol=1e-4) and torch.allclose(scores, ref.keypoint_scores, atol=1e-5)
+    assert torch.allclose(desc, ref.descriptors, atol=1e-5)

@@ -97,8 +97,7 @@ class KeypointExtractor:
 
     def _aliked(self, image: torch.Tensor, valid: np.ndarray | None) -> dict[str, torch.Tensor]:
         h, w = image.shape[-2:]
-        f = self.net(_pad_to_multiple(image.to(self.conf.device), 16))[0]
-        kpts, scores, desc = f.keypoints.float(), f.keypoint_scores.float(), f.descriptors.float()
+        kpts, scores, desc = aliked_features(self.net, _pad_to_multiple(image.to(self.conf.device), 16))
         inside = (kpts[:, 0] <= w - 1) & (kpts[:, 1] <= h - 1)
         if valid is not None:
             inside &= _valid_mask(kpts, valid, self.conf.mask_margin)
@@ -116,6 +115,65 @@ class KeypointExtractor:
         if valid is not None:
             kpts = _filter_valid(kpts, valid, self.conf.mask_margin)
         return kpts
+
+
+def aliked_features(net: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kornia ALIKED's ``forward`` for one ``[1, 3, H, W]`` image: keypoints ``[N, 2]`` (x, y px), scores ``[N]``,
+    descriptors ``[N, D]``; the same arithmetic as kornia, with the dense map built by :func:`aliked_dense_map`."""
+    if image.shape[1] == 1:
+        image = image.expand(-1, 3, -1, -1)
+    feature_map, score_map = aliked_dense_map(net, image)
+    keypoints, scores, _ = net.dkd(score_map)
+    descriptors, _ = net.desc_head(feature_map, keypoints)
+    h, w = image.shape[-2:]
+    wh = torch.tensor([w - 1, h - 1], dtype=torch.float32, device=image.device)
+    return (wh * (keypoints[0].float() + 1) / 2.0), scores[0].float(), descriptors[0].float()
+
+
+def aliked_dense_map(net: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kornia ``ALIKED.extract_dense_map`` in about half the memory, same values.
+
+    kornia concatenates the four upsampled scales into a new map and L2-normalises it into another, and the score
+    head's first (1x1) convolution copies the map once more inside oneDNN: several copies of the
+    ``[1, 128, H, W]`` float map live at once (~2 GB at 1150 px). Here each scale is written into one
+    preallocated map as it is upsampled, the 1x1 convolution runs over bands of rows, and the map is normalised
+    in place.
+
+    Returns:
+        ``feature_map [1, D, H, W]`` (L2-normalised over channels), ``score_map [1, 1, H, W]`` in (0, 1).
+    """
+    from kornia.feature.aliked.aliked import InputPadder
+
+    padder = InputPadder(image.shape[-2], image.shape[-1], 32)
+    x1 = net.block1(padder.pad(image))
+    x2 = net.block2(net.pool2(x1))
+    x3 = net.block3(net.pool4(x2))
+    x4 = net.block4(net.pool4(x3))
+    heads = [(3, net.conv4, net.upsample32, x4), (2, net.conv3, net.upsample8, x3), (1, net.conv2, net.upsample2, x2),
+             (0, net.conv1, None, x1)]  # channel slot in kornia's concatenation [x1, x2, x3, x4]
+    del x1, x2, x3, x4
+    dense = None
+    for k, conv, up, x in heads:  # coarse scales first: one full-resolution temporary at a time besides the map
+        y = net.gate(conv(x))
+        y = y if up is None else up(y)
+        if dense is None:
+            dense = torch.empty((y.shape[0], 4 * y.shape[1], *y.shape[-2:]), dtype=y.dtype, device=y.device)
+        c = y.shape[1]
+        dense[:, k * c:(k + 1) * c] = y
+        del y
+    del heads, x
+    score_map = torch.sigmoid(_score_head(net.score_head, dense))
+    dense.div_(dense.norm(p=2, dim=1, keepdim=True).clamp_min_(1e-12))  # = F.normalize(dense, dim=1)
+    return padder.unpad(dense), padder.unpad(score_map)
+
+
+def _score_head(head: torch.nn.Sequential, dense: torch.Tensor, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """``head(dense)`` with its first layer (a 1x1 convolution: per pixel, so exact by rows) over bands of rows of
+    at most ``chunk_bytes`` of input, so the convolution never copies the whole map."""
+    first, rest = head[0], head[1:]
+    rows = max(1, chunk_bytes // (dense.shape[1] * dense.shape[-1] * dense.element_size()))
+    reduced = torch.cat([first(dense[..., i:i + rows, :]) for i in range(0, dense.shape[-2], rows)], dim=-2)
+    return rest(reduced)
 
 
 def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
