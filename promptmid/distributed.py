@@ -233,8 +233,9 @@ def _skipped_row(out_root: Path, pair_id: str) -> dict[str, Any]:
 
 
 def summary_rows(summary: dict[str, Any]) -> Iterable[list[str]]:
-    """Rows for a printed table: id, status, tiles, inliers, RMSE after, seconds, reason."""
+    """Rows for a printed table: id, status (with the QC confidence), tiles, inliers, RMSE after, seconds, reason."""
     for r in summary["pairs"]:
-        rmse = r.get("rmse_after_px")
-        yield [r["id"], r["status"], str(r.get("tiles") or ""), str(r.get("inliers") or ""),
+        rmse, conf = r.get("rmse_after_px"), r.get("confidence")
+        status = f"{r['status']} ({conf:.2f})" if isinstance(conf, (int, float)) else r["status"]
+        yield [r["id"], status, str(r.get("tiles") or ""), str(r.get("inliers") or ""),
                f"{rmse:.2f}" if isinstance(rmse, (int, float)) else "", str(r.get("seconds") or ""), r.get("reason", "")]

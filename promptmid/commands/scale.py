@@ -175,7 +175,7 @@ def batch(
         print(json.dumps(summary, indent=2, default=str))
     elif not quiet:
         table = Table(title=f"promptmid batch -> {out}")
-        for col in ("id", "status", "tiles", "inliers", "RMSE px", "s", "reason"):
+        for col in ("id", "verdict (confidence)", "tiles", "inliers", "RMSE px", "s", "reason"):
             table.add_column(col, overflow="fold")
         for row in summary_rows(summary):
             table.add_row(*row)
