@@ -1,4 +1,5 @@
-"""`promptmid finetune-dm`: PromptDM, LoRA fine-tuning of Stable Diffusion on optical/SAR images with prompts."""
+"""`promptmid finetune-dm`: PromptDM, LoRA fine-tuning of PromptDM-small or Stable Diffusion on optical/SAR images
+with prompts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from promptmid.commands.common import OverwriteOpt, QuietOpt, add_command, out_c
 
 
 def finetune_dm(
-    dm: str = typer.Option(..., "--dm", help="Base Stable Diffusion model (diffusers layout dir, or hub id)."),
+    dm: str = typer.Option(..., "--dm", help="Base model: promptdm-small (the shipped PromptDM-small, "
+                     "pixel space: use a small --crop such as 64), or Stable Diffusion (diffusers layout dir, or hub id)."),
     images: Path = typer.Option(..., "--images", help="CSV with columns image,class,modality (empty class = "
                                 "chosen by the diffusion classifier; modality optical|sar)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (adapter/, checkpoints/, train_log.json)."),
@@ -29,7 +31,8 @@ def finetune_dm(
     overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Fine-tune PromptDM: LoRA on the UNet, epsilon-prediction loss, VAE and text encoder frozen."""
+    """Fine-tune PromptDM (the shipped PromptDM-small or Stable Diffusion): LoRA on the UNet, epsilon-prediction
+    loss, text encoder (and SD's VAE) frozen."""
     from promptmid.errors import OutputExistsError
     from promptmid.models.prompts import DEFAULT_PROMPTS, load_prompt_set
     from promptmid.training.finetune_dm import finetune_dm as run, read_image_list
