@@ -125,6 +125,39 @@ def sar_in_optical_crs(sar_ds: Any, optical: GeoInfo) -> tuple[Any, bool]:
     return vrt, True
 
 
+def optical_on_utm(opt_ds: Any) -> tuple[Any, bool]:
+    """The optical dataset to work on for ``--grid utm``: a WarpedVRT on the local WGS84 / UTM zone grid
+    (:func:`utm_crs_at` the image centre; square pixels, GDAL's suggested size), or ``opt_ds`` itself when it is
+    already on that zone. Pixels outside the original footprint are nodata (the file's nodata value, else 0).
+
+    Returns:
+        ``(dataset, reprojected)``.
+    Raises:
+        InputError: the optical image is not georeferenced or cannot be reprojected.
+    """
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    info = geo_info(opt_ds)
+    if not info.georeferenced:
+        raise InputError("--grid utm needs a georeferenced optical image (it has no CRS or geotransform).")
+    centre = pixel_to_map(info.transform, np.array([[(info.width - 1) / 2, (info.height - 1) / 2]]))[0]
+    if info.crs.is_geographic:
+        lon, lat = centre
+    else:
+        from rasterio.warp import transform as crs_transform
+
+        (lon,), (lat,) = crs_transform(info.crs, "EPSG:4326", [centre[0]], [centre[1]])
+    utm = utm_crs_at(float(lon), float(lat))
+    if info.crs == utm:
+        return opt_ds, False
+    nodata = info.nodata if info.nodata is not None else 0
+    try:
+        return WarpedVRT(opt_ds, crs=utm, resampling=Resampling.bilinear, src_nodata=info.nodata, nodata=nodata), True
+    except Exception as exc:  # noqa: BLE001 - GDAL raises several types for impossible reprojections
+        raise InputError(f"Cannot reproject the optical image from {info.crs} to {utm} ({exc}).") from None
+
+
 def pixel_to_map_matrix(transform: Any) -> np.ndarray:
     """3x3 matrix mapping pixel centres ``(x, y)`` to map ``(X, Y)`` for a rasterio ``Affine``."""
     a = np.array([[transform.a, transform.b, transform.c], [transform.d, transform.e, transform.f], [0, 0, 1.0]])

@@ -182,3 +182,30 @@ def test_non_overlapping_inputs_are_refused(tmp_path: Path, matcher: Matcher) ->
     pair = synth.write_synthetic_geo_pair(tmp_path / "in", 256, seed=1, shift_m=(50000.0, 0.0))
     with pytest.raises(InputError, match="do not overlap"):
         _register(pair, tmp_path / "out", matcher)
+
+
+def test_optical_on_utm_grid(tmp_path: Path) -> None:
+    """--grid utm: a geographic optical image is read on its local UTM zone with square metre pixels covering the
+    same ground; a UTM image stays as it is; an image without georeferencing is refused."""
+    path = tmp_path / "geo4326.tif"
+    t = Affine(1e-5, 0, -95.92, 0, -1e-5, 41.32)
+    profile = dict(driver="GTiff", width=300, height=200, count=1, dtype="uint8", crs="EPSG:4326", transform=t)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(np.full((1, 200, 300), 100, np.uint8))
+    with rasterio.open(path) as ds:
+        vrt, warped = geo.optical_on_utm(ds)
+        assert warped and vrt.crs.to_epsg() == 32615 and abs(vrt.res[0] - vrt.res[1]) < 1e-9
+        info = geo.geo_info(vrt)
+        assert 0.8 < info.metres_per_pixel[0] < 1.2  # ~0.84 x 1.11 m pixels -> ~1 m square ones
+        assert abs(info.width * info.metres_per_pixel[0] - 300 * 0.8397) < 30  # the same ground width
+        vrt.close()
+    utm = tmp_path / "utm.tif"
+    with rasterio.open(utm, "w", **{**profile, "crs": "EPSG:32615", "transform": Affine(1, 0, 255000, 0, -1, 4577000)}) as ds:
+        ds.write(np.full((1, 200, 300), 100, np.uint8))
+    with rasterio.open(utm) as ds:
+        assert geo.optical_on_utm(ds) == (ds, False)
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as ds:
+        ds.write(np.zeros((1, 64, 64), np.uint8))
+    with rasterio.open(plain) as ds, pytest.raises(InputError, match="--grid utm needs a georeferenced"):
+        geo.optical_on_utm(ds)

@@ -149,3 +149,21 @@ def test_scene_uncertain_warns_and_strict_exits_6(tmp_path: Path, ben_pairs: lis
     assert all("verdict" in t for t in r["tile_qc"])
     res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "b"), "--strict"])
     assert res.exit_code == 6 and (tmp_path / "b" / "result.json").is_file(), res.output
+
+
+def test_os_sift_on_a_local_utm_grid(tmp_path: Path, os_sift: None) -> None:
+    """--grid utm: the EPSG:4326 scene is worked on and written on its UTM zone (square ~1 m pixels); the ~74 m
+    georeferencing error of the SAR is corrected as on the geographic grid."""
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["scene", str(OS_SIFT_OPTICAL), str(OS_SIFT_SAR), "--out", str(out), "--grid", "utm",
+                                   "--no-figures", "--top-k", "1024", "--quiet"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "result.json").read_text())
+    assert r["grid"] == "utm" and r["optical"]["crs"] == "EPSG:32615" and r["optical_file"]["crs"] == "EPSG:4326"
+    assert r["status"] == "ok" and 60 < r["correction_m"] < 90 and r["rmse_after_m"] < 5
+    with rasterio.open(out / "registered_sar.tif") as ds:
+        assert ds.crs.to_epsg() == 32615 and abs(ds.res[0] - ds.res[1]) < 1e-9 and 0.9 < ds.res[0] < 1.1
+    applied = tmp_path / "applied.tif"  # apply on the same UTM grid reproduces the product exactly
+    assert CliRunner().invoke(app, ["apply", str(out / "result.json"), str(OS_SIFT_SAR), "--out", str(applied)]).exit_code == 0
+    with rasterio.open(out / "registered_sar.tif") as a, rasterio.open(applied) as b:
+        assert a.transform == b.transform and np.array_equal(a.read(), b.read(), equal_nan=True)

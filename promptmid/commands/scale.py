@@ -14,6 +14,7 @@ from promptmid.commands.common import (
     JsonOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, SarBandsOpt, SarScaleOpt, StrictOpt, ThreadsOpt,
     ThresholdOpt, TopKOpt, build_overrides, err_console, add_command, fail, out_console, set_threads, status, uncertain,
 )
+from promptmid.errors import InputError
 from promptmid.geometry import format_matrix
 
 GeoPriorOpt = typer.Option(True, "--geo-prior/--no-geo-prior",
@@ -24,6 +25,8 @@ RadiusOpt = typer.Option("auto", "--search-radius",
                               "auto (the larger of 64 px and 150 m).")
 SceneModelOpt = typer.Option("affine", "--geometry", "--model", "-m", help="Global transform family: affine | poly2 "
                              "(2nd-order polynomial). (--model is a deprecated alias, to be removed in the next release.)")
+GridOpt = typer.Option("optical", "--grid", help="Working and output grid: optical (the optical image's own) or utm "
+                       "(the optical reprojected to its local UTM zone: square metre pixels for a geographic CRS).")
 TileOpt = typer.Option(1024, "--tile", help="Tile side on the optical image (px).")
 OverlapOpt = typer.Option(128, "--overlap", help="Overlap between neighbouring tiles (px).")
 MaxTilesOpt = typer.Option(64, "--max-tiles", help="At most this many tiles, spread over the scene (0 = all).")
@@ -31,9 +34,11 @@ NoFigOpt = typer.Option(False, "--no-figures", help="Skip tile_map.png.")
 
 
 def _scene_options(model: str, tile: int, overlap: int, max_tiles: int, geo_prior: bool, search_radius: str,
-                   no_figures: bool) -> dict[str, Any]:
+                   no_figures: bool, grid: str = "optical") -> dict[str, Any]:
+    if grid not in ("optical", "utm"):
+        raise InputError(f"Unknown --grid {grid!r}; valid: optical, utm.")
     return {"model": model, "tile": tile, "overlap": overlap, "max_tiles": max_tiles or None,
-            "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures}
+            "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures, "grid": grid}
 
 
 def _overrides(tile: int, threshold: Optional[float], top_k: Optional[int], **inputs: Any) -> dict[str, Any]:
@@ -48,6 +53,7 @@ def scene(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     preset: str = PresetOpt,
     geo_prior: bool = GeoPriorOpt,
+    grid: str = GridOpt,
     search_radius: str = RadiusOpt,
     model: str = SceneModelOpt,
     tile: int = TileOpt,
@@ -76,7 +82,7 @@ def scene(
     from promptmid.scene import SceneOptions, register_scene
 
     set_threads(threads)
-    opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures))
+    opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid))
     overrides = _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                            optical_bands=optical_bands, sar_bands=sar_bands)
     out_dir = prepare_out_dir(out, overwrite)
@@ -137,6 +143,7 @@ def batch(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Existing Dask scheduler, tcp://host:port."),
     preset: str = PresetOpt,
     geo_prior: bool = GeoPriorOpt,
+    grid: str = GridOpt,
     search_radius: str = RadiusOpt,
     model: str = SceneModelOpt,
     tile: int = TileOpt,
@@ -160,7 +167,7 @@ def batch(
 
     opts = BatchOptions(preset, _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                                            optical_bands=optical_bands, sar_bands=sar_bands),
-                        _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures),
+                        _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid),
                         threads, retry_failed)
     quiet = quiet or json_out
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -53,6 +53,7 @@ class SceneOptions:
     max_distortion: float = 0.05  # geo prior: reject tile fits whose scale/shear/rotation differ more from it
     block: int = 1024  # output block side
     figures: bool = True
+    grid: str = "optical"  # work (and write) on the optical grid, or "utm": the optical reprojected to its local UTM zone
 
 
 @dataclass
@@ -121,26 +122,38 @@ class SceneResult:
 class _Scene:
     """The opened rasters of a pair (see :func:`open_scene`)."""
 
-    opt_ds: Any
+    opt_ds: Any  # the optical as worked on: on its local UTM grid with ``grid="utm"``
     sar_ds: Any  # the SAR as matched: in the optical CRS when reprojected
     opt: geo.GeoInfo
     sar_file: geo.GeoInfo
     sar: geo.GeoInfo
     reprojected: bool
+    opt_file: geo.GeoInfo | None = None  # the optical file's own grid when it was reprojected (``grid="utm"``)
 
 
 @contextmanager
-def open_scene(optical: str | Path, sar: str | Path, geo_prior: bool = True) -> Iterator[_Scene]:
-    """Open both rasters; with ``geo_prior`` the SAR is read through a WarpedVRT in the optical CRS when the
-    CRSs differ. Closed on exit."""
-    with geo.open_raster(optical) as opt_ds, geo.open_raster(sar) as sar_file_ds:
+def open_scene(optical: str | Path, sar: str | Path, geo_prior: bool = True, grid: str = "optical") -> Iterator[_Scene]:
+    """Open both rasters; with ``grid="utm"`` the optical is read through a WarpedVRT on its local UTM grid
+    (:func:`promptmid.geo.optical_on_utm`); with ``geo_prior`` the SAR is read through a WarpedVRT in the
+    (working) optical CRS when the CRSs differ. Closed on exit.
+
+    Raises:
+        InputError: unreadable rasters, an unknown ``grid``, or a reprojection that is impossible.
+    """
+    if grid not in ("optical", "utm"):
+        raise InputError(f"Unknown grid {grid!r}; valid: optical, utm.")
+    with geo.open_raster(optical) as opt_file_ds, geo.open_raster(sar) as sar_file_ds:
+        opt_ds, opt_warped = geo.optical_on_utm(opt_file_ds) if grid == "utm" else (opt_file_ds, False)
         opt_info, sar_file = geo.geo_info(opt_ds), geo.geo_info(sar_file_ds)
         sar_ds, reprojected = geo.sar_in_optical_crs(sar_file_ds, opt_info) if geo_prior else (sar_file_ds, False)
         try:
-            yield _Scene(opt_ds, sar_ds, opt_info, sar_file, geo.geo_info(sar_ds), reprojected)
+            yield _Scene(opt_ds, sar_ds, opt_info, sar_file, geo.geo_info(sar_ds), reprojected,
+                         geo.geo_info(opt_file_ds) if opt_warped else None)
         finally:
             if reprojected:
                 sar_ds.close()
+            if opt_warped:
+                opt_ds.close()
 
 
 def register_scene(optical: str | Path, sar: str | Path, out_dir: Path, matcher: Any,
@@ -173,7 +186,7 @@ def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: 
     """Prior, tiles, per-tile matching and the global fit; writes nothing."""
     options = options or SceneOptions()
     say = progress or (lambda _m: None)
-    with open_scene(optical, sar, options.geo_prior) as sc:
+    with open_scene(optical, sar, options.geo_prior, options.grid) as sc:
         say("computing the prior")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -219,7 +232,7 @@ def write_scene(result: SceneResult, optical: str | Path, sar: str | Path, out_d
     out: dict[str, str] = {}
     tp = result.tiepoints
     if tp is not None:
-        with open_scene(optical, sar, options.geo_prior) as sc:
+        with open_scene(optical, sar, options.geo_prior, options.grid) as sc:
             out = _write_products(sc, result, Path(sar), out_dir, options)
     out["result"] = "result.json"
     result.outputs = out
@@ -350,7 +363,8 @@ def band_choices(sc: _Scene, matcher: Any) -> dict[str, dict[str, Any]]:
 
 
 def _base_info(sc: _Scene, matcher: Any, options: SceneOptions) -> dict[str, Any]:
-    return {"model": options.model, "bands": band_choices(sc, matcher), "optical": sc.opt.to_dict(), "sar": sc.sar_file.to_dict(),
+    return {"model": options.model, "bands": band_choices(sc, matcher), "optical": sc.opt.to_dict(),
+            "optical_file": (sc.opt_file or sc.opt).to_dict(), "grid": options.grid, "sar": sc.sar_file.to_dict(),
             "sar_grid": {"reprojected_to_optical_crs": sc.reprojected, **sc.sar.to_dict()},
             "config": {"preset": getattr(matcher, "preset", None), "scene": asdict(options)}}
 
