@@ -93,11 +93,9 @@ def truth_error(result: dict, size: int) -> float | None:
 
     from promptmid.scene.model import GlobalModel
 
-    g = result.get("global_model")
-    if not g:
+    if not result.get("global_model"):
         return None
-    model = GlobalModel(g["kind"], np.array([g["coeffs_x"], g["coeffs_y"]], np.float64),
-                        tuple(g["normalisation"][k] for k in ("cx", "cy", "scale")))
+    model = GlobalModel.from_dict(result["global_model"])
     grid = np.stack(np.meshgrid(np.linspace(0, size - 1, 10), np.linspace(0, size - 1, 10)), -1).reshape(-1, 2)
     return float(np.linalg.norm(model.apply(grid) - grid, axis=1).max())
 

@@ -111,9 +111,7 @@ def _scene_fit(data: dict[str, Any]) -> Fit:
     from promptmid.geo import GeoInfo
     from promptmid.scene.model import GlobalModel
 
-    g = data["global_model"]
-    model = GlobalModel(g["kind"], np.array([g["coeffs_x"], g["coeffs_y"]], np.float64),
-                        tuple(g["normalisation"][k] for k in ("cx", "cy", "scale")))
+    model = GlobalModel.from_dict(data["global_model"])
     opt, sar = Grid.from_dict(data["optical"]), Grid.from_dict(data["sar"])
     info = GeoInfo(opt.width, opt.height, data["optical"]["count"], data["optical"]["dtype"], opt.crs,
                    opt.transform, opt.nodata)

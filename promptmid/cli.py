@@ -19,7 +19,7 @@ from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
     OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, ThreadsOpt,
     StrictOpt, ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console,
-    set_threads, status, uncertain,
+    set_threads, status, uncertain, verdict_markup,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -99,10 +99,9 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool, strict: bool
 
 
 def _print_table(result: Any, out_dir: Path) -> None:
-    colour = {"ok": "green", "uncertain": "yellow"}.get(result.status, "red")
     table = Table(title=f"promptmid {result.config.get('preset')} -> {out_dir}", show_header=False)
     rows = [
-        ("verdict", f"[bold {colour}]{result.status}[/] (confidence {result.confidence:.2f})"),
+        ("verdict", verdict_markup(result.status, result.confidence)),
         ("transform (optical px -> SAR px)", format_matrix(result.transform)),
         ("matches / inliers", f"{len(result.points0)} / {result.num_inliers} ({result.num_inliers / max(1, len(result.points0)):.0%})"),
         ("residual RMSE", f"{result.rmse:.2f} SAR px"),

@@ -127,9 +127,7 @@ def test_os_sift_geographic_crs_through_scene(tmp_path: Path, os_sift: None, rad
     assert res.exit_code == 0, res.output
     r = json.loads((out / "result.json").read_text())
     assert r["tiles"]["processed"] == 1 and r["agreement"]["ok"] and 140 <= r["search_radius_px"] <= 160
-    model = scene.GlobalModel(r["global_model"]["kind"], np.array([r["global_model"]["coeffs_x"],
-                                                                   r["global_model"]["coeffs_y"]]),
-                              tuple(r["global_model"]["normalisation"][k] for k in ("cx", "cy", "scale")))
+    model = scene.GlobalModel.from_dict(r["global_model"])
     g = np.stack(np.meshgrid(np.linspace(0, 1091, 5), np.linspace(0, 1091, 5)), -1).reshape(-1, 2)
     err = np.abs(model.apply(g) - (g + OS_SIFT_H[:2, 2])).max()
     assert err < 5.0, err

@@ -32,6 +32,12 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def verdict_markup(status: str, confidence: float) -> str:
+    """A QC verdict for a rich table: ``ok`` green, ``uncertain`` yellow, else red, with its confidence."""
+    colour = {"ok": "green", "uncertain": "yellow"}.get(status, "red")
+    return f"[bold {colour}]{status}[/] (confidence {confidence:.2f})"
+
+
 def uncertain(message: str, strict: bool) -> None:
     """An ``uncertain`` QC verdict: a warning on stderr (exit 0), or with ``--strict`` an error and exit 6."""
     if strict:

@@ -13,6 +13,7 @@ from rich.table import Table
 from promptmid.commands.common import (
     JsonOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, SarBandsOpt, SarScaleOpt, StrictOpt, ThreadsOpt,
     ThresholdOpt, TopKOpt, build_overrides, err_console, add_command, fail, out_console, set_threads, status, uncertain,
+    verdict_markup,
 )
 from promptmid.errors import InputError
 from promptmid.geometry import format_matrix
@@ -35,8 +36,10 @@ NoFigOpt = typer.Option(False, "--no-figures", help="Skip tile_map.png.")
 
 def _scene_options(model: str, tile: int, overlap: int, max_tiles: int, geo_prior: bool, search_radius: str,
                    no_figures: bool, grid: str = "optical") -> dict[str, Any]:
-    if grid not in ("optical", "utm"):
-        raise InputError(f"Unknown --grid {grid!r}; valid: optical, utm.")
+    from promptmid.scene.pipeline import GRIDS
+
+    if grid not in GRIDS:  # checked before the output directory is made
+        raise InputError(f"Unknown --grid {grid!r}; valid: {', '.join(GRIDS)}.")
     return {"model": model, "tile": tile, "overlap": overlap, "max_tiles": max_tiles or None,
             "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures, "grid": grid}
 
@@ -105,11 +108,10 @@ def scene(
 def _print_scene(r: dict[str, Any], out_dir: Path) -> None:
     table = Table(title=f"promptmid scene -> {out_dir}", show_header=False)
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
-    colour = {"ok": "green", "uncertain": "yellow"}.get(r["status"], "red")
     verdicts = [t.get("verdict") for t in r["tile_qc"] if t.get("agrees")]
     rows = [
-        ("verdict", f"[bold {colour}]{r['status']}[/] (confidence {r['confidence']:.2f}; agreeing tiles "
-                    + ", ".join(f"{verdicts.count(v)} {v}" for v in ("ok", "uncertain") if v in verdicts) + ")"),
+        ("verdict", verdict_markup(r["status"], r["confidence"]) + "; agreeing tiles: "
+                    + ", ".join(f"{verdicts.count(v)} {v}" for v in ("ok", "uncertain") if v in verdicts)),
         ("transform (optical px -> SAR px)", format_matrix(r["transform"])),
         ("prior", r["prior"]["kind"] + (" (SAR reprojected to optical CRS)" if r["sar_grid"]["reprojected_to_optical_crs"] else "")),
         ("tiles processed / grid", f"{r['tiles']['processed']} / {r['tiles']['grid']}  "

@@ -48,6 +48,13 @@ class GlobalModel:
                 "normalisation": {"cx": self.norm[0], "cy": self.norm[1], "scale": self.norm[2],
                                   "u": "(x - cx) / scale", "v": "(y - cy) / scale"}}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GlobalModel":
+        """The model from its :meth:`to_dict` form (``result.json`` key ``global_model``)."""
+        norm = d["normalisation"]
+        return cls(d["kind"], np.array([d["coeffs_x"], d["coeffs_y"]], np.float64),
+                   (float(norm["cx"]), float(norm["cy"]), float(norm["scale"])))
+
 
 def _design(p: np.ndarray, kind: str, norm: tuple[float, float, float]) -> np.ndarray:
     u, v = (p[:, 0] - norm[0]) / norm[2], (p[:, 1] - norm[1]) / norm[2]

@@ -36,6 +36,9 @@ from promptmid.scene.products import (
 )
 
 
+GRIDS = ("optical", "utm")  # working grids of a scene (SceneOptions.grid)
+
+
 @dataclass
 class SceneOptions:
     """Settings of :func:`register_scene` (sizes in optical pixels unless stated)."""
@@ -140,8 +143,8 @@ def open_scene(optical: str | Path, sar: str | Path, geo_prior: bool = True, gri
     Raises:
         InputError: unreadable rasters, an unknown ``grid``, or a reprojection that is impossible.
     """
-    if grid not in ("optical", "utm"):
-        raise InputError(f"Unknown grid {grid!r}; valid: optical, utm.")
+    if grid not in GRIDS:
+        raise InputError(f"Unknown grid {grid!r}; valid: {', '.join(GRIDS)}.")
     with geo.open_raster(optical) as opt_file_ds, geo.open_raster(sar) as sar_file_ds:
         opt_ds, opt_warped = geo.optical_on_utm(opt_file_ds) if grid == "utm" else (opt_file_ds, False)
         opt_info, sar_file = geo.geo_info(opt_ds), geo.geo_info(sar_file_ds)
