@@ -121,6 +121,7 @@ def main() -> int:
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     ap.add_argument("--per-figure", type=int, default=0, help="unseen 3MOS tiles per figure (0 = all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "realpairs.md")
+    ap.add_argument("--models", default="affine,homography", help="geometry models fitted to every method")
     args = ap.parse_args()
     manifest = args.data / "all.jsonl"
     if not manifest.is_file():
@@ -142,7 +143,8 @@ def main() -> int:
     for name in runs:
         title, subset, rotations, perturb = specs[name]
         subset = subset[: args.limit] if args.limit else subset
-        conf = EvalConfig(methods, rotations, cache_dir=str(CACHE), threads=args.threads, perturb=perturb)
+        conf = EvalConfig(methods, rotations, tuple(m.strip() for m in args.models.split(",")), cache_dir=str(CACHE),
+                          threads=args.threads, perturb=perturb)
         out_dir = args.out.parent / args.out.stem / name
         result = run_and_report(subset, conf, out_dir, args.workers, title=f"Real optical-SAR pairs: {title}",
                                 progress=progress_printer(len(subset), name))
@@ -151,6 +153,7 @@ def main() -> int:
     cmd = (f"`.venv/bin/python benchmarks/bench_realpairs.py --methods {args.methods} --seed {args.seed} "
            f"--runs {args.runs} --per-figure {args.per_figure}" + (f" --limit {args.limit}" if args.limit else "")
            + f" --workers {args.workers} --threads {args.threads}"
+           + ("" if args.models == "affine,homography" else f" --models {args.models}")
            + ("" if args.out == RESULTS / "realpairs.md" else f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
            + "`")
     head = ["# Real optical-SAR pairs: displaced (perturbed) protocol first", "",

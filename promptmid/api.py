@@ -24,8 +24,9 @@ from promptmid.descriptor import Describer
 from promptmid.models.base import PairContext
 from promptmid.io import PreparedImage, load_image
 from promptmid import qc
-from promptmid.geometry import apply_transform
+from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit
+from promptmid.search import Hypothesis, global_search
 
 
 @dataclass
@@ -55,6 +56,10 @@ class MatchResult:
         sar_scaling: the SAR radiometric scaling actually applied (what ``--sar-scale auto`` resolved to).
         bands: the bands of each file the models saw, and why (``{"optical": ..., "sar": ...}``, see
             :class:`promptmid.io.BandChoice`).
+        hypothesis: where ``transform`` came from: ``"keypoints"`` (the robust fit of the matches) or
+            ``"area <i>"`` (the i-th hypothesis of the global area-based search, :mod:`promptmid.search`);
+            ``inliers`` and ``rmse`` are then the matches that agree with it.
+        hypotheses: every candidate the QC stage weighed (source, status, confidence, refined, transform).
     """
 
     status: str
@@ -80,6 +85,8 @@ class MatchResult:
     input_notes: list[str] = field(default_factory=list)
     sar_scaling: str | None = None
     bands: dict[str, Any] = field(default_factory=dict)
+    hypothesis: str | None = None
+    hypotheses: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -160,9 +167,14 @@ class Matcher:
             rotation_scores[f"{angle:g}"] = cand[0].num_inliers
             if best is None or cand[0].num_inliers > best[0].num_inliers:
                 best = cand
+        hypotheses = []
+        if self.conf["search"]["enabled"]:
+            _progress(progress, "area-based search")
+            with _timer(timings, "search"):
+                hypotheses = global_search(opt, sar_img, self.search_conf())
         _progress(progress, "quality control")
         with _timer(timings, "qc"):
-            checked = self._check(best[0], best[1], opt, sar_img)
+            checked = self._check(best[0], best[1], opt, sar_img, hypotheses)
         timings["total"] = time.perf_counter() - t_start
         return self._result(best, checked, opt, sar_img, feats0, timings, rotation_scores, context)
 
@@ -184,24 +196,40 @@ class Matcher:
                 "n1": len(feats1["keypoints"])}
         return geom, data, angle
 
-    def _check(self, geom: Geometry, data: dict[str, Any], opt: PreparedImage, sar: PreparedImage
-               ) -> tuple[np.ndarray | None, dict[str, Any] | None, qc.Verdict]:
-        """The QC stage (:func:`promptmid.qc.assess`): area-based refinement (when enabled) kept only when it
-        agrees with the keypoint evidence, then the verdict. Returns (transform, refinement info, verdict)."""
+    def search_conf(self) -> dict[str, Any]:
+        """Options of :func:`promptmid.search.global_search`: the config's ``search`` section; every rotation when
+        the keypoint stage searches rotations too (``geometry.rotations`` lists more than one angle)."""
+        conf = {k: v for k, v in self.conf["search"].items() if k != "enabled"}
+        if len(self.conf["geometry"]["rotations"]) > 1:
+            conf["rotation_range"] = 180.0
+        return conf
+
+    def _check(self, geom: Geometry, data: dict[str, Any], opt: PreparedImage, sar: PreparedImage,
+               hypotheses: list[Hypothesis]) -> tuple[qc.Candidate | None, list[qc.Candidate]]:
+        """The QC stage (:func:`promptmid.qc.choose`): the keypoint fit and every area hypothesis, each refined
+        (when enabled) or not as its evidence prefers; the most confident wins. Returns (chosen, candidates)."""
         conf = dict(self.conf["refine"])
         refine_conf = conf if conf.pop("enabled") else None
-        final, info, evidence = qc.assess(opt, sar, data["points0"], data["points1"], data["scores"], geom,
-                                          refine_conf, self.conf["geometry"]["threshold"])
-        return final, info, qc.judge(evidence, geom.reason)
+        return qc.choose(opt, sar, data["points0"], data["points1"], data["scores"], geom, hypotheses,
+                         refine_conf, self.conf["geometry"]["threshold"])
 
     def _result(
         self, best: tuple[Geometry, dict[str, Any], float],
-        checked: tuple[np.ndarray | None, dict[str, Any] | None, qc.Verdict],
+        checked: tuple[qc.Candidate | None, list[qc.Candidate]],
         opt: PreparedImage, sar: PreparedImage,
         feats0: dict[str, Any], timings: dict[str, float], rotation_scores: dict[str, int], context: PairContext,
     ) -> MatchResult:
         geom, data, angle = best
-        final, refinement, verdict = checked
+        chosen, candidates = checked
+        if chosen is None:
+            final, refinement, verdict = None, None, qc.no_transform(geom.reason)
+        else:
+            final, refinement, verdict = chosen.transform, chosen.refinement, chosen.verdict
+        inliers, rmse = geom.inliers, geom.rmse
+        if chosen is not None and chosen.source != "keypoints":  # the matches that agree with the area transform
+            res = residuals(final, data["points0"], data["points1"])
+            inliers = res <= self.conf["geometry"]["threshold"]
+            rmse = float(np.sqrt(np.mean(res[inliers] ** 2))) if inliers.any() else float("nan")
         return MatchResult(
             status=verdict.status,
             transform=None if verdict.status == "failed" else final,
@@ -212,9 +240,11 @@ class Matcher:
             points0=data["points0"],
             points1=data["points1"],
             scores=data["scores"],
-            inliers=geom.inliers,
+            inliers=inliers,
             model=geom.model,
-            rmse=geom.rmse,
+            rmse=rmse,
+            hypothesis=None if chosen is None else chosen.source,
+            hypotheses=[c.summary() for c in candidates],
             reason="; ".join(verdict.reasons),
             rotation_deg=angle,
             num_keypoints=(len(feats0["keypoints"]), data["n1"]),

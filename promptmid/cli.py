@@ -17,7 +17,8 @@ from promptmid.commands import register_all
 from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
-    OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, ThreadsOpt,
+    OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, SearchOpt,
+    SearchRotOpt, SearchScaleOpt, ThreadsOpt,
     StrictOpt, ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console,
     set_threads, status, uncertain, verdict_markup,
 )
@@ -36,6 +37,9 @@ def match(
     min_inliers: Optional[int] = MinInliersOpt,
     try_rotations: bool = RotOpt,
     rotation_step: Optional[float] = RotStepOpt,
+    search: Optional[bool] = SearchOpt,
+    search_rotation: Optional[float] = SearchRotOpt,
+    search_scale: Optional[str] = SearchScaleOpt,
     top_k: Optional[int] = TopKOpt,
     max_side: Optional[int] = MaxSideOpt,
     sar_scale: Optional[str] = SarScaleOpt,
@@ -66,7 +70,8 @@ def match(
                                 rotation_step=rotation_step, top_k=top_k, max_side=max_side,
                                 sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
                                 sar_bands=sar_bands, aggregator=aggregator,
-                                dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble)
+                                dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble,
+                                search=search, search_rotation=search_rotation, search_scale=search_scale)
     preset = resolve_preset(preset, dm, aggregator)
     io_conf = get_config(preset, overrides)["io"]
     opt_img, sar_img = load_image(optical, "optical", **io_conf), load_image(sar, "sar", **io_conf)
@@ -98,6 +103,14 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool, strict: bool
                   f"{out_dir / 'checkerboard.png'}", strict)
 
 
+def _hypotheses_text(result: Any) -> str:
+    """Which hypothesis was kept, and the confidence of each one weighed."""
+    if not result.hypotheses:
+        return "-"
+    weighed = ", ".join(f"{h['source']} {h['confidence']:.2f}" for h in result.hypotheses)
+    return f"{result.hypothesis or 'none'} (weighed: {weighed})"
+
+
 def _print_table(result: Any, out_dir: Path) -> None:
     table = Table(title=f"promptmid {result.config.get('preset')} -> {out_dir}", show_header=False)
     rows = [
@@ -107,6 +120,7 @@ def _print_table(result: Any, out_dir: Path) -> None:
         ("residual RMSE", f"{result.rmse:.2f} SAR px"),
         ("inlier coverage", f"{result.coverage():.0%} of the optical image"),
         ("SAR rotation tried/kept", f"{result.rotation_deg:g} deg"),
+        ("transform from", _hypotheses_text(result)),
         ("area-based refinement", _refinement_text(result.refinement)),
         ("QC evidence", _evidence_text(result.qc.get("evidence", {}))),
         ("time", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())),

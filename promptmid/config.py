@@ -64,6 +64,21 @@ DEFAULTS: dict[str, Any] = {
         "threshold": 1.5,  # inlier threshold of the correction fit (working px)
         "iterations": 3,  # passes (each re-warps with the refined transform)
     },
+    "search": {  # global area-based search for transform hypotheses without keypoints (promptmid.search)
+        "enabled": False,
+        "size": 256,  # long side (px) of the fine level (each image reduced independently)
+        "coarse_size": 128,  # long side (px) of the coarse level (the full rotation x scale grid)
+        "rotation_range": 15.0,  # rotations searched: -range .. +range (deg); 180 = every rotation (--try-rotations)
+        "rotation_step": 3.0,  # coarse rotation step (deg)
+        "scale_range": (0.8, 1.25),  # SAR scale relative to the prior (same footprint, or the pixel sizes)
+        "scale_steps": 7,  # coarse scales, geometrically spaced over scale_range
+        "min_overlap": 0.4,  # least overlap of the valid areas, as a share of the smaller one
+        "max_shift": None,  # largest distance of the centres from the prior (share of the SAR size); None = any
+        "top_k": 3,  # hypotheses kept (distinct transforms, best correlation first)
+        "peaks_per_cell": 2,  # correlation peaks kept per (rotation, scale) cell before choosing the top_k
+        "orientations": 9,  # oriented-gradient channels
+        "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
+    },
 }
 
 DINOV2 = {"layers": [4, 8, 12], "long_side": 518}

@@ -45,6 +45,7 @@ from promptmid.geometry import Size, apply_transform, corners, residuals, warp_t
 from promptmid.io import PreparedImage, working_transform
 from promptmid.matching import Geometry, fit_geometry
 from promptmid.refine import Refinement, oriented_gradient_features, refine_prepared
+from promptmid.search import pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")
 QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v1.json"
@@ -272,15 +273,8 @@ def _correlate(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, radius: 
 def pixel_size_evidence(optical: PreparedImage, sar: PreparedImage, scale: float) -> dict[str, float]:
     """``scale_vs_pixel_size``: |log| of the fitted scale over the ratio of the pixel sizes (optical px size /
     SAR px size), when both images carry a georeferenced pixel size in the same CRS units; else absent."""
-    try:
-        r0, r1 = optical.raster, sar.raster
-        if r0 is None or r1 is None or not r0.crs or not r1.crs or r0.crs != r1.crs:
-            return {}
-        px0 = math.sqrt(abs(r0.transform.a * r0.transform.e))
-        px1 = math.sqrt(abs(r1.transform.a * r1.transform.e))
-    except AttributeError:
-        return {}
-    return {"scale_vs_pixel_size": abs(math.log(max(scale, 1e-9) / (px0 / px1)))} if px0 > 0 and px1 > 0 else {}
+    ratio = pixel_size_ratio(optical, sar)
+    return {} if ratio is None else {"scale_vs_pixel_size": abs(math.log(max(scale, 1e-9) / ratio))}
 
 
 def gather_evidence(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray,
@@ -455,3 +449,102 @@ def assess(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
 def judge(evidence: Mapping[str, float], reason: str = "", model: QCModel | None = None) -> Verdict:
     """:func:`verdict_of` the evidence, or a failed verdict with ``reason`` when there is none (no fit)."""
     return verdict_of(evidence, model) if evidence else no_transform(reason)
+
+
+# --- one result per pair: the hypothesis the evidence prefers -----------------------------------
+
+
+AREA_REFINE_SEARCH = 16  # search radius (working px) of the refinement of an area hypothesis (coarse: ~4 px at 256)
+
+
+@dataclass
+class Candidate:
+    """One transform hypothesis after the QC stage.
+
+    Attributes:
+        source: ``"keypoints"`` (the robust fit of the matches) or ``"area <i>"`` (:mod:`promptmid.search`).
+        transform: the kept 3x3 optical -> SAR transform (refined when the evidence preferred that).
+        refinement: :meth:`Refinement.to_dict` (``applied`` says whether ``transform`` is the refined one).
+        evidence: the QC evidence of ``transform``.
+        verdict: its verdict.
+        search_score: the area search's correlation (NaN for keypoints).
+    """
+
+    source: str
+    transform: np.ndarray
+    refinement: dict[str, Any] | None
+    evidence: dict[str, float]
+    verdict: Verdict
+    search_score: float = float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "status": self.verdict.status,
+                "confidence": round(self.verdict.confidence, 4),
+                "refined": bool(self.refinement and self.refinement.get("applied")),
+                "search_score": None if not math.isfinite(self.search_score) else round(self.search_score, 4),
+                "transform": np.asarray(self.transform).tolist()}
+
+
+def area_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, hypothesis: np.ndarray,
+                  refinement: Refinement | None) -> dict[str, float]:
+    """The evidence of a transform that comes from the area search (no keypoints): its plausibility, the
+    refinement blocks around the ``hypothesis`` and the dense correlation at ``matrix`` (the hypothesis or its
+    refinement)."""
+    s = np.linalg.svd(np.asarray(matrix)[:2, :2], compute_uv=False)
+    ev = {"anisotropy": float(np.log(max(s[0], 1e-9) / max(s[1], 1e-9))), "scale": float(np.sqrt(max(s[0] * s[1], 0)))}
+    applied = refinement is not None and refinement.applied
+    c = corners(optical.original_size)
+    shift = np.linalg.norm(apply_transform(refinement.matrix, c) - apply_transform(hypothesis, c), axis=1).mean() \
+        if applied else 0.0
+    ev.update(refine_agreement=1.0, refine_inlier_ratio=refinement.inliers / max(refinement.blocks, 1) if applied
+              else 0.0, refine_shift_px=float(shift), refine_blocks=float(refinement.blocks if refinement else 0))
+    ev.update(pixel_size_evidence(optical, sar, ev["scale"]))
+    ev.update(dense_evidence(optical, sar, matrix))
+    return ev
+
+
+def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarray, model: str,
+                refine_conf: Mapping[str, Any] | None, source: str, search_score: float = float("nan"),
+                qc_model: QCModel | None = None) -> Candidate:
+    """Refine an area hypothesis (search :data:`AREA_REFINE_SEARCH` px) and keep the refined or the unrefined
+    transform, whichever the QC confidence prefers."""
+    refinement = None
+    if refine_conf:
+        conf = {**refine_conf, "search": max(int(refine_conf.get("search", 8)), AREA_REFINE_SEARCH)}
+        refinement = refine_prepared(optical, sar, hypothesis, model, **conf)
+    options = [(hypothesis, False)] + ([(refinement.matrix, True)] if refinement and refinement.applied else [])
+    best: Candidate | None = None
+    for matrix, refined in options:
+        ev = area_evidence(optical, sar, matrix, hypothesis, refinement)
+        verdict = verdict_of(ev, qc_model)
+        info = None if refinement is None else {**refinement.to_dict(), "applied": refined}
+        if not refined and info is not None and refinement.applied:
+            info["reason"] = "the unrefined hypothesis has the higher confidence"
+        if best is None or verdict.confidence > best.verdict.confidence:
+            best = Candidate(source, np.asarray(matrix, float), info, ev, verdict, search_score)
+    assert best is not None
+    return best
+
+
+def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray,
+           scores: np.ndarray, geom: Geometry, hypotheses: list[Any] = (), refine_conf: Mapping[str, Any] | None = None,
+           threshold: float = INLIER_THRESHOLD_PX, qc_model: QCModel | None = None
+           ) -> tuple[Candidate | None, list[Candidate]]:
+    """One result per pair, chosen by evidence: the keypoint fit (:func:`assess`) and every area hypothesis
+    (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g. :class:`promptmid.search.Hypothesis`), each
+    refined or not as its evidence prefers; the candidate with the highest QC confidence wins (the keypoint fit on
+    a tie).
+
+    Returns:
+        ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
+        and no hypothesis).
+    """
+    candidates: list[Candidate] = []
+    if geom.ok:
+        final, info, ev = assess(optical, sar, points0, points1, scores, geom, refine_conf, threshold)
+        candidates.append(Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model)))
+    for i, h in enumerate(hypotheses, 1):
+        candidates.append(assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model))
+    if not candidates:
+        return None, []
+    return max(candidates, key=lambda c: c.verdict.confidence), candidates

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from contextlib import contextmanager
+import math
 from typing import Any, Callable, Iterator, Optional
 
 import typer
@@ -89,6 +90,7 @@ NUMERIC_LIMITS: dict[str, tuple[float, bool, float | None, str]] = {
     "max_side": (64, False, None, "--max-side must be at least 64 px"),
     "rotation_step": (0.0, True, 180.0, "--rotation-step must be in (0, 180] degrees"),
     "threads": (1, False, None, "--threads must be at least 1"),
+    "search_rotation": (0.0, False, 180.0, "--search-rotation must be in [0, 180] degrees"),
 }
 
 
@@ -133,6 +135,7 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
 
         step = opts.get("rotation_step")
         o["geometry"]["rotations"] = rotation_steps(DEFAULT_ROTATION_STEP if step is None else step)
+    o.update(search_overrides(opts))
     if any(opts.get(k) for k in ("dm", "dm_lora", "land_use", "dm_ensemble", "dm_timestep")):
         o["sources"] = {"diffusion": diffusion_conf(opts)}
     if opts.get("aggregator") == "none":
@@ -142,6 +145,25 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
     elif opts.get("aggregator"):
         o["aggregator"] = {"name": opts["aggregator"]}
     return o
+
+
+def search_overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    """``{"search": ...}`` from ``--search/--no-search``, ``--search-rotation`` and ``--search-scale LO,HI``
+    (empty when none is given); a scale range that is not two positive numbers LO <= HI raises ``InputError``."""
+    search: dict[str, Any] = {}
+    if opts.get("search") is not None:
+        search["enabled"] = bool(opts["search"])
+    if opts.get("search_rotation") is not None:
+        search["rotation_range"] = float(opts["search_rotation"])
+    if opts.get("search_scale") is not None:
+        try:
+            lo, hi = (float(v) for v in str(opts["search_scale"]).split(","))
+        except ValueError:
+            raise InputError(f"--search-scale must be two numbers LO,HI (e.g. 0.8,1.25); got {opts['search_scale']!r}.")
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise InputError(f"--search-scale must satisfy 0 < LO <= HI; got {opts['search_scale']!r}.")
+        search["scale_range"] = (lo, hi)
+    return {"search": search} if search else {}
 
 
 def diffusion_conf(opts: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +235,13 @@ ThresholdOpt = typer.Option(None, "--threshold",
 RotOpt = typer.Option(False, "--try-rotations", help="Also try the SAR image rotated (steps of --rotation-step).")
 RotStepOpt = typer.Option(None, "--rotation-step",
                           help=f"Rotation step in degrees for --try-rotations (default {DEFAULT_ROTATION_STEP:g}).")
+SearchOpt = typer.Option(None, "--search/--no-search", help="Global area-based search for transform hypotheses "
+                         "beside the keypoint fit; the QC evidence picks one (default: the preset's).")
+SearchRotOpt = typer.Option(None, "--search-rotation", help="Area search: rotations within +-DEG (default "
+                            f"{DEFAULTS['search']['rotation_range']:g}; --try-rotations searches every rotation).")
+SearchScaleOpt = typer.Option(None, "--search-scale", help="Area search: SAR scale range LO,HI relative to the "
+                              "optical image (same footprint, or the pixel sizes of georeferenced images; default "
+                              f"{','.join(f'{v:g}' for v in DEFAULTS['search']['scale_range'])}).")
 TopKOpt = typer.Option(None, "--top-k", help=f"Keypoints per image (default {DEFAULTS['keypoints']['top_k']}).")
 MaxSideOpt = typer.Option(None, "--max-side",
                           help=f"Working resolution: long side in px (default {DEFAULTS['io']['max_side']}).")

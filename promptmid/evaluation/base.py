@@ -27,6 +27,9 @@ class MethodSpec:
         rotation_invariant: True when the method needs no rotation search.
         rotations_inside: True when the method runs the rotation search itself (``conf["rotations"]``).
         default: included when ``--methods`` is not given.
+        parts: a composite of other registered methods: the matches of ``parts[0]`` and the transform hypotheses
+            (``"hypotheses"`` in their output) of the others, weighed by the QC stage
+            (:mod:`promptmid.evaluation.area`); empty for an ordinary method.
     """
 
     name: str
@@ -36,6 +39,7 @@ class MethodSpec:
     rotation_invariant: bool = False
     rotations_inside: bool = False
     default: bool = True
+    parts: tuple[str, ...] = ()
 
 
 def gray_uint8(image: PreparedImage) -> np.ndarray:

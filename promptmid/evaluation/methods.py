@@ -180,10 +180,12 @@ register(_promptmid_spec("full", "full with a wrong prompt, 'a photograph of a c
 
 
 def _register_others() -> None:
-    from promptmid.evaluation import baselines, rift
+    from promptmid.evaluation import area, baselines, rift
 
-    for spec in (*baselines.SPECS, rift.SPEC):
+    for spec in (*baselines.SPECS, rift.SPEC, area.SPEC):
         register(spec)
+    for name in ("promptmid-lite", "aliked-mnn", "promptmid-full"):
+        register(area.composite(name, METHODS[name].description))
 
 
 _register_others()

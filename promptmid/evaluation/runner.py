@@ -169,8 +169,20 @@ def _save_cached(path: Path, out: dict[str, Any]) -> None:
 
 def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImage] | None, load_error: str,
                 conf: EvalConfig) -> dict[str, Any]:
-    """Cached or fresh matches of ``name`` on ``pair``; never raises for a method failure."""
-    from promptmid.evaluation.methods import rotations_for
+    """Cached or fresh matches of ``name`` on ``pair``; never raises for a method failure.
+
+    A composite method (``MethodSpec.parts``) gets the matches of its first part and the ``hypotheses`` of the
+    others (each part cached on its own), with the parts' timings added up."""
+    from promptmid.evaluation.methods import METHODS, rotations_for
+
+    parts = METHODS[name].parts
+    if parts:
+        outs = [matches_for(p, pair, images, load_error, conf) for p in parts]
+        out = {**outs[0], "hypotheses": [h for o in outs[1:] for h in o.get("hypotheses", [])]}
+        out["error"] = next((o["error"] for o in outs if o.get("error")), None)
+        out["timings"] = {k: sum(o.get("timings", {}).get(k, 0.0) for o in outs) for k in ("features", "matching")}
+        out["peak_mem_mb"] = max(o.get("peak_mem_mb", float("nan")) for o in outs)
+        return out
 
     path = (cache_path(conf.cache_dir, name, rotations_for(name, conf.rotations), pair.id, conf.protocol)
             if conf.cache_dir else None)
@@ -200,35 +212,56 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
     only when it agrees with the keypoint evidence) and carry the verdict: ``qc_status``, ``qc_confidence``
     and every piece of evidence as ``qc_<name>``.
     """
+    from promptmid.search import Hypothesis
+
+    hyps = [Hypothesis.from_dict(h) for h in out.get("hypotheses", [])]
     rows = []
     for model in conf.models:
         t0 = time.perf_counter()
         geom = None if out.get("error") else fit_geometry(out["points0"], out["points1"], model, conf.threshold,
                                                           conf.min_inliers)
         t_fit = time.perf_counter() - t0
-        rows.append(_row(pair, name, model, out, geom, None if geom is None else geom.matrix, t_fit, images))
+        plain = geom.matrix if geom is not None and geom.ok else (hyps[0].matrix if hyps else None)
+        rows.append(_row(pair, name, model, out, geom, plain, t_fit, images))
         if conf.refine:
             t0 = time.perf_counter()
-            refined, evidence = _checked(geom, out, images, conf.threshold)
+            chosen, candidates = _checked(geom, out, hyps, images, conf.threshold)
             t_ref = t_fit + time.perf_counter() - t0
-            rows.append(_row(pair, name, f"{model}+refine", out, geom, refined, t_ref, images))
-            rows[-1].update(qc_columns(evidence, geom))
+            rows.append(_row(pair, name, f"{model}+refine", out, geom, None if chosen is None else chosen.transform,
+                             t_ref, images))
+            rows[-1].update(qc_columns({} if chosen is None else chosen.evidence, geom))
+            if hyps:
+                rows[-1].update(candidate_columns(pair, chosen, candidates, images))
     return rows
 
 
-def _checked(geom: Any, out: dict[str, Any], images: tuple[PreparedImage, PreparedImage] | None,
-             threshold: float) -> tuple[np.ndarray | None, dict[str, float]]:
-    """The fit after the QC stage's area-based refinement (original pixels) and its QC evidence;
-    ``(None, {})`` when the fit failed."""
+def _checked(geom: Any, out: dict[str, Any], hyps: list[Any], images: tuple[PreparedImage, PreparedImage] | None,
+             threshold: float) -> tuple[Any, list[Any]]:
+    """The QC stage as the product runs it (:func:`promptmid.qc.choose`): the fit (refined when the evidence
+    agrees) and the area hypotheses; returns ``(chosen candidate or None, every candidate)``."""
     from promptmid.config import DEFAULTS
-    from promptmid.qc import assess
+    from promptmid.matching import Geometry
+    from promptmid.qc import choose
 
-    if geom is None or not geom.ok or images is None:
-        return None, {}
+    if images is None or (geom is None and not hyps):
+        return None, []
+    geom = geom if geom is not None else Geometry(None, np.zeros(0, bool), reason=out.get("error") or "")
     refine_conf = {k: v for k, v in DEFAULTS["refine"].items() if k != "enabled"}
-    final, _info, evidence = assess(images[0], images[1], out["points0"], out["points1"],
-                                    np.asarray(out["scores"], np.float64), geom, refine_conf, threshold)
-    return final, evidence
+    return choose(images[0], images[1], out["points0"], out["points1"], np.asarray(out["scores"], np.float64), geom,
+                  hyps, refine_conf, threshold)
+
+
+def candidate_columns(pair: Pair, chosen: Any, candidates: list[Any],
+                      images: tuple[PreparedImage, PreparedImage] | None) -> dict[str, Any]:
+    """``hypothesis`` (the chosen source), ``best_candidate_rmse`` (the best any candidate achieved against the
+    truth: how good the pick could have been) and ``candidates`` (source:confidence:rmse; rmse against the truth)."""
+    truth = pair.gt_transform()
+    if truth is None or not candidates:
+        return {"hypothesis": None if chosen is None else chosen.source}
+    size = _optical_size(pair, images)
+    errs = [metrics.transform_rmse(c.transform, truth, size, pair.points) for c in candidates]
+    return {"hypothesis": chosen.source, "best_candidate_rmse": float(min(errs)),
+            "candidates": ";".join(f"{c.source}:{c.verdict.confidence:.3f}:{e:.1f}" for c, e in zip(candidates, errs))}
 
 
 def qc_columns(evidence: dict[str, float], geom: Any) -> dict[str, Any]:

@@ -1,0 +1,483 @@
+"""Global area-based search: transform hypotheses without keypoints.
+
+Where keypoints detected independently in each image rarely land on the same ground point (10 m SAR
+tiles, flat or speckled scenes), the displacement can still be found by correlating dense,
+modality-robust features of the whole images. This stage searches a grid of rotations x scales of the
+SAR image and, for each, every translation at once with an FFT; the best peaks become hypotheses, each
+polished on a finer grid of (rotation, scale, shift) at a finer resolution. The area-based refinement
+and the QC stage (:func:`promptmid.qc.choose`) then decide between these hypotheses and the keypoint fit.
+
+Features: the oriented-gradient channels of :func:`promptmid.refine.oriented_gradient_features`
+(gradient magnitude in ``orientations`` directions, smoothed, normalised per pixel), which ignore the
+sign of the contrast, so an edge that is bright in one modality and dark in the other still correlates.
+Correlation: masked normalised cross-correlation (Padfield, IEEE TIP 2012) summed over the channels;
+nodata, fill and the footprint edge are masked out and never correlate; shifts whose overlap is below
+``min_overlap`` of the smaller valid area are not considered.
+
+Coordinates: (x, y) pixels, pixel centres at integers, origin top-left; every hypothesis ``matrix``
+maps ORIGINAL optical pixels to ORIGINAL SAR pixels, like every transform in promptmid.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from scipy import fft as sfft
+
+from promptmid.config import DEFAULTS, merge_options
+from promptmid.geometry import apply_transform, corners
+from promptmid.io import PreparedImage
+from promptmid.refine import oriented_gradient_features
+
+DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k != "enabled"}
+
+
+@dataclass
+class Hypothesis:
+    """One transform proposed by the area search.
+
+    Attributes:
+        matrix: 3x3 ORIGINAL optical px -> ORIGINAL SAR px.
+        score: masked normalised cross-correlation at the peak (fine level; -1..1).
+        distinctness: ``score`` minus the best correlation farther than 4 % of the size from the peak.
+        angle_deg: rotation of the SAR content relative to the optical image (counter-clockwise as displayed).
+        scale: SAR reduced px per optical reduced px, relative to the prior scale.
+        source: what proposed it (``"area"``).
+    """
+
+    matrix: np.ndarray
+    score: float
+    distinctness: float = 0.0
+    angle_deg: float = 0.0
+    scale: float = 1.0
+    source: str = "area"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "transform": np.asarray(self.matrix).tolist(), "score": round(self.score, 4),
+                "distinctness": round(self.distinctness, 4), "angle_deg": round(self.angle_deg, 3),
+                "scale": round(self.scale, 4)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Hypothesis":
+        return cls(np.asarray(d["transform"], float), float(d["score"]), float(d.get("distinctness", 0.0)),
+                   float(d.get("angle_deg", 0.0)), float(d.get("scale", 1.0)), str(d.get("source", "area")))
+
+
+@dataclass
+class Level:
+    """One image reduced for the search: gray values, the usable mask, and the map back to original px."""
+
+    gray: np.ndarray
+    mask: np.ndarray
+    to_original: np.ndarray  # 3x3: level px -> original px
+    features: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+
+def pixel_size_ratio(optical: PreparedImage, sar: PreparedImage) -> float | None:
+    """Optical pixel size over SAR pixel size (SAR px per optical px) when both images are georeferenced in the
+    same CRS; ``None`` otherwise."""
+    try:
+        r0, r1 = optical.raster, sar.raster
+        if r0 is None or r1 is None or not r0.crs or not r1.crs or r0.crs != r1.crs:
+            return None
+        px0 = math.sqrt(abs(r0.transform.a * r0.transform.e))
+        px1 = math.sqrt(abs(r1.transform.a * r1.transform.e))
+    except AttributeError:
+        return None
+    return px0 / px1 if px0 > 0 and px1 > 0 else None
+
+
+def search_scales(conf: dict[str, Any]) -> np.ndarray:
+    """The coarse scales: ``scale_steps`` values spaced geometrically over ``scale_range``."""
+    lo, hi = conf["scale_range"]
+    return np.geomspace(lo, hi, int(conf["scale_steps"])) if conf["scale_steps"] > 1 else np.array([math.sqrt(lo * hi)])
+
+
+def search_angles(conf: dict[str, Any]) -> np.ndarray:
+    """The coarse rotations (deg): ``-range .. +range`` by ``rotation_step`` (the whole circle once for 180)."""
+    rng, step = float(conf["rotation_range"]), float(conf["rotation_step"])
+    if rng >= 180.0:
+        return np.arange(-180.0, 180.0, step)
+    n = int(math.floor(rng / step + 1e-9))
+    return step * np.arange(-n, n + 1, dtype=float)
+
+
+def check_conf(conf: dict[str, Any]) -> dict[str, Any]:
+    """:data:`DEFAULT_CONF` updated with ``conf``; raises ``ValueError`` for unknown keys or values out of range."""
+    c = merge_options(DEFAULT_CONF, conf, "search")
+    lo, hi = c["scale_range"]
+    checks = [(0 < lo <= hi, "scale_range must be 0 < low <= high"),
+              (0 <= c["rotation_range"] <= 180, "rotation_range must be in [0, 180] degrees"),
+              (c["rotation_step"] > 0, "rotation_step must be > 0"),
+              (c["scale_steps"] >= 1 and c["top_k"] >= 1, "scale_steps and top_k must be >= 1"),
+              (0 < c["min_overlap"] < 1, "min_overlap must be in (0, 1)"),
+              (32 <= c["coarse_size"] <= c["size"], "need 32 <= coarse_size <= size")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"search: {message}")
+    return c
+
+
+# --- preparing the levels --------------------------------------------------------------------------
+
+
+def make_level(image: PreparedImage, long_side: int, sigma: float, orientations: int, margin: int = 2,
+               features: bool = True) -> Level:
+    """Reduce a prepared image to ``long_side`` px, fill nodata from its neighbourhood, compute the
+    oriented-gradient features and the mask of pixels that may correlate (valid, small holes closed, eroded
+    by ``margin`` + the smoothing so the footprint edge and nodata borders never count)."""
+    h, w = image.image.shape[:2]
+    f = min(1.0, long_side / max(h, w))
+    size = (max(int(round(w * f)), 8), max(int(round(h * f)), 8))
+    gray = image.image.mean(-1) if image.image.ndim == 3 else image.image
+    valid = image.valid.astype(np.float32)
+    filled = _fill_nodata(gray.astype(np.float32), valid)
+    small = cv2.resize(filled, size, interpolation=cv2.INTER_AREA)
+    small_valid = cv2.resize(valid, size, interpolation=cv2.INTER_AREA) > 0.5
+    mask = _usable(small_valid, margin + int(math.ceil(2 * sigma)))
+    sx, sy = w / size[0], h / size[1]
+    to_work = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
+    level = Level(small, mask, image.scale_matrix() @ to_work)
+    if features:
+        level.features = _zero_mean(oriented_gradient_features(small, orientations, sigma), mask)
+    return level
+
+
+def _fill_nodata(gray: np.ndarray, valid: np.ndarray, sigma: float = 3.0) -> np.ndarray:
+    """Nodata pixels replaced by the Gaussian-weighted mean of the valid ones around them (normalised
+    convolution), so that scattered nodata pixels make no edges; far from any valid pixel: the valid mean."""
+    if valid.all():
+        return gray
+    num = cv2.GaussianBlur(gray * valid, (0, 0), sigma)
+    den = cv2.GaussianBlur(valid, (0, 0), sigma)
+    mean = float((gray * valid).sum() / max(valid.sum(), 1.0))
+    fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), mean)
+    return np.where(valid > 0, gray, fill).astype(np.float32)
+
+
+def _usable(valid: np.ndarray, margin: int) -> np.ndarray:
+    """Valid pixels with holes of a few px closed (filled by :func:`_fill_nodata`), eroded by ``margin`` px."""
+    v = cv2.morphologyEx(valid.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+    return cv2.erode(v, kernel, borderValue=0).astype(bool)
+
+
+def _zero_mean(feat: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Channels with their mean over ``mask`` removed and zero outside it (what the masked correlation needs)."""
+    if not mask.any():
+        return np.zeros_like(feat)
+    out = feat - feat[:, mask].mean(axis=1)[:, None, None]
+    out[:, ~mask] = 0.0
+    return np.ascontiguousarray(out, np.float32)
+
+
+# --- the masked correlation ------------------------------------------------------------------------
+
+
+class Correlator:
+    """Masked normalised cross-correlation of one fixed (optical) level against many moving canvases.
+
+    ``ncc(canvas)[dy, dx]`` (index offset by the optical size) is the correlation of optical pixel ``x``
+    with canvas pixel ``x + d`` summed over the valid overlap; shifts whose overlap is below
+    ``min_overlap`` of the smaller valid area are ``-1``.
+    """
+
+    def __init__(self, fixed: Level, canvas_shape: tuple[int, int], min_overlap: float) -> None:
+        h0, w0 = fixed.mask.shape
+        self.h0, self.w0 = h0, w0
+        self.shape = (sfft.next_fast_len(h0 + canvas_shape[0], True), sfft.next_fast_len(w0 + canvas_shape[1], True))
+        m0 = fixed.mask.astype(np.float32)
+        self.a = np.conj(sfft.rfft2(fixed.features, self.shape))
+        self.a2 = np.conj(sfft.rfft2((fixed.features ** 2).sum(0), self.shape))
+        self.m0 = np.conj(sfft.rfft2(m0, self.shape))
+        self.area0 = float(m0.sum())
+        self.min_overlap = min_overlap
+
+    def ncc(self, canvas: Level) -> np.ndarray:
+        """Correlation map ``[h0 + hc - 1, w0 + wc - 1]``: entry ``(dy + h0 - 1, dx + w0 - 1)`` is shift ``d``."""
+        hc, wc = canvas.mask.shape
+        mb = canvas.mask.astype(np.float32)
+        stack = np.concatenate([canvas.features, mb[None], (canvas.features ** 2).sum(0)[None]])
+        spec = sfft.rfft2(stack, self.shape, workers=fft_workers())
+        fb, fm, fb2 = spec[:-2], spec[-2], spec[-1]
+        prods = np.stack([(self.a * fb).sum(0), self.a2 * fm, self.m0 * fb2, self.m0 * fm])
+        num, ea, eb, overlap = self._inverse(prods, hc, wc)
+        ncc = num / np.sqrt(np.maximum(ea * eb, 1e-12))
+        enough = overlap >= self.min_overlap * min(self.area0, float(mb.sum()))
+        return np.where(enough & (ea > 1e-6) & (eb > 1e-6), ncc, -1.0).astype(np.float32)
+
+    def _inverse(self, spectra: np.ndarray, hc: int, wc: int) -> np.ndarray:
+        """Linear cross-correlations ``[n, ...]`` from their spectra, rearranged so index ``(dy + h0 - 1, dx + w0 - 1)``
+        holds shift ``(dx, dy)`` for ``dx in (-w0, wc)``, ``dy in (-h0, hc)``."""
+        full = sfft.irfft2(spectra, self.shape, workers=fft_workers())
+        rows = np.r_[self.shape[0] - self.h0 + 1: self.shape[0], 0:hc]
+        cols = np.r_[self.shape[1] - self.w0 + 1: self.shape[1], 0:wc]
+        return full[:, rows][:, :, cols]
+
+
+def fft_workers() -> int:
+    """Threads for the FFTs: torch's thread setting when torch is loaded (``--threads``), else 1."""
+    torch = sys.modules.get("torch")
+    return max(1, int(torch.get_num_threads())) if torch is not None else 1
+
+
+def canvas_of(base: Level, angle_deg: float, scale: float, conf: dict[str, Any]) -> Level:
+    """The reduced SAR image ``base`` rotated by ``-angle_deg`` and scaled by ``1/scale`` onto a canvas that holds
+    all of it, so that a pure translation remains between the canvas and the optical level when the SAR content
+    is rotated by ``angle_deg`` and scaled by ``scale`` relative to the optical image.
+
+    ``Level.to_original`` of the canvas maps canvas px to ORIGINAL SAR px.
+    """
+    h, w = base.gray.shape
+    a = np.deg2rad(angle_deg)
+    lin = scale * np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])  # canvas offset -> SAR offset
+    ext = np.abs(np.linalg.inv(lin)) @ np.array([w, h], float)
+    cw, ch = int(math.ceil(ext[0])) + 2, int(math.ceil(ext[1])) + 2
+    to_sar = np.eye(3)
+    to_sar[:2, :2] = lin
+    to_sar[:2, 2] = np.array([(w - 1) / 2, (h - 1) / 2]) - lin @ np.array([(cw - 1) / 2, (ch - 1) / 2])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    gray = cv2.warpAffine(base.gray, to_sar[:2], (cw, ch), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    valid = cv2.warpAffine(base.mask.astype(np.uint8), to_sar[:2], (cw, ch), flags=cv2.INTER_NEAREST
+                           | cv2.WARP_INVERSE_MAP, borderValue=0)
+    margin = int(math.ceil(2 * conf["sigma"])) + 1
+    mask = cv2.erode(valid, np.ones((2 * margin + 1,) * 2, np.uint8), borderValue=0).astype(bool)
+    canvas = Level(gray, mask, base.to_original @ to_sar)
+    canvas.features = _zero_mean(oriented_gradient_features(gray, conf["orientations"], conf["sigma"]), mask)
+    return canvas
+
+
+# --- the search ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Peak:
+    """A correlation peak: its score, the (rotation, scale) cell, and the transform it implies (original px)."""
+
+    score: float
+    angle: float
+    scale: float
+    matrix: np.ndarray
+
+
+def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, Any] | None = None
+                  ) -> list[Hypothesis]:
+    """Transform hypotheses of ``sar`` against ``optical`` by the coarse-to-fine area search.
+
+    The prior is "same footprint" (each image reduced to the same long side, centres aligned), with the scale of
+    the pixel sizes when both images are georeferenced in the same CRS; rotation, scale and shift are searched
+    relative to it (``max_shift`` bounds the shift, e.g. to a georeferencing error).
+
+    Args:
+        optical, sar: prepared images (working resolution; results in original px).
+        conf: overrides of :data:`DEFAULT_CONF`.
+
+    Returns:
+        up to ``top_k`` distinct hypotheses, best correlation first (empty when nothing overlaps enough).
+    """
+    c = check_conf(conf or {})
+    prior_scale = _prior_scale(optical, sar)
+    peaks = _coarse_peaks(optical, sar, c, prior_scale)
+    if not peaks:
+        return []
+    fine_sar = _sar_level(sar, c["size"])
+    hyps = [h for h in (_polish(optical, fine_sar, p, c, prior_scale) for p in peaks) if h is not None]
+    if c["max_shift"] is not None:
+        hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
+    hyps.sort(key=lambda h: -h.score)
+    return _distinct(hyps, optical, c["top_k"])
+
+
+def centre_shift(matrix: np.ndarray, optical: PreparedImage, sar: PreparedImage) -> float:
+    """How far (original SAR px) ``matrix`` puts the optical image's centre from the SAR image's centre (the
+    position the search's prior assumes)."""
+    (w0, h0), (w1, h1) = optical.original_size, sar.original_size
+    p = apply_transform(matrix, np.array([[(w0 - 1) / 2, (h0 - 1) / 2]]))[0]
+    return float(np.hypot(p[0] - (w1 - 1) / 2, p[1] - (h1 - 1) / 2))
+
+
+def _prior_scale(optical: PreparedImage, sar: PreparedImage) -> float:
+    """SAR level px per optical level px expected before the search: 1 for the same footprint, else the
+    pixel-size ratio corrected for the different reductions of the two images."""
+    ratio = pixel_size_ratio(optical, sar)
+    if ratio is None:
+        return 1.0
+    # both images are reduced to the same long side, so level px = original px * (long side / original long side)
+    return ratio * max(sar.original_size) / max(optical.original_size)
+
+
+def _shift_matrix(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def _peak_matrix(fixed: Level, canvas: Level, dx: float, dy: float) -> np.ndarray:
+    """Original optical px -> original SAR px when optical level px ``x`` sits on canvas px ``x + d``."""
+    m = canvas.to_original @ _shift_matrix(dx, dy) @ np.linalg.inv(fixed.to_original)
+    return m / m[2, 2]
+
+
+def _predicted_shift(matrix: np.ndarray, fixed: Level, canvas: Level) -> tuple[float, float]:
+    """The shift ``d`` at which a canvas best reproduces ``matrix`` at the optical level's centre."""
+    h, w = fixed.mask.shape
+    centre = np.array([(w - 1) / 2, (h - 1) / 2, 1.0])
+    p0 = fixed.to_original @ centre
+    u = np.linalg.inv(canvas.to_original) @ (matrix @ p0)
+    return float(u[0] / u[2] - centre[0]), float(u[1] / u[2] - centre[1])
+
+
+def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float) -> list[Peak]:
+    """Best correlation peaks over the whole rotation x scale grid at the coarse level, distinct in
+    transform, best first; ``top_k + 2`` of them go on to polishing."""
+    fixed = make_level(optical, c["coarse_size"], c["sigma"], c["orientations"])
+    if not fixed.mask.any():
+        return []
+    base = _sar_level(sar, c["coarse_size"])
+    correlator = Correlator(fixed, _canvas_bound(base, c, prior_scale), c["min_overlap"])
+    exclusion = max(3, max(fixed.mask.shape) // 16)
+    peaks: list[Peak] = []
+    for scale in search_scales(c):
+        for angle in search_angles(c):
+            canvas = canvas_of(base, float(angle), float(scale) * prior_scale, c)
+            ncc = _limit_shift(correlator.ncc(canvas), fixed, canvas, c["max_shift"])
+            for score, dx, dy in _top_peaks(ncc, c["peaks_per_cell"], fixed.mask.shape, exclusion):
+                peaks.append(Peak(score, float(angle), float(scale), _peak_matrix(fixed, canvas, dx, dy)))
+    peaks.sort(key=lambda p: -p.score)
+    return _distinct(peaks, optical, c["top_k"] + 2)
+
+
+def _sar_level(sar: PreparedImage, size: int) -> Level:
+    """The reduced SAR image (nodata filled; the canvas masks and computes features after warping)."""
+    return make_level(sar, size, 1.0, 1, margin=0, features=False)
+
+
+def _canvas_bound(base: Level, c: dict[str, Any], prior_scale: float) -> tuple[int, int]:
+    """A canvas shape that holds the SAR level at any rotation and the smallest searched scale."""
+    h, w = base.gray.shape
+    side = int(math.ceil(math.hypot(h, w) / (c["scale_range"][0] * prior_scale))) + 4
+    return side, side
+
+
+def _limit_shift(ncc: np.ndarray, fixed: Level, canvas: Level, max_shift: float | None) -> np.ndarray:
+    """Keep only shifts within ``max_shift`` x the optical size of the centred position (the prior)."""
+    if max_shift is None:
+        return ncc
+    h0, w0 = fixed.mask.shape
+    hc, wc = canvas.mask.shape
+    cx, cy = (wc - 1) / 2 - (w0 - 1) / 2, (hc - 1) / 2 - (h0 - 1) / 2
+    yy, xx = np.ogrid[: ncc.shape[0], : ncc.shape[1]]
+    d = np.hypot(xx - (w0 - 1) - cx, yy - (h0 - 1) - cy)
+    return np.where(d <= max_shift * max(h0, w0), ncc, -1.0)
+
+
+def _top_peaks(ncc: np.ndarray, count: int, fixed_shape: tuple[int, int], exclusion: int
+               ) -> list[tuple[float, float, float]]:
+    """Up to ``count`` peaks ``(score, dx, dy)`` of a correlation map, each ``exclusion`` px from the others."""
+    work = ncc.copy()
+    out = []
+    for _ in range(count):
+        iy, ix = np.unravel_index(int(np.argmax(work)), work.shape)
+        score = float(work[iy, ix])
+        if score <= -1.0 + 1e-6:
+            break
+        out.append((score, float(ix - (fixed_shape[1] - 1)), float(iy - (fixed_shape[0] - 1))))
+        work[max(0, iy - exclusion): iy + exclusion + 1, max(0, ix - exclusion): ix + exclusion + 1] = -1.0
+    return out
+
+
+def _distinct(items: Sequence[Any], optical: PreparedImage, count: int, fraction: float = 0.04) -> list[Any]:
+    """The first ``count`` items (peaks or hypotheses, best first) whose transforms differ from every kept one
+    by more than ``fraction`` of the optical size (mean corner distance, original px)."""
+    c = corners(optical.original_size)
+    limit = fraction * max(optical.original_size)
+    kept: list[Any] = []
+    for item in items:
+        pts = apply_transform(item.matrix, c)
+        if all(np.linalg.norm(pts - apply_transform(k.matrix, c), axis=1).mean() > limit for k in kept):
+            kept.append(item)
+        if len(kept) == count:
+            break
+    return kept
+
+
+def _polish(optical: PreparedImage, base: Level, peak: Peak, c: dict[str, Any], prior_scale: float
+            ) -> Hypothesis | None:
+    """Refine a coarse peak at the fine level: a 3 x 3 grid of (rotation, scale) at half the coarse steps around
+    it, shifts within a few px of where the coarse peak predicts, sub-pixel; the best cell gives the hypothesis."""
+    fine = {**c, "sigma": c["sigma"] * 1.5}
+    fixed = make_level(optical, c["size"], fine["sigma"], c["orientations"])
+    radius = int(round(2 * c["size"] / c["coarse_size"])) + 2
+    h0, w0 = fixed.mask.shape
+    correlator = Correlator(fixed, (h0 + 2 * radius + 2, w0 + 2 * radius + 2), c["min_overlap"])
+    best: tuple[float, Hypothesis] | None = None
+    for da in (-0.5, 0.0, 0.5):
+        for ds in (-0.5, 0.0, 0.5):
+            angle, scale = peak.angle + da * c["rotation_step"], peak.scale * math.exp(ds * _log_step(c))
+            canvas = canvas_of(base, angle, scale * prior_scale, fine)
+            dx, dy = _predicted_shift(peak.matrix, fixed, canvas)
+            x0, y0 = int(round(dx)) - radius, int(round(dy)) - radius
+            window = _crop(canvas, x0, y0, w0 + 2 * radius + 1, h0 + 2 * radius + 1)
+            found = _local_peak(correlator.ncc(window), fixed, (dx - x0, dy - y0), radius)
+            if found is not None and (best is None or found[0] > best[0]):
+                score, distinct, fx, fy = found
+                best = (score, Hypothesis(_peak_matrix(fixed, window, fx, fy), score, distinct, angle, scale))
+    return None if best is None else best[1]
+
+
+def _crop(level: Level, x0: int, y0: int, width: int, height: int) -> Level:
+    """The part ``[y0:y0+height, x0:x0+width]`` of a canvas (zero features, masked, outside it)."""
+    h, w = level.mask.shape
+    feats = np.zeros((level.features.shape[0], height, width), np.float32)
+    mask = np.zeros((height, width), bool)
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y0 + height, h), max(x0, 0), min(x0 + width, w)
+    if sy0 < sy1 and sx0 < sx1:
+        feats[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = level.features[:, sy0:sy1, sx0:sx1]
+        mask[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = level.mask[sy0:sy1, sx0:sx1]
+    out = Level(np.zeros((height, width), np.float32), mask, level.to_original @ _shift_matrix(x0, y0))
+    out.features = feats
+    return out
+
+
+def _log_step(c: dict[str, Any]) -> float:
+    """Coarse scale step (natural log)."""
+    return math.log(c["scale_range"][1] / c["scale_range"][0]) / max(c["scale_steps"] - 1, 1)
+
+
+def _local_peak(ncc: np.ndarray, fixed: Level, predicted: tuple[float, float], radius: int
+                ) -> tuple[float, float, float, float] | None:
+    """Best correlation within ``radius`` px of the ``predicted`` shift, sub-pixel: ``(score, distinctness, dx,
+    dy)``; distinctness = the peak minus the best score farther than 4 % of the size anywhere in the map."""
+    h0, w0 = fixed.mask.shape
+    cx, cy = int(round(predicted[0])) + w0 - 1, int(round(predicted[1])) + h0 - 1
+    y0, y1 = max(cy - radius, 0), min(cy + radius + 1, ncc.shape[0])
+    x0, x1 = max(cx - radius, 0), min(cx + radius + 1, ncc.shape[1])
+    if y0 >= y1 or x0 >= x1:
+        return None
+    window = ncc[y0:y1, x0:x1]
+    iy, ix = np.unravel_index(int(np.argmax(window)), window.shape)
+    iy, ix = iy + y0, ix + x0
+    score = float(ncc[iy, ix])
+    if score <= -1.0 + 1e-6:
+        return None
+    ex = max(2, int(round(0.04 * max(h0, w0))))
+    far = ncc.copy()
+    far[max(0, iy - ex): iy + ex + 1, max(0, ix - ex): ix + ex + 1] = -1.0
+    dx = ix + _parabola(ncc, iy, ix, axis=1) - (w0 - 1)
+    dy = iy + _parabola(ncc, iy, ix, axis=0) - (h0 - 1)
+    return score, score - float(far.max()), dx, dy
+
+
+def _parabola(m: np.ndarray, iy: int, ix: int, axis: int) -> float:
+    """Sub-pixel offset of a peak along one axis (quadratic fit; 0 at the border or next to a masked shift)."""
+    if axis == 1 and 0 < ix < m.shape[1] - 1:
+        a, b, c = m[iy, ix - 1], m[iy, ix], m[iy, ix + 1]
+    elif axis == 0 and 0 < iy < m.shape[0] - 1:
+        a, b, c = m[iy - 1, ix], m[iy, ix], m[iy + 1, ix]
+    else:
+        return 0.0
+    den = a - 2 * b + c
+    return 0.0 if den >= 0 or min(a, c) <= -1 else float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))

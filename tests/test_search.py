@@ -1,0 +1,138 @@
+"""The global area-based search (promptmid.search) and the evidence-based choice between hypotheses (qc.choose)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from promptmid.config import DEFAULTS
+from promptmid.evaluation.metrics import mean_corner_error
+from promptmid.geometry import affine_about_centre
+from promptmid.io import load_image
+from promptmid.matching import Geometry
+from promptmid.qc import assess_area, choose
+from promptmid.search import (Correlator, Level, centre_shift, check_conf, global_search, make_level, search_angles,
+                              search_scales)
+from promptmid.synth import make_pair
+
+SIZE = 512
+REFINE = {k: v for k, v in DEFAULTS["refine"].items() if k != "enabled"}
+NO_FIT = Geometry(None, np.zeros(0, bool), reason="keypoints off")
+
+
+def _prepared(pair):
+    return load_image(pair.optical, "optical"), load_image(pair.sar, "sar")
+
+
+@pytest.fixture(scope="module")
+def displaced():
+    H = affine_about_centre((SIZE, SIZE), 11.0, 1.17, 0.04, (47.0, -31.0))
+    return make_pair(SIZE, seed=5, H=H)
+
+
+def test_area_search_alone_registers_displaced_pair(displaced):
+    opt, sar = _prepared(displaced)
+    hyps = global_search(opt, sar)
+    assert hyps, "no hypothesis"
+    chosen, candidates = choose(opt, sar, np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), NO_FIT, hyps, REFINE)
+    assert chosen is not None and chosen.source.startswith("area")
+    err = mean_corner_error(chosen.transform, displaced.H, (SIZE, SIZE))
+    assert err < 2.0, f"mean corner error {err:.2f} px"
+    assert chosen.verdict.status == "ok"
+    assert len(candidates) == len(hyps)
+
+
+def test_full_rotation_search_finds_large_rotation():
+    H = affine_about_centre((SIZE, SIZE), 100.0, 1.0, 0.0, (20.0, 10.0))
+    opt, sar = _prepared(make_pair(SIZE, seed=3, H=H))
+    hyps = global_search(opt, sar, {"rotation_range": 180.0, "rotation_step": 6.0})
+    errs = [mean_corner_error(h.matrix, H, (SIZE, SIZE)) for h in hyps]
+    assert min(errs) < 10.0, f"best hypothesis {min(errs):.1f} px off"
+
+
+def test_search_respects_its_ranges(displaced):
+    opt, sar = _prepared(displaced)
+    conf = {"rotation_range": 6.0, "rotation_step": 3.0, "scale_range": (0.9, 1.05), "scale_steps": 3}
+    c = check_conf(conf)
+    half_scale = math.exp(0.5 * math.log(1.05 / 0.9) / 2)
+    for h in global_search(opt, sar, conf):
+        assert -6.0 - 1.5 - 1e-9 <= h.angle_deg <= 6.0 + 1.5 + 1e-9
+        assert 0.9 / half_scale - 1e-9 <= h.scale <= 1.05 * half_scale + 1e-9
+    assert list(search_angles(c)) == [-6.0, -3.0, 0.0, 3.0, 6.0]
+    assert np.allclose(search_scales(c), [0.9, math.sqrt(0.9 * 1.05), 1.05])
+    # the true displacement (11 deg, 1.17) is outside these ranges: no hypothesis may be within 5 px of it
+    assert all(mean_corner_error(h.matrix, displaced.H, (SIZE, SIZE)) > 5.0 for h in global_search(opt, sar, conf))
+
+
+def test_max_shift_bounds_the_translation(displaced):
+    opt, sar = _prepared(displaced)
+    free = global_search(opt, sar)
+    assert centre_shift(free[0].matrix, opt, sar) > 40  # the true shift is (47, -31) px
+    for h in global_search(opt, sar, {"max_shift": 0.05}):
+        assert centre_shift(h.matrix, opt, sar) <= 0.05 * SIZE
+
+
+@pytest.mark.parametrize("bad", [{"scale_range": (1.2, 0.8)}, {"rotation_range": 200.0}, {"top_k": 0},
+                                 {"min_overlap": 1.5}, {"nonsense": 1}])
+def test_bad_options_raise(bad):
+    with pytest.raises(ValueError):
+        check_conf(bad)
+
+
+def test_featureless_pair_is_not_ok():
+    rng = np.random.default_rng(0)
+    optical = (0.5 + 0.01 * rng.standard_normal((256, 256))).astype(np.float32)
+    sar = rng.gamma(1.0, 1.0, (256, 256)).astype(np.float32)
+    opt, s = load_image(optical, "optical"), load_image(sar, "sar")
+    chosen, _ = choose(opt, s, np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), NO_FIT, global_search(opt, s), REFINE)
+    assert chosen is None or chosen.verdict.status != "ok"
+
+
+def test_masked_correlation_matches_brute_force():
+    rng = np.random.default_rng(1)
+
+    def level(h: int, w: int) -> Level:
+        mask = np.ones((h, w), bool)
+        mask[: h // 4, : w // 3] = False  # nodata corner
+        feats = rng.standard_normal((3, h, w)).astype(np.float32)
+        feats[:, ~mask] = 0.0
+        lv = Level(np.zeros((h, w), np.float32), mask, np.eye(3))
+        lv.features = feats
+        return lv
+
+    a, b = level(20, 24), level(26, 22)
+    ncc = Correlator(a, b.mask.shape, 0.1).ncc(b)
+    for dx, dy in [(0, 0), (3, -2), (-5, 4), (7, 9)]:
+        xs, ys = np.meshgrid(np.arange(24), np.arange(20))
+        inside = (xs + dx >= 0) & (xs + dx < 22) & (ys + dy >= 0) & (ys + dy < 26)
+        fa = a.features[:, ys[inside], xs[inside]]
+        fb = b.features[:, ys[inside] + dy, xs[inside] + dx]
+        ma, mb = a.mask[ys[inside], xs[inside]], b.mask[ys[inside] + dy, xs[inside] + dx]
+        num = (fa * fb).sum()
+        ea, eb = (fa ** 2 * mb).sum(), (fb ** 2 * ma).sum()
+        assert ncc[dy + 19, dx + 23] == pytest.approx(num / math.sqrt(ea * eb), abs=1e-4)
+
+
+def test_nodata_never_creates_a_peak():
+    """A SAR image with a large nodata block: the block's edge must not correlate with the optical image."""
+    H = affine_about_centre((SIZE, SIZE), 0.0, 1.0, 0.0, (30.0, 20.0))
+    pair = make_pair(SIZE, seed=7, H=H)
+    sar = pair.sar.astype(np.float32).copy()
+    sar[: SIZE // 3, :] = np.nan
+    opt, s = load_image(pair.optical, "optical"), load_image(sar, "sar")
+    level = make_level(s, 128, 1.0, 9)
+    assert not level.mask[: 128 // 3].any()
+    assert np.all(level.features[:, ~level.mask] == 0)
+    hyps = global_search(opt, s)
+    assert mean_corner_error(hyps[0].matrix, H, (SIZE, SIZE)) < 8.0
+
+
+def test_assess_area_keeps_the_better_of_refined_and_unrefined(displaced):
+    opt, sar = _prepared(displaced)
+    hyp = global_search(opt, sar)[0]
+    cand = assess_area(opt, sar, hyp.matrix, "affine", REFINE, "area 1", hyp.score)
+    assert cand.refinement is not None
+    assert mean_corner_error(cand.transform, displaced.H, (SIZE, SIZE)) <= \
+        mean_corner_error(hyp.matrix, displaced.H, (SIZE, SIZE)) + 0.5
