@@ -144,9 +144,15 @@ class Matcher:
         return load_image(source, modality, **self.conf["io"])  # type: ignore[arg-type]
 
     def match(
-        self, optical: Any, sar: Any, progress: Callable[[str], None] | None = None
+        self, optical: Any, sar: Any, progress: Callable[[str], None] | None = None,
+        prior: np.ndarray | None = None, search: dict[str, Any] | None = None,
     ) -> MatchResult:
         """Register ``sar`` to ``optical`` (paths, arrays or :class:`PreparedImage`).
+
+        Args:
+            prior: 3x3 ORIGINAL optical px -> SAR px transform known beforehand (e.g. a scene tile's position in its
+                SAR chip): the area search runs relative to it (:func:`promptmid.search.global_search`).
+            search: overrides of the ``search`` config for this call (e.g. narrow ranges around a ``prior``).
 
         Returns:
             :class:`MatchResult`; ``status == "failed"`` (no transform) when too few matches.
@@ -171,7 +177,7 @@ class Matcher:
         if self.conf["search"]["enabled"]:
             _progress(progress, "area-based search")
             with _timer(timings, "search"):
-                hypotheses = global_search(opt, sar_img, self.search_conf())
+                hypotheses = global_search(opt, sar_img, {**self.search_conf(), **(search or {})}, prior)
         _progress(progress, "quality control")
         with _timer(timings, "qc"):
             checked = self._check(best[0], best[1], opt, sar_img, hypotheses)

@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
         "iterations": 3,  # passes (each re-warps with the refined transform)
     },
     "search": {  # global area-based search for transform hypotheses without keypoints (promptmid.search)
-        "enabled": False,
+        "enabled": True,  # on in every preset: lite+area beats lite on validation and every unseen group
         "size": 256,  # long side (px) of the fine level (each image reduced independently)
         "coarse_size": 128,  # long side (px) of the coarse level (the full rotation x scale grid)
         "rotation_range": 15.0,  # rotations searched: -range .. +range (deg); 180 = every rotation (--try-rotations)

@@ -506,24 +506,27 @@ def area_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray
 def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarray, model: str,
                 refine_conf: Mapping[str, Any] | None, source: str, search_score: float = float("nan"),
                 qc_model: QCModel | None = None) -> Candidate:
-    """Refine an area hypothesis (search :data:`AREA_REFINE_SEARCH` px) and keep the refined or the unrefined
-    transform, whichever the QC confidence prefers."""
+    """Refine an area hypothesis (search :data:`AREA_REFINE_SEARCH` px) and keep the refinement when the dense
+    correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit), then judge the kept transform."""
     refinement = None
     if refine_conf:
         conf = {**refine_conf, "search": max(int(refine_conf.get("search", 8)), AREA_REFINE_SEARCH)}
         refinement = refine_prepared(optical, sar, hypothesis, model, **conf)
-    options = [(hypothesis, False)] + ([(refinement.matrix, True)] if refinement and refinement.applied else [])
-    best: Candidate | None = None
-    for matrix, refined in options:
-        ev = area_evidence(optical, sar, matrix, hypothesis, refinement)
-        verdict = verdict_of(ev, qc_model)
-        info = None if refinement is None else {**refinement.to_dict(), "applied": refined}
-        if not refined and info is not None and refinement.applied:
-            info["reason"] = "the unrefined hypothesis has the higher confidence"
-        if best is None or verdict.confidence > best.verdict.confidence:
-            best = Candidate(source, np.asarray(matrix, float), info, ev, verdict, search_score)
-    assert best is not None
-    return best
+    matrix, info = np.asarray(hypothesis, float), None
+    ev = area_evidence(optical, sar, matrix, hypothesis, refinement)
+    if refinement is not None:
+        info = refinement.to_dict()
+        if refinement.applied:
+            refined = area_evidence(optical, sar, refinement.matrix, hypothesis, refinement)
+            accepted, why = refinement_agrees(ev, refined)
+            if accepted:
+                matrix, ev = np.asarray(refinement.matrix, float), refined
+            else:
+                info.update(applied=False, reason=why)
+    return Candidate(source, matrix, info, ev, verdict_of(ev, qc_model), search_score)
+
+
+SAME_PX = SUCCESS_PX  # candidates whose transforms differ by less than this (mean corner distance, px) are one
 
 
 def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray,
@@ -532,8 +535,9 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
            ) -> tuple[Candidate | None, list[Candidate]]:
     """One result per pair, chosen by evidence: the keypoint fit (:func:`assess`) and every area hypothesis
     (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g. :class:`promptmid.search.Hypothesis`), each
-    refined or not as its evidence prefers; the candidate with the highest QC confidence wins (the keypoint fit on
-    a tie).
+    refined when the dense correlation agrees; the candidate with the highest QC confidence wins. When the keypoint
+    fit is the same transform as the winner (within :data:`SAME_PX`), it is kept instead: confidences of right
+    transforms saturate near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis.
 
     Returns:
         ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
@@ -547,4 +551,15 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
         candidates.append(assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model))
     if not candidates:
         return None, []
-    return max(candidates, key=lambda c: c.verdict.confidence), candidates
+    best = max(candidates, key=lambda c: c.verdict.confidence)
+    first = candidates[0]
+    if first is not best and first.source == "keypoints" and _distance(first.transform, best.transform,
+                                                                          optical.original_size) <= SAME_PX:
+        best = first
+    return best, candidates
+
+
+def _distance(a: np.ndarray, b: np.ndarray, size: Size) -> float:
+    """Mean distance (px) between the optical corners mapped by two transforms."""
+    c = corners(size)
+    return float(np.linalg.norm(apply_transform(a, c) - apply_transform(b, c), axis=1).mean())

@@ -31,7 +31,7 @@ from scipy import fft as sfft
 
 from promptmid.config import DEFAULTS, merge_options
 from promptmid.geometry import apply_transform, corners
-from promptmid.io import PreparedImage
+from promptmid.io import PreparedImage, working_transform
 from promptmid.refine import oriented_gradient_features
 
 DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k != "enabled"}
@@ -265,21 +265,28 @@ class Peak:
     matrix: np.ndarray
 
 
-def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, Any] | None = None
-                  ) -> list[Hypothesis]:
+def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, Any] | None = None,
+                  prior: np.ndarray | None = None) -> list[Hypothesis]:
     """Transform hypotheses of ``sar`` against ``optical`` by the coarse-to-fine area search.
 
-    The prior is "same footprint" (each image reduced to the same long side, centres aligned), with the scale of
-    the pixel sizes when both images are georeferenced in the same CRS; rotation, scale and shift are searched
-    relative to it (``max_shift`` bounds the shift, e.g. to a georeferencing error).
+    Without ``prior`` the prior is "same footprint" (each image reduced to the same long side, centres aligned),
+    with the scale of the pixel sizes when both images are georeferenced in the same CRS; rotation, scale and
+    shift are searched relative to it (``max_shift`` bounds the shift, e.g. to a georeferencing error).
 
     Args:
         optical, sar: prepared images (working resolution; results in original px).
         conf: overrides of :data:`DEFAULT_CONF`.
+        prior: 3x3 ORIGINAL optical px -> SAR px transform known beforehand (e.g. from georeferencing): the SAR
+            is resampled through it onto the optical grid and the search runs relative to it.
 
     Returns:
         up to ``top_k`` distinct hypotheses, best correlation first (empty when nothing overlaps enough).
     """
+    if prior is not None:
+        hyps = global_search(optical, through_prior(sar, optical, prior), conf)
+        for h in hyps:
+            h.matrix = np.asarray(prior, float) @ h.matrix
+        return hyps
     c = check_conf(conf or {})
     prior_scale = _prior_scale(optical, sar)
     peaks = _coarse_peaks(optical, sar, c, prior_scale)
@@ -291,6 +298,17 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
         hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
     hyps.sort(key=lambda h: -h.score)
     return _distinct(hyps, optical, c["top_k"])
+
+
+def through_prior(sar: PreparedImage, optical: PreparedImage, prior: np.ndarray) -> PreparedImage:
+    """The SAR image resampled through ``prior`` (ORIGINAL optical px -> SAR px) onto the optical working grid; its
+    original pixels are the optical image's."""
+    work = working_transform(prior, optical, sar)
+    h, w = optical.image.shape[:2]
+    flags = cv2.WARP_INVERSE_MAP
+    image = cv2.warpPerspective(sar.image, work, (w, h), flags=cv2.INTER_LINEAR | flags)
+    valid = cv2.warpPerspective(sar.valid.astype(np.uint8), work, (w, h), flags=cv2.INTER_NEAREST | flags)
+    return PreparedImage(image, valid.astype(bool), optical.scale, optical.original_size, "sar", None)
 
 
 def centre_shift(matrix: np.ndarray, optical: PreparedImage, sar: PreparedImage) -> float:

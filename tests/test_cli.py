@@ -160,7 +160,10 @@ def test_cli_options_map_onto_config_overrides():
 @pytest.mark.parametrize("option", [["--top-k", "-5"], ["--top-k", "0"], ["--threshold", "-3"], ["--threshold", "0"],
                                     ["--max-side", "1"], ["--min-inliers", "0"], ["--threads", "-1"],
                                     ["--try-rotations", "--rotation-step", "0"],
-                                    ["--try-rotations", "--rotation-step", "200"]])
+                                    ["--try-rotations", "--rotation-step", "200"],
+                                    ["--search-scale", "1.2,0.8"], ["--search-scale", "0,1"],
+                                    ["--search-scale", "abc"], ["--search-rotation", "-1"],
+                                    ["--search-rotation", "270"]])
 def test_numeric_options_are_checked_up_front(tmp_path, demo_files, option):
     out = tmp_path / "o"
     res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), *option, "-q")

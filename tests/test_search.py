@@ -136,3 +136,27 @@ def test_assess_area_keeps_the_better_of_refined_and_unrefined(displaced):
     assert cand.refinement is not None
     assert mean_corner_error(cand.transform, displaced.H, (SIZE, SIZE)) <= \
         mean_corner_error(hyp.matrix, displaced.H, (SIZE, SIZE)) + 0.5
+
+
+def test_matcher_reports_the_weighed_hypotheses(displaced):
+    from promptmid.api import Matcher
+
+    r = Matcher("xfeat").match(displaced.optical, displaced.sar)
+    assert r.hypothesis in {h["source"] for h in r.hypotheses}
+    assert r.hypotheses[0]["source"] == "keypoints" and any(h["source"].startswith("area") for h in r.hypotheses)
+    assert mean_corner_error(r.transform, displaced.H, (SIZE, SIZE)) < 2.0
+    off = Matcher("xfeat", {"search": {"enabled": False}}).match(displaced.optical, displaced.sar)
+    assert [h["source"] for h in off.hypotheses] == ["keypoints"]
+
+
+def test_search_around_a_prior(displaced):
+    """With a prior (e.g. a scene tile's place in its chip), the search is relative to it and bounded by max_shift."""
+    opt, sar = _prepared(displaced)
+    near = affine_about_centre((SIZE, SIZE), 10.0, 1.15, 0.0, (40.0, -25.0))  # a few px from the truth
+    hyps = global_search(opt, sar, {"rotation_range": 3.0, "scale_range": (0.95, 1.05), "scale_steps": 3,
+                                    "max_shift": 0.05, "top_k": 1}, prior=near)
+    assert len(hyps) == 1
+    err = mean_corner_error(hyps[0].matrix, displaced.H, (SIZE, SIZE))
+    # a similarity search leaves the pair's shear (0.04: ~10 px at the corners) to the refinement
+    assert err < 12.0 and err < mean_corner_error(near, displaced.H, (SIZE, SIZE))
+    assert centre_shift(np.linalg.inv(near) @ hyps[0].matrix, opt, opt) <= 0.05 * SIZE

@@ -161,7 +161,7 @@ def search_overrides(opts: dict[str, Any]) -> dict[str, Any]:
         except ValueError:
             raise InputError(f"--search-scale must be two numbers LO,HI (e.g. 0.8,1.25); got {opts['search_scale']!r}.")
         if not (0 < lo <= hi and math.isfinite(hi)):
-            raise InputError(f"--search-scale must satisfy 0 < LO <= HI; got {opts['search_scale']!r}.")
+            raise InputError(f"--search-scale must be LO,HI with 0 < LO <= HI; got {opts['search_scale']!r}.")
         search["scale_range"] = (lo, hi)
     return {"search": search} if search else {}
 

@@ -8,8 +8,7 @@
   evidence prefers, as :class:`promptmid.api.Matcher` does with ``search.enabled``.
 
 Rotation search: with several ``rotations`` (the validation run's 0/90/180/270), the area search covers every
-rotation (``rotation_range`` 180 at ``full_circle_step`` deg) and the wider ``full_circle_scales`` (the rotated
-validation pairs also differ in scale by up to 2x), the counterpart of ``--try-rotations``.
+rotation (``rotation_range`` 180), as :class:`promptmid.api.Matcher` does with ``--try-rotations``.
 """
 
 from __future__ import annotations
@@ -19,21 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from promptmid.config import DEFAULTS
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
 from promptmid.search import global_search
 
-SEARCH_DEFAULTS = {k: v for k, v in DEFAULTS["search"].items() if k != "enabled"}
 
 
 def build_area_search(conf: dict[str, Any]) -> MethodFn:
-    """``conf``: ``search`` (overrides of the search options), ``full_circle_step``, ``full_circle_scales``,
-    ``rotations`` (set by the registry)."""
+    """``conf``: ``search`` (overrides of the search options), ``rotations`` (set by the registry)."""
     search_conf = dict(conf.get("search") or {})
     if len(conf["rotations"]) > 1:
-        search_conf.update(rotation_range=180.0, rotation_step=conf["full_circle_step"],
-                           scale_range=tuple(conf["full_circle_scales"]), scale_steps=conf["full_circle_scale_steps"])
+        search_conf["rotation_range"] = 180.0
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -47,8 +42,7 @@ def build_area_search(conf: dict[str, Any]) -> MethodFn:
 
 SPEC = MethodSpec("area-search", "global area-based search: oriented-gradient features, FFT correlation over "
                   "rotation x scale, top hypotheses polished (no learned part)", build_area_search,
-                  {"search": None, "full_circle_step": 6.0, "full_circle_scales": (0.5, 2.0),
-                   "full_circle_scale_steps": 11}, rotations_inside=True, default=False)
+                  {"search": None}, rotations_inside=True, default=False)
 
 
 def composite(method: str, description: str) -> MethodSpec:

@@ -133,9 +133,11 @@ def build_promptmid(conf: dict[str, Any]) -> MethodFn:
     from promptmid.api import Matcher
     from promptmid.config import deep_merge
 
-    # the runner refines every method's fit the same way, so the Matcher's own refinement is off here
+    # the runner refines every method's fit the same way, so the Matcher's own refinement is off here; the area
+    # search is its own method ("area-search"), combined with the keypoint matches by the "<method>+area" composites
     overrides = deep_merge(conf.get("overrides") or {},
-                           {"geometry": {"rotations": conf["rotations"]}, "refine": {"enabled": False}})
+                           {"geometry": {"rotations": conf["rotations"]}, "refine": {"enabled": False},
+                            "search": {"enabled": False}})
     matcher = Matcher(conf["preset"], overrides)
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:

@@ -177,8 +177,33 @@ def write_summary(rows: list[dict[str, Any]], out_dir: Path, header: list[str], 
     models = list(dict.fromkeys(r["model"] for r in rows))
     doc = json_safe({"config": config, **summary})
     (out_dir / "summary.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
-    (out_dir / "summary.md").write_text(summary_markdown(summary, header, models) + "\n")
+    picks = pick_table(rows)
+    (out_dir / "summary.md").write_text(summary_markdown(summary, header, models) + "\n"
+                                        + (f"\n{picks}\n" if picks else ""))
     return summary
+
+
+def pick_table(rows: list[dict[str, Any]], success_px: float = 5.0) -> str:
+    """For methods that weigh several hypotheses per pair (``<method>+area``, ``area-search``; ``+refine`` rows):
+    how often some candidate was within ``success_px`` of the truth, how often the pick was, and where the picks
+    came from. Empty when no row weighed hypotheses."""
+    lines = []
+    for (method, model) in dict.fromkeys((r["method"], r["model"]) for r in rows if r.get("best_candidate_rmse")
+                                         is not None):
+        sel = [r for r in rows if r["method"] == method and r["model"] == model
+               and r.get("best_candidate_rmse") is not None]
+        best = sum(float(r["best_candidate_rmse"]) <= success_px for r in sel)
+        picked = sum(float(r["rmse"]) <= success_px for r in sel)
+        sources = Counter(str(r.get("hypothesis")).split(" ")[0] for r in sel)
+        lines.append(f"| {method} | {model} | {len(sel)} | {best} | {picked} | "
+                     f"{picked / best if best else float('nan'):.2f} | "
+                     + ", ".join(f"{k} {v}" for k, v in sources.most_common()) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["Hypothesis pick (QC evidence chooses among the keypoint fit and the area-search hypotheses; "
+                      f"within {success_px:g} px of the truth):", "",
+                      "| method | model | pairs | some candidate right | pick right | pick right / some right | "
+                      "picked from |", "|---|---|---|---|---|---|---|", *lines])
 
 
 def json_safe(v: Any) -> Any:

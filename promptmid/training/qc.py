@@ -39,10 +39,11 @@ MODEL_FEATURES = ("log_dense_offset", "dense_distinctness", "dense_peak", "refin
 
 
 def rows_with_evidence(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``affine+refine`` rows that have a fit, QC evidence and a finite true RMSE."""
+    """The ``affine+refine`` rows that have a transform, QC evidence (keypoint fits and area hypotheses alike) and a
+    finite true RMSE."""
     keep = []
     for r in rows:
-        if r.get("model") != MODEL_NAME or r.get("status") != "ok" or "qc_inliers" not in r:
+        if r.get("model") != MODEL_NAME or r.get("status") != "ok" or "qc_dense_peak" not in r:
             continue
         if r.get("rmse") is None or not math.isfinite(float(r["rmse"])):
             continue
