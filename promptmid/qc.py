@@ -507,7 +507,9 @@ def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarr
                 refine_conf: Mapping[str, Any] | None, source: str, search_score: float = float("nan"),
                 qc_model: QCModel | None = None) -> Candidate:
     """Refine an area hypothesis (search :data:`AREA_REFINE_SEARCH` px) and keep the refinement when the dense
-    correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit), then judge the kept transform."""
+    correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit), then judge the kept transform.
+    A hypothesis whose refinement blocks do not agree on a correction (or without refinement) is ``failed`` with
+    confidence 0: nothing but the search's own correlation speaks for it."""
     refinement = None
     if refine_conf:
         conf = {**refine_conf, "search": max(int(refine_conf.get("search", 8)), AREA_REFINE_SEARCH)}
@@ -523,7 +525,13 @@ def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarr
                 matrix, ev = np.asarray(refinement.matrix, float), refined
             else:
                 info.update(applied=False, reason=why)
-    return Candidate(source, matrix, info, ev, verdict_of(ev, qc_model), search_score)
+    verdict = verdict_of(ev, qc_model)
+    if refinement is None or not refinement.applied:
+        # the dense evidence correlates the very features the search maximised: without refinement blocks that
+        # agree on one correction there is no independent evidence for the hypothesis
+        verdict = Verdict("failed", 0.0, verdict.evidence,
+                          ["no consistent refinement blocks around the area hypothesis"] + verdict.reasons)
+    return Candidate(source, matrix, info, ev, verdict, search_score)
 
 
 SAME_PX = SUCCESS_PX  # candidates whose transforms differ by less than this (mean corner distance, px) are one
@@ -535,9 +543,10 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
            ) -> tuple[Candidate | None, list[Candidate]]:
     """One result per pair, chosen by evidence: the keypoint fit (:func:`assess`) and every area hypothesis
     (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g. :class:`promptmid.search.Hypothesis`), each
-    refined when the dense correlation agrees; the candidate with the highest QC confidence wins. When the keypoint
-    fit is the same transform as the winner (within :data:`SAME_PX`), it is kept instead: confidences of right
-    transforms saturate near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis.
+    refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of the keypoint fit is not
+    weighed again); the candidate with the highest QC confidence wins (a failed one only when all failed). When the
+    keypoint fit is the same transform as the winner (within :data:`SAME_PX`), it is kept instead: confidences of
+    right transforms saturate near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis.
 
     Returns:
         ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
@@ -548,10 +557,13 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
         final, info, ev = assess(optical, sar, points0, points1, scores, geom, refine_conf, threshold)
         candidates.append(Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model)))
     for i, h in enumerate(hypotheses, 1):
+        if candidates and candidates[0].source == "keypoints" and _distance(
+                candidates[0].transform, h.matrix, optical.original_size) <= SAME_PX:
+            continue  # the keypoint fit already is this transform (and starts closer to the truth)
         candidates.append(assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model))
     if not candidates:
         return None, []
-    best = max(candidates, key=lambda c: c.verdict.confidence)
+    best = max(candidates, key=lambda c: (c.verdict.status != "failed", c.verdict.confidence))
     first = candidates[0]
     if first is not best and first.source == "keypoints" and _distance(first.transform, best.transform,
                                                                           optical.original_size) <= SAME_PX:

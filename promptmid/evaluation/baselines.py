@@ -58,14 +58,18 @@ def load_lightglue(features: str) -> torch.nn.Module:
 
 
 def lightglue_match(matcher: torch.nn.Module, k0: torch.Tensor, d0: torch.Tensor, size0: Size,
-                    k1: torch.Tensor, d1: torch.Tensor, size1: Size, min_conf: float) -> tuple[np.ndarray, np.ndarray]:
+                    k1: torch.Tensor, d1: torch.Tensor, size1: Size, min_conf: float, prune: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Run LightGlue on ``[N, 2]`` keypoints / ``[N, D]`` descriptors of images of ``size0``, ``size1`` ``(W, H)``.
 
-    Returns ``matches [K, 2]`` indices and ``scores [K]``.
+    ``min_conf`` is LightGlue's filter threshold; ``prune=False`` turns off its early stopping and point pruning
+    (every layer runs on every keypoint). Returns ``matches [K, 2]`` indices and ``scores [K]``.
     """
     if len(k0) < 2 or len(k1) < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     matcher.conf.filter_threshold = min_conf
+    if not prune:
+        matcher.conf.depth_confidence, matcher.conf.width_confidence = -1, -1
 
     def image(k: torch.Tensor, d: torch.Tensor, size: Size) -> dict[str, torch.Tensor]:
         return {"keypoints": k[None].float(), "descriptors": d[None].float(),
@@ -191,7 +195,7 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
 
 def build_aliked(conf: dict[str, Any]) -> MethodFn:
     """kornia ALIKED-n16 (``max_keypoints``, ``detection_threshold``) + MNN (``min_cossim``) or, with
-    ``matcher="lightglue"``, the official ALIKED LightGlue weights (``min_conf``)."""
+    ``matcher="lightglue"``, the official ALIKED LightGlue weights (``min_conf``, ``prune``)."""
     model = load_aliked_net(conf["max_keypoints"], conf["detection_threshold"])
     glue = load_lightglue("aliked") if conf["matcher"] == "lightglue" else None
 
@@ -211,7 +215,8 @@ def build_aliked(conf: dict[str, Any]) -> MethodFn:
                 matches, scores = mutual_nearest_neighbours(d0, d1, min_similarity=conf["min_cossim"])
             else:
                 matches, scores = lightglue_match(glue, torch.from_numpy(k0), d0, Size.of(optical.image),
-                                                  torch.from_numpy(k1), d1, Size.of(sar.image), conf["min_conf"])
+                                                  torch.from_numpy(k1), d1, Size.of(sar.image), conf["min_conf"],
+                                                  conf["prune"])
         return output(optical, sar, k0[matches[:, 0]], k1[matches[:, 1]], scores, timings)
 
     return run
@@ -251,10 +256,15 @@ SPECS = (
                {"top_k": 4096, "matcher": "lighterglue", "min_cossim": -1.0, "min_conf": 0.1}),
     MethodSpec("aliked-mnn", "ALIKED-n16 (kornia, top 2048) + mutual nearest neighbour", build_aliked,
                {"max_keypoints": 2048, "detection_threshold": 0.2, "matcher": "mnn", "min_cossim": -1.0,
-                "min_conf": 0.1}),
+                "min_conf": 0.1, "prune": True}),
     MethodSpec("aliked-lightglue", "ALIKED-n16 (kornia, top 2048) + LightGlue (min conf 0.1)", build_aliked,
                {"max_keypoints": 2048, "detection_threshold": 0.2, "matcher": "lightglue", "min_cossim": -1.0,
-                "min_conf": 0.1}),
+                "min_conf": 0.1, "prune": True}),
+    # the settings SpaceNet9 (Corley et al. 2026) reports mattering for optical-SAR: a low filter threshold, no
+    # early pruning, more keypoints (a lower detection threshold); SAR percentile-stretched as every input here
+    MethodSpec("aliked-lightglue-open", "ALIKED-n16 (top 4096, detection 0.05) + LightGlue (filter 0.01, no "
+               "pruning)", build_aliked, {"max_keypoints": 4096, "detection_threshold": 0.05, "matcher": "lightglue",
+                                         "min_cossim": -1.0, "min_conf": 0.01, "prune": False}, default=False),
     MethodSpec("disk-lightglue", "DISK depth (kornia, top 2048) + LightGlue (min conf 0.1)", build_disk,
                {"max_keypoints": 2048, "min_conf": 0.1}),
 )
