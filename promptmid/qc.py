@@ -16,7 +16,7 @@ from the fit alone:
 - **plausibility**: anisotropy and shear of the transform, and its scale against the pixel sizes when
   both images are georeferenced.
 
-A logistic model over these numbers (coefficients in ``promptmid/weights/promptmid-qc-v1.json``,
+A logistic model over these numbers (coefficients in ``promptmid/weights/promptmid-qc-v2.json``,
 fitted on perturbed training and validation pairs only; see :mod:`promptmid.training.qc`) gives
 ``confidence`` = the probability that the transform is within 5 px RMSE; the status is ``ok`` above
 the threshold chosen for >= 98 % precision, ``uncertain`` below it, and ``failed`` when there is no
@@ -48,8 +48,8 @@ from promptmid.refine import Refinement, oriented_gradient_features, refine_prep
 from promptmid.search import pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")
-QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v1.json"
-QC_MODEL_SHA256 = "335b16fa4ab9c923e49c83e86cfdc4919657c86d738d048497923b22aa7f18d3"  # promptmid.training.qc
+QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v2.json"
+QC_MODEL_SHA256 = "0190aaec6fbf08cae77566398f0e24052d4fb20de3a0c5211f6b1705b12cbb80"  # promptmid.training.qc
 SUCCESS_PX = 5.0
 DENSE_TOLERANCE = 0.01  # a refinement may lower the dense correlation at the transform by this much (noise)  # what "right" means for the confidence: RMSE against the truth <= 5 px
 
