@@ -22,6 +22,11 @@ fitted on perturbed training and validation pairs only; see :mod:`promptmid.trai
 the threshold chosen for >= 98 % precision, ``uncertain`` below it, and ``failed`` when there is no
 transform or the confidence is below the failure threshold.
 
+One result per pair (:func:`choose`): the keypoint fit and the hypotheses of the global area-based search
+(:mod:`promptmid.search`) are each refined, judged by the same model, and the most confident is kept. An area
+hypothesis has no keypoint evidence and its dense correlation is the very quantity the search maximised, so it
+counts only when the refinement blocks around it agree on one correction (otherwise it is ``failed``).
+
 Coordinates: ``points0`` optical, ``points1`` SAR, (x, y) pixels of the ORIGINAL images; ``matrix``
 maps optical pixels to SAR pixels.
 """

@@ -163,7 +163,8 @@ def test_cli_options_map_onto_config_overrides():
                                     ["--try-rotations", "--rotation-step", "200"],
                                     ["--search-scale", "1.2,0.8"], ["--search-scale", "0,1"],
                                     ["--search-scale", "abc"], ["--search-rotation", "-1"],
-                                    ["--search-rotation", "270"]])
+                                    ["--search-rotation", "270"], ["--threshold", "nan"], ["--threshold", "inf"],
+                                    ["--search-rotation", "nan"]])
 def test_numeric_options_are_checked_up_front(tmp_path, demo_files, option):
     out = tmp_path / "o"
     res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), *option, "-q")

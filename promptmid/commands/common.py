@@ -100,6 +100,8 @@ def check_numeric(**opts: Any) -> None:
         if value is None or name not in NUMERIC_LIMITS:
             continue
         low, exclusive, high, message = NUMERIC_LIMITS[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{message}; got {value} (a finite number is needed).")
         if value < low or (exclusive and value == low) or (high is not None and value > high):
             raise InputError(f"{message}; got {value}.")
 

@@ -8,6 +8,10 @@ is a row with ``status`` ``"error"`` or ``"failed"`` and its ``reason``, never d
 
 Raw matches can be cached per (method, pair) in ``cache_dir`` (``.npz``), which makes runs resumable:
 cached pairs are not matched again, only re-fitted.
+
+Methods may also return transform ``hypotheses`` (the area search, :mod:`promptmid.evaluation.area`); the
+``+refine`` rows then go through :func:`promptmid.qc.choose` with them, exactly as the Matcher does, and record
+which candidate was kept (``hypothesis``) and how close the best candidate came (``best_candidate_rmse``).
 """
 
 from __future__ import annotations
