@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from promptmid.config import INLIER_THRESHOLD_PX
+from promptmid.config import DEFAULTS, INLIER_THRESHOLD_PX
 from promptmid.geometry import apply_transform, residuals
 
 GEOMETRY_MODELS = ("affine", "homography", "similarity")
@@ -194,16 +194,18 @@ def match_and_fit(desc0: torch.Tensor, desc1: torch.Tensor, kpts0: np.ndarray, k
     Mutual nearest neighbours (``matching["ratio"]``, ``["min_similarity"]``) -> robust fit
     (``geometry["model"]``, ``["threshold"]``, ``["min_inliers"]``) -> up to
     ``matching["guided_iterations"]`` rounds of guided re-matching within ``["guided_radius"]`` px of
-    the fit and refit, each kept only when it has at least as many inliers.
+    the fit and refit, each kept only when it has at least as many inliers. Keys left out take the defaults of
+    :data:`promptmid.config.DEFAULTS` (the same everywhere: Matcher, evaluation, training validation).
 
     Args:
         desc0, desc1: ``[N0, D]``, ``[N1, D]`` L2-normalised descriptors.
         kpts0, kpts1: ``[N0, 2]``, ``[N1, 2]`` keypoints (x, y px) in the frames the fit relates
             (image 0 -> image 1; the Matcher passes original optical and SAR pixels).
     """
+    matching = {**DEFAULTS["matching"], **matching}  # a missing key takes the config default, everywhere
+    geometry = {**DEFAULTS["geometry"], **geometry}
     timings = {"matching": 0.0, "fitting": 0.0}
-    fit_args = (geometry.get("model", "affine"), geometry.get("threshold", INLIER_THRESHOLD_PX),
-                geometry.get("min_inliers", 6))
+    fit_args = (geometry["model"], geometry["threshold"], geometry["min_inliers"])
 
     def timed(key: str, fn: Any, *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -211,12 +213,12 @@ def match_and_fit(desc0: torch.Tensor, desc1: torch.Tensor, kpts0: np.ndarray, k
         timings[key] += time.perf_counter() - t0
         return out
 
-    matches, scores = timed("matching", mutual_nearest_neighbours, desc0, desc1, matching.get("ratio"),
-                            matching.get("min_similarity", -1.0))
+    matches, scores = timed("matching", mutual_nearest_neighbours, desc0, desc1, matching["ratio"],
+                            matching["min_similarity"])
     geom = timed("fitting", fit_geometry, kpts0[matches[:, 0]], kpts1[matches[:, 1]], *fit_args)
-    for _ in range(int(matching.get("guided_iterations", 0)) if geom.ok else 0):
+    for _ in range(int(matching["guided_iterations"]) if geom.ok else 0):
         gm, gs = timed("matching", guided_matches, desc0, desc1, kpts0, kpts1, geom.matrix,
-                       matching.get("guided_radius", 8.0))
+                       matching["guided_radius"])
         refit = timed("fitting", fit_geometry, kpts0[gm[:, 0]], kpts1[gm[:, 1]], *fit_args)
         if not refit.ok or refit.num_inliers < geom.num_inliers:
             break
