@@ -68,7 +68,7 @@ def test_failed_fit_reports_no_transform(matcher_xfeat):
     rng = np.random.default_rng(0)
     a = rng.random((128, 128)).astype(np.float32)
     b = rng.random((128, 128)).astype(np.float32)
-    m = Matcher("xfeat", {"geometry": {"min_inliers": 50}})
+    m = Matcher("xfeat", {"geometry": {"min_inliers": 50}, "search": {"enabled": False}})  # keypoints only
     r = m.match(a, b)
     assert not r.ok and r.transform is None and r.reason
     assert r.to_dict()["transform"] is None and r.to_dict()["status"] == "failed"

@@ -160,3 +160,12 @@ def test_search_around_a_prior(displaced):
     # a similarity search leaves the pair's shear (0.04: ~10 px at the corners) to the refinement
     assert err < 12.0 and err < mean_corner_error(near, displaced.H, (SIZE, SIZE))
     assert centre_shift(np.linalg.inv(near) @ hyps[0].matrix, opt, opt) <= 0.05 * SIZE
+
+
+def test_noise_pair_is_never_ok_with_the_search():
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((128, 128)).astype(np.float32) for _ in range(2))
+    from promptmid.api import Matcher
+
+    r = Matcher("xfeat", {"geometry": {"min_inliers": 50}}).match(a, b)
+    assert not r.ok and r.reason
