@@ -54,7 +54,7 @@ from promptmid.search import pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")
 QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v2.json"
-QC_MODEL_SHA256 = "0190aaec6fbf08cae77566398f0e24052d4fb20de3a0c5211f6b1705b12cbb80"  # promptmid.training.qc
+QC_MODEL_SHA256 = "0c7ccbcc6fe5860b4386a67176c16e4fea12635e0355cd5dcc35b20c1b3d9bce"  # promptmid.training.qc
 SUCCESS_PX = 5.0
 DENSE_TOLERANCE = 0.01  # a refinement may lower the dense correlation at the transform by this much (noise)  # what "right" means for the confidence: RMSE against the truth <= 5 px
 
