@@ -511,14 +511,16 @@ def area_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray
 def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarray, model: str,
                 refine_conf: Mapping[str, Any] | None, source: str, search_score: float = float("nan"),
                 qc_model: QCModel | None = None) -> Candidate:
-    """Refine an area hypothesis (search :data:`AREA_REFINE_SEARCH` px) and keep the refinement when the dense
+    """Refine an area hypothesis (first pass searches :data:`AREA_REFINE_SEARCH` px, the next ones the configured
+    radius) and keep the refinement when the dense
     correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit), then judge the kept transform.
     A hypothesis whose refinement blocks do not agree on a correction (or without refinement) is never ``ok``:
     nothing but the search's own correlation speaks for it (measured on perturbed validation and training 3MOS
     pairs, capping it this way registers 45/54 and 27/78 where calling it ``failed`` registers 44 and 24)."""
     refinement = None
     if refine_conf:
-        conf = {**refine_conf, "search": max(int(refine_conf.get("search", 8)), AREA_REFINE_SEARCH)}
+        narrow = int(refine_conf.get("search", 8))
+        conf = {**refine_conf, "search": max(narrow, AREA_REFINE_SEARCH), "search_after": narrow}
         refinement = refine_prepared(optical, sar, hypothesis, model, **conf)
     matrix, info = np.asarray(hypothesis, float), None
     ev = area_evidence(optical, sar, matrix, hypothesis, refinement)

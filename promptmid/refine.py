@@ -116,7 +116,7 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
 def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                      sar_valid: np.ndarray, model: str = "affine", block: int = 64, search: int = 8,
                      min_distinct: float = 0.005, min_blocks: int = 8, threshold: float = 1.5,
-                     iterations: int = 3) -> Refinement:
+                     iterations: int = 3, search_after: int | None = None) -> Refinement:
     """Refine an optical -> SAR transform by block matching of oriented-gradient features.
 
     Args:
@@ -129,10 +129,13 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         min_distinct: how much the correlation peak must exceed the best score > 3 px away.
         min_blocks: fewer accepted blocks (or inliers) -> refinement is not applied.
         iterations: repeat (warp, match blocks, fit) while the median block shift exceeds 0.25 px.
+        search_after: search radius of the passes after the first (default ``search``): a coarse start needs a
+            wide first search, the passes after it only a narrow one.
     """
     result = Refinement(matrix, False, reason="not run")
-    for _ in range(iterations):
-        step = _refine_once(optical, sar, result.matrix, optical_valid, sar_valid, model, block, search,
+    for i in range(iterations):
+        radius = search if i == 0 or search_after is None else min(search, search_after)
+        step = _refine_once(optical, sar, result.matrix, optical_valid, sar_valid, model, block, radius,
                             min_distinct, min_blocks, threshold)
         if not step.applied:
             return result if result.applied else step

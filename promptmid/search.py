@@ -44,7 +44,7 @@ class Hypothesis:
     Attributes:
         matrix: 3x3 ORIGINAL optical px -> ORIGINAL SAR px.
         score: masked normalised cross-correlation at the peak (fine level; -1..1).
-        distinctness: ``score`` minus the best correlation farther than 4 % of the size from the peak.
+        distinctness: ``score`` minus the best correlation more than 2 px from the peak within the polishing window.
         angle_deg: rotation of the SAR content relative to the optical image (counter-clockwise as displayed).
         scale: SAR reduced px per optical reduced px, relative to the prior scale.
         source: what proposed it (``"area"``).
@@ -169,11 +169,12 @@ def _usable(valid: np.ndarray, margin: int) -> np.ndarray:
 
 def _zero_mean(feat: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Channels with their mean over ``mask`` removed and zero outside it (what the masked correlation needs)."""
-    if not mask.any():
+    m = mask.astype(np.float32)
+    count = float(m.sum())
+    if count == 0:
         return np.zeros_like(feat)
-    out = feat - feat[:, mask].mean(axis=1)[:, None, None]
-    out[:, ~mask] = 0.0
-    return np.ascontiguousarray(out, np.float32)
+    mean = np.tensordot(feat, m, axes=([1, 2], [0, 1])) / count
+    return np.ascontiguousarray((feat - mean[:, None, None]) * m, np.float32)
 
 
 # --- the masked correlation ------------------------------------------------------------------------
@@ -182,15 +183,23 @@ def _zero_mean(feat: np.ndarray, mask: np.ndarray) -> np.ndarray:
 class Correlator:
     """Masked normalised cross-correlation of one fixed (optical) level against many moving canvases.
 
-    ``ncc(canvas)[dy, dx]`` (index offset by the optical size) is the correlation of optical pixel ``x``
-    with canvas pixel ``x + d`` summed over the valid overlap; shifts whose overlap is below
-    ``min_overlap`` of the smaller valid area are ``-1``.
+    ``ncc(canvas)[dy + origin_y, dx + origin_x]`` is the correlation of optical pixel ``x`` with canvas pixel
+    ``x + d`` summed over the valid overlap; shifts whose overlap is below ``min_overlap`` of the smaller valid area
+    are ``-1``. Every shift with any overlap (``origin = (h0 - 1, w0 - 1)``), or with ``local`` only the shifts
+    that keep the optical level inside the canvas (``0 <= d <= canvas - optical``, ``origin = (0, 0)``: a smaller
+    FFT, for polishing around a known position).
     """
 
-    def __init__(self, fixed: Level, canvas_shape: tuple[int, int], min_overlap: float) -> None:
+    def __init__(self, fixed: Level, canvas_shape: tuple[int, int], min_overlap: float, local: bool = False) -> None:
         h0, w0 = fixed.mask.shape
         self.h0, self.w0 = h0, w0
-        self.shape = (sfft.next_fast_len(h0 + canvas_shape[0], True), sfft.next_fast_len(w0 + canvas_shape[1], True))
+        self.local = local
+        if local:  # only shifts 0 <= d <= canvas - fixed: a circular correlation of the canvas size never wraps
+            self.shape = (sfft.next_fast_len(canvas_shape[0], True), sfft.next_fast_len(canvas_shape[1], True))
+        else:
+            self.shape = (sfft.next_fast_len(h0 + canvas_shape[0], True),
+                          sfft.next_fast_len(w0 + canvas_shape[1], True))
+        self.origin = (0, 0) if local else (h0 - 1, w0 - 1)  # map index of shift d = d + origin (y, x)
         m0 = fixed.mask.astype(np.float32)
         self.a = np.conj(sfft.rfft2(fixed.features, self.shape))
         self.a2 = np.conj(sfft.rfft2((fixed.features ** 2).sum(0), self.shape))
@@ -199,7 +208,7 @@ class Correlator:
         self.min_overlap = min_overlap
 
     def ncc(self, canvas: Level) -> np.ndarray:
-        """Correlation map ``[h0 + hc - 1, w0 + wc - 1]``: entry ``(dy + h0 - 1, dx + w0 - 1)`` is shift ``d``."""
+        """Correlation map: entry ``(dy + origin_y, dx + origin_x)`` is shift ``d`` (see the class docstring)."""
         hc, wc = canvas.mask.shape
         mb = canvas.mask.astype(np.float32)
         stack = np.concatenate([canvas.features, mb[None], (canvas.features ** 2).sum(0)[None]])
@@ -215,6 +224,8 @@ class Correlator:
         """Linear cross-correlations ``[n, ...]`` from their spectra, rearranged so index ``(dy + h0 - 1, dx + w0 - 1)``
         holds shift ``(dx, dy)`` for ``dx in (-w0, wc)``, ``dy in (-h0, hc)``."""
         full = sfft.irfft2(spectra, self.shape, workers=fft_workers())
+        if self.local:
+            return full[:, : hc - self.h0 + 1, : wc - self.w0 + 1]
         rows = np.r_[self.shape[0] - self.h0 + 1: self.shape[0], 0:hc]
         cols = np.r_[self.shape[1] - self.w0 + 1: self.shape[1], 0:wc]
         return full[:, rows][:, :, cols]
@@ -430,7 +441,7 @@ def _polish(optical: PreparedImage, base: Level, peak: Peak, c: dict[str, Any], 
     fixed = make_level(optical, c["size"], fine["sigma"], c["orientations"])
     radius = int(round(2 * c["size"] / c["coarse_size"])) + 2
     h0, w0 = fixed.mask.shape
-    correlator = Correlator(fixed, (h0 + 2 * radius + 2, w0 + 2 * radius + 2), c["min_overlap"])
+    correlator = Correlator(fixed, (h0 + 2 * radius + 1, w0 + 2 * radius + 1), c["min_overlap"], local=True)
     best: tuple[float, Hypothesis] | None = None
     for da in (-0.5, 0.0, 0.5):
         for ds in (-0.5, 0.0, 0.5):
@@ -439,7 +450,7 @@ def _polish(optical: PreparedImage, base: Level, peak: Peak, c: dict[str, Any], 
             dx, dy = _predicted_shift(peak.matrix, fixed, canvas)
             x0, y0 = int(round(dx)) - radius, int(round(dy)) - radius
             window = _crop(canvas, x0, y0, w0 + 2 * radius + 1, h0 + 2 * radius + 1)
-            found = _local_peak(correlator.ncc(window), fixed, (dx - x0, dy - y0), radius)
+            found = _local_peak(correlator.ncc(window), correlator.origin, (dx - x0, dy - y0), radius)
             if found is not None and (best is None or found[0] > best[0]):
                 score, distinct, fx, fy = found
                 best = (score, Hypothesis(_peak_matrix(fixed, window, fx, fy), score, distinct, angle, scale))
@@ -465,12 +476,12 @@ def _log_step(c: dict[str, Any]) -> float:
     return math.log(c["scale_range"][1] / c["scale_range"][0]) / max(c["scale_steps"] - 1, 1)
 
 
-def _local_peak(ncc: np.ndarray, fixed: Level, predicted: tuple[float, float], radius: int
+def _local_peak(ncc: np.ndarray, origin: tuple[int, int], predicted: tuple[float, float], radius: int
                 ) -> tuple[float, float, float, float] | None:
     """Best correlation within ``radius`` px of the ``predicted`` shift, sub-pixel: ``(score, distinctness, dx,
-    dy)``; distinctness = the peak minus the best score farther than 4 % of the size anywhere in the map."""
-    h0, w0 = fixed.mask.shape
-    cx, cy = int(round(predicted[0])) + w0 - 1, int(round(predicted[1])) + h0 - 1
+    dy)``; distinctness = the peak minus the best score more than 2 px away in the map (``origin``: the map index
+    of shift 0, (y, x))."""
+    cx, cy = int(round(predicted[0])) + origin[1], int(round(predicted[1])) + origin[0]
     y0, y1 = max(cy - radius, 0), min(cy + radius + 1, ncc.shape[0])
     x0, x1 = max(cx - radius, 0), min(cx + radius + 1, ncc.shape[1])
     if y0 >= y1 or x0 >= x1:
@@ -481,11 +492,10 @@ def _local_peak(ncc: np.ndarray, fixed: Level, predicted: tuple[float, float], r
     score = float(ncc[iy, ix])
     if score <= -1.0 + 1e-6:
         return None
-    ex = max(2, int(round(0.04 * max(h0, w0))))
     far = ncc.copy()
-    far[max(0, iy - ex): iy + ex + 1, max(0, ix - ex): ix + ex + 1] = -1.0
-    dx = ix + _parabola(ncc, iy, ix, axis=1) - (w0 - 1)
-    dy = iy + _parabola(ncc, iy, ix, axis=0) - (h0 - 1)
+    far[max(0, iy - 2): iy + 3, max(0, ix - 2): ix + 3] = -1.0
+    dx = ix + _parabola(ncc, iy, ix, axis=1) - origin[1]
+    dy = iy + _parabola(ncc, iy, ix, axis=0) - origin[0]
     return score, score - float(far.max()), dx, dy
 
 

@@ -169,3 +169,18 @@ def test_noise_pair_is_never_ok_with_the_search():
 
     r = Matcher("xfeat", {"geometry": {"min_inliers": 50}}).match(a, b)
     assert not r.ok and r.reason
+
+
+def test_local_correlation_equals_the_global_one():
+    rng = np.random.default_rng(2)
+
+    def level(h: int, w: int) -> Level:
+        lv = Level(np.zeros((h, w), np.float32), rng.random((h, w)) > 0.1, np.eye(3))
+        lv.features = rng.standard_normal((4, h, w)).astype(np.float32) * lv.mask
+        return lv
+
+    a, b = level(30, 28), level(41, 37)
+    full = Correlator(a, b.mask.shape, 0.1).ncc(b)
+    local = Correlator(a, b.mask.shape, 0.1, local=True).ncc(b)
+    assert local.shape == (41 - 30 + 1, 37 - 28 + 1)
+    assert np.allclose(local, full[29:29 + local.shape[0], 27:27 + local.shape[1]], atol=1e-4)
