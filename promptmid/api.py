@@ -145,14 +145,15 @@ class Matcher:
 
     def match(
         self, optical: Any, sar: Any, progress: Callable[[str], None] | None = None,
-        prior: np.ndarray | None = None, search: dict[str, Any] | None = None,
+        prior: np.ndarray | None = None, search: dict[str, Any] | bool | None = None,
     ) -> MatchResult:
         """Register ``sar`` to ``optical`` (paths, arrays or :class:`PreparedImage`).
 
         Args:
             prior: 3x3 ORIGINAL optical px -> SAR px transform known beforehand (e.g. a scene tile's position in its
                 SAR chip): the area search runs relative to it (:func:`promptmid.search.global_search`).
-            search: overrides of the ``search`` config for this call (e.g. narrow ranges around a ``prior``).
+            search: overrides of the ``search`` config for this call (e.g. narrow ranges around a ``prior``), or
+                ``False`` to skip the area search for this call.
 
         Returns:
             :class:`MatchResult`; ``status == "failed"`` (no transform) when too few matches.
@@ -174,7 +175,7 @@ class Matcher:
             if best is None or cand[0].num_inliers > best[0].num_inliers:
                 best = cand
         hypotheses = []
-        if self.conf["search"]["enabled"]:
+        if self.conf["search"]["enabled"] and search is not False:
             _progress(progress, "area-based search")
             with _timer(timings, "search"):
                 hypotheses = global_search(opt, sar_img, {**self.search_conf(), **(search or {})}, prior)

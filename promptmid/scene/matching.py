@@ -53,7 +53,10 @@ def match_tile(matcher: Any, opt_ds: Any, sar_ds: Any, prior: np.ndarray, tile: 
             tile.status, tile.reason = "outside", "predicted SAR window lies outside the SAR image"
             return
         opt, sar = window_raster(read_window(opt_ds, tile.x0, tile.y0, tile.w, tile.h), opt_ds), window_raster(chip, sar_ds)
-        result = matcher.match(opt, sar, prior=translation(margin, margin), search=tile_search(tile, margin))
+        # the whole-tile area shift below is the scene's area hypothesis: the global search around the prior made
+        # small chips less repeatable (BigEarthNet 120 px: 2.4-3.3 px between runs with and without an injected
+        # georeferencing offset, against < 1 px without it), so tiles match with keypoints only
+        result = matcher.match(opt, sar, search=False)
         shift = _area_shift(matcher, opt, sar, margin) if area_shift else None
     except PromptMIDError as exc:
         tile.status, tile.reason = "empty", str(exc)
@@ -90,14 +93,6 @@ def match_tile(matcher: Any, opt_ds: Any, sar_ds: Any, prior: np.ndarray, tile: 
         _add(found, tile, grid, apply_transform(sh, grid), np.full(len(grid), shift[0].peak))
     else:
         tile.status, tile.reason = "failed", result.reason
-
-
-def tile_search(tile: Tile, margin: int) -> dict[str, Any]:
-    """The area search of one tile (when the matcher's search is on): around the georeferencing prior (the tile's
-    place in its chip), shifts within the search radius ``margin``, rotation +-3 deg, scale +-5 %, one hypothesis
-    (georeferenced products differ mostly by a shift)."""
-    return {"rotation_range": 3.0, "rotation_step": 3.0, "scale_range": (0.95, 1.05), "scale_steps": 3, "top_k": 1,
-            "max_shift": margin / max(tile.w, tile.h, 1)}
 
 
 def _add(found: SceneMatches, tile: Tile, p0: np.ndarray, p1: np.ndarray, scores: np.ndarray) -> None:
