@@ -129,7 +129,7 @@ def grid_of(raster: Any) -> dict[str, Any]:
 
 
 def apply_fit(fit: Fit, raster: str | Path, out: str | Path, direction: str = "auto", cog: bool = False,
-              overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False, inputs: tuple[str | Path, ...] = ()) -> dict[str, Any]:
     """Resample ``raster`` (on the SAR or the optical grid of ``fit``) onto the other grid and write ``out``.
 
     The file is written beside ``out`` first and moved into place (complete or absent); ``cog`` writes a
@@ -139,15 +139,17 @@ def apply_fit(fit: Fit, raster: str | Path, out: str | Path, direction: str = "a
         what was done: ``{"from": "sar"|"optical", "to": ..., "size": [w, h], "cog": bool}``.
     Raises:
         InputError: bad ``direction``, a raster on neither grid, or an optical-grid raster for a fit without an
-            inverse; OutputExistsError: ``out`` exists (without ``overwrite``) or is the input.
+            inverse; OutputExistsError: ``out`` exists (without ``overwrite``), or is the input raster or one of
+            ``inputs`` (e.g. the result.json the fit was read from; never replaced, even with ``overwrite``).
     """
     from promptmid.geo import open_raster
 
     raster, out = Path(raster), Path(out)
     if direction not in DIRECTIONS:
         raise InputError(f"Unknown --from {direction!r}; valid: {', '.join(DIRECTIONS)}.")
-    if out.exists() and out.resolve() == raster.resolve():
-        raise OutputExistsError(f"{out} is the input raster; choose another --out.")
+    for given in (raster, *map(Path, inputs)):
+        if out.exists() and given.exists() and out.resolve() == given.resolve():
+            raise OutputExistsError(f"{out} is an input ({given}); choose another --out.")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it.")
     if not out.parent.is_dir():

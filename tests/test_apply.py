@@ -85,6 +85,12 @@ def test_apply_refuses_clearly(match_run: dict, tmp_path: Path) -> None:
     res = _run("apply", str(failed), str(pair["sar"]), "--out", str(tmp_path / "z.tif"))
     assert res.exit_code == 2 and "no fitted transform" in res.stderr
     assert not (tmp_path / "y.tif").exists() and not (tmp_path / "z.tif").exists()
+    # --out is never the result file or the raster, even with --overwrite (the fit would be lost)
+    before = (out / "result.json").read_bytes()
+    for target in (out / "result.json", pair["sar"]):
+        res = _run("apply", str(out / "result.json"), str(pair["sar"]), "--out", str(target), "--overwrite")
+        assert res.exit_code == 3 and "is an input" in res.stderr, res.output
+    assert (out / "result.json").read_bytes() == before
 
 
 def test_apply_reproduces_scene_registered_sar(tmp_path: Path) -> None:

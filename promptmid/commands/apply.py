@@ -24,7 +24,7 @@ def apply(
     grid through the inverse transform."""
     from promptmid.apply import apply_fit, load_fit
 
-    done = apply_fit(load_fit(result), raster, out, source, cog, overwrite)
+    done = apply_fit(load_fit(result), raster, out, source, cog, overwrite, inputs=(result,))
     if not quiet:
         out_console.print(f"{raster} ({done['from']} grid) -> {out} ({done['to']} grid, {done['size'][0]}x"
                           f"{done['size'][1]} px{', COG' if cog else ''}; {done['fit']} result, status "
