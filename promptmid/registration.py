@@ -40,8 +40,13 @@ def refuse_inputs_among_products(out: str | Path, *inputs: str | Path, products:
                                     f"{out}; choose another --out.")
 
 
+STAGING_PREFIXES = (".promptmid-products-", ".promptmid-write-test-")  # our hidden staging entries in --out
+
+
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Create ``out``; refuse a non-empty existing directory unless ``overwrite``.
+
+    Hidden staging folders left by a killed run of ours do not count as content; ``overwrite`` removes them.
 
     Raises:
         OutputExistsError: ``out`` exists (non-empty, or is a file) and ``overwrite`` is False.
@@ -49,8 +54,11 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    ours = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIXES)] if out.exists() else []
+    if out.exists() and any(p not in ours for p in out.iterdir()) and not overwrite:
         raise OutputExistsError(f"Output directory {out} exists and is not empty; pass --overwrite to replace its files.")
+    for stale in ours if overwrite else ():  # a killed run's staging: ours, hidden, never a user's file
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".promptmid-write-test-"):

@@ -223,3 +223,18 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, demo_files):
     blocker.write_text("x")
     res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(blocker / "out"), "-q")
     assert res.exit_code == 3 and "not writable" in res.stderr
+
+
+def test_a_killed_runs_staging_folder_neither_blocks_nor_stays(tmp_path, demo_files):
+    out = tmp_path / "out"
+    (out / ".promptmid-products-abc123").mkdir(parents=True)  # what a run killed while staging leaves
+    (out / ".promptmid-products-abc123" / "result.json").write_text("{}")
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "-p", "xfeat", "--no-search", "-q")
+    assert res.exit_code == 0, res.output
+    assert (out / ".promptmid-products-abc123").exists()  # not ours to remove without --overwrite
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "-p", "xfeat", "--no-search", "-q",
+               "--overwrite")
+    assert res.exit_code == 0 and not (out / ".promptmid-products-abc123").exists()
+    (out / "mine.txt").write_text("keep")
+    res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "-p", "xfeat", "-q")
+    assert res.exit_code == 3  # a user's file still makes the folder non-empty
