@@ -99,11 +99,31 @@ def load_fit(path: str | Path) -> Fit:
     return _scene_fit(data) if "global_model" in data else _match_fit(data, path)
 
 
+def checked_transform(value: Any, path: Path, key: str = "transform") -> np.ndarray:
+    """``value`` as a usable 3x3 optical px -> SAR px transform, or ``InputError`` naming ``path`` and ``key``: it
+    must be a finite 3x3 matrix with a last row that keeps points finite, invertible, with a scale between 1e-4 and
+    1e4 (SAR px per optical px) — anything else writes an all-nodata, constant or smeared raster."""
+    try:
+        m = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: '{key}' is not a numeric 3x3 matrix.") from None
+    if m.shape != (3, 3) or not np.isfinite(m).all():
+        raise InputError(f"{path}: '{key}' must be a finite 3x3 matrix; got shape {m.shape}.")
+    if abs(m[2, 2]) < 1e-12:
+        raise InputError(f"{path}: '{key}' has a zero last element (points map to infinity).")
+    lin = m[:2, :2] / m[2, 2]
+    det = float(np.linalg.det(lin))
+    if not 1e-8 < abs(det) < 1e8 or abs(np.linalg.det(m)) < 1e-12:
+        raise InputError(f"{path}: '{key}' is singular or has an implausible scale (|det| of its linear part "
+                         f"{abs(det):.3g}; expected 1e-8..1e8).")
+    return m
+
+
 def _match_fit(data: dict[str, Any], path: Path) -> Fit:
     grids = data.get("grids")
     if not grids:
         raise InputError(f"{path} has no 'grids' (written by an older promptmid); rerun match to apply it.")
-    return Fit("match", str(data.get("status")), np.asarray(data["transform"], np.float64), None,
+    return Fit("match", str(data.get("status")), checked_transform(data["transform"], path), None,
                Grid.from_dict(grids["optical"]), Grid.from_dict(grids["sar"]))
 
 

@@ -104,3 +104,16 @@ def test_apply_reproduces_scene_registered_sar(tmp_path: Path) -> None:
     res = _run("apply", str(out / "result.json"), str(pair["sar"]), "--out", str(applied), "-q")
     assert res.exit_code == 0, res.output
     _same_raster(applied, out / "registered_sar.tif")
+
+
+@pytest.mark.parametrize("bad", [[[0, 0, 0], [0, 0, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 0]],
+                                 [[float("nan"), 0, 0], [0, 1, 0], [0, 0, 1]], [[1e300, 0, 0], [0, 1e300, 0], [0, 0, 1]],
+                                 [[1, 0, 0], [0, 1, 0], [0, 0, 0]], [[1, 2, 0], [2, 4, 0], [0, 0, 1]], "text"])
+def test_apply_refuses_an_unusable_transform(match_run: dict, tmp_path: Path, bad) -> None:
+    data = json.loads((match_run["out"] / "result.json").read_text())
+    data["transform"] = bad
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    res = _run("apply", str(broken), str(match_run["pair"]["sar"]), "--out", str(tmp_path / "o.tif"))
+    assert res.exit_code == 2 and "broken.json" in res.stderr and "'transform'" in res.stderr, res.output
+    assert not (tmp_path / "o.tif").exists()
