@@ -34,6 +34,7 @@ maps optical pixels to SAR pixels.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import json
 import math
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from promptmid.geometry import Size, apply_transform, corners, residuals, warp_t
 from promptmid.io import PreparedImage, working_transform
 from promptmid.matching import Geometry, fit_geometry
 from promptmid.refine import Refinement, oriented_gradient_features, refine_prepared
-from promptmid.search import pixel_size_ratio
+from promptmid.search import fft_workers, pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")
 QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v2.json"
@@ -565,11 +566,16 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
     if geom.ok:
         final, info, ev = assess(optical, sar, points0, points1, scores, geom, refine_conf, threshold)
         candidates.append(Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model)))
-    for i, h in enumerate(hypotheses, 1):
-        if candidates and candidates[0].source == "keypoints" and _distance(
-                candidates[0].transform, h.matrix, optical.original_size) <= SAME_PX:
-            continue  # the keypoint fit already is this transform (and starts closer to the truth)
-        candidates.append(assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model))
+    todo = [(i, h) for i, h in enumerate(hypotheses, 1)  # the keypoint fit already is a hypothesis within SAME_PX
+            if not (candidates and _distance(candidates[0].transform, h.matrix, optical.original_size) <= SAME_PX)]
+
+    def judge_area(item: tuple[int, Any]) -> Candidate:
+        i, h = item
+        return assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model)
+
+    # OpenCV releases the GIL while it matches blocks: the hypotheses are judged side by side (same results)
+    with ThreadPoolExecutor(max(1, min(len(todo), fft_workers()))) as pool:
+        candidates.extend(pool.map(judge_area, todo))
     if not candidates:
         return None, []
     best = max(candidates, key=lambda c: (c.verdict.status != "failed", c.verdict.confidence))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -207,23 +208,24 @@ class Correlator:
         self.area0 = float(m0.sum())
         self.min_overlap = min_overlap
 
-    def ncc(self, canvas: Level) -> np.ndarray:
+    def ncc(self, canvas: Level, workers: int | None = None) -> np.ndarray:
         """Correlation map: entry ``(dy + origin_y, dx + origin_x)`` is shift ``d`` (see the class docstring)."""
         hc, wc = canvas.mask.shape
         mb = canvas.mask.astype(np.float32)
         stack = np.concatenate([canvas.features, mb[None], (canvas.features ** 2).sum(0)[None]])
-        spec = sfft.rfft2(stack, self.shape, workers=fft_workers())
+        workers = workers or fft_workers()
+        spec = sfft.rfft2(stack, self.shape, workers=workers)
         fb, fm, fb2 = spec[:-2], spec[-2], spec[-1]
         prods = np.stack([(self.a * fb).sum(0), self.a2 * fm, self.m0 * fb2, self.m0 * fm])
-        num, ea, eb, overlap = self._inverse(prods, hc, wc)
+        num, ea, eb, overlap = self._inverse(prods, hc, wc, workers)
         ncc = num / np.sqrt(np.maximum(ea * eb, 1e-12))
         enough = overlap >= self.min_overlap * min(self.area0, float(mb.sum()))
         return np.where(enough & (ea > 1e-6) & (eb > 1e-6), ncc, -1.0).astype(np.float32)
 
-    def _inverse(self, spectra: np.ndarray, hc: int, wc: int) -> np.ndarray:
+    def _inverse(self, spectra: np.ndarray, hc: int, wc: int, workers: int) -> np.ndarray:
         """Linear cross-correlations ``[n, ...]`` from their spectra, rearranged so index ``(dy + h0 - 1, dx + w0 - 1)``
         holds shift ``(dx, dy)`` for ``dx in (-w0, wc)``, ``dy in (-h0, hc)``."""
-        full = sfft.irfft2(spectra, self.shape, workers=fft_workers())
+        full = sfft.irfft2(spectra, self.shape, workers=workers)
         if self.local:
             return full[:, : hc - self.h0 + 1, : wc - self.w0 + 1]
         rows = np.r_[self.shape[0] - self.h0 + 1: self.shape[0], 0:hc]
@@ -304,7 +306,8 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
     if not peaks:
         return []
     fine_sar = _sar_level(sar, c["size"])
-    hyps = [h for h in (_polish(optical, fine_sar, p, c, prior_scale) for p in peaks) if h is not None]
+    with ThreadPoolExecutor(fft_workers()) as pool:  # peaks side by side (FFTs and OpenCV release the GIL)
+        hyps = [h for h in pool.map(lambda p: _polish(optical, fine_sar, p, c, prior_scale), peaks) if h is not None]
     if c["max_shift"] is not None:
         hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
     hyps.sort(key=lambda h: -h.score)
@@ -368,13 +371,17 @@ def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any],
     base = _sar_level(sar, c["coarse_size"])
     correlator = Correlator(fixed, _canvas_bound(base, c, prior_scale), c["min_overlap"])
     exclusion = max(3, max(fixed.mask.shape) // 16)
-    peaks: list[Peak] = []
-    for scale in search_scales(c):
-        for angle in search_angles(c):
-            canvas = canvas_of(base, float(angle), float(scale) * prior_scale, c)
-            ncc = _limit_shift(correlator.ncc(canvas), fixed, canvas, c["max_shift"])
-            for score, dx, dy in _top_peaks(ncc, c["peaks_per_cell"], fixed.mask.shape, exclusion):
-                peaks.append(Peak(score, float(angle), float(scale), _peak_matrix(fixed, canvas, dx, dy)))
+
+    def cell(angle_scale: tuple[float, float]) -> list[Peak]:
+        angle, scale = angle_scale
+        canvas = canvas_of(base, angle, scale * prior_scale, c)
+        ncc = _limit_shift(correlator.ncc(canvas, workers=1), fixed, canvas, c["max_shift"])
+        return [Peak(score, angle, scale, _peak_matrix(fixed, canvas, dx, dy))
+                for score, dx, dy in _top_peaks(ncc, c["peaks_per_cell"], fixed.mask.shape, exclusion)]
+
+    grid = [(float(a), float(s)) for s in search_scales(c) for a in search_angles(c)]
+    with ThreadPoolExecutor(fft_workers()) as pool:  # cells side by side (FFTs and OpenCV release the GIL)
+        peaks = [p for found in pool.map(cell, grid) for p in found]
     peaks.sort(key=lambda p: -p.score)
     return _distinct(peaks, optical, c["top_k"] + 2)
 
@@ -450,7 +457,7 @@ def _polish(optical: PreparedImage, base: Level, peak: Peak, c: dict[str, Any], 
             dx, dy = _predicted_shift(peak.matrix, fixed, canvas)
             x0, y0 = int(round(dx)) - radius, int(round(dy)) - radius
             window = _crop(canvas, x0, y0, w0 + 2 * radius + 1, h0 + 2 * radius + 1)
-            found = _local_peak(correlator.ncc(window), correlator.origin, (dx - x0, dy - y0), radius)
+            found = _local_peak(correlator.ncc(window, workers=1), correlator.origin, (dx - x0, dy - y0), radius)
             if found is not None and (best is None or found[0] > best[0]):
                 score, distinct, fx, fy = found
                 best = (score, Hypothesis(_peak_matrix(fixed, window, fx, fy), score, distinct, angle, scale))
