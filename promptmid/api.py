@@ -23,7 +23,7 @@ from promptmid.config import get_config
 from promptmid.descriptor import Describer
 from promptmid.models.base import PairContext
 from promptmid.io import PreparedImage, load_image
-from promptmid import qc
+from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit
 from promptmid.search import Hypothesis, global_search
@@ -212,17 +212,17 @@ class Matcher:
         return conf
 
     def _check(self, geom: Geometry, data: dict[str, Any], opt: PreparedImage, sar: PreparedImage,
-               hypotheses: list[Hypothesis]) -> tuple[qc.Candidate | None, list[qc.Candidate]]:
-        """The QC stage (:func:`promptmid.qc.choose`): the keypoint fit and every area hypothesis, each refined
+               hypotheses: list[Hypothesis]) -> tuple[selection.Candidate | None, list[selection.Candidate]]:
+        """The QC stage (:func:`promptmid.selection.choose`): the keypoint fit and every area hypothesis, each refined
         (when enabled) or not as its evidence prefers; the most confident wins. Returns (chosen, candidates)."""
         conf = dict(self.conf["refine"])
         refine_conf = conf if conf.pop("enabled") else None
-        return qc.choose(opt, sar, data["points0"], data["points1"], data["scores"], geom, hypotheses,
+        return selection.choose(opt, sar, data["points0"], data["points1"], data["scores"], geom, hypotheses,
                          refine_conf, self.conf["geometry"]["threshold"])
 
     def _result(
         self, best: tuple[Geometry, dict[str, Any], float],
-        checked: tuple[qc.Candidate | None, list[qc.Candidate]],
+        checked: tuple[selection.Candidate | None, list[selection.Candidate]],
         opt: PreparedImage, sar: PreparedImage,
         feats0: dict[str, Any], timings: dict[str, float], rotation_scores: dict[str, int], context: PairContext,
     ) -> MatchResult:

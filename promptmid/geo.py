@@ -23,13 +23,16 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from promptmid.geometry import Size
 from promptmid.errors import InputError
 from promptmid.geometry import apply_transform
+
+if TYPE_CHECKING:
+    from promptmid.io import PreparedImage
 
 
 @dataclass
@@ -285,3 +288,17 @@ def rmse(values: np.ndarray) -> float | None:
     """Root mean square of ``values`` (``None`` when empty)."""
     v = np.asarray(values, np.float64)
     return float(np.sqrt(np.mean(v**2))) if len(v) else None
+
+
+def pixel_size_ratio(optical: PreparedImage, sar: PreparedImage) -> float | None:
+    """Optical pixel size over SAR pixel size (SAR px per optical px) when both images are georeferenced in the
+    same CRS; ``None`` otherwise."""
+    try:
+        r0, r1 = optical.raster, sar.raster
+        if r0 is None or r1 is None or not r0.crs or not r1.crs or r0.crs != r1.crs:
+            return None
+        px0 = math.sqrt(abs(r0.transform.a * r0.transform.e))
+        px1 = math.sqrt(abs(r1.transform.a * r1.transform.e))
+    except AttributeError:
+        return None
+    return px0 / px1 if px0 > 0 and px1 > 0 else None

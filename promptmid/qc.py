@@ -22,10 +22,8 @@ fitted on perturbed training and validation pairs only; see :mod:`promptmid.trai
 the threshold chosen for >= 98 % precision, ``uncertain`` below it, and ``failed`` when there is no
 transform or the confidence is below the failure threshold.
 
-One result per pair (:func:`choose`): the keypoint fit and the hypotheses of the global area-based search
-(:mod:`promptmid.search`) are each refined, judged by the same model, and the most confident is kept. An area
-hypothesis has no keypoint evidence and its dense correlation is the very quantity the search maximised, so it
-is ``ok`` only when the refinement blocks around it agree on one correction.
+The same evidence and model judge the hypotheses of the global area-based search; :mod:`promptmid.selection`
+keeps one result per pair.
 
 Coordinates: ``points0`` optical, ``points1`` SAR, (x, y) pixels of the ORIGINAL images; ``matrix``
 maps optical pixels to SAR pixels.
@@ -34,7 +32,6 @@ maps optical pixels to SAR pixels.
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 import json
 import math
 from dataclasses import dataclass, field
@@ -47,11 +44,11 @@ import numpy as np
 
 from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.errors import ModelError
-from promptmid.geometry import Size, apply_transform, corners, residuals, warp_to_optical
+from promptmid.geometry import Size, apply_transform, corner_error, corners, residuals, warp_to_optical
 from promptmid.io import PreparedImage, working_transform
 from promptmid.matching import Geometry, fit_geometry
 from promptmid.refine import Refinement, oriented_gradient_features, refine_prepared
-from promptmid.search import fft_workers, pixel_size_ratio
+from promptmid.geo import pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")
 QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v2.json"
@@ -121,16 +118,21 @@ def keypoint_evidence(points0: np.ndarray, points1: np.ndarray, scores: np.ndarr
     n, k = len(points0), int(inl.sum())
     rest = fit_geometry(points0[~inl], points1[~inl], geom.model, threshold, min_inliers=1)
     backward = fit_geometry(points1, points0, geom.model, threshold, min_inliers=1)
-    s = np.linalg.svd(np.asarray(geom.matrix)[:2, :2], compute_uv=False)
     return {
         "matches": float(n), "inliers": float(k), "inlier_ratio": k / max(n, 1), "rmse_px": float(geom.rmse),
         "coverage": inlier_coverage(points0[inl], geom.matrix, optical_size, sar_size),
         "competitor_ratio": rest.num_inliers / max(k, 1),
         "backward_px": _backward_disagreement(geom.matrix, backward, optical_size),
         "score_margin": float(np.mean(scores[inl]) - np.mean(scores[~inl])) if 0 < k < n else 0.0,
-        "anisotropy": float(np.log(max(s[0], 1e-9) / max(s[1], 1e-9))),
-        "scale": float(np.sqrt(max(s[0] * s[1], 0.0))),
+        **linear_plausibility(geom.matrix),
     }
+
+
+def linear_plausibility(matrix: np.ndarray) -> dict[str, float]:
+    """``anisotropy`` (log of the ratio of the singular values of the linear part) and ``scale`` (their geometric
+    mean, SAR px per optical px) of a transform."""
+    s = np.linalg.svd(np.asarray(matrix)[:2, :2], compute_uv=False)
+    return {"anisotropy": float(np.log(max(s[0], 1e-9) / max(s[1], 1e-9))), "scale": float(np.sqrt(max(s[0] * s[1], 0.0)))}
 
 
 def inlier_coverage(points0: np.ndarray, matrix: np.ndarray, optical_size: Size, sar_size: Size) -> float:
@@ -149,9 +151,7 @@ def _backward_disagreement(matrix: np.ndarray, backward: Geometry, optical_size:
     separately fitted SAR -> optical transform (infinite when the backward fit fails)."""
     if not backward.ok:
         return float("inf")
-    c = corners(optical_size)
-    return float(np.linalg.norm(apply_transform(matrix, c) - apply_transform(np.linalg.inv(backward.matrix), c),
-                                axis=1).mean())
+    return float(corner_error(matrix, np.linalg.inv(backward.matrix), optical_size).mean())
 
 
 def refinement_evidence(geom: Geometry, refinement: Refinement | None, points0: np.ndarray, points1: np.ndarray,
@@ -170,8 +170,7 @@ def refinement_evidence(geom: Geometry, refinement: Refinement | None, points0: 
                 "refine_blocks": float(blocks)}
     inl = geom.inliers.astype(bool)
     res = residuals(refinement.matrix, points0[inl], points1[inl])
-    c = corners(optical_size)
-    shift = np.linalg.norm(apply_transform(refinement.matrix, c) - apply_transform(geom.matrix, c), axis=1).mean()
+    shift = corner_error(refinement.matrix, geom.matrix, optical_size).mean()
     return {"refine_agreement": float(np.mean(res <= 2 * threshold)) if len(res) else 0.0,
             "refine_inlier_ratio": refinement.inliers / max(refinement.blocks, 1),
             "refine_shift_px": float(shift), "refine_blocks": float(refinement.blocks)}
@@ -455,138 +454,3 @@ def assess(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
 def judge(evidence: Mapping[str, float], reason: str = "", model: QCModel | None = None) -> Verdict:
     """:func:`verdict_of` the evidence, or a failed verdict with ``reason`` when there is none (no fit)."""
     return verdict_of(evidence, model) if evidence else no_transform(reason)
-
-
-# --- one result per pair: the hypothesis the evidence prefers -----------------------------------
-
-
-AREA_REFINE_SEARCH = 16  # search radius (working px) of the refinement of an area hypothesis (coarse: ~4 px at 256)
-
-
-@dataclass
-class Candidate:
-    """One transform hypothesis after the QC stage.
-
-    Attributes:
-        source: ``"keypoints"`` (the robust fit of the matches) or ``"area <i>"`` (:mod:`promptmid.search`).
-        transform: the kept 3x3 optical -> SAR transform (refined when the evidence preferred that).
-        refinement: :meth:`Refinement.to_dict` (``applied`` says whether ``transform`` is the refined one).
-        evidence: the QC evidence of ``transform``.
-        verdict: its verdict.
-        search_score: the area search's correlation (NaN for keypoints).
-    """
-
-    source: str
-    transform: np.ndarray
-    refinement: dict[str, Any] | None
-    evidence: dict[str, float]
-    verdict: Verdict
-    search_score: float = float("nan")
-
-    def summary(self) -> dict[str, Any]:
-        return {"source": self.source, "status": self.verdict.status,
-                "confidence": round(self.verdict.confidence, 4),
-                "refined": bool(self.refinement and self.refinement.get("applied")),
-                "search_score": None if not math.isfinite(self.search_score) else round(self.search_score, 4),
-                "transform": np.asarray(self.transform).tolist()}
-
-
-def area_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, hypothesis: np.ndarray,
-                  refinement: Refinement | None) -> dict[str, float]:
-    """The evidence of a transform that comes from the area search (no keypoints): its plausibility, the
-    refinement blocks around the ``hypothesis`` and the dense correlation at ``matrix`` (the hypothesis or its
-    refinement)."""
-    s = np.linalg.svd(np.asarray(matrix)[:2, :2], compute_uv=False)
-    ev = {"anisotropy": float(np.log(max(s[0], 1e-9) / max(s[1], 1e-9))), "scale": float(np.sqrt(max(s[0] * s[1], 0)))}
-    applied = refinement is not None and refinement.applied
-    c = corners(optical.original_size)
-    shift = np.linalg.norm(apply_transform(refinement.matrix, c) - apply_transform(hypothesis, c), axis=1).mean() \
-        if applied else 0.0
-    ev.update(refine_agreement=1.0, refine_inlier_ratio=refinement.inliers / max(refinement.blocks, 1) if applied
-              else 0.0, refine_shift_px=float(shift), refine_blocks=float(refinement.blocks if refinement else 0))
-    ev.update(pixel_size_evidence(optical, sar, ev["scale"]))
-    ev.update(dense_evidence(optical, sar, matrix))
-    return ev
-
-
-def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarray, model: str,
-                refine_conf: Mapping[str, Any] | None, source: str, search_score: float = float("nan"),
-                qc_model: QCModel | None = None) -> Candidate:
-    """Refine an area hypothesis (first pass searches :data:`AREA_REFINE_SEARCH` px, the next ones the configured
-    radius) and keep the refinement when the dense
-    correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit), then judge the kept transform.
-    A hypothesis whose refinement blocks do not agree on a correction (or without refinement) is never ``ok``:
-    nothing but the search's own correlation speaks for it (measured on perturbed validation and training 3MOS
-    pairs, capping it this way registers 45/54 and 27/78 where calling it ``failed`` registers 44 and 24)."""
-    refinement = None
-    if refine_conf:
-        narrow = int(refine_conf.get("search", 8))
-        conf = {**refine_conf, "search": max(narrow, AREA_REFINE_SEARCH), "search_after": narrow}
-        refinement = refine_prepared(optical, sar, hypothesis, model, **conf)
-    matrix, info = np.asarray(hypothesis, float), None
-    ev = area_evidence(optical, sar, matrix, hypothesis, refinement)
-    if refinement is not None:
-        info = refinement.to_dict()
-        if refinement.applied:
-            refined = area_evidence(optical, sar, refinement.matrix, hypothesis, refinement)
-            accepted, why = refinement_agrees(ev, refined)
-            if accepted:
-                matrix, ev = np.asarray(refinement.matrix, float), refined
-            else:
-                info.update(applied=False, reason=why)
-    verdict = verdict_of(ev, qc_model)
-    if refinement is None or not refinement.applied:
-        # the dense evidence correlates the very features the search maximised: without refinement blocks that
-        # agree on one correction there is no independent evidence for the hypothesis, so it is never "ok"
-        status = "uncertain" if verdict.status == "ok" else verdict.status
-        verdict = Verdict(status, verdict.confidence, verdict.evidence,
-                          ["no consistent refinement blocks around the area hypothesis"] + verdict.reasons)
-    return Candidate(source, matrix, info, ev, verdict, search_score)
-
-
-SAME_PX = SUCCESS_PX  # candidates whose transforms differ by less than this (mean corner distance, px) are one
-
-
-def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray,
-           scores: np.ndarray, geom: Geometry, hypotheses: list[Any] = (), refine_conf: Mapping[str, Any] | None = None,
-           threshold: float = INLIER_THRESHOLD_PX, qc_model: QCModel | None = None
-           ) -> tuple[Candidate | None, list[Candidate]]:
-    """One result per pair, chosen by evidence: the keypoint fit (:func:`assess`) and every area hypothesis
-    (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g. :class:`promptmid.search.Hypothesis`), each
-    refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of the keypoint fit is not
-    weighed again); the candidate with the highest QC confidence wins (a failed one only when all failed). When the
-    keypoint fit is the same transform as the winner (within :data:`SAME_PX`), it is kept instead: confidences of
-    right transforms saturate near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis.
-
-    Returns:
-        ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
-        and no hypothesis).
-    """
-    candidates: list[Candidate] = []
-    if geom.ok:
-        final, info, ev = assess(optical, sar, points0, points1, scores, geom, refine_conf, threshold)
-        candidates.append(Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model)))
-    todo = [(i, h) for i, h in enumerate(hypotheses, 1)  # the keypoint fit already is a hypothesis within SAME_PX
-            if not (candidates and _distance(candidates[0].transform, h.matrix, optical.original_size) <= SAME_PX)]
-
-    def judge_area(item: tuple[int, Any]) -> Candidate:
-        i, h = item
-        return assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model)
-
-    # OpenCV releases the GIL while it matches blocks: the hypotheses are judged side by side (same results)
-    with ThreadPoolExecutor(max(1, min(len(todo), fft_workers()))) as pool:
-        candidates.extend(pool.map(judge_area, todo))
-    if not candidates:
-        return None, []
-    best = max(candidates, key=lambda c: (c.verdict.status != "failed", c.verdict.confidence))
-    first = candidates[0]
-    if first is not best and first.source == "keypoints" and _distance(first.transform, best.transform,
-                                                                          optical.original_size) <= SAME_PX:
-        best = first
-    return best, candidates
-
-
-def _distance(a: np.ndarray, b: np.ndarray, size: Size) -> float:
-    """Mean distance (px) between the optical corners mapped by two transforms."""
-    c = corners(size)
-    return float(np.linalg.norm(apply_transform(a, c) - apply_transform(b, c), axis=1).mean())

@@ -67,6 +67,13 @@ def oriented_gradient_features(gray: np.ndarray, orientations: int = 9, sigma: f
     return np.ascontiguousarray(feats / (np.linalg.norm(feats, axis=0, keepdims=True) + 1e-6), dtype=np.float32)
 
 
+def parabolic_offset(m1: float, c: float, p1: float) -> float:
+    """Sub-pixel position (in [-0.5, 0.5] px) of a peak ``c`` between its neighbours ``m1`` and ``p1`` from a
+    quadratic fit; 0 when the three values do not make a peak."""
+    den = m1 - 2 * c + p1
+    return 0.0 if den >= 0 else float(np.clip(0.5 * (m1 - p1) / den, -0.5, 0.5))
+
+
 def _subpixel_peak(score: np.ndarray, exclusion: int = 3) -> tuple[float, float, float, float]:
     """Peak (x, y) of a correlation map (quadratic sub-pixel fit), its value and its distinctness.
 
@@ -79,12 +86,8 @@ def _subpixel_peak(score: np.ndarray, exclusion: int = 3) -> tuple[float, float,
     far = (np.abs(yy - iy) > exclusion) | (np.abs(xx - ix) > exclusion)
     distinct = peak - float(score[far].max()) if far.any() else 0.0
 
-    def offset(m1: float, c: float, p1: float) -> float:
-        den = m1 - 2 * c + p1
-        return 0.0 if den >= 0 else float(np.clip(0.5 * (m1 - p1) / den, -0.5, 0.5))
-
-    dx = offset(score[iy, ix - 1], peak, score[iy, ix + 1]) if 0 < ix < score.shape[1] - 1 else 0.0
-    dy = offset(score[iy - 1, ix], peak, score[iy + 1, ix]) if 0 < iy < score.shape[0] - 1 else 0.0
+    dx = parabolic_offset(score[iy, ix - 1], peak, score[iy, ix + 1]) if 0 < ix < score.shape[1] - 1 else 0.0
+    dy = parabolic_offset(score[iy - 1, ix], peak, score[iy + 1, ix]) if 0 < iy < score.shape[0] - 1 else 0.0
     return ix + dx, iy + dy, peak, distinct
 
 

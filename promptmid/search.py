@@ -5,7 +5,7 @@ tiles, flat or speckled scenes), the displacement can still be found by correlat
 modality-robust features of the whole images. This stage searches a grid of rotations x scales of the
 SAR image and, for each, every translation at once with an FFT; the best peaks become hypotheses, each
 polished on a finer grid of (rotation, scale, shift) at a finer resolution. The area-based refinement
-and the QC stage (:func:`promptmid.qc.choose`) then decide between these hypotheses and the keypoint fit.
+and the QC stage (:func:`promptmid.selection.choose`) then decide between these hypotheses and the keypoint fit.
 
 Features: the oriented-gradient channels of :func:`promptmid.refine.oriented_gradient_features`
 (gradient magnitude in ``orientations`` directions, smoothed, normalised per pixel), which ignore the
@@ -21,19 +21,19 @@ maps ORIGINAL optical pixels to ORIGINAL SAR pixels, like every transform in pro
 from __future__ import annotations
 
 import math
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
-from scipy import fft as sfft
 
 from promptmid.config import DEFAULTS, merge_options
-from promptmid.geometry import apply_transform, corners
+from promptmid.correlation import Correlator, fft_workers
+from promptmid.geo import pixel_size_ratio
+from promptmid.geometry import apply_transform, corner_error, translation
 from promptmid.io import PreparedImage, working_transform
-from promptmid.refine import oriented_gradient_features
+from promptmid.refine import oriented_gradient_features, parabolic_offset
 
 DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k != "enabled"}
 
@@ -77,20 +77,6 @@ class Level:
     mask: np.ndarray
     to_original: np.ndarray  # 3x3: level px -> original px
     features: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-
-
-def pixel_size_ratio(optical: PreparedImage, sar: PreparedImage) -> float | None:
-    """Optical pixel size over SAR pixel size (SAR px per optical px) when both images are georeferenced in the
-    same CRS; ``None`` otherwise."""
-    try:
-        r0, r1 = optical.raster, sar.raster
-        if r0 is None or r1 is None or not r0.crs or not r1.crs or r0.crs != r1.crs:
-            return None
-        px0 = math.sqrt(abs(r0.transform.a * r0.transform.e))
-        px1 = math.sqrt(abs(r1.transform.a * r1.transform.e))
-    except AttributeError:
-        return None
-    return px0 / px1 if px0 > 0 and px1 > 0 else None
 
 
 def search_scales(conf: dict[str, Any]) -> np.ndarray:
@@ -178,67 +164,6 @@ def _zero_mean(feat: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((feat - mean[:, None, None]) * m, np.float32)
 
 
-# --- the masked correlation ------------------------------------------------------------------------
-
-
-class Correlator:
-    """Masked normalised cross-correlation of one fixed (optical) level against many moving canvases.
-
-    ``ncc(canvas)[dy + origin_y, dx + origin_x]`` is the correlation of optical pixel ``x`` with canvas pixel
-    ``x + d`` summed over the valid overlap; shifts whose overlap is below ``min_overlap`` of the smaller valid area
-    are ``-1``. Every shift with any overlap (``origin = (h0 - 1, w0 - 1)``), or with ``local`` only the shifts
-    that keep the optical level inside the canvas (``0 <= d <= canvas - optical``, ``origin = (0, 0)``: a smaller
-    FFT, for polishing around a known position).
-    """
-
-    def __init__(self, fixed: Level, canvas_shape: tuple[int, int], min_overlap: float, local: bool = False) -> None:
-        h0, w0 = fixed.mask.shape
-        self.h0, self.w0 = h0, w0
-        self.local = local
-        if local:  # only shifts 0 <= d <= canvas - fixed: a circular correlation of the canvas size never wraps
-            self.shape = (sfft.next_fast_len(canvas_shape[0], True), sfft.next_fast_len(canvas_shape[1], True))
-        else:
-            self.shape = (sfft.next_fast_len(h0 + canvas_shape[0], True),
-                          sfft.next_fast_len(w0 + canvas_shape[1], True))
-        self.origin = (0, 0) if local else (h0 - 1, w0 - 1)  # map index of shift d = d + origin (y, x)
-        m0 = fixed.mask.astype(np.float32)
-        self.a = np.conj(sfft.rfft2(fixed.features, self.shape))
-        self.a2 = np.conj(sfft.rfft2((fixed.features ** 2).sum(0), self.shape))
-        self.m0 = np.conj(sfft.rfft2(m0, self.shape))
-        self.area0 = float(m0.sum())
-        self.min_overlap = min_overlap
-
-    def ncc(self, canvas: Level, workers: int | None = None) -> np.ndarray:
-        """Correlation map: entry ``(dy + origin_y, dx + origin_x)`` is shift ``d`` (see the class docstring)."""
-        hc, wc = canvas.mask.shape
-        mb = canvas.mask.astype(np.float32)
-        stack = np.concatenate([canvas.features, mb[None], (canvas.features ** 2).sum(0)[None]])
-        workers = workers or fft_workers()
-        spec = sfft.rfft2(stack, self.shape, workers=workers)
-        fb, fm, fb2 = spec[:-2], spec[-2], spec[-1]
-        prods = np.stack([(self.a * fb).sum(0), self.a2 * fm, self.m0 * fb2, self.m0 * fm])
-        num, ea, eb, overlap = self._inverse(prods, hc, wc, workers)
-        ncc = num / np.sqrt(np.maximum(ea * eb, 1e-12))
-        enough = overlap >= self.min_overlap * min(self.area0, float(mb.sum()))
-        return np.where(enough & (ea > 1e-6) & (eb > 1e-6), ncc, -1.0).astype(np.float32)
-
-    def _inverse(self, spectra: np.ndarray, hc: int, wc: int, workers: int) -> np.ndarray:
-        """Linear cross-correlations ``[n, ...]`` from their spectra, rearranged so index ``(dy + h0 - 1, dx + w0 - 1)``
-        holds shift ``(dx, dy)`` for ``dx in (-w0, wc)``, ``dy in (-h0, hc)``."""
-        full = sfft.irfft2(spectra, self.shape, workers=workers)
-        if self.local:
-            return full[:, : hc - self.h0 + 1, : wc - self.w0 + 1]
-        rows = np.r_[self.shape[0] - self.h0 + 1: self.shape[0], 0:hc]
-        cols = np.r_[self.shape[1] - self.w0 + 1: self.shape[1], 0:wc]
-        return full[:, rows][:, :, cols]
-
-
-def fft_workers() -> int:
-    """Threads for the FFTs: torch's thread setting when torch is loaded (``--threads``), else 1."""
-    torch = sys.modules.get("torch")
-    return max(1, int(torch.get_num_threads())) if torch is not None else 1
-
-
 def canvas_of(base: Level, angle_deg: float, scale: float, conf: dict[str, Any]) -> Level:
     """The reduced SAR image ``base`` rotated by ``-angle_deg`` and scaled by ``1/scale`` onto a canvas that holds
     all of it, so that a pure translation remains between the canvas and the optical level when the SAR content
@@ -305,9 +230,9 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
     peaks = _coarse_peaks(optical, sar, c, prior_scale)
     if not peaks:
         return []
-    fine_sar = _sar_level(sar, c["size"])
+    fine = Fine(optical, _sar_level(sar, c["size"]), c)
     with ThreadPoolExecutor(fft_workers()) as pool:  # peaks side by side (FFTs and OpenCV release the GIL)
-        hyps = [h for h in pool.map(lambda p: _polish(optical, fine_sar, p, c, prior_scale), peaks) if h is not None]
+        hyps = [h for h in pool.map(lambda p: _polish(fine, p, c, prior_scale), peaks) if h is not None]
     if c["max_shift"] is not None:
         hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
     hyps.sort(key=lambda h: -h.score)
@@ -343,13 +268,9 @@ def _prior_scale(optical: PreparedImage, sar: PreparedImage) -> float:
     return ratio * max(sar.original_size) / max(optical.original_size)
 
 
-def _shift_matrix(dx: float, dy: float) -> np.ndarray:
-    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
-
-
 def _peak_matrix(fixed: Level, canvas: Level, dx: float, dy: float) -> np.ndarray:
     """Original optical px -> original SAR px when optical level px ``x`` sits on canvas px ``x + d``."""
-    m = canvas.to_original @ _shift_matrix(dx, dy) @ np.linalg.inv(fixed.to_original)
+    m = canvas.to_original @ translation(dx, dy) @ np.linalg.inv(fixed.to_original)
     return m / m[2, 2]
 
 
@@ -428,39 +349,47 @@ def _top_peaks(ncc: np.ndarray, count: int, fixed_shape: tuple[int, int], exclus
 def _distinct(items: Sequence[Any], optical: PreparedImage, count: int, fraction: float = 0.04) -> list[Any]:
     """The first ``count`` items (peaks or hypotheses, best first) whose transforms differ from every kept one
     by more than ``fraction`` of the optical size (mean corner distance, original px)."""
-    c = corners(optical.original_size)
-    limit = fraction * max(optical.original_size)
+    size = optical.original_size
+    limit = fraction * max(size)
     kept: list[Any] = []
     for item in items:
-        pts = apply_transform(item.matrix, c)
-        if all(np.linalg.norm(pts - apply_transform(k.matrix, c), axis=1).mean() > limit for k in kept):
+        if all(corner_error(item.matrix, k.matrix, size).mean() > limit for k in kept):
             kept.append(item)
         if len(kept) == count:
             break
     return kept
 
 
-def _polish(optical: PreparedImage, base: Level, peak: Peak, c: dict[str, Any], prior_scale: float
-            ) -> Hypothesis | None:
+class Fine:
+    """The fine level shared by the polishing of every peak: the optical level, its local correlator (shifts within
+    ``radius`` of a predicted position) and the reduced SAR image the canvases are cut from."""
+
+    def __init__(self, optical: PreparedImage, base: Level, c: dict[str, Any]) -> None:
+        self.conf = {**c, "sigma": c["sigma"] * 1.5}
+        self.fixed = make_level(optical, c["size"], self.conf["sigma"], c["orientations"])
+        self.base = base
+        self.radius = int(round(2 * c["size"] / c["coarse_size"])) + 2
+        h0, w0 = self.fixed.mask.shape
+        self.window = (w0 + 2 * self.radius + 1, h0 + 2 * self.radius + 1)
+        self.correlator = Correlator(self.fixed, self.window[::-1], c["min_overlap"], local=True)
+
+
+def _polish(fine: Fine, peak: Peak, c: dict[str, Any], prior_scale: float) -> Hypothesis | None:
     """Refine a coarse peak at the fine level: a 3 x 3 grid of (rotation, scale) at half the coarse steps around
     it, shifts within a few px of where the coarse peak predicts, sub-pixel; the best cell gives the hypothesis."""
-    fine = {**c, "sigma": c["sigma"] * 1.5}
-    fixed = make_level(optical, c["size"], fine["sigma"], c["orientations"])
-    radius = int(round(2 * c["size"] / c["coarse_size"])) + 2
-    h0, w0 = fixed.mask.shape
-    correlator = Correlator(fixed, (h0 + 2 * radius + 1, w0 + 2 * radius + 1), c["min_overlap"], local=True)
     best: tuple[float, Hypothesis] | None = None
     for da in (-0.5, 0.0, 0.5):
         for ds in (-0.5, 0.0, 0.5):
             angle, scale = peak.angle + da * c["rotation_step"], peak.scale * math.exp(ds * _log_step(c))
-            canvas = canvas_of(base, angle, scale * prior_scale, fine)
-            dx, dy = _predicted_shift(peak.matrix, fixed, canvas)
-            x0, y0 = int(round(dx)) - radius, int(round(dy)) - radius
-            window = _crop(canvas, x0, y0, w0 + 2 * radius + 1, h0 + 2 * radius + 1)
-            found = _local_peak(correlator.ncc(window, workers=1), correlator.origin, (dx - x0, dy - y0), radius)
+            canvas = canvas_of(fine.base, angle, scale * prior_scale, fine.conf)
+            dx, dy = _predicted_shift(peak.matrix, fine.fixed, canvas)
+            x0, y0 = int(round(dx)) - fine.radius, int(round(dy)) - fine.radius
+            window = _crop(canvas, x0, y0, *fine.window)
+            found = _local_peak(fine.correlator.ncc(window, workers=1), fine.correlator.origin, (dx - x0, dy - y0),
+                                fine.radius)
             if found is not None and (best is None or found[0] > best[0]):
                 score, distinct, fx, fy = found
-                best = (score, Hypothesis(_peak_matrix(fixed, window, fx, fy), score, distinct, angle, scale))
+                best = (score, Hypothesis(_peak_matrix(fine.fixed, window, fx, fy), score, distinct, angle, scale))
     return None if best is None else best[1]
 
 
@@ -473,7 +402,7 @@ def _crop(level: Level, x0: int, y0: int, width: int, height: int) -> Level:
     if sy0 < sy1 and sx0 < sx1:
         feats[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = level.features[:, sy0:sy1, sx0:sx1]
         mask[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = level.mask[sy0:sy1, sx0:sx1]
-    out = Level(np.zeros((height, width), np.float32), mask, level.to_original @ _shift_matrix(x0, y0))
+    out = Level(np.zeros((height, width), np.float32), mask, level.to_original @ translation(x0, y0))
     out.features = feats
     return out
 
@@ -507,12 +436,12 @@ def _local_peak(ncc: np.ndarray, origin: tuple[int, int], predicted: tuple[float
 
 
 def _parabola(m: np.ndarray, iy: int, ix: int, axis: int) -> float:
-    """Sub-pixel offset of a peak along one axis (quadratic fit; 0 at the border or next to a masked shift)."""
+    """Sub-pixel offset of a peak along one axis (:func:`promptmid.refine.parabolic_offset`; 0 at the border or
+    next to a masked shift)."""
     if axis == 1 and 0 < ix < m.shape[1] - 1:
         a, b, c = m[iy, ix - 1], m[iy, ix], m[iy, ix + 1]
     elif axis == 0 and 0 < iy < m.shape[0] - 1:
         a, b, c = m[iy - 1, ix], m[iy, ix], m[iy + 1, ix]
     else:
         return 0.0
-    den = a - 2 * b + c
-    return 0.0 if den >= 0 or min(a, c) <= -1 else float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
+    return 0.0 if min(a, c) <= -1 else parabolic_offset(a, b, c)

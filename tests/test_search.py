@@ -1,4 +1,4 @@
-"""The global area-based search (promptmid.search) and the evidence-based choice between hypotheses (qc.choose)."""
+"""The global area-based search (promptmid.search) and the evidence-based choice between hypotheses (promptmid.selection.choose)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from promptmid.evaluation.metrics import mean_corner_error
 from promptmid.geometry import affine_about_centre
 from promptmid.io import load_image
 from promptmid.matching import Geometry
-from promptmid.qc import assess_area, choose
+from promptmid.selection import assess_area, choose
 from promptmid.search import (Correlator, Level, centre_shift, check_conf, global_search, make_level, search_angles,
                               search_scales)
 from promptmid.synth import make_pair

@@ -2,7 +2,7 @@
 
 - ``area-search``: the classical area-based peer, :func:`promptmid.search.global_search` on oriented-gradient
   features with no learned part. It has no matches; its output carries ``hypotheses`` (original px transforms),
-  which the runner refines and judges exactly like the product does (:func:`promptmid.qc.choose`).
+  which the runner refines and judges exactly like the product does (:func:`promptmid.selection.choose`).
 - ``<method>+area``: a composite (``MethodSpec.parts``): the matches of ``<method>`` and the hypotheses of
   ``area-search``, both read from the per-method cache; the ``+refine`` rows keep whichever candidate the QC
   evidence prefers, as :class:`promptmid.api.Matcher` does with ``search.enabled``.

@@ -10,7 +10,7 @@ Raw matches can be cached per (method, pair) in ``cache_dir`` (``.npz``), which 
 cached pairs are not matched again, only re-fitted.
 
 Methods may also return transform ``hypotheses`` (the area search, :mod:`promptmid.evaluation.area`); the
-``+refine`` rows then go through :func:`promptmid.qc.choose` with them, exactly as the Matcher does, and record
+``+refine`` rows then go through :func:`promptmid.selection.choose` with them, exactly as the Matcher does, and record
 which candidate was kept (``hypothesis``) and how close the best candidate came (``best_candidate_rmse``).
 """
 
@@ -241,11 +241,11 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
 
 def _checked(geom: Any, out: dict[str, Any], hyps: list[Any], images: tuple[PreparedImage, PreparedImage] | None,
              threshold: float) -> tuple[Any, list[Any]]:
-    """The QC stage as the product runs it (:func:`promptmid.qc.choose`): the fit (refined when the evidence
+    """The QC stage as the product runs it (:func:`promptmid.selection.choose`): the fit (refined when the evidence
     agrees) and the area hypotheses; returns ``(chosen candidate or None, every candidate)``."""
     from promptmid.config import DEFAULTS
     from promptmid.matching import Geometry
-    from promptmid.qc import choose
+    from promptmid.selection import choose
 
     if images is None or (geom is None and not hyps):
         return None, []

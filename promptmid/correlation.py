@@ -1,0 +1,80 @@
+"""Masked normalised cross-correlation of multi-channel feature maps over many shifts at once (FFT).
+
+Padfield (IEEE TIP 2012) summed over channels: features are zero-mean inside their masks and zero outside, so a
+masked pixel never correlates; shifts whose overlap is below a share of the smaller valid area are refused. Used by
+the global area-based search (:mod:`promptmid.search`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+import numpy as np
+from scipy import fft as sfft
+
+
+class MaskedFeatures(Protocol):
+    """Feature channels ``[C, H, W]`` (zero-mean inside ``mask``, zero outside) and their mask ``[H, W]`` (e.g.
+    :class:`promptmid.search.Level`)."""
+
+    features: np.ndarray
+    mask: np.ndarray
+
+
+class Correlator:
+    """Masked normalised cross-correlation of one fixed (optical) level against many moving canvases.
+
+    ``ncc(canvas)[dy + origin_y, dx + origin_x]`` is the correlation of optical pixel ``x`` with canvas pixel
+    ``x + d`` summed over the valid overlap; shifts whose overlap is below ``min_overlap`` of the smaller valid area
+    are ``-1``. Every shift with any overlap (``origin = (h0 - 1, w0 - 1)``), or with ``local`` only the shifts
+    that keep the optical level inside the canvas (``0 <= d <= canvas - optical``, ``origin = (0, 0)``: a smaller
+    FFT, for polishing around a known position).
+    """
+
+    def __init__(self, fixed: MaskedFeatures, canvas_shape: tuple[int, int], min_overlap: float, local: bool = False) -> None:
+        h0, w0 = fixed.mask.shape
+        self.h0, self.w0 = h0, w0
+        self.local = local
+        if local:  # only shifts 0 <= d <= canvas - fixed: a circular correlation of the canvas size never wraps
+            self.shape = (sfft.next_fast_len(canvas_shape[0], True), sfft.next_fast_len(canvas_shape[1], True))
+        else:
+            self.shape = (sfft.next_fast_len(h0 + canvas_shape[0], True),
+                          sfft.next_fast_len(w0 + canvas_shape[1], True))
+        self.origin = (0, 0) if local else (h0 - 1, w0 - 1)  # map index of shift d = d + origin (y, x)
+        m0 = fixed.mask.astype(np.float32)
+        self.a = np.conj(sfft.rfft2(fixed.features, self.shape))
+        self.a2 = np.conj(sfft.rfft2((fixed.features ** 2).sum(0), self.shape))
+        self.m0 = np.conj(sfft.rfft2(m0, self.shape))
+        self.area0 = float(m0.sum())
+        self.min_overlap = min_overlap
+
+    def ncc(self, canvas: MaskedFeatures, workers: int | None = None) -> np.ndarray:
+        """Correlation map: entry ``(dy + origin_y, dx + origin_x)`` is shift ``d`` (see the class docstring)."""
+        hc, wc = canvas.mask.shape
+        mb = canvas.mask.astype(np.float32)
+        stack = np.concatenate([canvas.features, mb[None], (canvas.features ** 2).sum(0)[None]])
+        workers = workers or fft_workers()
+        spec = sfft.rfft2(stack, self.shape, workers=workers)
+        fb, fm, fb2 = spec[:-2], spec[-2], spec[-1]
+        prods = np.stack([(self.a * fb).sum(0), self.a2 * fm, self.m0 * fb2, self.m0 * fm])
+        num, ea, eb, overlap = self._inverse(prods, hc, wc, workers)
+        ncc = num / np.sqrt(np.maximum(ea * eb, 1e-12))
+        enough = overlap >= self.min_overlap * min(self.area0, float(mb.sum()))
+        return np.where(enough & (ea > 1e-6) & (eb > 1e-6), ncc, -1.0).astype(np.float32)
+
+    def _inverse(self, spectra: np.ndarray, hc: int, wc: int, workers: int) -> np.ndarray:
+        """Linear cross-correlations ``[n, ...]`` from their spectra, rearranged so index ``(dy + h0 - 1, dx + w0 - 1)``
+        holds shift ``(dx, dy)`` for ``dx in (-w0, wc)``, ``dy in (-h0, hc)``."""
+        full = sfft.irfft2(spectra, self.shape, workers=workers)
+        if self.local:
+            return full[:, : hc - self.h0 + 1, : wc - self.w0 + 1]
+        rows = np.r_[self.shape[0] - self.h0 + 1: self.shape[0], 0:hc]
+        cols = np.r_[self.shape[1] - self.w0 + 1: self.shape[1], 0:wc]
+        return full[:, rows][:, :, cols]
+
+
+def fft_workers() -> int:
+    """Threads for the FFTs: torch's thread setting when torch is loaded (``--threads``), else 1."""
+    torch = sys.modules.get("torch")
+    return max(1, int(torch.get_num_threads())) if torch is not None else 1
