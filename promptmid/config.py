@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "min_blocks": 8,  # fewer accepted blocks = keep the keypoint fit
         "threshold": 1.5,  # inlier threshold of the correction fit (working px)
         "iterations": 3,  # passes (each re-warps with the refined transform)
+        "polish": True,  # dense affine polish of each area hypothesis before its blocks (promptmid.polish)
     },
     "search": {  # global area-based search for transform hypotheses without keypoints (promptmid.search)
         "enabled": True,  # on in every preset: lite+area beats lite on validation and every unseen group

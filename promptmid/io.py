@@ -438,6 +438,43 @@ def optical_to_unit(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
 
 
+HOLE_PX = 5  # nodata holes narrower than this (px) are filled from their neighbourhood and count as valid
+
+
+def fill_nodata(image: np.ndarray, valid: np.ndarray, sigma: float = 3.0) -> np.ndarray:
+    """``image`` (``[H, W]`` or ``[H, W, C]``) with its nodata pixels replaced by the Gaussian-weighted mean of the
+    valid pixels around them (normalised convolution), so that nodata makes no edges; far from any valid pixel:
+    the valid mean."""
+    if valid.all():
+        return image
+    img = image.astype(np.float32)
+    w = valid.astype(np.float32)
+    weights = w if img.ndim == 2 else w[..., None]
+    num = cv2.GaussianBlur(img * weights, (0, 0), sigma)
+    den = cv2.GaussianBlur(w, (0, 0), sigma)
+    den = den if img.ndim == 2 else den[..., None]
+    mean = (img * weights).sum(axis=(0, 1)) / max(float(w.sum()), 1.0)
+    fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), mean)
+    return np.where(weights > 0, img, fill).astype(np.float32)
+
+
+def fill_holes(unit: np.ndarray, valid: np.ndarray, width: int = HOLE_PX) -> tuple[np.ndarray, np.ndarray]:
+    """Fill nodata holes narrower than ``width`` px (scattered NaN/nodata pixels, e.g. of a float SAR product)
+    from their neighbourhood and count them as valid, so that isolated black specks draw no keypoints,
+    gradients or refinement blocks. Large nodata areas (borders, swath edges) are left as they are.
+
+    Returns:
+        ``(unit, valid)`` with the holes filled and marked valid.
+    """
+    closed = cv2.morphologyEx(valid.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((width, width), np.uint8),
+                              borderType=cv2.BORDER_REPLICATE).astype(bool)
+    holes = closed & ~valid
+    if not holes.any():
+        return unit, valid
+    filled = fill_nodata(unit, valid)
+    return np.where((holes[..., None] if unit.ndim == 3 else holes), filled, unit).astype(np.float32), valid | holes
+
+
 def load_image(
     source: str | Path | np.ndarray | RasterImage,
     modality: Modality,
@@ -489,6 +526,7 @@ def load_image(
             unit = cv2.GaussianBlur(unit, (0, 0), sar_smooth)
         unit = np.repeat(unit[..., None], 3, axis=-1)
     unit[~valid] = 0.0
+    unit, valid = fill_holes(unit, valid)
     return dataclasses.replace(_resize_prepared(unit, valid, raster, modality, max_side), notes=notes,
                                sar_scaling=scaling, bands=choice)
 

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -124,26 +125,33 @@ def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, 
 
 def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
                    figures: bool = True) -> dict[str, str]:
-    """Write result.json, tiepoints.csv and (on success) figures and registered_sar.tif.
-
-    Products of an earlier run in ``out`` that this run does not write (e.g. the figures and registered
-    SAR of a pair that now fails) are removed, so that nothing stale sits beside the new ``result.json``.
-    Everything is written into a temporary folder in ``out`` first and moved into place at the end:
-    the products are written completely or not at all.
+    """Write result.json, tiepoints.csv and (on success) figures and registered_sar.tif, staged
+    (:func:`staged_products`): complete or not at all, and nothing stale of an earlier run beside them.
 
     Returns:
         ``{product name: path}`` of what was written.
     """
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".promptmid-products-"))
-    try:
+    with staged_products(out, PRODUCTS) as staging:
         written = _write_all(staging, result, opt, sar, figures)
-        for name in PRODUCTS:
+    return {k: str(out / v.name) for k, v in written.items()}
+
+
+@contextmanager
+def staged_products(out: Path, products: tuple[str, ...]) -> Iterator[Path]:
+    """A hidden staging folder in ``out`` to write products into; when the block ends without error, every file
+    named in ``products`` is removed from ``out`` (an earlier run's products that this run does not write, e.g. the
+    registered SAR of a pair that now fails) and the staged files are moved into place, ``result.json`` last. On
+    an error (or a kill) ``out`` keeps what it had; the staging folder is removed (or ignored and cleared by
+    :func:`prepare_out_dir` after a kill)."""
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIXES[0]))
+    try:
+        yield staging
+        for name in products:
             (out / name).unlink(missing_ok=True)
-        for path in sorted(written.values(), key=lambda p: p.name == "result.json"):  # result.json last
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "result.json"):  # result.json last
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {k: str(out / v.name) for k, v in written.items()}
 
 
 def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,

@@ -32,7 +32,7 @@ from promptmid.config import DEFAULTS, merge_options
 from promptmid.correlation import Correlator, fft_workers
 from promptmid.geo import pixel_size_ratio
 from promptmid.geometry import apply_transform, corner_error, translation
-from promptmid.io import PreparedImage, working_transform
+from promptmid.io import PreparedImage, fill_nodata, working_transform
 from promptmid.refine import oriented_gradient_features, parabolic_offset
 
 DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k != "enabled"}
@@ -123,7 +123,7 @@ def make_level(image: PreparedImage, long_side: int, sigma: float, orientations:
     size = (max(int(round(w * f)), 8), max(int(round(h * f)), 8))
     gray = image.image.mean(-1) if image.image.ndim == 3 else image.image
     valid = image.valid.astype(np.float32)
-    filled = _fill_nodata(gray.astype(np.float32), valid)
+    filled = fill_nodata(gray.astype(np.float32), valid)
     small = cv2.resize(filled, size, interpolation=cv2.INTER_AREA)
     small_valid = cv2.resize(valid, size, interpolation=cv2.INTER_AREA) > 0.5
     mask = _usable(small_valid, margin + int(math.ceil(2 * sigma)))
@@ -135,20 +135,8 @@ def make_level(image: PreparedImage, long_side: int, sigma: float, orientations:
     return level
 
 
-def _fill_nodata(gray: np.ndarray, valid: np.ndarray, sigma: float = 3.0) -> np.ndarray:
-    """Nodata pixels replaced by the Gaussian-weighted mean of the valid ones around them (normalised
-    convolution), so that scattered nodata pixels make no edges; far from any valid pixel: the valid mean."""
-    if valid.all():
-        return gray
-    num = cv2.GaussianBlur(gray * valid, (0, 0), sigma)
-    den = cv2.GaussianBlur(valid, (0, 0), sigma)
-    mean = float((gray * valid).sum() / max(valid.sum(), 1.0))
-    fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), mean)
-    return np.where(valid > 0, gray, fill).astype(np.float32)
-
-
 def _usable(valid: np.ndarray, margin: int) -> np.ndarray:
-    """Valid pixels with holes of a few px closed (filled by :func:`_fill_nodata`), eroded by ``margin`` px."""
+    """Valid pixels with holes of a few px closed (filled by :func:`promptmid.io.fill_nodata`), eroded by ``margin`` px."""
     v = cv2.morphologyEx(valid.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
     kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
     return cv2.erode(v, kernel, borderValue=0).astype(bool)

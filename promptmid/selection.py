@@ -24,6 +24,7 @@ from promptmid.io import PreparedImage
 from promptmid.matching import Geometry
 from promptmid.qc import (SUCCESS_PX, QCModel, Verdict, assess, dense_evidence, judge, linear_plausibility,
                           pixel_size_evidence, refinement_agrees, verdict_of)
+from promptmid.polish import polish_affine
 from promptmid.refine import Refinement, refine_prepared
 from promptmid.search import fft_workers
 
@@ -76,13 +77,16 @@ def area_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray
 
 def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarray, model: str,
                 refine_conf: Mapping[str, Any] | None, source: str, search_score: float = float("nan"),
-                qc_model: QCModel | None = None) -> Candidate:
-    """Refine an area hypothesis (first pass searches :data:`AREA_REFINE_SEARCH` px, the next ones the configured
-    radius) and keep the refinement when the dense
-    correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit), then judge the kept transform.
+                qc_model: QCModel | None = None, polish: bool = False) -> Candidate:
+    """Refine an area hypothesis and judge it. With ``polish``, the hypothesis (a similarity from a 256 px grid) is
+    first aligned densely as an affine (:func:`promptmid.polish.polish_affine`); then the refinement blocks
+    (first pass searches :data:`AREA_REFINE_SEARCH` px, the next ones the configured radius) run around it and
+    are kept when the dense correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit).
     A hypothesis whose refinement blocks do not agree on a correction (or without refinement) is never ``ok``:
     nothing but the search's own correlation speaks for it (measured on perturbed validation and training 3MOS
     pairs, capping it this way registers 45/54 and 27/78 where calling it ``failed`` registers 44 and 24)."""
+    if polish:
+        hypothesis = polish_affine(optical, sar, hypothesis).matrix
     refinement = None
     if refine_conf:
         narrow = int(refine_conf.get("search", 8))
@@ -117,8 +121,8 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
            threshold: float = INLIER_THRESHOLD_PX, qc_model: QCModel | None = None
            ) -> tuple[Candidate | None, list[Candidate]]:
     """One result per pair, chosen by evidence: the keypoint fit (:func:`assess`) and every area hypothesis
-    (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g. :class:`promptmid.search.Hypothesis`), each
-    refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of the keypoint fit is not
+    (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g. :class:`promptmid.search.Hypothesis`; polished
+    first when ``refine_conf["polish"]``), each refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of the keypoint fit is not
     weighed again); the candidate with the highest QC confidence wins (a failed one only when all failed). When the
     keypoint fit is the same transform as the winner (within :data:`SAME_PX`), it is kept instead: confidences of
     right transforms saturate near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis.
@@ -127,6 +131,8 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
         ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
         and no hypothesis).
     """
+    refine_conf = dict(refine_conf) if refine_conf else None
+    polish = bool(refine_conf.pop("polish", False)) if refine_conf else False
     candidates: list[Candidate] = []
     if geom.ok:
         final, info, ev = assess(optical, sar, points0, points1, scores, geom, refine_conf, threshold)
@@ -136,7 +142,7 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
 
     def judge_area(item: tuple[int, Any]) -> Candidate:
         i, h = item
-        return assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model)
+        return assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model, polish)
 
     # OpenCV releases the GIL while it matches blocks: the hypotheses are judged side by side (same results)
     with ThreadPoolExecutor(max(1, min(len(todo), fft_workers()))) as pool:

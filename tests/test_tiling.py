@@ -208,3 +208,66 @@ def test_scene_verdict_follows_the_agreeing_tiles() -> None:
     bad = agreement.assess(tiles, agreement.as_mapping(translation(40, 0)), prior, 6.0, 67.0)
     assert agreement.scene_verdict(True, bad, tiles, "tiles disagree")[0] == "failed"
     assert agreement.scene_verdict(False, None, [], "no tile gave an accepted fit")[0] == "failed"
+
+
+def _scene_cli(pair: dict, sar: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["scene", str(pair["optical"]), str(sar), "--out", str(out), "-p", "xfeat",
+                                    "--tile", "512", "--max-tiles", "1", "--quiet", *extra])
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_scene_refuses_an_input_named_like_a_product(tmp_path: Path, link: bool) -> None:
+    """An input in --out under a product's name (or a link to it) is never replaced, even with --overwrite."""
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "registered_sar.tif"
+    sar = target
+    if link:
+        target.symlink_to(pair["sar"])
+        sar = pair["sar"]  # the input itself is given; the product name in --out links to it
+    else:
+        target.write_bytes(Path(pair["sar"]).read_bytes())
+    before = Path(pair["sar"]).read_bytes()
+    res = _scene_cli(pair, sar, out, "--overwrite")
+    assert res.exit_code == 3, res.output
+    assert "is an input" in res.stderr
+    assert target.read_bytes() == before
+
+
+def test_scene_rerun_that_fails_removes_the_earlier_products(tmp_path: Path) -> None:
+    """--overwrite with a run that fails: no registered SAR or VRT of the earlier run beside the new result.json."""
+    import rasterio
+
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=5)
+    out = tmp_path / "out"
+    assert _scene_cli(pair, pair["sar"], out).exit_code == 0
+    assert (out / "registered_sar.tif").exists() and (out / "sar_gcps.vrt").exists()
+    with rasterio.open(pair["sar"]) as ds:
+        profile, data = ds.profile, np.full((ds.count, ds.height, ds.width), 7.0, "float32")
+    profile.update(dtype="float32", nodata=None)
+    flat = tmp_path / "flat.tif"
+    with rasterio.open(flat, "w", **profile) as dst:
+        dst.write(data)
+    res = _scene_cli(pair, flat, out, "--overwrite")
+    assert res.exit_code == 5, res.output
+    assert json.loads((out / "result.json").read_text())["status"] == "failed"
+    assert not (out / "registered_sar.tif").exists() and not (out / "sar_gcps.vrt").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_scene_products_are_staged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while writing the registered SAR leaves --out as it was: no half file, no partial products."""
+    from promptmid.scene import pipeline
+
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=3)
+    out = tmp_path / "out"
+
+    def broken(path: Path, *args, **kwargs) -> None:
+        path.write_bytes(b"")  # what a kill mid-write leaves behind
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline, "write_registered_scene", broken)
+    res = _scene_cli(pair, pair["sar"], out)
+    assert res.exit_code != 0
+    assert [p.name for p in out.iterdir()] == []

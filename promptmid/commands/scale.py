@@ -81,13 +81,14 @@ def scene(
     coordinates, residuals), sar_gcps.vrt, tile_map.png and result.json (RMSE before/after, per-tile QC).
     """
     from promptmid.api import Matcher
-    from promptmid.registration import prepare_out_dir
-    from promptmid.scene import SceneOptions, register_scene
+    from promptmid.registration import prepare_out_dir, refuse_inputs_among_products
+    from promptmid.scene import SCENE_PRODUCTS, SceneOptions, register_scene
 
     set_threads(threads)
     opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid))
     overrides = _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                            optical_bands=optical_bands, sar_bands=sar_bands)
+    refuse_inputs_among_products(out, optical, sar, products=SCENE_PRODUCTS)  # before any work (exit 3)
     out_dir = prepare_out_dir(out, overwrite)
     quiet = quiet or json_out
     with status(quiet) as progress:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from promptmid.scene.grid import Tile, scene_tiles, select_tiles, tile_grid
 from promptmid.scene.model import SCENE_MODELS, GlobalModel, fit_global
-from promptmid.scene.pipeline import SceneOptions, SceneResult, estimate_scene, register_scene, write_scene
+from promptmid.scene.pipeline import SCENE_PRODUCTS, SceneOptions, SceneResult, estimate_scene, register_scene, write_scene
 
-__all__ = ["SCENE_MODELS", "GlobalModel", "SceneOptions", "SceneResult", "Tile", "estimate_scene", "fit_global",
+__all__ = ["SCENE_MODELS", "SCENE_PRODUCTS", "GlobalModel", "SceneOptions", "SceneResult", "Tile", "estimate_scene", "fit_global",
            "register_scene", "scene_tiles", "select_tiles", "tile_grid", "write_scene"]

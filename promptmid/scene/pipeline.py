@@ -19,7 +19,7 @@ from promptmid import __version__, geo
 from promptmid.errors import InputError
 from promptmid.geometry import apply_transform
 from promptmid.io import choose_bands
-from promptmid.registration import write_json
+from promptmid.registration import refuse_inputs_among_products, staged_products, write_json
 from promptmid.scene import agreement
 from promptmid.scene.agreement import Agreement
 from promptmid.scene.grid import Tile, scene_tiles, select_tiles
@@ -159,6 +159,10 @@ def open_scene(optical: str | Path, sar: str | Path, geo_prior: bool = True, gri
                 opt_ds.close()
 
 
+SCENE_PRODUCTS = ("result.json", "tiepoints.csv", "tiepoints.geojson", "tile_map.png", "sar_gcps.vrt",
+                  "registered_sar.tif")  # every file :func:`register_scene` may write into its output directory
+
+
 def register_scene(optical: str | Path, sar: str | Path, out_dir: Path, matcher: Any,
                    options: SceneOptions | None = None,
                    progress: Callable[[str], None] | None = None) -> SceneResult:
@@ -174,13 +178,16 @@ def register_scene(optical: str | Path, sar: str | Path, out_dir: Path, matcher:
         the :class:`SceneResult` (``result.json`` = its ``to_dict()``, also written).
     Raises:
         InputError: unreadable inputs, bad options, or no overlap.
+        OutputExistsError: an input is one of the products (exit 3).
     """
     options = options or SceneOptions()
+    refuse_inputs_among_products(out_dir, optical, sar, products=SCENE_PRODUCTS)
     t_start = time.perf_counter()
     result = estimate_scene(optical, sar, matcher, options, progress)
-    write_scene(result, optical, sar, out_dir, options, progress)
-    result.timings["total"] = time.perf_counter() - t_start
-    write_json(out_dir / "result.json", result.to_dict())
+    with staged_products(Path(out_dir), SCENE_PRODUCTS) as staging:  # complete or not at all, nothing stale
+        write_scene(result, optical, sar, staging, options, progress)
+        result.timings["total"] = time.perf_counter() - t_start
+        write_json(staging / "result.json", result.to_dict())
     return result
 
 

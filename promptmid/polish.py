@@ -1,0 +1,159 @@
+"""Dense affine polish of a transform hypothesis: Gauss-Newton on oriented-gradient features, coarse to fine.
+
+The global area search (:mod:`promptmid.search`) finds a similarity (rotation, scale, shift) on a 256 px grid;
+a displaced SAR image is an affine (shear, anisotropic scale) away from the optical one, and the refinement blocks
+of :mod:`promptmid.refine` often find too few textured, consistent blocks on 10 m SAR tiles to correct it. This
+stage aligns the whole images instead: it maximises the correlation of the oriented-gradient channels
+(:func:`promptmid.refine.oriented_gradient_features`, standardised per channel over the valid overlap) over the six
+affine parameters of a correction, by damped Gauss-Newton (Lucas-Kanade, forward additive) on a pyramid
+(``levels`` long sides, coarse first), re-warping the SAR each iteration. Nodata and the footprint edge are
+masked (eroded by ``margin`` px); outside the SAR the warp reflects, so the image border makes no edge.
+
+Coordinates: (x, y) pixels, pixel centres at integers; ``matrix`` maps ORIGINAL optical pixels to ORIGINAL SAR
+pixels, like every transform in promptmid; the correction acts on optical pixels (SAR = matrix @ correction @ p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from promptmid.io import PreparedImage, original_transform, working_transform
+from promptmid.refine import oriented_gradient_features
+
+LEVELS = (128, 256, 512)  # long sides (px) of the pyramid, each capped at the working size
+MIN_OVERLAP = 0.1  # least share of the optical level that must stay valid under the warp
+
+
+@dataclass
+class Polish:
+    """Outcome of :func:`polish_affine`.
+
+    Attributes:
+        matrix: the polished 3x3 optical -> SAR transform (original pixels; the input when nothing improved).
+        correlation: mean per-channel correlation of the features at ``matrix`` on the finest level (-1..1).
+        start_correlation: the same at the input transform.
+        iterations: Gauss-Newton steps taken over all levels.
+    """
+
+    matrix: np.ndarray
+    correlation: float
+    start_correlation: float
+    iterations: int
+
+
+def _level(gray: np.ndarray, valid: np.ndarray, long_side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(gray, valid, S)`` reduced to ``long_side`` (never enlarged); ``S`` maps working px to level px."""
+    h, w = gray.shape
+    s = min(1.0, long_side / max(h, w))
+    size = (max(8, round(w * s)), max(8, round(h * s)))
+    g = cv2.resize(gray.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    v = cv2.resize(valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    return g, v, np.diag([size[0] / w, size[1] / h, 1.0])
+
+
+def _standardised(feat: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each channel to zero mean and unit deviation over ``mask``."""
+    vals = feat[:, mask]
+    return (feat - vals.mean(1)[:, None, None]) / (vals.std(1)[:, None, None] + 1e-6)
+
+
+class _Aligner:
+    """One pyramid level: the optical features fixed, the SAR re-warped for each step."""
+
+    def __init__(self, gray0: np.ndarray, valid0: np.ndarray, gray1: np.ndarray, valid1: np.ndarray,
+                 margin: int) -> None:
+        self.h, self.w = gray0.shape
+        self.feat0 = oriented_gradient_features(gray0)
+        self.kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+        self.mask0 = cv2.erode(valid0.astype(np.uint8), self.kernel).astype(bool)
+        self.gray1, self.valid1 = gray1, valid1.astype(np.uint8)
+        self.half = max(self.h, self.w) / 2.0  # coordinates normalised to about [-1, 1] for a well-posed system
+        self.norm = np.array([[1 / self.half, 0, -(self.w - 1) / 2 / self.half],
+                              [0, 1 / self.half, -(self.h - 1) / 2 / self.half], [0, 0, 1.0]])
+        yy, xx = np.mgrid[0:self.h, 0:self.w]
+        self.xn = (xx - (self.w - 1) / 2) / self.half
+        self.yn = (yy - (self.h - 1) / 2) / self.half
+
+    def evaluate(self, matrix: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(correlation, optical features, warped SAR features, mask)`` at ``matrix`` (level px), standardised;
+        ``None`` when too little overlap is left."""
+        size, inverse = (self.w, self.h), cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        warped = cv2.warpPerspective(self.gray1, matrix, size, flags=inverse, borderMode=cv2.BORDER_REFLECT)
+        wvalid = cv2.warpPerspective(self.valid1, matrix, size, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+        mask = self.mask0 & cv2.erode(wvalid, self.kernel).astype(bool)
+        if mask.sum() < MIN_OVERLAP * self.h * self.w:
+            return None
+        a = _standardised(self.feat0, mask)
+        b = _standardised(oriented_gradient_features(warped), mask)
+        return float((a[:, mask] * b[:, mask]).mean()), a, b, mask
+
+    def step(self, a: np.ndarray, b: np.ndarray, mask: np.ndarray, damping: float) -> np.ndarray:
+        """The damped Gauss-Newton correction (3x3, level px) that moves the warped SAR features onto ``a``."""
+        xs, ys = self.xn[mask], self.yn[mask]
+        hessian, rhs = np.zeros((6, 6)), np.zeros(6)
+        for ca, cb in zip(a, b):
+            gy, gx = np.gradient(cb)
+            gx, gy = gx[mask] * self.half, gy[mask] * self.half  # per normalised unit
+            jac = np.stack([gx * xs, gx * ys, gx, gy * xs, gy * ys, gy], 1)
+            hessian += jac.T @ jac
+            rhs += jac.T @ (ca[mask] - cb[mask])
+        dp = np.linalg.solve(hessian + damping * np.diag(np.diag(hessian)) + 1e-9 * np.eye(6), rhs)
+        step = np.array([[1 + dp[0], dp[1], dp[2]], [dp[3], 1 + dp[4], dp[5]], [0, 0, 1.0]])
+        return np.linalg.inv(self.norm) @ step @ self.norm
+
+
+def _align_level(aligner: _Aligner, matrix: np.ndarray, iterations: int, tol_px: float = 0.02
+                 ) -> tuple[np.ndarray, float, int]:
+    """Gauss-Newton steps while the correlation improves (the damping grows after a step that made it worse)."""
+    first = aligner.evaluate(matrix)
+    if first is None:
+        return matrix, float("nan"), 0
+    best, (score, a, b, mask), damping, steps = matrix, first, 1e-3, 0
+    for steps in range(1, iterations + 1):
+        correction = aligner.step(a, b, mask, damping)
+        trial = best @ correction
+        out = aligner.evaluate(trial)
+        if out is not None and out[0] > score:
+            best, (score, a, b, mask), damping = trial, out, max(damping / 10, 1e-6)
+            corners = np.array([[0, 0, 1], [aligner.w - 1, 0, 1], [0, aligner.h - 1, 1], [aligner.w - 1, aligner.h - 1, 1.0]])
+            if np.abs(corners @ (correction - np.eye(3)).T)[:, :2].max() < tol_px:
+                break
+        else:
+            damping *= 10
+            if damping > 1e3:
+                break
+    return best, score, steps
+
+
+def polish_affine(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, levels: tuple[int, ...] = LEVELS,
+                  iterations: int = 30, margin: int = 4) -> Polish:
+    """Polish an optical -> SAR transform (ORIGINAL px) by dense affine alignment, coarse to fine.
+
+    Args:
+        optical, sar: the prepared images (their working resolution is the finest level).
+        matrix: 3x3 start transform, e.g. a hypothesis of :func:`promptmid.search.global_search`; it must be
+            within a few coarse-level pixels of the answer (the basin of the coarsest level).
+        levels: long sides (px) of the pyramid levels, coarse first; each is capped at the working size.
+        iterations: most Gauss-Newton steps per level.
+        margin: erosion (level px) of the valid masks.
+    """
+    gray0, gray1 = optical.image.mean(-1), sar.image.mean(-1)
+    start = work = working_transform(matrix, optical, sar)
+    sides = sorted({min(s, max(gray0.shape)) for s in levels})
+    score = start_score = float("nan")
+    steps = 0
+    for long_side in sides:
+        g0, v0, s0 = _level(gray0, optical.valid, long_side)
+        g1, v1, s1 = _level(gray1, sar.valid, round(long_side * max(gray1.shape) / max(gray0.shape)))
+        aligner = _Aligner(g0, v0, g1, v1, margin)
+        if long_side == sides[-1]:  # the finest level judges the whole polish against the start
+            first = aligner.evaluate(s1 @ start @ np.linalg.inv(s0))
+            start_score = float("nan") if first is None else first[0]
+        level_matrix, score, n = _align_level(aligner, s1 @ work @ np.linalg.inv(s0), iterations)
+        work, steps = np.linalg.inv(s1) @ level_matrix @ s0, steps + n
+    if not np.isfinite(score) or (np.isfinite(start_score) and score <= start_score):
+        return Polish(np.asarray(matrix, np.float64), start_score, start_score, steps)
+    return Polish(original_transform(work, optical, sar), score, start_score, steps)
