@@ -165,11 +165,31 @@ def read_raster(path: str | Path, max_side: int | None = None) -> RasterImage:
                 nodata = src.nodata
                 driver = src.driver
                 meta = {"descriptions": tuple(src.descriptions), "colorinterp": tuple(c.name for c in src.colorinterp)}
+                if meta["colorinterp"] == ("palette",):
+                    data, meta = expand_palette(data[0], src.colormap(1))
     except (RasterioIOError, ValueError) as exc:
         raise InputError(f"Cannot read {path} as an image ({exc}).") from None
     if driver in ("PNG", "JPEG"):
         _check_complete(path)
     return RasterImage(np.moveaxis(data, 0, -1), path, nodata, crs, transform, full_size, **meta)
+
+
+def expand_palette(indices: np.ndarray, colormap: dict[int, tuple[int, ...]]) -> tuple[np.ndarray, dict[str, Any]]:
+    """A palette image (``[H, W]`` colour-table indices) as its colours: ``([3 or 4, H, W] uint8, meta)``.
+
+    The indices of a palette image are labels, not brightness (a shuffled palette shows the same picture with other
+    numbers): the models must see the colours. An alpha band is kept when the table has transparent entries.
+    """
+    size = max(256, int(indices.max()) + 1)
+    lut = np.zeros((size, 4), np.uint8)
+    lut[:, 3] = 255
+    for index, colour in colormap.items():
+        if 0 <= index < size:
+            lut[index, :len(colour)] = colour[:4]
+    bands = 4 if (lut[np.unique(indices), 3] < 255).any() else 3
+    data = np.moveaxis(lut[indices][..., :bands], -1, 0)
+    names = ("red", "green", "blue", "alpha")[:bands]
+    return np.ascontiguousarray(data), {"descriptions": (None,) * bands, "colorinterp": names}
 
 
 def _decimation(width: int, height: int, max_side: int | None) -> int:

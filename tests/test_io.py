@@ -296,3 +296,29 @@ def test_alpha_only_when_colour_interpretation_says_so(tmp_path):
 def test_bad_band_lists_are_clear_errors(text):
     with pytest.raises(InputError, match="[Bb]and"):
         load_image(np.random.default_rng(0).random((64, 64, 3)).astype(np.float32), "optical", optical_bands=text)
+
+
+def test_palette_png_is_read_as_its_colours(tmp_path):
+    """A palette PNG (shuffled colour table) gives the image its colours show, not its index numbers."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    gray = (cv2_blur(rng.random((64, 64))) * 255).astype(np.uint8)
+    order = rng.permutation(256).astype(np.uint8)  # index i shows gray level order[i]
+    inverse = np.argsort(order).astype(np.uint8)
+    pal = Image.fromarray(inverse[gray], mode="P")
+    pal.putpalette(np.repeat(order, 3).tolist())
+    pal.save(tmp_path / "pal.png")
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    raster = read_raster(tmp_path / "pal.png")
+    assert raster.data.shape == (64, 64, 3) and (raster.data[..., 0] == gray).all()
+    for modality in ("optical", "sar"):
+        a, b = load_image(tmp_path / "pal.png", modality), load_image(tmp_path / "gray.png", modality)
+        assert np.allclose(a.image, b.image, atol=1e-6)
+
+
+def cv2_blur(x: np.ndarray) -> np.ndarray:
+    import cv2
+
+    y = cv2.GaussianBlur(x.astype(np.float32), (0, 0), 3)
+    return (y - y.min()) / (y.max() - y.min())

@@ -126,6 +126,35 @@ def test_cli_train_and_resume(synth_manifest: Path, tmp_path: Path, monkeypatch:
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
 
+class _Foreign:  # an object another program might pickle into its checkpoint
+    pass
+
+
+@pytest.mark.parametrize("content", ["object", "keys", "garbage"])
+def test_resume_refuses_a_foreign_checkpoint(synth_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             content: str):
+    """--resume with a file that is not our checkpoint: exit 2 naming it, never PyTorch's weights_only advice."""
+    from typer.testing import CliRunner
+
+    from promptmid.cli import app
+
+    monkeypatch.setenv("PROMPTMID_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    last = out / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    if content == "object":
+        torch.save({"model": _Foreign()}, last)
+    elif content == "keys":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, last)
+    else:
+        last.write_bytes(b"not a checkpoint at all")
+    args = ["train", str(synth_manifest), "--out", str(out), "--preset", "xfeat", "--seed", "3", "--quiet",
+            "--epochs", "1", "--val-fraction", "0.3", "--resume"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert "is not a promptmid checkpoint" in r.output and "weights_only" not in r.output
+
+
 def test_train_overwrite_keeps_files_it_did_not_write(synth_manifest: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch):
     from typer.testing import CliRunner

@@ -46,6 +46,7 @@ from promptmid.models.sd import (
 )
 from promptmid.models.prompts import DEFAULT_PROMPTS, PromptSet, select_land_use
 from promptmid.models.promptdm import PixelSpace, save_promptdm
+from promptmid.training.checkpoint import load_state
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ImageItem = tuple[Any, "str | None", str]
@@ -381,6 +382,6 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path)
         set_peft_model_state_dict(model, load_file(str(latest / "adapter" / "adapter_model.safetensors")))
     else:
         model.load_state_dict({k: v.float() for k, v in load_file(str(latest / "unet.safetensors")).items()})
-    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)  # no pickle code runs
+    state = load_state(latest / "state.pt", ("optimizer",))  # no pickle code runs; a foreign file is refused
     optimizer.load_state_dict(state["optimizer"])
     return state

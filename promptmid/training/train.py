@@ -27,12 +27,14 @@ import numpy as np
 import torch
 
 from promptmid.config import INLIER_THRESHOLD_PX
+from promptmid.errors import InputError
 from promptmid.evaluation.metrics import auc as auc_curve
 from promptmid.evaluation.metrics import mean_corner_error
 from promptmid.geometry import Size, apply_transform
 from promptmid.io import to_original
 from promptmid.matching import match_and_fit
 from promptmid.models.aggregation import PromptMIDAggregator, save_aggregator
+from promptmid.training.checkpoint import load_module_state, load_state
 from promptmid.training.data import gt_correspondences
 from promptmid.training.losses import dual_softmax_loss, matching_accuracy
 
@@ -222,9 +224,10 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
     last = out / "checkpoints" / "last.pt"
     if resume:
         if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-        ck = torch.load(last, weights_only=True)  # tensors and plain containers only: no pickle code runs
-        model.load_state_dict(ck["model"])
+            raise InputError(f"--resume: no checkpoint at {last}")
+        ck = load_state(last, ("model", "optim", "sched", "gen", "torch_rng", "history", "epoch", "best_score",
+                               "best_epoch"))
+        load_module_state(model, ck["model"], last)
         optim.load_state_dict(ck["optim"])
         sched.load_state_dict(ck["sched"])
         gen.set_state(ck["gen"])
