@@ -216,3 +216,19 @@ def test_unwritable_cache_folder_still_loads(model, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
         loaded = vfm.load_dinov2(cache=blocker / "cache")
     assert torch.equal(loaded.layernorm.weight, model.layernorm.weight)
+
+
+def test_unwritable_cache_file_still_loads(model, tmp_path: Path) -> None:
+    """A corrupt cache that cannot be rewritten (the writer's temporary file cannot be created: what a read-only
+    cache gives an unprivileged user) is no crash: converted weights from memory, with a warning."""
+    import os
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    weights = cache / str(vfm.SPEC.cache_filename)
+    weights.write_bytes(b"")  # corrupt (empty) ...
+    weights.with_suffix(".json").write_text("{}")
+    (cache / f"{weights.name}.tmp{os.getpid()}").mkdir()  # ... and the rewrite fails inside safetensors
+    with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
+        loaded = vfm.load_dinov2(cache=cache)
+    assert torch.equal(loaded.layernorm.weight, model.layernorm.weight)

@@ -252,9 +252,11 @@ def load_dinov2(cache: str | os.PathLike[str] | None = None) -> Dinov2Model:
         onnx_path = verify_source(SPEC)
         log.info("converting %s to %s", onnx_path, source)
         _, state = convert_onnx_to_dinov2(onnx_path)
+        from safetensors import SafetensorError
+
         try:
             _write_cache(directory, state)
-        except OSError as exc:  # read-only or broken cache folder: work from memory, convert again next time
+        except (OSError, SafetensorError) as exc:  # read-only or broken cache: work from memory, convert next time
             warnings.warn(f"cannot write the DINOv2 cache in {directory} ({exc}); using the converted weights "
                           "without caching them (set PROMPTMID_CACHE to a writable folder)", stacklevel=2)
         else:
