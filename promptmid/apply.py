@@ -30,6 +30,8 @@ from promptmid.errors import InputError, OutputExistsError
 from promptmid.geometry import Size
 
 DIRECTIONS = ("auto", "sar", "optical")  # --from: which grid the raster is on
+MAX_SIDE = 1_000_000  # largest grid side (px) a result may name
+MAX_IN_MEMORY_PX = 2**28  # largest optical/SAR grid (px) a match fit is applied to (it is warped in memory)
 
 
 @dataclass
@@ -43,13 +45,34 @@ class Grid:
     nodata: float | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Grid":
+    def from_dict(cls, d: Any, where: str = "grid") -> "Grid":
+        """Read a grid record; ``where`` (e.g. ``"result.json: 'grids.optical'"``) names it in errors.
+
+        Raises:
+            InputError: not a record, a side that is not a whole number in 1..:data:`MAX_SIDE`, a CRS that does not
+                parse, a geotransform that is not six finite numbers, a nodata value that is not a number.
+        """
         from rasterio.crs import CRS
+        from rasterio.errors import CRSError
         from rasterio.transform import Affine
 
-        crs = CRS.from_user_input(d["crs"]) if d.get("crs") else None
-        transform = Affine(*d["transform"][:6]) if d.get("transform") else None
-        return cls(int(d["width"]), int(d["height"]), crs, transform, d.get("nodata"))
+        if not isinstance(d, dict):
+            raise InputError(f"{where} is not a grid record.")
+        sides = [d.get(k) for k in ("width", "height")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in sides):
+            raise InputError(f"{where}: width and height must be whole numbers of pixels in 1..{MAX_SIDE}; "
+                             f"got {sides}.")
+        try:
+            crs = CRS.from_user_input(d["crs"]) if d.get("crs") else None
+        except (CRSError, TypeError, ValueError):
+            raise InputError(f"{where}: 'crs' is not a coordinate reference system.") from None
+        geo = d.get("transform")
+        if geo is not None and not (isinstance(geo, list) and len(geo) >= 6 and _finite_numbers(geo[:6])):
+            raise InputError(f"{where}: 'transform' must be six finite numbers (a geotransform).")
+        nodata = d.get("nodata")
+        if nodata is not None and not _finite_numbers([nodata]) and not (isinstance(nodata, float)):
+            raise InputError(f"{where}: 'nodata' must be a number.")
+        return cls(sides[0], sides[1], crs, Affine(*geo[:6]) if geo is not None else None, nodata)
 
     @property
     def size(self) -> Size:
@@ -96,7 +119,11 @@ def load_fit(path: str | Path) -> Fit:
         raise InputError(f"{path} is not a promptmid result.json (no 'transform').")
     if data["transform"] is None:
         raise InputError(f"{path} has no fitted transform (status {data.get('status')!r}: {data.get('reason', '')}).")
-    return _scene_fit(data) if "global_model" in data else _match_fit(data, path)
+    return _scene_fit(data, path) if "global_model" in data else _match_fit(data, path)
+
+
+def _finite_numbers(values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
 
 
 def checked_transform(value: Any, path: Path, key: str = "transform") -> np.ndarray:
@@ -123,21 +150,55 @@ def _match_fit(data: dict[str, Any], path: Path) -> Fit:
     grids = data.get("grids")
     if not grids:
         raise InputError(f"{path} has no 'grids' (written by an older promptmid); rerun match to apply it.")
+    if not isinstance(grids, dict):
+        raise InputError(f"{path}: 'grids' is not a record of the optical and SAR grids.")
     return Fit("match", str(data.get("status")), checked_transform(data["transform"], path), None,
-               Grid.from_dict(grids["optical"]), Grid.from_dict(grids["sar"]))
+               Grid.from_dict(grids.get("optical"), f"{path}: 'grids.optical'"),
+               Grid.from_dict(grids.get("sar"), f"{path}: 'grids.sar'"))
 
 
-def _scene_fit(data: dict[str, Any]) -> Fit:
+def _scene_fit(data: dict[str, Any], path: Path) -> Fit:
     from promptmid.geo import GeoInfo
-    from promptmid.scene.model import GlobalModel
 
-    model = GlobalModel.from_dict(data["global_model"])
-    opt, sar = Grid.from_dict(data["optical"]), Grid.from_dict(data["sar"])
-    info = GeoInfo(opt.width, opt.height, data["optical"]["count"], data["optical"]["dtype"], opt.crs,
-                   opt.transform, opt.nodata)
-    return Fit("scene", str(data.get("status")), model.matrix, model, opt, sar,
-               bool(data.get("sar_grid", {}).get("reprojected_to_optical_crs")), info,
-               int(data.get("config", {}).get("scene", {}).get("block", 1024)))
+    model = _scene_model(data["global_model"], path)
+    opt = Grid.from_dict(data.get("optical"), f"{path}: 'optical'")
+    sar = Grid.from_dict(data.get("sar"), f"{path}: 'sar'")
+    count, dtype = data["optical"].get("count"), data["optical"].get("dtype")
+    if not (isinstance(count, int) and count >= 1 and isinstance(dtype, str) and _is_dtype(dtype)):
+        raise InputError(f"{path}: 'optical' needs a band 'count' >= 1 and a raster 'dtype'.")
+    block = data.get("config", {}).get("scene", {}).get("block", 1024) if isinstance(data.get("config"), dict) else 1024
+    if not (isinstance(block, int) and 16 <= block <= 65536):
+        raise InputError(f"{path}: 'config.scene.block' must be a whole number of pixels in 16..65536.")
+    info = GeoInfo(opt.width, opt.height, count, dtype, opt.crs, opt.transform, opt.nodata)
+    reprojected = data.get("sar_grid", {}).get("reprojected_to_optical_crs") if isinstance(data.get("sar_grid"), dict) else False
+    return Fit("scene", str(data.get("status")), checked_transform(model.matrix, path, "global_model"), model, opt, sar,
+               bool(reprojected), info, block)
+
+
+def _is_dtype(name: str) -> bool:
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
+def _scene_model(d: Any, path: Path) -> Any:
+    """The scene's :class:`~promptmid.scene.model.GlobalModel`, checked (kind, coefficient counts, finite values,
+    positive normalisation scale); ``InputError`` naming ``path`` and ``global_model`` otherwise."""
+    from promptmid.scene.model import SCENE_MODELS, GlobalModel
+
+    bad = InputError(f"{path}: 'global_model' is malformed (needs kind in {', '.join(SCENE_MODELS)}, coeffs_x and "
+                     "coeffs_y of 3 (affine) or 6 (poly2) finite numbers, normalisation cx, cy, scale > 0).")
+    try:
+        model = GlobalModel.from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise bad from None
+    n = {"affine": 3, "poly2": 6}.get(model.kind)
+    if n is None or model.coeffs.shape != (2, n) or not np.isfinite(model.coeffs).all() \
+            or not np.isfinite(model.norm).all() or model.norm[2] <= 0:
+        raise bad
+    return model
 
 
 def grid_of(raster: Any) -> dict[str, Any]:
@@ -236,6 +297,11 @@ def _write_match(matrix: np.ndarray, target: Grid, raster: Path, out: Path) -> N
     pixel ``p`` of ``target``."""
     from promptmid.io import RasterImage, read_raster
     from promptmid.registration import write_registered_sar
+
+    if target.width * target.height > MAX_IN_MEMORY_PX:
+        raise InputError(f"The target grid is {target.width}x{target.height} px, more than this writer holds in memory "
+                         f"({MAX_IN_MEMORY_PX} px); register such scenes with `promptmid scene`, whose products are "
+                         "written block by block.")
 
     grid = RasterImage(np.zeros((0, 0, 1), np.uint8), full_size=target.size,
                        crs=target.crs.to_wkt() if target.crs is not None else None, transform=target.transform)

@@ -117,3 +117,48 @@ def test_apply_refuses_an_unusable_transform(match_run: dict, tmp_path: Path, ba
     res = _run("apply", str(broken), str(match_run["pair"]["sar"]), "--out", str(tmp_path / "o.tif"))
     assert res.exit_code == 2 and "broken.json" in res.stderr and "'transform'" in res.stderr, res.output
     assert not (tmp_path / "o.tif").exists()
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda d: d["grids"]["optical"].update(width=-5), "grids.optical"),
+    (lambda d: d["grids"]["sar"].pop("height"), "grids.sar"),
+    (lambda d: d["grids"]["optical"].update(width="wide"), "grids.optical"),
+    (lambda d: d["grids"]["optical"].update(width=200000, height=200000), "memory"),
+    (lambda d: d["grids"]["sar"].update(transform=[1, "a", 0, 0, 0, 1]), "grids.sar"),
+    (lambda d: d["grids"]["optical"].update(crs="not a crs at all"), "grids.optical"),
+    (lambda d: d.update(grids=[1, 2]), "grids"),
+    (lambda d: d["grids"].pop("sar"), "grids.sar"),
+])
+def test_apply_refuses_a_malformed_match_record(match_run: dict, tmp_path: Path, edit, key: str) -> None:
+    """A damaged record: exit 2, one line naming the file and the key (or the size), nothing written, and never a
+    huge allocation."""
+    data = json.loads((match_run["out"] / "result.json").read_text())
+    edit(data)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    res = _run("apply", str(broken), str(match_run["pair"]["sar"]), "--out", str(tmp_path / "o.tif"))
+    assert res.exit_code == 2, res.output
+    assert key in res.stderr and (key == "memory" or "broken.json" in res.stderr), res.stderr
+    assert not (tmp_path / "o.tif").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["global_model"].update(kind="spline"),
+    lambda d: d["global_model"].update(coeffs_x=[1, 2]),
+    lambda d: d["global_model"].update(coeffs_y=["a", 0, 1]),
+    lambda d: d["global_model"]["normalisation"].update(scale=0),
+    lambda d: d["global_model"].pop("normalisation"),
+])
+def test_apply_refuses_a_malformed_scene_model(tmp_path: Path, edit) -> None:
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 320, seed=1, rotation_deg=0.5, shift_m=(40, -30),
+                                          towns=False)
+    out = tmp_path / "scene"
+    res = _run("scene", str(pair["optical"]), str(pair["sar"]), "--out", str(out), "-p", "xfeat", "--tile", "512",
+               "--search-radius", "150m", "--no-figures", "--quiet")
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "result.json").read_text())
+    edit(data)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    res = _run("apply", str(broken), str(pair["sar"]), "--out", str(tmp_path / "o.tif"))
+    assert res.exit_code == 2 and "broken.json" in res.stderr and "'global_model'" in res.stderr, res.output
