@@ -1,12 +1,33 @@
-"""promptmid: optical-SAR image registration with modality-invariant descriptors (PromptMID)."""
+"""promptmid: optical-SAR image registration with modality-invariant descriptors (PromptMID).
+
+The public names below are imported on first use (PEP 562), so that ``import promptmid`` and the CLI's
+``--help`` do not load torch and the models' libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from promptmid.api import Matcher, MatchResult  # noqa: E402
-from promptmid.config import PRESETS, get_config  # noqa: E402
-from promptmid.errors import InputError, MatchingError, ModelError, OutputExistsError, PromptMIDError  # noqa: E402
+_LAZY = {
+    "Matcher": "promptmid.api", "MatchResult": "promptmid.api",
+    "PRESETS": "promptmid.config", "get_config": "promptmid.config",
+    "PromptMIDError": "promptmid.errors", "InputError": "promptmid.errors", "ModelError": "promptmid.errors",
+    "MatchingError": "promptmid.errors", "OutputExistsError": "promptmid.errors",
+}
 
-__all__ = [
-    "Matcher", "MatchResult", "PRESETS", "get_config",
-    "PromptMIDError", "InputError", "ModelError", "MatchingError", "OutputExistsError",
-]
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'promptmid' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -59,6 +59,16 @@ def match(
     json_out: bool = JsonOpt,
 ) -> None:
     """Register SAR to OPTICAL; write result.json, tiepoints.csv, figures and registered_sar.tif."""
+    from promptmid.io import check_image_path
+
+    for path in (optical, sar):  # argument errors answer before torch and the models are imported
+        check_image_path(path)
+    overrides = build_overrides(model=model, threshold=threshold, min_inliers=min_inliers, try_rotations=try_rotations,
+                                rotation_step=rotation_step, top_k=top_k, max_side=max_side,
+                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
+                                sar_bands=sar_bands, aggregator=aggregator,
+                                dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble,
+                                search=search, search_rotation=search_rotation, search_scale=search_scale)
     from promptmid.api import Matcher
     from promptmid.config import get_config
     from promptmid.io import load_image
@@ -66,12 +76,6 @@ def match(
 
     set_threads(threads)
     refuse_inputs_among_products(out, optical, sar)
-    overrides = build_overrides(model=model, threshold=threshold, min_inliers=min_inliers, try_rotations=try_rotations,
-                                rotation_step=rotation_step, top_k=top_k, max_side=max_side,
-                                sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
-                                sar_bands=sar_bands, aggregator=aggregator,
-                                dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble,
-                                search=search, search_rotation=search_rotation, search_scale=search_scale)
     preset = resolve_preset(preset, dm, aggregator)
     io_conf = get_config(preset, overrides)["io"]
     opt_img, sar_img = load_image(optical, "optical", **io_conf), load_image(sar, "sar", **io_conf)

@@ -131,6 +131,22 @@ def to_original(points: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
 DECIMATE_ABOVE = 2  # read decimated when the long side exceeds this many times the working size
 
 
+def check_image_path(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` if it names a non-empty file (cheap: nothing is read).
+
+    Raises:
+        InputError: no such file, a directory, or an empty file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"No image at path {path}.")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an image.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is an empty file.")
+    return path
+
+
 def read_raster(path: str | Path, max_side: int | None = None) -> RasterImage:
     """Read an image file into a :class:`RasterImage` (all bands, native dtype).
 
@@ -142,13 +158,7 @@ def read_raster(path: str | Path, max_side: int | None = None) -> RasterImage:
     Raises:
         InputError: missing, unreadable or empty file, or an unsupported band count.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"No image at path {path}.")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not an image.")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path} is an empty file.")
+    path = check_image_path(path)
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 

@@ -85,19 +85,22 @@ def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarr
     A hypothesis whose refinement blocks do not agree on a correction (or without refinement) is never ``ok``:
     nothing but the search's own correlation speaks for it (measured on perturbed validation and training 3MOS
     pairs, capping it this way registers 45/54 and 27/78 where calling it ``failed`` registers 44 and 24)."""
-    if polish:
-        hypothesis = polish_affine(optical, sar, hypothesis).matrix
+    start = np.asarray(hypothesis, float)
+    polished = polish_affine(optical, sar, start).matrix if polish else start
     refinement = None
     if refine_conf:
         narrow = int(refine_conf.get("search", 8))
         conf = {**refine_conf, "search": max(narrow, AREA_REFINE_SEARCH), "search_after": narrow}
-        refinement = refine_prepared(optical, sar, hypothesis, model, **conf)
-    matrix, info = np.asarray(hypothesis, float), None
-    ev = area_evidence(optical, sar, matrix, hypothesis, refinement)
+        refinement = refine_prepared(optical, sar, polished, model, **conf)
+    # the evidence of an unrefined candidate is taken at the search's own hypothesis, as the QC model was
+    # calibrated: the polish maximises the very correlation the dense evidence measures, so judging the polished
+    # transform would make wrong hypotheses look better (a flat pair turned from failed to uncertain)
+    matrix, info = polished, None
+    ev = area_evidence(optical, sar, start, polished, refinement)
     if refinement is not None:
         info = refinement.to_dict()
         if refinement.applied:
-            refined = area_evidence(optical, sar, refinement.matrix, hypothesis, refinement)
+            refined = area_evidence(optical, sar, refinement.matrix, polished, refinement)
             accepted, why = refinement_agrees(ev, refined)
             if accepted:
                 matrix, ev = np.asarray(refinement.matrix, float), refined
