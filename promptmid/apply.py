@@ -21,62 +21,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from promptmid.errors import InputError, OutputExistsError
+from promptmid.geo import Grid
 from promptmid.geometry import Size
 
 DIRECTIONS = ("auto", "sar", "optical")  # --from: which grid the raster is on
-MAX_SIDE = 1_000_000  # largest grid side (px) a result may name
 MAX_IN_MEMORY_PX = 2**28  # largest optical/SAR grid (px) a match fit is applied to (it is warped in memory)
-
-
-@dataclass
-class Grid:
-    """A pixel grid: size, CRS (any ``rasterio`` CRS input, or ``None``) and geotransform (``Affine`` or ``None``)."""
-
-    width: int
-    height: int
-    crs: Any = None
-    transform: Any = None
-    nodata: float | None = None
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "grid") -> "Grid":
-        """Read a grid record; ``where`` (e.g. ``"result.json: 'grids.optical'"``) names it in errors.
-
-        Raises:
-            InputError: not a record, a side that is not a whole number in 1..:data:`MAX_SIDE`, a CRS that does not
-                parse, a geotransform that is not six finite numbers, a nodata value that is not a number.
-        """
-        from rasterio.crs import CRS
-        from rasterio.errors import CRSError
-        from rasterio.transform import Affine
-
-        if not isinstance(d, dict):
-            raise InputError(f"{where} is not a grid record.")
-        sides = [d.get(k) for k in ("width", "height")]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in sides):
-            raise InputError(f"{where}: width and height must be whole numbers of pixels in 1..{MAX_SIDE}; "
-                             f"got {sides}.")
-        try:
-            crs = CRS.from_user_input(d["crs"]) if d.get("crs") else None
-        except (CRSError, TypeError, ValueError):
-            raise InputError(f"{where}: 'crs' is not a coordinate reference system.") from None
-        geo = d.get("transform")
-        if geo is not None and not (isinstance(geo, list) and len(geo) >= 6 and _finite_numbers(geo[:6])):
-            raise InputError(f"{where}: 'transform' must be six finite numbers (a geotransform).")
-        nodata = d.get("nodata")
-        if nodata is not None and not _finite_numbers([nodata]) and not (isinstance(nodata, float)):
-            raise InputError(f"{where}: 'nodata' must be a number.")
-        return cls(sides[0], sides[1], crs, Affine(*geo[:6]) if geo is not None else None, nodata)
-
-    @property
-    def size(self) -> Size:
-        return Size(self.width, self.height)
 
 
 @dataclass
@@ -98,7 +52,7 @@ class Fit:
     optical: Grid
     sar: Grid
     reprojected: bool = False
-    source: Any = None  # the scene's optical GeoInfo (for write_registered_scene)
+    source: Grid | None = None  # the scene's optical grid with its bands (for write_registered_scene)
     block: int = 1024  # the scene's output block side (the same blocks give the same pixels)
 
 
@@ -120,10 +74,6 @@ def load_fit(path: str | Path) -> Fit:
     if data["transform"] is None:
         raise InputError(f"{path} has no fitted transform (status {data.get('status')!r}: {data.get('reason', '')}).")
     return _scene_fit(data, path) if "global_model" in data else _match_fit(data, path)
-
-
-def _finite_numbers(values: Any) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
 
 
 def checked_transform(value: Any, path: Path, key: str = "transform") -> np.ndarray:
@@ -158,29 +108,15 @@ def _match_fit(data: dict[str, Any], path: Path) -> Fit:
 
 
 def _scene_fit(data: dict[str, Any], path: Path) -> Fit:
-    from promptmid.geo import GeoInfo
-
     model = _scene_model(data["global_model"], path)
     opt = Grid.from_dict(data.get("optical"), f"{path}: 'optical'")
     sar = Grid.from_dict(data.get("sar"), f"{path}: 'sar'")
-    count, dtype = data["optical"].get("count"), data["optical"].get("dtype")
-    if not (isinstance(count, int) and count >= 1 and isinstance(dtype, str) and _is_dtype(dtype)):
-        raise InputError(f"{path}: 'optical' needs a band 'count' >= 1 and a raster 'dtype'.")
     block = data.get("config", {}).get("scene", {}).get("block", 1024) if isinstance(data.get("config"), dict) else 1024
     if not (isinstance(block, int) and 16 <= block <= 65536):
         raise InputError(f"{path}: 'config.scene.block' must be a whole number of pixels in 16..65536.")
-    info = GeoInfo(opt.width, opt.height, count, dtype, opt.crs, opt.transform, opt.nodata)
     reprojected = data.get("sar_grid", {}).get("reprojected_to_optical_crs") if isinstance(data.get("sar_grid"), dict) else False
     return Fit("scene", str(data.get("status")), checked_transform(model.matrix, path, "global_model"), model, opt, sar,
-               bool(reprojected), info, block)
-
-
-def _is_dtype(name: str) -> bool:
-    try:
-        np.dtype(name)
-    except TypeError:
-        return False
-    return True
+               bool(reprojected), opt, block)
 
 
 def _scene_model(d: Any, path: Path) -> Any:
@@ -199,14 +135,6 @@ def _scene_model(d: Any, path: Path) -> Any:
             or not np.isfinite(model.norm).all() or model.norm[2] <= 0:
         raise bad
     return model
-
-
-def grid_of(raster: Any) -> dict[str, Any]:
-    """``result.json`` description of a :class:`promptmid.io.RasterImage`'s grid (what :class:`Grid` reads)."""
-    w, h = raster.original_size
-    return {"width": int(w), "height": int(h), "crs": raster.crs,
-            "transform": list(raster.transform)[:6] if raster.transform is not None else None,
-            "nodata": raster.nodata}
 
 
 def apply_fit(fit: Fit, raster: str | Path, out: str | Path, direction: str = "auto", cog: bool = False,
@@ -295,7 +223,7 @@ def _optical_to_sar(fit: Fit, raster: Path, out: Path) -> None:
 def _write_match(matrix: np.ndarray, target: Grid, raster: Path, out: Path) -> None:
     """:func:`promptmid.registration.write_registered_sar` sampling ``raster`` at ``matrix @ p`` for every
     pixel ``p`` of ``target``."""
-    from promptmid.io import RasterImage, read_raster
+    from promptmid.io import read_raster
     from promptmid.registration import write_registered_sar
 
     if target.width * target.height > MAX_IN_MEMORY_PX:
@@ -303,9 +231,7 @@ def _write_match(matrix: np.ndarray, target: Grid, raster: Path, out: Path) -> N
                          f"({MAX_IN_MEMORY_PX} px); register such scenes with `promptmid scene`, whose products are "
                          "written block by block.")
 
-    grid = RasterImage(np.zeros((0, 0, 1), np.uint8), full_size=target.size,
-                       crs=target.crs.to_wkt() if target.crs is not None else None, transform=target.transform)
-    write_registered_sar(out, SimpleNamespace(transform=matrix), grid, read_raster(raster))
+    write_registered_sar(out, matrix, target, read_raster(raster))
 
 
 def _to_cog(path: Path) -> None:

@@ -35,24 +35,76 @@ if TYPE_CHECKING:
     from promptmid.io import PreparedImage
 
 
+MAX_SIDE = 1_000_000  # largest grid side (px) a result record may name
+
+
 @dataclass
-class GeoInfo:
-    """Size and georeferencing of a raster (no pixels).
+class Grid:
+    """A raster's pixel grid, without pixels: size, bands, georeferencing, nodata.
+
+    The one grid record of promptmid: what scenes read from their files (:func:`geo_info`), what ``result.json``
+    stores (``grids`` of a match, ``optical``/``sar`` of a scene) and what the writers of registered rasters take.
 
     Attributes:
         width, height: size in pixels.
         count: number of bands; dtype: numpy dtype name of the bands.
-        crs: a ``rasterio.crs.CRS`` or ``None``; transform: rasterio ``Affine`` (pixel corners -> map).
+        crs: a ``rasterio.crs.CRS`` or ``None``; transform: rasterio ``Affine`` (pixel corners -> map) or ``None``.
         nodata: the nodata value or ``None``.
     """
 
     width: int
     height: int
-    count: int
-    dtype: str
+    count: int = 1
+    dtype: str = "uint8"
     crs: Any = None
     transform: Any = None
     nodata: float | None = None
+
+    @classmethod
+    def of(cls, raster: Any) -> "Grid":
+        """The grid of a :class:`promptmid.io.RasterImage` (its ORIGINAL size, also when it was read decimated)."""
+        from rasterio.crs import CRS
+
+        w, h = raster.original_size
+        return cls(int(w), int(h), int(raster.data.shape[-1]), str(raster.data.dtype),
+                   CRS.from_user_input(raster.crs) if raster.crs else None, raster.transform, raster.nodata)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "grid") -> "Grid":
+        """Read a :meth:`to_dict` record; ``where`` (e.g. ``"result.json: 'grids.optical'"``) names it in errors.
+
+        Raises:
+            InputError: not a record, a side that is not a whole number in 1..:data:`MAX_SIDE`, a CRS that does not
+                parse, a geotransform that is not six finite numbers, a nodata value that is not a number.
+        """
+        from rasterio.crs import CRS
+        from rasterio.errors import CRSError
+        from rasterio.transform import Affine
+
+        if not isinstance(d, dict):
+            raise InputError(f"{where} is not a grid record.")
+        sides = [d.get(k) for k in ("width", "height")]
+        if not all(_whole(v) and 1 <= v <= MAX_SIDE for v in sides):
+            raise InputError(f"{where}: width and height must be whole numbers of pixels in 1..{MAX_SIDE}; "
+                             f"got {sides}.")
+        try:
+            crs = CRS.from_user_input(d["crs"]) if d.get("crs") else None
+        except (CRSError, TypeError, ValueError):
+            raise InputError(f"{where}: 'crs' is not a coordinate reference system.") from None
+        geo = d.get("transform")
+        if geo is not None and not (isinstance(geo, list) and len(geo) >= 6 and finite_numbers(geo[:6])):
+            raise InputError(f"{where}: 'transform' must be six finite numbers (a geotransform).")
+        nodata = d.get("nodata")
+        if nodata is not None and not isinstance(nodata, float) and not finite_numbers([nodata]):
+            raise InputError(f"{where}: 'nodata' must be a number.")
+        count, dtype = d.get("count", 1), d.get("dtype", "uint8")
+        if not (_whole(count) and count >= 1 and isinstance(dtype, str) and _is_dtype(dtype)):
+            raise InputError(f"{where}: 'count' must be a whole number >= 1 and 'dtype' a raster data type.")
+        return cls(sides[0], sides[1], count, dtype, crs, Affine(*geo[:6]) if geo is not None else None, nodata)
+
+    @property
+    def size(self) -> Size:
+        return Size(self.width, self.height)
 
     @property
     def georeferenced(self) -> bool:
@@ -76,6 +128,23 @@ class GeoInfo:
                 "transform": list(self.transform)[:6] if self.georeferenced else None, "nodata": self.nodata}
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite_numbers(values: Any) -> bool:
+    """Whether every item is a finite int or float (not a bool, not text)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _is_dtype(name: str) -> bool:
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
 def open_raster(path: str | Path) -> Any:
     """Open a raster for windowed reading (a rasterio dataset; close it after use).
 
@@ -94,18 +163,18 @@ def open_raster(path: str | Path) -> Any:
         raise InputError(f"Cannot read {path} as a raster ({exc}).") from None
 
 
-def geo_info(ds: Any) -> GeoInfo:
-    """:class:`GeoInfo` of an open rasterio dataset (or WarpedVRT)."""
+def geo_info(ds: Any) -> Grid:
+    """:class:`Grid` of an open rasterio dataset (or WarpedVRT)."""
     from rasterio.errors import NotGeoreferencedWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         crs, transform = ds.crs, ds.transform
-    return GeoInfo(ds.width, ds.height, ds.count, ds.dtypes[0], crs if crs else None,
+    return Grid(ds.width, ds.height, ds.count, ds.dtypes[0], crs if crs else None,
                    transform if crs else None, ds.nodata)
 
 
-def sar_in_optical_crs(sar_ds: Any, optical: GeoInfo) -> tuple[Any, bool]:
+def sar_in_optical_crs(sar_ds: Any, optical: Grid) -> tuple[Any, bool]:
     """Return the SAR dataset to read from: itself, or a WarpedVRT in the optical CRS.
 
     Returns:
@@ -172,7 +241,7 @@ def pixel_to_map(transform: Any, points: np.ndarray) -> np.ndarray:
     return apply_transform(pixel_to_map_matrix(transform), points)
 
 
-def geo_prior(optical: GeoInfo, sar: GeoInfo) -> np.ndarray:
+def geo_prior(optical: Grid, sar: Grid) -> np.ndarray:
     """Optical px -> SAR px transform implied by the two geotransforms (same CRS required)."""
     if not (optical.georeferenced and sar.georeferenced):
         raise InputError("A geo prior needs both images georeferenced (CRS and geotransform).")
@@ -181,7 +250,7 @@ def geo_prior(optical: GeoInfo, sar: GeoInfo) -> np.ndarray:
     return np.linalg.inv(pixel_to_map_matrix(sar.transform)) @ pixel_to_map_matrix(optical.transform)
 
 
-def map_transform(transform: np.ndarray, optical: GeoInfo, sar: GeoInfo) -> np.ndarray | None:
+def map_transform(transform: np.ndarray, optical: Grid, sar: Grid) -> np.ndarray | None:
     """An optical px -> SAR px transform expressed as optical map -> SAR map (its georeferencing).
 
     ``X_sar = M X_opt``: where the content at optical map position ``X_opt`` lies according to the
@@ -237,7 +306,7 @@ def parse_search_radius(text: str | float, pixel_size: float | None) -> float:
     64 px and 150 m: 150 px on a 1 m product, whose geolocation may be tens of metres off; 64 px = 640 m at 10 m).
 
     A bare number means metres when ``pixel_size`` (ground metres per optical pixel; pass the smaller of
-    :attr:`GeoInfo.metres_per_pixel` so that the radius is covered along both axes) is known, else pixels.
+    :attr:`Grid.metres_per_pixel` so that the radius is covered along both axes) is known, else pixels.
 
     Raises:
         InputError: unparsable text, or metres without a georeferenced optical image.
@@ -273,7 +342,7 @@ def overlap_bbox(prior: np.ndarray, optical_size: Size, sar_size: Size,
     return None if x1 - x0 < 2 or y1 - y0 < 2 else (int(x0), int(y0), int(x1), int(y1))
 
 
-def sar_grid_to_file_pixels(points: np.ndarray, grid: GeoInfo, sar_file: GeoInfo) -> np.ndarray:
+def sar_grid_to_file_pixels(points: np.ndarray, grid: Grid, sar_file: Grid) -> np.ndarray:
     """Map ``[N, 2]`` pixels of the (possibly reprojected) SAR grid to pixels of the SAR file."""
     if not (grid.georeferenced and sar_file.georeferenced) or grid.crs == sar_file.crs:
         return np.asarray(points, np.float64)

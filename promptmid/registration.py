@@ -21,6 +21,7 @@ import numpy as np
 from promptmid import viz
 from promptmid.api import MatchResult
 from promptmid.errors import OutputExistsError
+from promptmid.geo import Grid
 from promptmid.io import PreparedImage, RasterImage, open_for_write
 from promptmid.geometry import residuals, warp_to_optical, warpable
 
@@ -99,26 +100,25 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def write_registered_sar(path: Path, result: MatchResult, optical: RasterImage, sar: RasterImage) -> None:
-    """Write the SAR image resampled onto the optical pixel grid as a (Geo)TIFF.
+def write_registered_sar(path: Path, matrix: np.ndarray, grid: Grid, sar: RasterImage) -> None:
+    """Write the SAR raster resampled onto ``grid`` (the optical grid) as a (Geo)TIFF.
 
-    All SAR bands keep their dtype; pixels outside the SAR footprint get the nodata value
-    (the SAR file's, else 0). CRS and geotransform are copied from the optical image when
-    it has them. Tiled and DEFLATE-compressed.
+    Each ``grid`` pixel ``p`` samples ``sar`` at ``matrix @ p`` (``matrix``: 3x3 optical px -> SAR px). All SAR
+    bands keep their dtype; pixels outside the SAR footprint get the nodata value (the SAR file's, else 0). CRS and
+    geotransform come from ``grid`` when it has them. Tiled and DEFLATE-compressed.
     """
-    assert result.transform is not None
     nodata = sar.nodata if sar.nodata is not None else 0
     data, cast = warpable(sar.full().data)  # full resolution, also when matching read it decimated
-    w, h = optical.original_size
-    bands = [cast(warp_to_optical(data[..., i], result.transform, (w, h), fill=float(nodata)))
+    w, h = grid.width, grid.height
+    bands = [cast(warp_to_optical(data[..., i], matrix, (w, h), fill=float(nodata)))
              for i in range(data.shape[-1])]
     profile = {
         "driver": "GTiff", "width": w, "height": h, "count": len(bands),
         "dtype": str(bands[0].dtype), "nodata": nodata, "compress": "deflate",
         "tiled": w >= 256 and h >= 256, "blockxsize": 256, "blockysize": 256,
     }
-    if optical.crs:
-        profile.update(crs=optical.crs, transform=optical.transform)
+    if grid.crs:
+        profile.update(crs=grid.crs, transform=grid.transform)
     with open_for_write(path, profile) as dst:
         dst.write(np.stack(bands))
 
@@ -160,16 +160,15 @@ def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: Prepared
     write_tiepoints(paths["tiepoints"], result)
     if result.has_transform:
         paths["registered_sar"] = out / "registered_sar.tif"
-        write_registered_sar(paths["registered_sar"], result, opt.raster, sar.raster)
+        write_registered_sar(paths["registered_sar"], result.transform, Grid.of(opt.raster), sar.raster)
         if figures:
             paths["matches"] = out / "matches.png"
             paths["checkerboard"] = out / "checkerboard.png"
             viz.plot_matches(paths["matches"], result, opt, sar)
             viz.save_checkerboard(paths["checkerboard"], result, opt, sar)
     data = result.to_dict()
-    from promptmid.apply import grid_of  # the grids `promptmid apply` needs to reproduce registered_sar.tif
-
-    data["grids"] = {"optical": grid_of(opt.raster), "sar": grid_of(sar.raster)}
+    # the grids `promptmid apply` needs to reproduce registered_sar.tif
+    data["grids"] = {"optical": Grid.of(opt.raster).to_dict(), "sar": Grid.of(sar.raster).to_dict()}
     data["outputs"] = {k: v.name for k, v in paths.items()}
     write_json(paths["result"], data)
     return paths

@@ -4,7 +4,7 @@ No diffusion or CLIP weights exist on these machines, so tests build a miniature
 with the same *layout* as SD 2.1 (4-block UNet with cross-attention, 8x VAE, CLIP text
 encoder + BPE tokenizer, DDPM scheduler), save it with ``save_pretrained`` in diffusers
 layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``) and load it
-back through :func:`promptmid.models.diffusion.load_sd_components`, exactly like a
+back through :func:`promptmid.models.sd.load_sd_components`, exactly like a
 user's model directory.
 
 Strides match SD: latent at 1/8 of the image, up-block 1 output at 1/16, up-block 2 at 1/8.

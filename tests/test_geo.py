@@ -48,14 +48,14 @@ def test_pixel_centre_convention() -> None:
 
 def test_geo_prior_and_map_transform() -> None:
     crs = rasterio.crs.CRS.from_epsg(32633)
-    opt = geo.GeoInfo(100, 100, 1, "uint8", crs, Affine(10, 0, 500000, 0, -10, 5100000))
-    sar = geo.GeoInfo(50, 50, 1, "float32", crs, Affine(20, 0, 500100, 0, -20, 5100000))
+    opt = geo.Grid(100, 100, 1, "uint8", crs, Affine(10, 0, 500000, 0, -10, 5100000))
+    sar = geo.Grid(50, 50, 1, "float32", crs, Affine(20, 0, 500100, 0, -20, 5100000))
     prior = geo.geo_prior(opt, sar)
     # optical pixel (9.5, 9.5) is map corner (500100, 5099900) = SAR pixel (-0.5, 4.5)
     np.testing.assert_allclose(apply_transform(prior, np.array([[9.5, 9.5]])), [[-0.5, 4.5]])
     np.testing.assert_allclose(geo.map_transform(prior, opt, sar), np.eye(3), atol=1e-9)
     with pytest.raises(InputError, match="one CRS"):
-        geo.geo_prior(opt, geo.GeoInfo(50, 50, 1, "float32", rasterio.crs.CRS.from_epsg(4326), sar.transform))
+        geo.geo_prior(opt, geo.Grid(50, 50, 1, "float32", rasterio.crs.CRS.from_epsg(4326), sar.transform))
 
 
 def test_search_radius() -> None:
@@ -77,10 +77,10 @@ def test_metres_per_pixel_in_a_geographic_crs() -> None:
     t = Affine(1e-5, 0, -95.92, 0, -1e-5, 41.32)
     mx, my = geo.metres_per_pixel(crs4326, t, 1000, 1000)
     assert abs(mx - 1e-5 * 111320 * np.cos(np.radians(41.315))) < 0.01 and abs(my - 1.11) < 0.01
-    info = geo.GeoInfo(1000, 1000, 1, "uint16", crs4326, t)
+    info = geo.Grid(1000, 1000, 1, "uint16", crs4326, t)
     assert info.pixel_size < 1e-4 and min(info.metres_per_pixel) > 0.8  # the map-unit size would give 1.5e7 px
     assert abs(geo.parse_search_radius("150m", min(info.metres_per_pixel)) - 150 / mx) < 1e-6
-    utm = geo.GeoInfo(10, 10, 1, "uint16", rasterio.crs.CRS.from_epsg(32633), Affine(10, 0, 5e5, 0, -10, 5e6))
+    utm = geo.Grid(10, 10, 1, "uint16", rasterio.crs.CRS.from_epsg(32633), Affine(10, 0, 5e5, 0, -10, 5e6))
     assert utm.metres_per_pixel == (10.0, 10.0)
     feet = rasterio.crs.CRS.from_epsg(2227)  # California zone 3, US survey feet
     assert abs(geo.metres_per_pixel(feet, Affine(1, 0, 0, 0, -1, 0), 10, 10)[0] - 0.3048006) < 1e-6
@@ -97,7 +97,7 @@ def test_gcp_vrt_is_readable(tmp_path: Path) -> None:
     crs = rasterio.crs.CRS.from_epsg(32633)
     sar = tmp_path / "s.tif"
     synth.write_geotiff(sar, np.ones((1, 64, 64), np.float32), crs, Affine(10, 0, 0, 0, -10, 0), 0)
-    info = geo.GeoInfo(64, 64, 1, "float32", crs, None, 0)
+    info = geo.Grid(64, 64, 1, "float32", crs, None, 0)
     px, xy = np.array([[1.0, 2.0], [30.0, 40.0], [60.0, 5.0]]), np.array([[500010.0, 5e6], [5e5, 4.9e6], [6e5, 5e6]])
     write_gcp_vrt(tmp_path / "g.vrt", sar, info, px, xy, crs)
     with rasterio.open(tmp_path / "g.vrt") as src:

@@ -14,7 +14,8 @@ from promptmid.errors import ModelError
 from promptmid.models.diffusion import DiffusionFeatures
 from promptmid.models.promptdm import PROMPTS, WEIGHTS_FILE, is_promptdm, load_text_encoder
 from promptmid.models.prompts import GENERIC
-from promptmid.models.sd import encode_prompt, load_sd_components
+from promptmid.models.promptdm import load_components
+from promptmid.models.sd import encode_prompt
 from promptmid.training.finetune_dm import finetune_dm
 from promptmid.training.promptdm_small import fresh_components
 
@@ -55,7 +56,7 @@ def test_train_from_scratch_resume_load_and_lora(tmp_path):
     assert again["start_step"] == 2 and again["losses"][:2] == first["losses"]
     assert is_promptdm(out / "unet.safetensors") and not is_promptdm(tmp_path)
 
-    comps = load_sd_components(out / "unet.safetensors")
+    comps = load_components(out / "unet.safetensors")
     assert encode_prompt(comps, "a SAR satellite image of city").shape == (1, 16, 384)
     feats = DiffusionFeatures(str(out / "unet.safetensors"), land_use="city", ensemble=1, long_side=64,
                               up_blocks=(0, 1), prompt_file=None)
@@ -67,7 +68,7 @@ def test_train_from_scratch_resume_load_and_lora(tmp_path):
     # `finetune-dm --dm <promptdm file>` continues it with a LoRA
     lora = finetune_dm(str(out / "unet.safetensors"), _items(1), tmp_path / "lora", rank=2, steps=1, batch=1,
                        crop=64, progress=False, prompt_set=PROMPTS, checkpoint_every=0)
-    tuned = load_sd_components(out / "unet.safetensors", lora=lora["adapter"])
+    tuned = load_components(out / "unet.safetensors", lora=lora["adapter"])
     assert tuned.lora == lora["adapter"]
 
 
@@ -83,7 +84,7 @@ def test_corrupt_weights_are_a_model_error(tmp_path):
 
 @pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason="shipped PromptDM-small weights not present")
 def test_shipped_weights_load_and_denoise():
-    comps = load_sd_components("promptdm-small")
+    comps = load_components("promptdm-small")
     assert comps.source == "promptdm-small"
 
 

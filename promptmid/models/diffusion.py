@@ -33,12 +33,11 @@ from promptmid.models.prompts import (
 )
 from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
-from promptmid.models.promptdm import PROMPTS as PROMPTDM_PROMPTS, PixelSpace
+from promptmid.models.promptdm import PROMPTS as PROMPTDM_PROMPTS, PixelSpace, load_components
 from promptmid.models.sd import (
     SDComponents,
     encode_latents,
     encode_prompt,
-    load_sd_components,
     prepare_image,
     unet_up_features,
     up_block_geometry,
@@ -93,7 +92,7 @@ class DiffusionFeatures:
         self.conf = merge_options(self.default_conf, conf, "DiffusionFeatures")
         self.conf["up_blocks"] = tuple(int(i) for i in self.conf["up_blocks"])
         self.model, self.lora, self.land_use = str(model), lora, land_use
-        self.components = load_sd_components(model, lora=lora, device=device, dtype=self._dtype(device))
+        self.components = load_components(model, lora=lora, device=device, dtype=self._dtype(device))
         self.prompts: PromptSet = load_prompt_set(self.conf["prompt_file"]) if self.conf["prompt_file"] else \
             default_prompts(self.components)
         if land_use not in ("auto", "average"):

@@ -30,7 +30,7 @@ import torch
 
 from promptmid.errors import ModelError
 from promptmid.models.prompts import PromptSet
-from promptmid.models.sd import SDComponents
+from promptmid.models.sd import SDComponents, apply_lora, load_sd_components
 
 NAME = "promptdm-small"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -214,3 +214,20 @@ def promptdm_status(verify: bool = True) -> dict[str, Any]:
     elif verify and sha256_file(WEIGHTS_FILE) != PROMPTDM_SHA256:
         row.update(ready=False, message="sha256 differs from the released weights; reinstall promptmid")
     return row
+
+
+def load_components(path_or_id: str | Path, lora: str | Path | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> SDComponents:
+    """The diffusion model of a feature source: ``"promptdm-small"`` (or a file written by its training; float32
+    always, :func:`load_promptdm`) or a diffusers Stable Diffusion directory / hub id
+    (:func:`promptmid.models.sd.load_sd_components`), with an optional LoRA adapter merged into the UNet.
+
+    Raises:
+        ModelError: see :func:`load_promptdm` and :func:`promptmid.models.sd.load_sd_components`.
+    """
+    if not is_promptdm(path_or_id):
+        return load_sd_components(path_or_id, lora=lora, device=device, dtype=dtype)
+    components = load_promptdm(path_or_id, device=device)
+    if lora is not None:
+        components.unet, components.lora = apply_lora(components.unet, lora), str(lora)
+    return components

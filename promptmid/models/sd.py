@@ -74,9 +74,9 @@ def load_sd_components(
 
     Args:
         path_or_id: a local directory (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) or,
-            when no such path exists, a hub id like ``org/name`` (cache only if ``HF_HUB_OFFLINE=1``);
-            ``"promptdm-small"`` (or a file written by its training) loads our own small model
-            (:func:`promptmid.models.promptdm.load_promptdm`, float32 always).
+            when no such path exists, a hub id like ``org/name`` (cache only if ``HF_HUB_OFFLINE=1``).
+            Our own small model (``"promptdm-small"``) is loaded by :func:`promptmid.models.promptdm.load_components`,
+            which takes either.
         lora: optional PromptDM adapter: a peft directory (``adapter_config.json`` +
             ``adapter_model.safetensors``) or a diffusers LoRA file/directory
             (``pytorch_lora_weights.safetensors``). It is merged into the UNet weights.
@@ -91,13 +91,6 @@ def load_sd_components(
         ModelError: missing directory/subfolder/file (saying which and how to get weights),
             unloadable weights, or a LoRA whose keys do not match the UNet.
     """
-    from promptmid.models.promptdm import is_promptdm, load_promptdm
-
-    if is_promptdm(path_or_id):
-        components = load_promptdm(path_or_id, device=device)
-        if lora is not None:
-            components.unet, components.lora = apply_lora(components.unet, lora), str(lora)
-        return components
     source = str(path_or_id)
     local = Path(source).expanduser()
     kwargs: dict[str, Any] = {"torch_dtype": dtype}

@@ -127,11 +127,11 @@ class _Scene:
 
     opt_ds: Any  # the optical as worked on: on its local UTM grid with ``grid="utm"``
     sar_ds: Any  # the SAR as matched: in the optical CRS when reprojected
-    opt: geo.GeoInfo
-    sar_file: geo.GeoInfo
-    sar: geo.GeoInfo
+    opt: geo.Grid
+    sar_file: geo.Grid
+    sar: geo.Grid
     reprojected: bool
-    opt_file: geo.GeoInfo | None = None  # the optical file's own grid when it was reprojected (``grid="utm"``)
+    opt_file: geo.Grid | None = None  # the optical file's own grid when it was reprojected (``grid="utm"``)
 
 
 @contextmanager

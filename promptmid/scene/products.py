@@ -12,13 +12,13 @@ import cv2
 import numpy as np
 
 from promptmid import geo
-from promptmid.geo import GeoInfo, pixel_to_map
+from promptmid.geo import Grid, pixel_to_map
 from promptmid.geometry import translation, warp_to_optical
 from promptmid.scene.grid import Tile
 from promptmid.scene.model import GlobalModel
 from promptmid.scene.windows import CV_DTYPES, clip_box, cv_ready, read_overview, read_window
 
-def output_nodata(opt: geo.GeoInfo, sar: geo.GeoInfo) -> float:
+def output_nodata(opt: geo.Grid, sar: geo.Grid) -> float:
     """Nodata of the registered SAR: the optical nodata when the SAR dtype can hold it, else the SAR's, else 0."""
     for value in (opt.nodata, sar.nodata):
         if value is not None and (np.dtype(sar.dtype).kind == "f" or
@@ -30,7 +30,7 @@ def output_nodata(opt: geo.GeoInfo, sar: geo.GeoInfo) -> float:
 GDAL_CACHE_MB = 256  # GDAL block cache while writing the registered scene (MB)
 
 
-def write_registered_scene(path: Path, model: GlobalModel, opt: geo.GeoInfo, sar_ds: Any, block: int = 1024) -> None:
+def write_registered_scene(path: Path, model: GlobalModel, opt: geo.Grid, sar_ds: Any, block: int = 1024) -> None:
     """Write the SAR resampled onto the optical grid, block by block (tiled, DEFLATE, BigTIFF if needed).
 
     CRS/geotransform come from the optical image, nodata from :func:`output_nodata`; dtype and
@@ -136,7 +136,7 @@ class TiePoints:
     prior_residual_px: np.ndarray
 
 
-def write_tiepoints_csv(path: Path, tp: TiePoints, optical: GeoInfo, sar_grid: GeoInfo) -> None:
+def write_tiepoints_csv(path: Path, tp: TiePoints, optical: Grid, sar_grid: Grid) -> None:
     """CSV: tile, optical px, optical map, SAR px (grid and file), SAR map (its own georef), residuals."""
     import csv
 
@@ -158,7 +158,7 @@ def _f(values: Any) -> list[str]:
     return [f"{float(v):.3f}" for v in values]
 
 
-def write_tiepoints_geojson(path: Path, tp: TiePoints, optical: GeoInfo, sar_grid: GeoInfo) -> None:
+def write_tiepoints_geojson(path: Path, tp: TiePoints, optical: Grid, sar_grid: Grid) -> None:
     """GeoJSON FeatureCollection of the tie points at their optical map position (optical CRS).
 
     Geometry is in map coordinates of the optical CRS (written as a ``crs`` member; GeoJSON
@@ -183,7 +183,7 @@ def write_tiepoints_geojson(path: Path, tp: TiePoints, optical: GeoInfo, sar_gri
     path.write_text(json.dumps(doc))
 
 
-def write_gcp_vrt(path: Path, sar_path: Path, sar_file: GeoInfo, file_px: np.ndarray, map_xy: np.ndarray,
+def write_gcp_vrt(path: Path, sar_path: Path, sar_file: Grid, file_px: np.ndarray, map_xy: np.ndarray,
                   crs: Any) -> None:
     """A GDAL VRT over the SAR file carrying GCPs (SAR file pixel/line -> optical map X/Y).
 

@@ -6,7 +6,7 @@ output and the ε target — or v for v-prediction models) on random crops, VAE 
 encoder frozen. Output layout of ``out_dir``::
 
     adapter/                 final LoRA (adapter_config.json + adapter_model.safetensors);
-                             load with load_sd_components(model, lora=out_dir / "adapter")
+                             load with load_components(model, lora=out_dir / "adapter")
     checkpoints/step_XXXXXX/ adapter/ + state.pt (optimizer, step, losses, RNG states)
     train_log.json           losses, classes used, settings
     loss.csv                 step, loss, seconds since start (one line per step, written as it trains)
@@ -41,11 +41,10 @@ from promptmid.models.sd import (
     denoising_target,
     encode_latents,
     encode_prompt,
-    load_sd_components,
     prepare_image,
 )
 from promptmid.models.prompts import DEFAULT_PROMPTS, PromptSet, select_land_use
-from promptmid.models.promptdm import PixelSpace, save_promptdm
+from promptmid.models.promptdm import PixelSpace, load_components, save_promptdm
 from promptmid.training.checkpoint import load_state
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -155,7 +154,7 @@ def finetune_dm(
     """Fine-tune PromptDM (LoRA on the UNet attention projections) and save the adapter.
 
     Args:
-        model_dir: base SD model (directory or hub id, see :func:`load_sd_components`).
+        model_dir: base SD model (directory or hub id, see :func:`promptmid.models.promptdm.load_components`).
         images: ``(path or array, class or None, modality)`` items (see module docstring).
         out_dir: output directory (adapter/, checkpoints/, train_log.json).
         rank: LoRA rank (alpha = rank, so the LoRA scale is 1); 0 = train every UNet weight.
@@ -189,7 +188,7 @@ def finetune_dm(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    components = components or load_sd_components(model_dir, device=device)
+    components = components or load_components(model_dir, device=device)
     classes = assign_classes(components, images, prompt_set, seed)
     data = _TrainData(components, images, classes, prompt_set, crop, long_side)
     model = _add_lora(components, rank) if rank > 0 else components.unet.requires_grad_(True)
