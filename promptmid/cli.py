@@ -52,6 +52,7 @@ def match(
     land_use: Optional[str] = LandUseOpt,
     dm_ensemble: Optional[int] = DmEnsembleOpt,
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip matches.png and checkerboard.png."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip report.html (the page to check the result by eye)."),
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
     strict: bool = StrictOpt,
@@ -89,7 +90,7 @@ def match(
         matcher = Matcher(preset, overrides)
         result = matcher.match(opt_img, sar_img, progress=progress)
         progress("writing outputs")
-        write_products(out_dir, result, opt_img, sar_img, not no_figures)
+        write_products(out_dir, result, opt_img, sar_img, not no_figures, not no_report)
     report(result, out_dir, quiet, json_out, strict)
 
 

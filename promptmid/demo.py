@@ -62,5 +62,5 @@ def _summary_text(summary: dict[str, Any], result: Any, out_dir: Path) -> str:
                      f"{result.timings['total']:.1f} s")
     else:
         lines.append(f"registration failed: {result.reason}")
-    lines.append(f"outputs: {out_dir}/ (result.json, tiepoints.csv, matches.png, checkerboard.png, registered_sar.tif)")
+    lines.append(f"outputs: {out_dir}/ (report.html, result.json, tiepoints.csv, matches.png, checkerboard.png, registered_sar.tif)")
     return "\n".join(lines)

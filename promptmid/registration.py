@@ -26,7 +26,7 @@ from promptmid.io import PreparedImage, RasterImage, open_for_write
 from promptmid.geometry import residuals, warp_to_optical, warpable
 
 
-PRODUCTS = ("result.json", "tiepoints.csv", "registered_sar.tif", "matches.png", "checkerboard.png")
+PRODUCTS = ("result.json", "tiepoints.csv", "registered_sar.tif", "matches.png", "checkerboard.png", "report.html")
 
 
 def refuse_inputs_among_products(out: str | Path, *inputs: str | Path, products: tuple[str, ...] = PRODUCTS) -> None:
@@ -124,15 +124,16 @@ def write_registered_sar(path: Path, matrix: np.ndarray, grid: Grid, sar: Raster
 
 
 def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
-                   figures: bool = True) -> dict[str, str]:
-    """Write result.json, tiepoints.csv and (on success) figures and registered_sar.tif, staged
+                   figures: bool = True, report: bool = True) -> dict[str, str]:
+    """Write result.json, tiepoints.csv, report.html (unless ``report`` is False) and (on success) figures and
+    registered_sar.tif, staged
     (:func:`staged_products`): complete or not at all, and nothing stale of an earlier run beside them.
 
     Returns:
         ``{product name: path}`` of what was written.
     """
     with staged_products(out, PRODUCTS) as staging:
-        written = _write_all(staging, result, opt, sar, figures)
+        written = _write_all(staging, result, opt, sar, figures, report)
     return {k: str(out / v.name) for k, v in written.items()}
 
 
@@ -155,7 +156,7 @@ def staged_products(out: Path, products: tuple[str, ...]) -> Iterator[Path]:
 
 
 def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
-               figures: bool) -> dict[str, Path]:
+               figures: bool, report: bool = True) -> dict[str, Path]:
     paths = {"result": out / "result.json", "tiepoints": out / "tiepoints.csv"}
     write_tiepoints(paths["tiepoints"], result)
     if result.has_transform:
@@ -169,6 +170,12 @@ def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: Prepared
     data = result.to_dict()
     # the grids `promptmid apply` needs to reproduce registered_sar.tif
     data["grids"] = {"optical": Grid.of(opt.raster).to_dict(), "sar": Grid.of(sar.raster).to_dict()}
+    if report:
+        paths["report"] = out / "report.html"
     data["outputs"] = {k: v.name for k, v in paths.items()}
+    if report:
+        from promptmid.report import write_match_report
+
+        write_match_report(paths["report"], result, data, opt, sar)
     write_json(paths["result"], data)
     return paths
