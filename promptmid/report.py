@@ -229,6 +229,7 @@ canvas.view{width:100%;max-width:900px;border:1px solid #d0d7de;background:#111;
 .ramp{display:inline-block;width:80px;height:10px;vertical-align:middle;
 background:linear-gradient(90deg,#2c7bb6,#abd9e9,#ffffbf,#fdae61,#d7191c)}
 figure{margin:0}figure img{max-width:100%}figcaption{font-size:12px;color:#57606a}
+.gallery{display:flex;gap:12px;align-items:flex-start}.gallery figure{position:sticky;top:8px;min-width:260px}
 tr.clickable{cursor:pointer}tr.clickable:hover{background:#eef4ff}tr.selected{background:#ddf4ff}
 """
 
@@ -341,3 +342,79 @@ def _run_section(data: Mapping[str, Any]) -> str:
 def write_match_report(path: Path, result: Any, data: Mapping[str, Any], optical: Any, sar: Any) -> Path:
     """Write the ``report.html`` of a ``match`` (see :func:`match_page`)."""
     return write_page(path, "promptmid match report", match_page(result, data, optical, sar))
+
+
+def _resample(image: np.ndarray, mapping: Any, size: tuple[int, int]) -> np.ndarray:
+    """``image`` sampled at ``mapping(points)`` for every pixel of a ``size = (w, h)`` grid (nearest-free bilinear)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    src = mapping(np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float64))
+    mx, my = src[:, 0].reshape(h, w).astype(np.float32), src[:, 1].reshape(h, w).astype(np.float32)
+    return cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def scene_layers(opt_ds: Any, sar_ds: Any, model: Any, prior: np.ndarray | None, optical_bands: Sequence[int] | None,
+                 max_side: int = DETAIL_PX) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Viewer layers of a scene on an overview of the optical grid: the optical image, the SAR under the fitted
+    ``model`` (:class:`promptmid.scene.model.GlobalModel`, optical px -> SAR-grid px) and under the ``prior``
+    (3x3). Returns ``(layers, to_full)`` with ``to_full`` the overview px -> optical px matrix."""
+    from promptmid.geometry import apply_transform
+    from promptmid.io import optical_to_unit, sar_to_unit
+    from promptmid.scene.windows import read_overview
+
+    opt, to_full = read_overview(opt_ds, max_side)
+    if optical_bands:
+        opt = opt[..., [b - 1 for b in optical_bands]]
+    opt = np.nan_to_num(opt.astype(np.float64))
+    layers = {"optical": to_uint8(optical_to_unit(opt, np.ones(opt.shape[:2], bool)))}
+    sar, sar_full = read_overview(sar_ds, max_side)
+    valid = np.isfinite(sar).all(-1) & (sar != (sar_ds.nodata if sar_ds.nodata is not None else np.nan)).all(-1)
+    sar_unit = sar_to_unit(np.nan_to_num(sar[..., :1].astype(np.float64)), valid).astype(np.float32)
+    to_sar_overview = np.linalg.inv(sar_full)
+    size = (opt.shape[1], opt.shape[0])
+    if model is not None:
+        layers["registered SAR"] = to_uint8(_resample(
+            sar_unit, lambda p: apply_transform(to_sar_overview, model.apply(apply_transform(to_full, p))), size))
+    if prior is not None:
+        layers["SAR under the prior"] = to_uint8(_resample(
+            sar_unit, lambda p: apply_transform(to_sar_overview @ prior @ to_full, p), size))
+    return layers, to_full
+
+
+def scene_page(data: Mapping[str, Any], layers: Mapping[str, np.ndarray], to_full: np.ndarray, tiepoints: Any,
+               model: Any, tile_map: Path | None = None) -> list[str]:
+    """The parts of a ``scene`` report: ``data`` (its ``result.json``), the viewer ``layers`` on an overview
+    (``to_full``: overview px -> optical px), the merged tie points and the global model."""
+    from promptmid.geometry import apply_transform
+
+    tiles = data.get("tiles") or {}
+    extra = [["RMSE before / after (SAR px)", f"{_fmt(data.get('rmse_before_px'))} / {_fmt(data.get('rmse_after_px'))}"],
+             ["RMSE before / after (m)", f"{_fmt(data.get('rmse_before_m'))} / {_fmt(data.get('rmse_after_m'))}"],
+             ["tie points / inliers", f"{data.get('tiepoints')} / {data.get('inliers')}"],
+             ["tiles processed / grid", f"{tiles.get('processed')} / {tiles.get('grid')}"],
+             ["prior", (data.get("prior") or {}).get("kind")],
+             ["total time (s)", (data.get("timings") or {}).get("total")]]
+    parts = [verdict_card(str(data.get("status")), data.get("confidence"), str(data.get("reason") or ""), None, extra)]
+    if len(layers) > 1:
+        points = None
+        if tiepoints is not None and model is not None and tiepoints.inlier.any():
+            inl = tiepoints.inlier
+            p0 = tiepoints.optical_px[inl]
+            vectors = model.apply(p0) - tiepoints.sar_px[inl]
+            scale = np.array([to_full[0, 0], to_full[1, 1]])
+            base = next(iter(layers.values()))
+            points = tiepoint_overlay(apply_transform(np.linalg.inv(to_full), p0), vectors / scale,
+                                      (base.shape[1], base.shape[0]))
+        parts.append(viewer(layers, points, "Optical against the registered SAR (and the SAR under the prior)"))
+    gm = data.get("global_model")
+    if gm:
+        parts.append(section("Scene model (optical px -> SAR-grid px)",
+                             f"<p>{html.escape(str(gm.get('kind')))}</p>" + matrix_table(data.get("transform"))))
+    rows = [[t.get("index"), t.get("status"), t.get("verdict"), t.get("inliers"), t.get("global_inliers"),
+             t.get("disagreement_px"), t.get("rmse_px"), t.get("reason")] for t in data.get("tile_qc") or []]
+    tile_body = (f'<figure><img alt="tile map" src="{png_uri(tile_map)}"></figure>' if tile_map and tile_map.is_file()
+                 else "") + table(rows, ["tile", "status", "verdict", "inliers", "global inliers", "disagreement px",
+                                         "RMSE px", "reason"])
+    parts.append(section("Tiles", tile_body, "tiles"))
+    parts.append(_run_section(data))
+    return parts

@@ -108,9 +108,12 @@ def test_runner_and_report(tmp_path, pair: tuple) -> None:
     assert {r["status"] for r in rows if r["pair"] == "gen/2"} == {"error"}
     rift = [r for r in rows if r["pair"] == "gen/1" and r["method"] == "rift" and r["model"] == "affine"][0]
     assert rift["status"] == "ok" and rift["corner_error"] < 5.0
-    for name in ("pairs.csv", "summary.md", "summary.json", "mma.png", "corner_cdf.png", "checkerboards.png"):
+    for name in ("pairs.csv", "summary.md", "summary.json", "mma.png", "corner_cdf.png", "checkerboards.png",
+                 "summary.html"):
         assert (tmp_path / "out" / name).is_file()
     assert "image error" in (tmp_path / "out" / "summary.md").read_text()
+    page = (tmp_path / "out" / "summary.html").read_text()
+    assert 'data-pair="gen/1"' in page and 'data-pair="gen/2"' not in page  # an unreadable pair has no picture
     # strict JSON although the failed pair has infinite errors (NaN/Infinity would not parse elsewhere)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in summary.json"))

@@ -32,16 +32,18 @@ TileOpt = typer.Option(1024, "--tile", help="Tile side on the optical image (px)
 OverlapOpt = typer.Option(128, "--overlap", help="Overlap between neighbouring tiles (px).")
 MaxTilesOpt = typer.Option(64, "--max-tiles", help="At most this many tiles, spread over the scene (0 = all).")
 NoFigOpt = typer.Option(False, "--no-figures", help="Skip tile_map.png.")
+NoReportOpt = typer.Option(False, "--no-report", help="Skip report.html (the page to check the result by eye).")
 
 
 def _scene_options(model: str, tile: int, overlap: int, max_tiles: int, geo_prior: bool, search_radius: str,
-                   no_figures: bool, grid: str = "optical") -> dict[str, Any]:
+                   no_figures: bool, grid: str = "optical", no_report: bool = False) -> dict[str, Any]:
     from promptmid.scene.pipeline import GRIDS
 
     if grid not in GRIDS:  # checked before the output directory is made
         raise InputError(f"Unknown --grid {grid!r}; valid: {', '.join(GRIDS)}.")
     return {"model": model, "tile": tile, "overlap": overlap, "max_tiles": max_tiles or None,
-            "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures, "grid": grid}
+            "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures, "grid": grid,
+            "report": not no_report}
 
 
 def _overrides(tile: int, threshold: Optional[float], top_k: Optional[int], **inputs: Any) -> dict[str, Any]:
@@ -69,6 +71,7 @@ def scene(
     optical_bands: Optional[str] = OpticalBandsOpt,
     sar_bands: Optional[str] = SarBandsOpt,
     no_figures: bool = NoFigOpt,
+    no_report: bool = NoReportOpt,
     threads: Optional[int] = ThreadsOpt,
     overwrite: bool = OverwriteOpt,
     strict: bool = StrictOpt,
@@ -85,7 +88,8 @@ def scene(
     from promptmid.scene import SCENE_PRODUCTS, SceneOptions, register_scene
 
     set_threads(threads)
-    opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid))
+    opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid,
+                                              no_report))
     overrides = _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                            optical_bands=optical_bands, sar_bands=sar_bands)
     refuse_inputs_among_products(out, optical, sar, products=SCENE_PRODUCTS)  # before any work (exit 3)
@@ -159,6 +163,7 @@ def batch(
     optical_bands: Optional[str] = OpticalBandsOpt,
     sar_bands: Optional[str] = SarBandsOpt,
     no_figures: bool = NoFigOpt,
+    no_report: bool = NoReportOpt,
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also rerun pairs whose last run failed to register."),
     strict: bool = StrictOpt,
@@ -170,7 +175,8 @@ def batch(
 
     opts = BatchOptions(preset, _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                                            optical_bands=optical_bands, sar_bands=sar_bands),
-                        _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid),
+                        _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid,
+                                              no_report),
                         threads, retry_failed)
     quiet = quiet or json_out
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -67,5 +67,8 @@ def run_and_report(pairs: list[Pair], conf: EvalConfig, out_dir: Path, workers: 
     rows = evaluate(pairs, conf, workers, progress)
     summary = write_summary(rows, out_dir, header_lines(title, conf, pairs, workers), config_dict(conf))
     if figures:
+        from promptmid.evaluation.html_report import write_summary_html
+
         write_figures(rows, {p.id: p for p in pairs}, out_dir, conf.perturb)
+        write_summary_html(rows, {p.id: p for p in pairs}, out_dir, conf.perturb, title)
     return {"rows": rows, "summary": summary}

@@ -56,6 +56,7 @@ class SceneOptions:
     max_distortion: float = 0.05  # geo prior: reject tile fits whose scale/shear/rotation differ more from it
     block: int = 1024  # output block side
     figures: bool = True
+    report: bool = True  # report.html (promptmid.report)
     grid: str = "optical"  # work (and write) on the optical grid, or "utm": the optical reprojected to its local UTM zone
 
 
@@ -160,7 +161,7 @@ def open_scene(optical: str | Path, sar: str | Path, geo_prior: bool = True, gri
 
 
 SCENE_PRODUCTS = ("result.json", "tiepoints.csv", "tiepoints.geojson", "tile_map.png", "sar_gcps.vrt",
-                  "registered_sar.tif")  # every file :func:`register_scene` may write into its output directory
+                  "registered_sar.tif", "report.html")  # every file :func:`register_scene` may write into its output directory
 
 
 def register_scene(optical: str | Path, sar: str | Path, out_dir: Path, matcher: Any,
@@ -187,8 +188,28 @@ def register_scene(optical: str | Path, sar: str | Path, out_dir: Path, matcher:
     with staged_products(Path(out_dir), SCENE_PRODUCTS) as staging:  # complete or not at all, nothing stale
         write_scene(result, optical, sar, staging, options, progress)
         result.timings["total"] = time.perf_counter() - t_start
+        if options.report:
+            result.outputs["report"] = "report.html"
+            write_scene_report(staging / "report.html", result, optical, sar, options)
         write_json(staging / "result.json", result.to_dict())
     return result
+
+
+def write_scene_report(path: Path, result: SceneResult, optical: str | Path, sar: str | Path,
+                       options: SceneOptions) -> None:
+    """``report.html`` of a scene (:mod:`promptmid.report`): verdict, viewer of the optical overview against the
+    SAR under the model and under the prior, tie points by residual, tile map and table, numbers of the run."""
+    from promptmid import report
+
+    data = result.to_dict()
+    layers: dict[str, Any] = {}
+    to_full = np.eye(3)
+    with open_scene(optical, sar, options.geo_prior, options.grid) as sc:
+        bands = result.info.get("bands", {}).get("optical", {}).get("bands")
+        layers, to_full = report.scene_layers(sc.opt_ds, sc.sar_ds, result.model, result.prior, bands)
+    tile_map = path.parent / result.outputs["tile_map"] if "tile_map" in result.outputs else None
+    report.write_page(path, "promptmid scene report",
+                      report.scene_page(data, layers, to_full, result.tiepoints, result.model, tile_map))
 
 
 def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: SceneOptions | None = None,
