@@ -110,6 +110,14 @@ class MatchResult:
         w, h = self.image_sizes["optical"]
         return float(cv2.contourArea(cv2.convexHull(pts)) / (w * h))
 
+    def fit(self, optical: Any, sar: Any) -> Any:
+        """The :class:`promptmid.fit.Fit` record of this result on the grids ``optical`` and ``sar``
+        (:class:`promptmid.geo.Grid`, e.g. ``Grid.of(prepared.raster)``)."""
+        from promptmid.fit import Fit
+
+        return Fit("match", self.status, self.transform, None, optical, sar, self.confidence, self.reason,
+                   dict(self.qc.get("evidence") or {}))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the per-match arrays; see ``tiepoints.csv``)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("points0", "points1", "scores", "inliers")}

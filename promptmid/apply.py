@@ -15,126 +15,23 @@ then takes the SAR grid). Every transform maps optical pixel (x, y) -> SAR pixel
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from promptmid.errors import InputError, OutputExistsError
+from promptmid.fit import Fit, read_fit
 from promptmid.geo import Grid
 from promptmid.geometry import Size
 
+__all__ = ["DIRECTIONS", "Fit", "apply_fit", "read_fit"]
+
 DIRECTIONS = ("auto", "sar", "optical")  # --from: which grid the raster is on
 MAX_IN_MEMORY_PX = 2**28  # largest optical/SAR grid (px) a match fit is applied to (it is warped in memory)
-
-
-@dataclass
-class Fit:
-    """A fitted result read from ``result.json``.
-
-    Attributes:
-        kind: ``"match"`` or ``"scene"``; status: its status (``ok``, ``uncertain``, ...).
-        matrix: 3x3 optical px -> SAR px (match: the fit; scene: the affine part of the global model).
-        model: the scene's :class:`~promptmid.scene.model.GlobalModel` (``None`` for match).
-        optical, sar: the two grids (for a scene, ``sar`` is the SAR file; ``reprojected`` says whether the scene
-            matched it through a WarpedVRT in the optical CRS).
-    """
-
-    kind: str
-    status: str
-    matrix: np.ndarray
-    model: Any
-    optical: Grid
-    sar: Grid
-    reprojected: bool = False
-    source: Grid | None = None  # the scene's optical grid with its bands (for write_registered_scene)
-    block: int = 1024  # the scene's output block side (the same blocks give the same pixels)
-
-
-def load_fit(path: str | Path) -> Fit:
-    """Read a ``match`` or ``scene`` ``result.json``.
-
-    Raises:
-        InputError: missing or unreadable file, not a promptmid result, or no fitted transform in it.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"No result file at {path}.") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"Cannot read {path} as a promptmid result.json ({exc}).") from None
-    if not isinstance(data, dict) or "transform" not in data:
-        raise InputError(f"{path} is not a promptmid result.json (no 'transform').")
-    if data["transform"] is None:
-        raise InputError(f"{path} has no fitted transform (status {data.get('status')!r}: {data.get('reason', '')}).")
-    return _scene_fit(data, path) if "global_model" in data else _match_fit(data, path)
-
-
-def checked_transform(value: Any, path: Path, key: str = "transform") -> np.ndarray:
-    """``value`` as a usable 3x3 optical px -> SAR px transform, or ``InputError`` naming ``path`` and ``key``: it
-    must be a finite 3x3 matrix with a last row that keeps points finite, invertible, with a scale between 1e-4 and
-    1e4 (SAR px per optical px) — anything else writes an all-nodata, constant or smeared raster."""
-    try:
-        m = np.asarray(value, np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"{path}: '{key}' is not a numeric 3x3 matrix.") from None
-    if m.shape != (3, 3) or not np.isfinite(m).all():
-        raise InputError(f"{path}: '{key}' must be a finite 3x3 matrix; got shape {m.shape}.")
-    if abs(m[2, 2]) < 1e-12:
-        raise InputError(f"{path}: '{key}' has a zero last element (points map to infinity).")
-    lin = m[:2, :2] / m[2, 2]
-    det = float(np.linalg.det(lin))
-    if not 1e-8 < abs(det) < 1e8 or abs(np.linalg.det(m)) < 1e-12:
-        raise InputError(f"{path}: '{key}' is singular or has an implausible scale (|det| of its linear part "
-                         f"{abs(det):.3g}; expected 1e-8..1e8).")
-    return m
-
-
-def _match_fit(data: dict[str, Any], path: Path) -> Fit:
-    grids = data.get("grids")
-    if not grids:
-        raise InputError(f"{path} has no 'grids' (written by an older promptmid); rerun match to apply it.")
-    if not isinstance(grids, dict):
-        raise InputError(f"{path}: 'grids' is not a record of the optical and SAR grids.")
-    return Fit("match", str(data.get("status")), checked_transform(data["transform"], path), None,
-               Grid.from_dict(grids.get("optical"), f"{path}: 'grids.optical'"),
-               Grid.from_dict(grids.get("sar"), f"{path}: 'grids.sar'"))
-
-
-def _scene_fit(data: dict[str, Any], path: Path) -> Fit:
-    model = _scene_model(data["global_model"], path)
-    opt = Grid.from_dict(data.get("optical"), f"{path}: 'optical'")
-    sar = Grid.from_dict(data.get("sar"), f"{path}: 'sar'")
-    block = data.get("config", {}).get("scene", {}).get("block", 1024) if isinstance(data.get("config"), dict) else 1024
-    if not (isinstance(block, int) and 16 <= block <= 65536):
-        raise InputError(f"{path}: 'config.scene.block' must be a whole number of pixels in 16..65536.")
-    reprojected = data.get("sar_grid", {}).get("reprojected_to_optical_crs") if isinstance(data.get("sar_grid"), dict) else False
-    return Fit("scene", str(data.get("status")), checked_transform(model.matrix, path, "global_model"), model, opt, sar,
-               bool(reprojected), opt, block)
-
-
-def _scene_model(d: Any, path: Path) -> Any:
-    """The scene's :class:`~promptmid.scene.model.GlobalModel`, checked (kind, coefficient counts, finite values,
-    positive normalisation scale); ``InputError`` naming ``path`` and ``global_model`` otherwise."""
-    from promptmid.scene.model import SCENE_MODELS, GlobalModel
-
-    bad = InputError(f"{path}: 'global_model' is malformed (needs kind in {', '.join(SCENE_MODELS)}, coeffs_x and "
-                     "coeffs_y of 3 (affine) or 6 (poly2) finite numbers, normalisation cx, cy, scale > 0).")
-    try:
-        model = GlobalModel.from_dict(d)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise bad from None
-    n = {"affine": 3, "poly2": 6}.get(model.kind)
-    if n is None or model.coeffs.shape != (2, n) or not np.isfinite(model.coeffs).all() \
-            or not np.isfinite(model.norm).all() or model.norm[2] <= 0:
-        raise bad
-    return model
 
 
 def apply_fit(fit: Fit, raster: str | Path, out: str | Path, direction: str = "auto", cog: bool = False,
@@ -205,7 +102,7 @@ def _sar_to_optical(fit: Fit, raster: Path, out: Path) -> None:
             try:
                 if fit.reprojected and geo_info(ds).crs != fit.sar.crs:
                     raise InputError(f"{raster} is not in the CRS of the scene's SAR ({fit.sar.crs}).")
-                write_registered_scene(out, fit.model, fit.source, src, fit.block)
+                write_registered_scene(out, fit.model, fit.optical, src, fit.block)
             finally:
                 if reprojected:
                     src.close()

@@ -167,9 +167,8 @@ def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: Prepared
             paths["checkerboard"] = out / "checkerboard.png"
             viz.plot_matches(paths["matches"], result, opt, sar)
             viz.save_checkerboard(paths["checkerboard"], result, opt, sar)
-    data = result.to_dict()
-    # the grids `promptmid apply` needs to reproduce registered_sar.tif
-    data["grids"] = {"optical": Grid.of(opt.raster).to_dict(), "sar": Grid.of(sar.raster).to_dict()}
+    # the record every result shares (promptmid.fit), with the grids `promptmid apply` needs
+    data = {**result.to_dict(), **result.fit(Grid.of(opt.raster), Grid.of(sar.raster)).to_dict()}
     if report:
         paths["report"] = out / "report.html"
     data["outputs"] = {k: v.name for k, v in paths.items()}

@@ -104,6 +104,27 @@ def test_apply_reproduces_scene_registered_sar(tmp_path: Path) -> None:
     res = _run("apply", str(out / "result.json"), str(pair["sar"]), "--out", str(applied), "-q")
     assert res.exit_code == 0, res.output
     _same_raster(applied, out / "registered_sar.tif")
+    _check_record(out / "result.json", "scene", pair)
+
+
+def _check_record(path: Path, kind: str, pair: dict) -> None:
+    """result.json carries the shared Fit record; read back it gives the same fit and the files' grids."""
+    from promptmid.fit import read_fit
+    from promptmid.geo import Grid
+    from promptmid.io import read_raster
+
+    data = json.loads(path.read_text())
+    assert {"kind", "status", "confidence", "reason", "transform", "global_model", "grids"} <= set(data)
+    fit = read_fit(path)
+    assert fit.kind == kind == data["kind"] and fit.status == data["status"]
+    assert np.allclose(fit.matrix, data["transform"])
+    assert fit.optical == Grid.of(read_raster(pair["optical"]))
+    assert fit.sar.size == Grid.of(read_raster(pair["sar"])).size
+    assert fit.to_dict() == {k: data[k] for k in fit.to_dict()}
+
+
+def test_match_result_carries_the_fit_record(match_run: dict) -> None:
+    _check_record(match_run["out"] / "result.json", "match", match_run["pair"])
 
 
 @pytest.mark.parametrize("bad", [[[0, 0, 0], [0, 0, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 0]],

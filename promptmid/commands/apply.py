@@ -22,9 +22,10 @@ def apply(
 ) -> None:
     """Apply a fitted result to RASTER: SAR grid -> optical grid (as registered_sar.tif), or optical grid -> SAR
     grid through the inverse transform."""
-    from promptmid.apply import apply_fit, load_fit
+    from promptmid.apply import apply_fit
+    from promptmid.fit import read_fit
 
-    done = apply_fit(load_fit(result), raster, out, source, cog, overwrite, inputs=(result,))
+    done = apply_fit(read_fit(result), raster, out, source, cog, overwrite, inputs=(result,))
     if not quiet:
         out_console.print(f"{raster} ({done['from']} grid) -> {out} ({done['to']} grid, {done['size'][0]}x"
                           f"{done['size'][1]} px{', COG' if cog else ''}; {done['fit']} result, status "

@@ -98,16 +98,18 @@ def scene(
     with status(quiet) as progress:
         progress("loading models")
         matcher = Matcher(preset, overrides)
-        result = register_scene(optical, sar, out_dir, matcher, opts, progress).to_dict()
+        scene_result = register_scene(optical, sar, out_dir, matcher, opts, progress)
+    fit = scene_result.fit  # the record the CLI decides on (the same keys as result.json)
     if json_out:
         print((out_dir / "result.json").read_text())
-    if result["transform"] is None:
-        fail(f"registration failed: {result['reason']} (see {out_dir / 'result.json'})", 5)
+    if not fit.has_transform:
+        fail(f"registration failed: {fit.reason} (see {out_dir / 'result.json'})", 5)
     if not quiet:
-        _print_scene(result, out_dir)
-    if result["status"] == "uncertain":
-        uncertain(f"verdict uncertain (confidence {result['confidence']:.2f}): {result['reason']}; check "
-                  f"{out_dir / 'tile_map.png'}", strict)
+        _print_scene(scene_result.to_dict(), out_dir)
+    if fit.status == "uncertain":
+        check = "report.html" if opts.report else "tile_map.png"
+        uncertain(f"verdict uncertain (confidence {fit.confidence:.2f}): {fit.reason}; check {out_dir / check}",
+                  strict)
 
 
 def _print_scene(r: dict[str, Any], out_dir: Path) -> None:

@@ -107,9 +107,22 @@ class SceneResult:
         """3x3 optical px -> SAR-grid px (the affine part for ``poly2``), or ``None``."""
         return None if self.model is None else self.model.matrix
 
+    @property
+    def fit(self) -> Any:
+        """The :class:`promptmid.fit.Fit` record (``None`` before the grids are known)."""
+        from promptmid.fit import Fit
+
+        if not isinstance(self.info.get("optical"), dict) or not isinstance(self.info.get("sar"), dict):
+            return None
+        block = self.info.get("config", {}).get("scene", {}).get("block", 1024)
+        reprojected = bool(self.info.get("sar_grid", {}).get("reprojected_to_optical_crs", False))
+        return Fit("scene", self.status, self.transform, self.model, geo.Grid.from_dict(self.info["optical"]),
+                   geo.Grid.from_dict(self.info["sar"]), self.confidence, self.reason, {}, reprojected, block)
+
     def to_dict(self) -> dict[str, Any]:
-        """The ``result.json`` content."""
-        return {"status": self.status, "confidence": self.confidence, "reason": self.reason, **self.info,
+        """The ``result.json`` content (the :class:`promptmid.fit.Fit` record's keys first)."""
+        fit = self.fit
+        return {**(fit.to_dict() if fit is not None else {}), "status": self.status, "confidence": self.confidence, "reason": self.reason, **self.info,
                 "transform": _list(self.transform),
                 "transform_convention": "optical (x, y) px -> SAR-grid (x, y) px; pixel centres at integers",
                 "global_model": None if self.model is None else self.model.to_dict(),
