@@ -197,3 +197,25 @@ def test_a_planted_cache_file_is_never_executed(tmp_path: Path):
     torch.save({"payload": _Planted(marker)}, path)
     assert load_cached(path) is None  # refused (weights_only) and rebuilt by the caller
     assert not marker.exists()
+
+
+def test_training_validation_gives_what_the_matcher_gives(synth_manifest: Path, tmp_path: Path) -> None:
+    """The validation inside training (cached features, the same aggregator, match_and_fit) registers a pair as
+    Matcher.match does with the same settings (keypoint fit: no area search, no refinement): same inliers within
+    5 % (the cache stores features in float16) and the same transform within 0.5 px."""
+    from promptmid.api import Matcher
+    from promptmid.evaluation.metrics import mean_corner_error
+    from promptmid.training.train import evaluate_entry
+
+    rec = read_manifest(synth_manifest)[0]
+    matcher = Matcher("lite", {"search": {"enabled": False}, "refine": {"enabled": False}})
+    entry = FeatureCache(matcher.conf, tmp_path / "cache").eval_pair(rec, rotations=(0.0,))
+    agg = matcher.describer.aggregator
+    row = evaluate_entry(lambda feats, kp, size: agg(feats, kp, size), entry, matcher.conf["matching"],
+                         matcher.conf["geometry"])
+    result = matcher.match(rec.optical, rec.sar)
+    fit = next(h["transform"] for h in result.hypotheses if h["source"] == "keypoints")  # before the QC's verdict
+    err = mean_corner_error(np.asarray(fit), rec.H, entry["optical_size"])
+    assert row["ok"]
+    assert abs(row["inliers"] - result.num_inliers) <= 0.05 * result.num_inliers + 1, (row["inliers"], result.num_inliers)
+    assert abs(row["corner_error"] - err) < 0.5, (row["corner_error"], err)

@@ -212,11 +212,16 @@ class SourceDescriber:
         self.conf = conf
         self.describer = Describer(conf["keypoints"], conf["sources"], {"name": "concat"})
 
+    def begin_pair(self, optical: PreparedImage) -> Any:
+        """The pair's context (:meth:`promptmid.descriptor.Describer.begin_pair`: prompted sources choose the
+        land-use class once, on the optical image), to pass to every image of the pair as the Matcher does."""
+        return self.describer.begin_pair(optical)
+
     @torch.inference_mode()
-    def __call__(self, prepared: PreparedImage) -> dict[str, Any]:
+    def __call__(self, prepared: PreparedImage, context: Any = None) -> dict[str, Any]:
         """``{"keypoints": [N,2], "scores": [N], "features": {name: [N,C] fp16}, "size": (W, H)}``
-        (exactly :meth:`promptmid.descriptor.Describer.features`, stored compactly)."""
-        out = self.describer.features(prepared)
+        (exactly :meth:`promptmid.descriptor.Describer.features` with the pair's ``context``, stored compactly)."""
+        out = self.describer.features(prepared, context)
         return {"keypoints": out["keypoints"].float(), "scores": out["scores"].float(),
                 "features": {k: v.half() for k, v in out["features"].items()}, "size": tuple(int(v) for v in out["image_size"])}
 
@@ -261,6 +266,14 @@ class FeatureCache:
             self._describe = SourceDescriber(self.conf)
         return self._describe
 
+    def _describer_for(self, optical: PreparedImage) -> Callable[[PreparedImage], dict[str, Any]]:
+        """``describe`` bound to the pair's context chosen on ``optical`` (when the describer has one)."""
+        begin = getattr(self.describe, "begin_pair", None)
+        if begin is None:
+            return self.describe
+        context = begin(optical)
+        return lambda image: self.describe(image, context)
+
     def _load_pair(self, rec: Pair) -> tuple[PreparedImage, PreparedImage]:
         io = self.conf["io"]
         return load_image(rec.optical, "optical", **io), load_image(rec.sar, "sar", **io)
@@ -272,21 +285,22 @@ class FeatureCache:
         aggregators up to v2). ``independent=True``: every view augmented, each with its own optical view
         (``view["optical"]``), so that image position never predicts correspondence.
         """
-        key = config_key(self.conf, {"views": views, "seed": seed, "independent": independent})
+        key = config_key(self.conf, {"views": views, "seed": seed, "independent": independent, "pair_context": 1})
         path = self.root / f"train-{key}" / f"{_safe(rec.id)}.pt"
         cached = load_cached(path)
         if cached is not None:
             return cached
         opt, sar = self._load_pair(rec)
+        describe = self._describer_for(opt)  # one land-use choice per pair, on the optical image (as the Matcher)
         H = working_gt(rec.H, opt, sar)
         rng = np.random.default_rng([seed, int(hashlib.md5(rec.id.encode()).hexdigest()[:8], 16)])
-        out: dict[str, Any] = {"id": rec.id, "optical": None if independent else self.describe(opt), "views": []}
+        out: dict[str, Any] = {"id": rec.id, "optical": None if independent else describe(opt), "views": []}
         for v in range(views):
             view, Hv = make_view(sar, H, rng if independent or v > 0 else None)
-            entry = {**self.describe(view), "H": None}
+            entry = {**describe(view), "H": None}
             if independent:
                 opt_view, A = make_optical_view(opt, rng)
-                entry["optical"], Hv = self.describe(opt_view), Hv @ np.linalg.inv(A)
+                entry["optical"], Hv = describe(opt_view), Hv @ np.linalg.inv(A)
             entry["H"] = torch.from_numpy(Hv)
             out["views"].append(entry)
         save_cached(path, out)
@@ -302,7 +316,8 @@ class FeatureCache:
         from promptmid.evaluation.perturb import warp_raster
         from promptmid.io import read_raster
 
-        key = config_key(self.conf, {"rot": list(rotations), "perturb": None if perturb is None else perturb.tag})
+        key = config_key(self.conf, {"rot": list(rotations), "perturb": None if perturb is None else perturb.tag,
+                                     "pair_context": 1})
         path = self.root / f"eval-{key}" / f"{_safe(rec.id)}.pt"
         cached = load_cached(path)
         if cached is not None:
@@ -313,14 +328,15 @@ class FeatureCache:
             raster, H = warp_raster(raster, T, canvas), T @ rec.H
         opt = load_image(rec.optical, "optical", **self.conf["io"])
         sar = load_image(raster, "sar", **self.conf["io"])
+        describe = self._describer_for(opt)
         out: dict[str, Any] = {
             "id": rec.id, "group": rec.group, "H": torch.from_numpy(H),
-            "optical": self.describe(opt), "opt_scale": opt.scale, "sar_scale": sar.scale,
+            "optical": describe(opt), "opt_scale": opt.scale, "sar_scale": sar.scale,
             "optical_size": opt.original_size, "rotations": {},
         }
         for angle in rotations:
             rotated, to_sar = rotate_prepared(sar, float(angle))
-            out["rotations"][float(angle)] = {**self.describe(rotated), "to_sar": torch.from_numpy(to_sar)}
+            out["rotations"][float(angle)] = {**describe(rotated), "to_sar": torch.from_numpy(to_sar)}
         save_cached(path, out)
         return out
 
