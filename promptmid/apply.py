@@ -98,7 +98,7 @@ def _sar_to_optical(fit: Fit, raster: Path, out: Path) -> None:
         from promptmid.scene.products import write_registered_scene
 
         with open_raster(raster) as ds:
-            src, reprojected = sar_in_optical_crs(ds, fit.source) if fit.reprojected else (ds, False)
+            src, reprojected = sar_in_optical_crs(ds, fit.optical) if fit.reprojected else (ds, False)
             try:
                 if fit.reprojected and geo_info(ds).crs != fit.sar.crs:
                     raise InputError(f"{raster} is not in the CRS of the scene's SAR ({fit.sar.crs}).")
