@@ -85,6 +85,9 @@ def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarr
     A hypothesis whose refinement blocks do not agree on a correction (or without refinement) is never ``ok``:
     nothing but the search's own correlation speaks for it (measured on perturbed validation and training 3MOS
     pairs, capping it this way registers 45/54 and 27/78 where calling it ``failed`` registers 44 and 24)."""
+    if refine_conf and "polish" in refine_conf:  # the refine section as configured (choose() passes it apart)
+        polish = polish or bool(refine_conf["polish"])
+        refine_conf = {k: v for k, v in refine_conf.items() if k != "polish"}
     start = np.asarray(hypothesis, float)
     polished = polish_affine(optical, sar, start).matrix if polish else start
     refinement = None
