@@ -73,10 +73,11 @@ def match(
     from promptmid.api import Matcher
     from promptmid.config import get_config
     from promptmid.io import load_image
-    from promptmid.registration import prepare_out_dir, refuse_inputs_among_products, write_products
+    from promptmid.outputs import prepare_out_dir, refuse_inputs_among_products
+    from promptmid.registration import PRODUCTS, write_products
 
     set_threads(threads)
-    refuse_inputs_among_products(out, optical, sar)
+    refuse_inputs_among_products(out, optical, sar, products=PRODUCTS)
     preset = resolve_preset(preset, dm, aggregator)
     io_conf = get_config(preset, overrides)["io"]
     opt_img, sar_img = load_image(optical, "optical", **io_conf), load_image(sar, "sar", **io_conf)

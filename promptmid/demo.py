@@ -15,7 +15,8 @@ import numpy as np
 from promptmid.api import Matcher
 from promptmid.io import open_for_write, to_uint8, write_png
 from promptmid.geometry import corner_error, format_matrix
-from promptmid.registration import prepare_out_dir, write_json, write_products
+from promptmid.outputs import prepare_out_dir, write_json
+from promptmid.registration import write_products
 from promptmid.synth import make_pair
 
 

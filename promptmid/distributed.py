@@ -120,7 +120,7 @@ def run_pair(pair: Pair, out_root: str, options: BatchOptions) -> dict[str, Any]
     """
     import torch
 
-    from promptmid.registration import prepare_out_dir, write_json
+    from promptmid.outputs import prepare_out_dir, write_json
     from promptmid.scene import SceneOptions, register_scene
 
     t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def run_batch(pairs_file: str | Path, out_root: str | Path, options: BatchOption
     """
     from dask.distributed import as_completed
 
-    from promptmid.registration import write_json
+    from promptmid.outputs import write_json
 
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)

@@ -279,7 +279,7 @@ def test_unset_tokenizer_length_is_clamped_to_the_text_encoder(sd_dir, tmp_path)
 def test_result_land_use_scores_is_a_json_object(sd_dir, tmp_path):
     """result.json's ``pair_context.land_use_scores`` is an object of numbers, not a JSON string."""
     from promptmid.api import Matcher
-    from promptmid.registration import write_json
+    from promptmid.outputs import write_json
 
     overrides = {"sources": {"diffusion": {"model": str(sd_dir), "land_use": "auto", "ensemble": 1, "long_side": 64,
                                            "selection_noise": 1}},

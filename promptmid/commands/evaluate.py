@@ -47,7 +47,7 @@ def eval_command(
     from promptmid.evaluation.perturb import Perturbation
     from promptmid.evaluation.pipeline import run_and_report, select_pairs
     from promptmid.evaluation.runner import EvalConfig
-    from promptmid.registration import prepare_out_dir
+    from promptmid.outputs import prepare_out_dir
 
     names = parse_methods(methods)
     pairs = select_pairs(read_manifests(manifests), _split(sources), _split(quality), limit)

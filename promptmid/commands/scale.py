@@ -84,7 +84,7 @@ def scene(
     coordinates, residuals), sar_gcps.vrt, tile_map.png and result.json (RMSE before/after, per-tile QC).
     """
     from promptmid.api import Matcher
-    from promptmid.registration import prepare_out_dir, refuse_inputs_among_products
+    from promptmid.outputs import prepare_out_dir, refuse_inputs_among_products
     from promptmid.scene import SCENE_PRODUCTS, SceneOptions, register_scene
 
     set_threads(threads)

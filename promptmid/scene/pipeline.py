@@ -19,7 +19,7 @@ from promptmid import __version__, geo
 from promptmid.errors import InputError
 from promptmid.geometry import apply_transform
 from promptmid.io import choose_bands
-from promptmid.registration import refuse_inputs_among_products, staged_products, write_json
+from promptmid.outputs import refuse_inputs_among_products, staged_products, write_json
 from promptmid.scene import agreement
 from promptmid.scene.agreement import Agreement
 from promptmid.scene.grid import Tile, scene_tiles, select_tiles
@@ -185,7 +185,7 @@ def register_scene(optical: str | Path, sar: str | Path, out_dir: Path, matcher:
 
     Args:
         optical, sar: raster paths (any size; read in windows).
-        out_dir: existing output directory (see :func:`promptmid.registration.prepare_out_dir`).
+        out_dir: existing output directory (see :func:`promptmid.outputs.prepare_out_dir`).
         matcher: a :class:`promptmid.api.Matcher` used on each tile.
 
     Returns:
