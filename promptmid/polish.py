@@ -73,6 +73,7 @@ class _Aligner:
         self.half = max(self.h, self.w) / 2.0  # coordinates normalised to about [-1, 1] for a well-posed system
         self.norm = np.array([[1 / self.half, 0, -(self.w - 1) / 2 / self.half],
                               [0, 1 / self.half, -(self.h - 1) / 2 / self.half], [0, 0, 1.0]])
+        self.corners = np.array([[0, 0, 1], [self.w - 1, 0, 1], [0, self.h - 1, 1], [self.w - 1, self.h - 1, 1.0]])
         yy, xx = np.mgrid[0:self.h, 0:self.w]
         self.xn = (xx - (self.w - 1) / 2) / self.half
         self.yn = (yy - (self.h - 1) / 2) / self.half
@@ -118,8 +119,7 @@ def _align_level(aligner: _Aligner, matrix: np.ndarray, iterations: int, tol_px:
         out = aligner.evaluate(trial)
         if out is not None and out[0] > score:
             best, (score, a, b, mask), damping = trial, out, max(damping / 10, 1e-6)
-            corners = np.array([[0, 0, 1], [aligner.w - 1, 0, 1], [0, aligner.h - 1, 1], [aligner.w - 1, aligner.h - 1, 1.0]])
-            if np.abs(corners @ (correction - np.eye(3)).T)[:, :2].max() < tol_px:
+            if np.abs(aligner.corners @ (correction - np.eye(3)).T)[:, :2].max() < tol_px:
                 break
         else:
             damping *= 10

@@ -76,17 +76,18 @@ def write_products(out: Path, result: MatchResult, opt: PreparedImage, sar: Prep
 def _write_all(out: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
                figures: bool, report: bool = True) -> dict[str, Path]:
     paths = {"result": out / "result.json", "tiepoints": out / "tiepoints.csv"}
+    optical_grid, sar_grid = Grid.of(opt.raster), Grid.of(sar.raster)
     write_tiepoints(paths["tiepoints"], result)
     if result.has_transform:
         paths["registered_sar"] = out / "registered_sar.tif"
-        write_registered_sar(paths["registered_sar"], result.transform, Grid.of(opt.raster), sar.raster)
+        write_registered_sar(paths["registered_sar"], result.transform, optical_grid, sar.raster)
         if figures:
             paths["matches"] = out / "matches.png"
             paths["checkerboard"] = out / "checkerboard.png"
             viz.plot_matches(paths["matches"], result, opt, sar)
             viz.save_checkerboard(paths["checkerboard"], result, opt, sar)
     # the record every result shares (promptmid.fit), with the grids `promptmid apply` needs
-    data = {**result.to_dict(), **result.fit(Grid.of(opt.raster), Grid.of(sar.raster)).to_dict()}
+    data = {**result.to_dict(), **result.fit(optical_grid, sar_grid).to_dict()}
     if report:
         paths["report"] = out / "report.html"
     data["outputs"] = {k: v.name for k, v in paths.items()}

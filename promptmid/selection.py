@@ -77,17 +77,16 @@ def area_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray
 
 def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarray, model: str,
                 refine_conf: Mapping[str, Any] | None, source: str, search_score: float = float("nan"),
-                qc_model: QCModel | None = None, polish: bool = False) -> Candidate:
-    """Refine an area hypothesis and judge it. With ``polish``, the hypothesis (a similarity from a 256 px grid) is
+                qc_model: QCModel | None = None) -> Candidate:
+    """Refine an area hypothesis and judge it. With ``refine_conf["polish"]``, the hypothesis (a similarity from a 256 px grid) is
     first aligned densely as an affine (:func:`promptmid.polish.polish_affine`); then the refinement blocks
     (first pass searches :data:`AREA_REFINE_SEARCH` px, the next ones the configured radius) run around it and
     are kept when the dense correlation agrees (:func:`refinement_agrees`, the rule of the keypoint fit).
     A hypothesis whose refinement blocks do not agree on a correction (or without refinement) is never ``ok``:
     nothing but the search's own correlation speaks for it (measured on perturbed validation and training 3MOS
     pairs, capping it this way registers 45/54 and 27/78 where calling it ``failed`` registers 44 and 24)."""
-    if refine_conf and "polish" in refine_conf:  # the refine section as configured (choose() passes it apart)
-        polish = polish or bool(refine_conf["polish"])
-        refine_conf = {k: v for k, v in refine_conf.items() if k != "polish"}
+    refine_conf = dict(refine_conf) if refine_conf else None
+    polish = bool(refine_conf.pop("polish", False)) if refine_conf else False
     start = np.asarray(hypothesis, float)
     polished = polish_affine(optical, sar, start).matrix if polish else start
     refinement = None
@@ -137,18 +136,17 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
         ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
         and no hypothesis).
     """
-    refine_conf = dict(refine_conf) if refine_conf else None
-    polish = bool(refine_conf.pop("polish", False)) if refine_conf else False
     candidates: list[Candidate] = []
-    if geom.ok:
-        final, info, ev = assess(optical, sar, points0, points1, scores, geom, refine_conf, threshold)
+    if geom.ok:  # the polish is for area hypotheses only; the keypoint fit's refinement takes the rest
+        keypoint_conf = {k: v for k, v in refine_conf.items() if k != "polish"} if refine_conf else None
+        final, info, ev = assess(optical, sar, points0, points1, scores, geom, keypoint_conf, threshold)
         candidates.append(Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model)))
     todo = [(i, h) for i, h in enumerate(hypotheses, 1)  # the keypoint fit already is a hypothesis within SAME_PX
             if not (candidates and corner_error(candidates[0].transform, h.matrix, optical.original_size).mean() <= SAME_PX)]
 
     def judge_area(item: tuple[int, Any]) -> Candidate:
         i, h = item
-        return assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model, polish)
+        return assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model)
 
     # OpenCV releases the GIL while it matches blocks: the hypotheses are judged side by side (same results)
     with ThreadPoolExecutor(max(1, min(len(todo), fft_workers()))) as pool:

@@ -93,13 +93,20 @@ def test_apply_refuses_clearly(match_run: dict, tmp_path: Path) -> None:
     assert (out / "result.json").read_bytes() == before
 
 
-def test_apply_reproduces_scene_registered_sar(tmp_path: Path) -> None:
-    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 384, seed=1, rotation_deg=0.5, shift_m=(40, -30),
-                                          towns=False)
-    out = tmp_path / "scene"
+@pytest.fixture(scope="module")
+def scene_run(tmp_path_factory) -> dict:
+    """A georeferenced generated pair registered by `scene` (xfeat, one tile)."""
+    root = tmp_path_factory.mktemp("apply_scene")
+    pair = synth.write_synthetic_geo_pair(root / "in", 384, seed=1, rotation_deg=0.5, shift_m=(40, -30), towns=False)
+    out = root / "scene"
     res = _run("scene", str(pair["optical"]), str(pair["sar"]), "--out", str(out), "-p", "xfeat", "--tile", "512",
                "--search-radius", "150m", "--no-figures", "--quiet")
     assert res.exit_code == 0, res.output
+    return {"pair": pair, "out": out}
+
+
+def test_apply_reproduces_scene_registered_sar(scene_run: dict, tmp_path: Path) -> None:
+    pair, out = scene_run["pair"], scene_run["out"]
     applied = tmp_path / "applied.tif"
     res = _run("apply", str(out / "result.json"), str(pair["sar"]), "--out", str(applied), "-q")
     assert res.exit_code == 0, res.output
@@ -170,14 +177,9 @@ def test_apply_refuses_a_malformed_match_record(match_run: dict, tmp_path: Path,
     lambda d: d["global_model"]["normalisation"].update(scale=0),
     lambda d: d["global_model"].pop("normalisation"),
 ])
-def test_apply_refuses_a_malformed_scene_model(tmp_path: Path, edit) -> None:
-    pair = synth.write_synthetic_geo_pair(tmp_path / "in", 320, seed=1, rotation_deg=0.5, shift_m=(40, -30),
-                                          towns=False)
-    out = tmp_path / "scene"
-    res = _run("scene", str(pair["optical"]), str(pair["sar"]), "--out", str(out), "-p", "xfeat", "--tile", "512",
-               "--search-radius", "150m", "--no-figures", "--quiet")
-    assert res.exit_code == 0, res.output
-    data = json.loads((out / "result.json").read_text())
+def test_apply_refuses_a_malformed_scene_model(scene_run: dict, tmp_path: Path, edit) -> None:
+    pair = scene_run["pair"]
+    data = json.loads((scene_run["out"] / "result.json").read_text())
     edit(data)
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(data))

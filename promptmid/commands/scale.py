@@ -89,7 +89,7 @@ def scene(
 
     set_threads(threads)
     opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid,
-                                              no_report))
+                                         no_report))
     overrides = _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                            optical_bands=optical_bands, sar_bands=sar_bands)
     refuse_inputs_among_products(out, optical, sar, products=SCENE_PRODUCTS)  # before any work (exit 3)
@@ -178,7 +178,7 @@ def batch(
     opts = BatchOptions(preset, _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                                            optical_bands=optical_bands, sar_bands=sar_bands),
                         _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid,
-                                              no_report),
+                                       no_report),
                         threads, retry_failed)
     quiet = quiet or json_out
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -69,6 +69,7 @@ def run_and_report(pairs: list[Pair], conf: EvalConfig, out_dir: Path, workers: 
     if figures:
         from promptmid.evaluation.html_report import write_summary_html
 
-        write_figures(rows, {p.id: p for p in pairs}, out_dir, conf.perturb)
-        write_summary_html(rows, {p.id: p for p in pairs}, out_dir, conf.perturb, title)
+        by_id = {p.id: p for p in pairs}
+        write_figures(rows, by_id, out_dir, conf.perturb)
+        write_summary_html(rows, by_id, out_dir, conf.perturb, title)
     return {"rows": rows, "summary": summary}

@@ -122,10 +122,11 @@ class SceneResult:
     def to_dict(self) -> dict[str, Any]:
         """The ``result.json`` content (the :class:`promptmid.fit.Fit` record's keys first)."""
         fit = self.fit
-        return {**(fit.to_dict() if fit is not None else {}), "status": self.status, "confidence": self.confidence, "reason": self.reason, **self.info,
-                "transform": _list(self.transform),
+        record = fit.to_dict() if fit is not None else {
+            "status": self.status, "confidence": self.confidence, "reason": self.reason,
+            "transform": _list(self.transform), "global_model": None if self.model is None else self.model.to_dict()}
+        return {**record, **self.info,
                 "transform_convention": "optical (x, y) px -> SAR-grid (x, y) px; pixel centres at integers",
-                "global_model": None if self.model is None else self.model.to_dict(),
                 "prior": {"kind": self.prior_kind, "transform": _list(self.prior)},
                 "map_convention": "map coordinates in the optical CRS; pixel centre (x, y) -> A * (x + 0.5, y + 0.5)",
                 "agreement": None if self.agreement is None else self.agreement.to_dict(),
