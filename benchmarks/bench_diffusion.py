@@ -72,7 +72,7 @@ def _val_pairs(limit: int | None) -> list:
 def _prepared_val_pair(rec) -> tuple[Any, Any, np.ndarray]:
     """Optical, SAR (displaced by Perturbation(0), rotated by the right 90-degree step) and the GT mapping
     optical working px -> rotated-SAR working px."""
-    from promptmid.api import rotate_prepared
+    from promptmid.io import rotate_prepared
     from promptmid.config import get_config
     from promptmid.evaluation.perturb import Perturbation, warp_raster
     from promptmid.io import load_image, read_raster

@@ -129,7 +129,8 @@ def main() -> int:
         return 0
     from promptmid.evaluation.manifest import read_manifest
     from promptmid.evaluation.methods import parse_methods
-    from promptmid.evaluation.pipeline import run_and_report, select_pairs
+    from promptmid.evaluation.pipeline import select_pairs
+    from promptmid.evaluation.runner import run_and_report
     from promptmid.evaluation.runner import EvalConfig
 
     methods = parse_methods(args.methods)

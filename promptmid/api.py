@@ -22,7 +22,7 @@ from promptmid import __version__
 from promptmid.config import get_config
 from promptmid.descriptor import Describer
 from promptmid.models.base import PairContext
-from promptmid.io import PreparedImage, load_image
+from promptmid.io import PreparedImage, load_image, rotate_prepared
 from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit
@@ -273,35 +273,6 @@ class Matcher:
             config={"preset": self.preset, **self.conf},
             rotation_scores=rotation_scores,
         )
-
-
-def rotation_steps(step_deg: float) -> list[float]:
-    """Angles ``0, step, 2*step, ... < 360`` (degrees)."""
-    if not 0 < step_deg <= 180:
-        raise ValueError(f"Rotation step must be in (0, 180] degrees, got {step_deg}")
-    return [float(a) for a in np.arange(0.0, 360.0, step_deg)]
-
-
-def rotate_prepared(image: PreparedImage, angle_deg: float) -> tuple[PreparedImage, np.ndarray]:
-    """Rotate a prepared image counter-clockwise by ``angle_deg`` on an enlarged canvas.
-
-    Returns:
-        the rotated image and the 3x3 matrix mapping rotated-image pixels back to ``image`` pixels.
-    """
-    if angle_deg % 360 == 0:
-        return image, np.eye(3)
-    h, w = image.image.shape[:2]
-    c = np.cos(np.deg2rad(angle_deg))
-    s = np.sin(np.deg2rad(angle_deg))
-    nw, nh = int(np.ceil(abs(w * c) + abs(h * s) - 1e-6)), int(np.ceil(abs(w * s) + abs(h * c) - 1e-6))
-    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle_deg, 1.0)
-    m[:, 2] += [(nw - w) / 2, (nh - h) / 2]
-    fwd = np.vstack([m, [0, 0, 1]])
-    flags = cv2.INTER_NEAREST if angle_deg % 90 == 0 else cv2.INTER_LINEAR
-    img = cv2.warpAffine(image.image, m, (nw, nh), flags=flags, borderValue=0)
-    valid = cv2.warpAffine(image.valid.astype(np.uint8), m, (nw, nh), flags=cv2.INTER_NEAREST, borderValue=0)
-    rotated = PreparedImage(img, valid.astype(bool), image.scale, image.original_size, image.modality, image.raster)
-    return rotated, np.linalg.inv(fwd)
 
 
 def _progress(callback: Callable[[str], None] | None, message: str) -> None:

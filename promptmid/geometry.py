@@ -9,7 +9,7 @@ image 1 the SAR image.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -133,3 +133,22 @@ def warpable(data: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.nd
         return data, lambda band: band
     info = np.iinfo(data.dtype)
     return data.astype(np.float64), lambda band: np.clip(np.round(band), info.min, info.max).astype(data.dtype)
+
+
+class ScaledImage(Protocol):
+    """An image at working resolution that knows its scale to the original grid (e.g. a
+    :class:`promptmid.io.PreparedImage`)."""
+
+    def scale_matrix(self) -> np.ndarray:
+        """3x3 matrix mapping working-resolution pixels to original pixels."""
+        ...
+
+
+def working_transform(matrix: np.ndarray, optical: ScaledImage, sar: ScaledImage) -> np.ndarray:
+    """Express an optical -> SAR transform between ORIGINAL pixels as one between the working images."""
+    return np.linalg.inv(sar.scale_matrix()) @ np.asarray(matrix, np.float64) @ optical.scale_matrix()
+
+
+def original_transform(matrix: np.ndarray, optical: ScaledImage, sar: ScaledImage) -> np.ndarray:
+    """Inverse of :func:`working_transform`: working-image transform -> original pixels."""
+    return sar.scale_matrix() @ np.asarray(matrix, np.float64) @ np.linalg.inv(optical.scale_matrix())

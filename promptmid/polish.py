@@ -4,7 +4,7 @@ The global area search (:mod:`promptmid.search`) finds a similarity (rotation, s
 a displaced SAR image is an affine (shear, anisotropic scale) away from the optical one, and the refinement blocks
 of :mod:`promptmid.refine` often find too few textured, consistent blocks on 10 m SAR tiles to correct it. This
 stage aligns the whole images instead: it maximises the correlation of the oriented-gradient channels
-(:func:`promptmid.refine.oriented_gradient_features`, standardised per channel over the valid overlap) over the six
+(:func:`promptmid.dense.oriented_gradient_features`, standardised per channel over the valid overlap) over the six
 affine parameters of a correction, by damped Gauss-Newton (Lucas-Kanade, forward additive) on a pyramid
 (``levels`` long sides, coarse first), re-warping the SAR each iteration. Nodata and the footprint edge are
 masked (eroded by ``margin`` px); outside the SAR the warp reflects, so the image border makes no edge.
@@ -16,12 +16,16 @@ pixels, like every transform in promptmid; the correction acts on optical pixels
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from promptmid.io import PreparedImage, original_transform, working_transform
-from promptmid.refine import oriented_gradient_features
+from promptmid.geometry import original_transform, working_transform
+from promptmid.dense import oriented_gradient_features
+
+if TYPE_CHECKING:
+    from promptmid.io import PreparedImage
 
 LEVELS = (128, 256)  # long sides (px) of the pyramid, each capped at the working size (512 cost 4 s, for 1 px)
 MIN_OVERLAP = 0.1  # least share of the optical level that must stay valid under the warp

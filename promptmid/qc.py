@@ -45,9 +45,11 @@ import numpy as np
 from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.errors import ModelError
 from promptmid.geometry import Size, apply_transform, corner_error, corners, residuals, warp_to_optical
-from promptmid.io import PreparedImage, working_transform
+from promptmid.geometry import working_transform
+from promptmid.io import PreparedImage
 from promptmid.matching import Geometry, fit_geometry
-from promptmid.refine import Refinement, oriented_gradient_features, refine_prepared
+from promptmid.dense import oriented_gradient_features
+from promptmid.refine import Refinement, refine_prepared
 from promptmid.geo import pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")

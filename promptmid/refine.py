@@ -15,14 +15,17 @@ pixels to SAR pixels, like everywhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from promptmid.io import PreparedImage, original_transform, working_transform
-from promptmid.geometry import apply_transform
+from promptmid.dense import oriented_gradient_features, subpixel_peak
+from promptmid.geometry import apply_transform, original_transform, working_transform
 from promptmid.matching import fit_geometry
+
+if TYPE_CHECKING:
+    from promptmid.io import PreparedImage
 
 
 @dataclass
@@ -50,47 +53,6 @@ class Refinement:
                 "reason": self.reason}
 
 
-def oriented_gradient_features(gray: np.ndarray, orientations: int = 9, sigma: float = 2.0) -> np.ndarray:
-    """Dense oriented-gradient channels ``[orientations, H, W]`` (float32), L2-normalised per pixel.
-
-    Args:
-        gray: ``[H, W]`` float image.
-        orientations: number of directions in ``[0, 180)`` degrees.
-        sigma: Gaussian smoothing (px) of each channel.
-    """
-    g = gray.astype(np.float32)
-    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
-    angles = np.pi * np.arange(orientations) / orientations
-    chans = [cv2.GaussianBlur(np.abs(float(np.cos(a)) * gx + float(np.sin(a)) * gy), (0, 0), sigma) for a in angles]
-    feats = np.stack(chans, axis=0)
-    return np.ascontiguousarray(feats / (np.linalg.norm(feats, axis=0, keepdims=True) + 1e-6), dtype=np.float32)
-
-
-def parabolic_offset(m1: float, c: float, p1: float) -> float:
-    """Sub-pixel position (in [-0.5, 0.5] px) of a peak ``c`` between its neighbours ``m1`` and ``p1`` from a
-    quadratic fit; 0 when the three values do not make a peak."""
-    den = m1 - 2 * c + p1
-    return 0.0 if den >= 0 else float(np.clip(0.5 * (m1 - p1) / den, -0.5, 0.5))
-
-
-def _subpixel_peak(score: np.ndarray, exclusion: int = 3) -> tuple[float, float, float, float]:
-    """Peak (x, y) of a correlation map (quadratic sub-pixel fit), its value and its distinctness.
-
-    Distinctness = peak minus the highest score farther than ``exclusion`` px from the peak, so a
-    ridge (an edge that slides along itself) scores ~0 and is rejected like a flat map.
-    """
-    iy, ix = np.unravel_index(int(np.argmax(score)), score.shape)
-    peak = float(score[iy, ix])
-    yy, xx = np.ogrid[: score.shape[0], : score.shape[1]]
-    far = (np.abs(yy - iy) > exclusion) | (np.abs(xx - ix) > exclusion)
-    distinct = peak - float(score[far].max()) if far.any() else 0.0
-
-    dx = parabolic_offset(score[iy, ix - 1], peak, score[iy, ix + 1]) if 0 < ix < score.shape[1] - 1 else 0.0
-    dy = parabolic_offset(score[iy - 1, ix], peak, score[iy + 1, ix]) if 0 < iy < score.shape[0] - 1 else 0.0
-    return ix + dx, iy + dy, peak, distinct
-
-
 def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block: int, search: int,
                  min_distinct: float) -> tuple[np.ndarray, np.ndarray]:
     """Match blocks of ``feat0`` in ``feat1`` (``[C, H, W]``, same grid) within ``+-search`` px.
@@ -109,7 +71,7 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
             area = feat1[:, y0 - search:y0 + block + search, x0 - search:x0 + block + search]
             score = sum(cv2.matchTemplate(np.ascontiguousarray(a), np.ascontiguousarray(t), cv2.TM_CCOEFF_NORMED)
                         for a, t in zip(area, templ)) / len(feat0)
-            px, py, _peak, distinct = _subpixel_peak(score)
+            px, py, _peak, distinct = subpixel_peak(score)
             if distinct >= min_distinct:
                 centres.append([x0 + (block - 1) / 2, y0 + (block - 1) / 2])
                 shifts.append([px - search, py - search])

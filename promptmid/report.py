@@ -298,7 +298,7 @@ def match_page(result: Any, data: Mapping[str, Any], optical: Any, sar: Any) -> 
     """The parts of a ``match`` report: ``result`` (:class:`promptmid.api.MatchResult`), ``data`` (its
     ``result.json``), the two :class:`promptmid.io.PreparedImage` (the viewer shows their working resolution)."""
     from promptmid.geometry import Size, apply_transform, warp_to_optical
-    from promptmid.io import working_transform
+    from promptmid.geometry import working_transform
 
     extra = [["transform from", data.get("hypothesis") or "n/a"], ["geometry", data.get("model")],
              ["matches / inliers", f"{data.get('matches')} / {data.get('inliers')}"],

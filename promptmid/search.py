@@ -7,7 +7,7 @@ SAR image and, for each, every translation at once with an FFT; the best peaks b
 polished on a finer grid of (rotation, scale, shift) at a finer resolution. The area-based refinement
 and the QC stage (:func:`promptmid.selection.choose`) then decide between these hypotheses and the keypoint fit.
 
-Features: the oriented-gradient channels of :func:`promptmid.refine.oriented_gradient_features`
+Features: the oriented-gradient channels of :func:`promptmid.dense.oriented_gradient_features`
 (gradient magnitude in ``orientations`` directions, smoothed, normalised per pixel), which ignore the
 sign of the contrast, so an edge that is bright in one modality and dark in the other still correlates.
 Correlation: masked normalised cross-correlation (Padfield, IEEE TIP 2012) summed over the channels;
@@ -32,8 +32,9 @@ from promptmid.config import DEFAULTS, merge_options
 from promptmid.correlation import Correlator, fft_workers
 from promptmid.geo import pixel_size_ratio
 from promptmid.geometry import apply_transform, corner_error, translation
-from promptmid.io import PreparedImage, fill_nodata, working_transform
-from promptmid.refine import oriented_gradient_features, parabolic_offset
+from promptmid.geometry import working_transform
+from promptmid.io import PreparedImage, fill_nodata
+from promptmid.dense import oriented_gradient_features, parabolic_offset
 
 DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k != "enabled"}
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from promptmid.config import INLIER_THRESHOLD_PX
-from promptmid.api import MatchResult
 from promptmid.geometry import checkerboard, residuals, warp_to_optical
-from promptmid.io import PreparedImage, working_transform, write_png
+from promptmid.geometry import working_transform
+from promptmid.io import PreparedImage, write_png
+
+if TYPE_CHECKING:
+    from promptmid.api import MatchResult
 
 
 def pyplot() -> Any:

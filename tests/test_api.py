@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from promptmid.api import Matcher, rotate_prepared, rotation_steps
+from promptmid.api import Matcher
+from promptmid.io import rotate_prepared, rotation_steps
 from promptmid.config import get_config
 from promptmid.geometry import corner_error
 from promptmid.io import load_image

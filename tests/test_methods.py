@@ -91,7 +91,7 @@ def test_runner_and_report(tmp_path, pair: tuple) -> None:
 
     from promptmid.demo import write_demo_inputs
     from promptmid.evaluation.manifest import read_manifest
-    from promptmid.evaluation.pipeline import run_and_report
+    from promptmid.evaluation.runner import run_and_report
     from promptmid.evaluation.runner import EvalConfig
 
     truth = pair[0]

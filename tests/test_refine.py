@@ -6,7 +6,8 @@ import numpy as np
 
 from promptmid.geometry import corner_error
 from promptmid.io import load_image
-from promptmid.refine import oriented_gradient_features, refine_transform
+from promptmid.dense import oriented_gradient_features
+from promptmid.refine import refine_transform
 from promptmid.synth import make_pair
 
 

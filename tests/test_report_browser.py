@@ -152,7 +152,7 @@ def test_scene_report_in_the_browser(browser, tmp_path: Path) -> None:
 def test_eval_summary_gallery_in_the_browser(browser, tmp_path: Path) -> None:
     from promptmid.demo import write_demo_inputs
     from promptmid.evaluation.manifest import read_manifest
-    from promptmid.evaluation.pipeline import run_and_report
+    from promptmid.evaluation.runner import run_and_report
     from promptmid.evaluation.runner import EvalConfig
 
     pair = synth.make_pair(256, seed=5)

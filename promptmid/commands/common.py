@@ -133,7 +133,7 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
     if opts.get("nan_as_nodata"):
         o["io"]["nan_as_nodata"] = True
     if opts.get("try_rotations"):
-        from promptmid.api import rotation_steps
+        from promptmid.io import rotation_steps
 
         step = opts.get("rotation_step")
         o["geometry"]["rotations"] = rotation_steps(DEFAULT_ROTATION_STEP if step is None else step)

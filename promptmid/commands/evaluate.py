@@ -45,8 +45,8 @@ def eval_command(
     from promptmid.evaluation.manifest import read_manifests
     from promptmid.evaluation.methods import parse_methods
     from promptmid.evaluation.perturb import Perturbation
-    from promptmid.evaluation.pipeline import run_and_report, select_pairs
-    from promptmid.evaluation.runner import EvalConfig
+    from promptmid.evaluation.pipeline import select_pairs
+    from promptmid.evaluation.runner import EvalConfig, run_and_report
     from promptmid.outputs import prepare_out_dir
 
     names = parse_methods(methods)

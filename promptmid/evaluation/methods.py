@@ -93,7 +93,7 @@ def with_rotation_search(fn: MethodFn, rotations: list[float], threshold: float 
     mapped back through the rotation and then to original SAR pixels. Selection fitting time is
     counted as ``matching``.
     """
-    from promptmid.api import rotate_prepared
+    from promptmid.io import rotate_prepared
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
         best: dict[str, Any] | None = None

@@ -1,4 +1,5 @@
-"""One call from manifests to written results (used by ``promptmid eval`` and the benchmarks)."""
+"""Choosing the pairs of an evaluation and the provenance lines (date, commit, machine, protocol) on top of every
+summary; :func:`promptmid.evaluation.runner.run_and_report` runs it."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import datetime
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 from promptmid.evaluation.manifest import Pair
-from promptmid.evaluation.report import write_figures, write_summary
-from promptmid.evaluation.runner import EvalConfig, config_dict, evaluate
 from promptmid.evaluation.split import SPLIT_TEXT
+
+if TYPE_CHECKING:
+    from promptmid.evaluation.runner import EvalConfig
 
 
 def select_pairs(pairs: list[Pair], sources: list[str] | None = None, qualities: list[str] | None = None,
@@ -59,17 +61,3 @@ def header_lines(title: str, conf: EvalConfig, pairs: list[Pair], workers: int) 
         f"rotation search [{rot}] deg for methods that are not rotation-invariant (sift-ratio, rift are).",
         f"- protocol: {'aligned (pairs as they are; says nothing about displaced pairs)' if conf.perturb is None else conf.perturb.describe()}",
     ]
-
-
-def run_and_report(pairs: list[Pair], conf: EvalConfig, out_dir: Path, workers: int = 1, figures: bool = True,
-                   title: str = "promptmid eval", progress: Callable[[Pair], None] | None = None) -> dict[str, Any]:
-    """Evaluate ``pairs`` and write ``pairs.csv``, ``summary.md``, ``summary.json`` (+ figures) to ``out_dir``."""
-    rows = evaluate(pairs, conf, workers, progress)
-    summary = write_summary(rows, out_dir, header_lines(title, conf, pairs, workers), config_dict(conf))
-    if figures:
-        from promptmid.evaluation.html_report import write_summary_html
-
-        by_id = {p.id: p for p in pairs}
-        write_figures(rows, by_id, out_dir, conf.perturb)
-        write_summary_html(rows, by_id, out_dir, conf.perturb, title)
-    return {"rows": rows, "summary": summary}

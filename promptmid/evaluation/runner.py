@@ -369,3 +369,20 @@ def evaluate(pairs: list[Pair], conf: EvalConfig, workers: int = 1,
 
 def config_dict(conf: EvalConfig) -> dict[str, Any]:
     return asdict(conf)
+
+
+def run_and_report(pairs: list[Pair], conf: EvalConfig, out_dir: Path, workers: int = 1, figures: bool = True,
+                   title: str = "promptmid eval", progress: Callable[[Pair], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``pairs`` and write ``pairs.csv``, ``summary.md``, ``summary.json`` (+ figures) to ``out_dir``."""
+    from promptmid.evaluation.pipeline import header_lines
+    from promptmid.evaluation.report import write_figures, write_summary
+
+    rows = evaluate(pairs, conf, workers, progress)
+    summary = write_summary(rows, out_dir, header_lines(title, conf, pairs, workers), config_dict(conf))
+    if figures:
+        from promptmid.evaluation.html_report import write_summary_html
+
+        by_id = {p.id: p for p in pairs}
+        write_figures(rows, by_id, out_dir, conf.perturb)
+        write_summary_html(rows, by_id, out_dir, conf.perturb, title)
+    return {"rows": rows, "summary": summary}

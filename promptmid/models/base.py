@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-Modality = Literal["optical", "sar"]
+if TYPE_CHECKING:
+    from promptmid.io import Modality
+
 
 
 @dataclass

@@ -16,21 +16,15 @@ image passed to :meth:`DiffusionFeatures.describe`, pixel centres at integers.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from promptmid.config import DIFFUSION_DEFAULTS, merge_options
 from promptmid.errors import InputError
 from promptmid.models.base import PairContext
-from promptmid.models.prompts import (
-    DEFAULT_PROMPTS,
-    SELECTION_TIMESTEPS,
-    Modality,
-    PromptSet,
-    load_prompt_set,
-    select_land_use,
-)
+from promptmid.models.land_use import SELECTION_TIMESTEPS, select_land_use
+from promptmid.models.prompts import DEFAULT_PROMPTS, PromptSet, load_prompt_set
 from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
 from promptmid.models.promptdm import PROMPTS as PROMPTDM_PROMPTS, PixelSpace, load_components
@@ -42,6 +36,9 @@ from promptmid.models.sd import (
     unet_up_features,
     up_block_geometry,
 )
+
+if TYPE_CHECKING:
+    from promptmid.io import Modality
 
 class DiffusionFeatures:
     """Feature source: prompt-conditioned SD up-block features at keypoints (DIFT-style).
@@ -56,7 +53,7 @@ class DiffusionFeatures:
         ctx.land_use, ctx.prompts                       # what was used, for result.json
 
     Land use (``land_use``): ``"auto"`` picks the class with the diffusion classifier
-    (:func:`promptmid.models.prompts.select_land_use`) on the optical image in :meth:`begin_pair`
+    (:func:`promptmid.models.land_use.select_land_use`) on the optical image in :meth:`begin_pair`
     (or, without it, on the first image described with that context), so both images of a pair share
     the class; ``"average"`` uses the mean prompt embedding over all classes; any class name fixes
     that class. ``conf["prompt"]`` (a literal text) overrides all of this. The modality selects

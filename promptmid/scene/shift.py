@@ -2,7 +2,7 @@
 
 Georeferencing errors between two products are mostly a shift over a tile. The optical tile and the SAR chip (the
 SAR resampled through the prior onto the optical grid, ``margin`` px larger on every side) are turned into dense
-oriented-gradient channels (CFOG-style, :func:`promptmid.refine.oriented_gradient_features`), the whole tile is
+oriented-gradient channels (CFOG-style, :func:`promptmid.dense.oriented_gradient_features`), the whole tile is
 correlated over every shift within ``+-margin`` px (normalised cross-correlation, averaged over the channels) and the
 peak is located to sub-pixel: a coarse pass at reduced resolution, then a full-resolution pass within a few pixels
 of it. This is the AROSICS-style global shift, with modality-robust features.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from promptmid.refine import _subpixel_peak, oriented_gradient_features
+from promptmid.dense import oriented_gradient_features, subpixel_peak
 
 COARSE_SIDE = 384  # long side (px) of the coarse pass
 FINE_SEARCH = 3  # +- px of the full-resolution pass around the coarse peak
@@ -93,12 +93,12 @@ def tile_shift(tile: np.ndarray, tile_valid: np.ndarray, chip: np.ndarray, chip_
         return None
     f = min(1.0, COARSE_SIDE / max(h, w))
     s = _score(_features(chip, chip_valid, f), _features(tile, tile_valid, f))
-    cx, cy, _peak, distinct = _subpixel_peak(s)
+    cx, cy, _peak, distinct = subpixel_peak(s)
     # full resolution, +-FINE_SEARCH around the coarse peak (chip window cut to that range)
     x0 = int(np.clip(round(cx / f) - FINE_SEARCH, 0, 2 * margin))
     y0 = int(np.clip(round(cy / f) - FINE_SEARCH, 0, 2 * margin))
     x1, y1 = min(2 * margin, x0 + 2 * FINE_SEARCH), min(2 * margin, y0 + 2 * FINE_SEARCH)
     window = (slice(y0, y1 + h), slice(x0, x1 + w))
     fine = _score(_features(chip[window], chip_valid[window], 1.0), _features(tile, tile_valid, 1.0))
-    fx, fy, peak, _ = _subpixel_peak(fine)
+    fx, fy, peak, _ = subpixel_peak(fine)
     return TileShift(x0 + fx, y0 + fy, peak, distinct)

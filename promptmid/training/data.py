@@ -8,7 +8,7 @@ aggregator (seconds).
 A *view* of a pair is an optical image and a SAR image. The SAR image gets
 
 1. the 90-degree rotation step that the Matcher's rotation search would pick for it
-   (:func:`best_rotation_step`, exactly :func:`promptmid.api.rotate_prepared`), and, for
+   (:func:`best_rotation_step`, exactly :func:`promptmid.io.rotate_prepared`), and, for
    augmented views,
 2. a random affine/homography warp (residual rotation, scale, shear, shift, perspective)
    composed with the GT, and SAR-like radiometry (speckle, gamma, contrast, blur).
@@ -42,7 +42,8 @@ from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.evaluation.manifest import Pair
 from promptmid.evaluation.split import split_group
 from promptmid.geometry import Size
-from promptmid.io import PreparedImage, load_image, working_transform
+from promptmid.geometry import working_transform
+from promptmid.io import PreparedImage, load_image
 
 CACHE_VERSION = 3  # 3: sizes stored as (W, H)
 ROTATION_STEPS = (0.0, 90.0, 180.0, 270.0)
@@ -99,7 +100,7 @@ def rotation_angle(H: np.ndarray) -> float:
 
 def best_rotation_step(sar: PreparedImage, H: np.ndarray) -> float:
     """The step of :data:`ROTATION_STEPS` after which the SAR is closest to upright w.r.t. optical."""
-    from promptmid.api import rotate_prepared
+    from promptmid.io import rotate_prepared
 
     best, best_err = 0.0, np.inf
     for angle in ROTATION_STEPS:
@@ -182,7 +183,7 @@ def make_view(sar: PreparedImage, H: np.ndarray, rng: np.random.Generator | None
     The Matcher's best 90-degree step is always applied; with ``rng`` a random warp and SAR
     radiometry are added on top (``rng=None``: the plain view the Matcher would see).
     """
-    from promptmid.api import rotate_prepared
+    from promptmid.io import rotate_prepared
 
     rotated, to_sar = rotate_prepared(sar, best_rotation_step(sar, H))
     H_view = np.linalg.inv(to_sar) @ H
@@ -312,7 +313,7 @@ class FeatureCache:
         ``perturb``: a :class:`~promptmid.evaluation.perturb.Perturbation` displacing the SAR image (and
         composing the GT ``H``) exactly as ``promptmid eval --perturb`` does; ``None`` = as given.
         """
-        from promptmid.api import rotate_prepared
+        from promptmid.io import rotate_prepared
         from promptmid.evaluation.perturb import warp_raster
         from promptmid.io import read_raster
 

@@ -43,7 +43,8 @@ from promptmid.models.sd import (
     encode_prompt,
     prepare_image,
 )
-from promptmid.models.prompts import DEFAULT_PROMPTS, PromptSet, select_land_use
+from promptmid.models.land_use import select_land_use
+from promptmid.models.prompts import DEFAULT_PROMPTS, PromptSet
 from promptmid.models.promptdm import PixelSpace, load_components, save_promptdm
 from promptmid.training.checkpoint import load_state
 
