@@ -25,7 +25,7 @@ from promptmid.models.base import PairContext
 from promptmid.io import PreparedImage, load_image, rotate_prepared
 from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
-from promptmid.matching import Geometry, match_and_fit
+from promptmid.matching import Geometry, match_and_fit, search_rotations
 from promptmid.search import Hypothesis, global_search
 
 
@@ -174,14 +174,13 @@ class Matcher:
         context = self.describer.begin_pair(opt)  # per pair, never stored: the Matcher is re-entrant
         feats0 = self.describer(opt, context)
         _add_timings(timings, feats0["timings"])
-        best: tuple[Geometry, dict[str, Any], float] | None = None
-        rotation_scores: dict[str, int] = {}
-        for angle in self.conf["geometry"]["rotations"]:
+
+        def match_at(angle: float) -> tuple[Geometry, dict[str, Any], float]:
             _progress(progress, f"describing SAR image (rotation {angle:g} deg)")
-            cand = self._match_rotation(feats0, opt, sar_img, float(angle), timings, context)
-            rotation_scores[f"{angle:g}"] = cand[0].num_inliers
-            if best is None or cand[0].num_inliers > best[0].num_inliers:
-                best = cand
+            return self._match_rotation(feats0, opt, sar_img, angle, timings, context)
+
+        _, best, rotation_scores = search_rotations(self.conf["geometry"]["rotations"], match_at,
+                                                    lambda trial: trial[0].num_inliers)
         hypotheses = []
         if self.conf["search"]["enabled"] and search is not False:
             _progress(progress, "area-based search")

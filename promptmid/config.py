@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 INLIER_THRESHOLD_PX = 3.0  # default inlier / correctness threshold (original SAR px), used everywhere
+SUCCESS_PX = 5.0  # a pair is registered when its RMSE (or mean corner error) against the truth is <= this (px)
 
 
 def merge_options(defaults: dict[str, Any], options: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -29,6 +30,17 @@ def merge_options(defaults: dict[str, Any], options: dict[str, Any], owner: str)
 DEFAULT_ROTATION_STEP = 90.0  # degrees between the SAR rotations tried by --try-rotations
 # defaults of the diffusion feature source that the CLI shows (the source's own default_conf must agree)
 DIFFUSION_DEFAULTS: dict[str, Any] = {"ensemble": 4}
+# every option of the keypoint stage (promptmid.models.keypoints.KeypointExtractor) and its default
+KEYPOINT_DEFAULTS: dict[str, Any] = {
+    "detector": "xfeat",  # "xfeat" | "aliked" | "sift" | "grid"
+    "top_k": 2048,  # keep the best k keypoints per image
+    "detection_threshold": 0.05,  # XFeat heatmap threshold
+    "aliked_threshold": 0.2,  # ALIKED score-map threshold
+    "nms_radius": 2,  # XFeat non-maximum suppression radius (px at stride 1)
+    "grid_step": 8,  # spacing (px) of the "grid" detector
+    "mask_margin": 4,  # drop keypoints this close (px) to invalid pixels
+    "device": "cpu",
+}
 
 DEFAULTS: dict[str, Any] = {
     "io": {
@@ -40,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "optical_bands": None,  # 1-based bands, e.g. "4,3,2" (red, green, blue) or "1"; None = automatic (io.choose_bands)
         "sar_bands": None,  # 1-based bands, e.g. "1" (VV); None = automatic: the co-pol band of dual-pol data
     },
-    "keypoints": {"detector": "xfeat", "top_k": 2048},
+    "keypoints": {"detector": "xfeat", "top_k": KEYPOINT_DEFAULTS["top_k"]},
     "sources": {},
     "aggregator": {"name": "concat"},
     "matching": {
@@ -84,7 +96,7 @@ DEFAULTS: dict[str, Any] = {
 
 DINOV2 = {"layers": [4, 8, 12], "long_side": 518}
 CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "aliked": 1.0, "dinov2": 0.7, "sd": 0.7}}
-ALIKED = {"detector": "aliked", "top_k": 2048}
+ALIKED = {"detector": "aliked", "top_k": KEYPOINT_DEFAULTS["top_k"]}
 # the diffusion source of preset "full": PromptDM-small, timestep and up-block chosen on perturbed validation
 # (benchmarks/results/diffusion.md); the land-use classifier scores the image at 64 px, 4 timesteps, 1 draw
 PROMPTDM = {"model": "promptdm-small", "land_use": "auto", "timestep": 200, "up_blocks": (1,), "ensemble": 1,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import cv2
 import numpy as np
@@ -224,3 +224,33 @@ def match_and_fit(desc0: torch.Tensor, desc1: torch.Tensor, kpts0: np.ndarray, k
             break
         matches, scores, geom = gm, gs, refit
     return Candidate(geom, matches, scores, timings)
+
+
+Trial = TypeVar("Trial")
+
+
+def search_rotations(angles: Iterable[float], match_at: Callable[[float], Trial],
+                     inliers: Callable[[Trial], int]) -> tuple[float, Trial, dict[str, int]]:
+    """The rotation search every matcher shares (:class:`promptmid.api.Matcher`, training validation, the evaluation
+    of keypoint peers): match the pair at each angle (degrees, the SAR turned counter-clockwise by
+    :func:`promptmid.io.rotate_prepared`) and keep the first angle with the most inliers.
+
+    Args:
+        angles: the angles to try, in order (at least one).
+        match_at: the match at one angle (any result type).
+        inliers: its number of inliers.
+
+    Returns:
+        ``(best angle, its result, {"angle": inliers})`` (angles formatted with ``:g``).
+    """
+    best: tuple[float, Trial] | None = None
+    best_inliers = -1
+    scores: dict[str, int] = {}
+    for angle in angles:
+        trial = match_at(float(angle))
+        n = scores[f"{angle:g}"] = int(inliers(trial))
+        if n > best_inliers:
+            best, best_inliers = (float(angle), trial), n
+    if best is None:
+        raise ValueError("search_rotations needs at least one angle")
+    return best[0], best[1], scores

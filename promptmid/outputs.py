@@ -1,4 +1,5 @@
-"""Output folders and files shared by every command: prepared (refused when in use), staged, JSON written atomically.
+"""Output folders and files shared by every command: prepared (refused when in use), staged, JSON written atomically,
+figures on a non-interactive matplotlib backend (:func:`pyplot`).
 
 Nothing the user gave is overwritten: an existing non-empty folder needs ``overwrite``, an input under a product's
 name is refused (exit 3), and products are written into a hidden staging folder and moved into place at the end.
@@ -94,3 +95,14 @@ def staged_products(out: Path, products: tuple[str, ...]) -> Iterator[Path]:
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend, selected only when a figure is written
+    (importing this module leaves the process's backend alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

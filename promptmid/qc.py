@@ -42,21 +42,20 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
-from promptmid.config import INLIER_THRESHOLD_PX
+from promptmid.config import INLIER_THRESHOLD_PX, SUCCESS_PX
 from promptmid.errors import ModelError
 from promptmid.geometry import Size, apply_transform, corner_error, corners, residuals, warp_to_optical
 from promptmid.geometry import working_transform
 from promptmid.io import PreparedImage
 from promptmid.matching import Geometry, fit_geometry
 from promptmid.dense import oriented_gradient_features
-from promptmid.refine import Refinement, refine_prepared
+from promptmid.refine import Refinement
 from promptmid.geo import pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")
 QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v2.json"
 QC_MODEL_SHA256 = "0c7ccbcc6fe5860b4386a67176c16e4fea12635e0355cd5dcc35b20c1b3d9bce"  # promptmid.training.qc
-SUCCESS_PX = 5.0
-DENSE_TOLERANCE = 0.01  # a refinement may lower the dense correlation at the transform by this much (noise)  # what "right" means for the confidence: RMSE against the truth <= 5 px
+DENSE_TOLERANCE = 0.01  # a refinement may lower the dense correlation at the transform by this much (noise)
 
 # features of the logistic model: name -> how it is computed from the evidence
 FEATURES: dict[str, Any] = {
@@ -421,36 +420,6 @@ def weak_evidence(ev: Mapping[str, float]) -> list[str]:
     if ev.get("inliers", 99) < 15:
         flags.append(f"only {int(ev['inliers'])} inliers")
     return flags
-
-
-def assess(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray, scores: np.ndarray,
-           geom: Geometry, refine_conf: Mapping[str, Any] | None = None, threshold: float = INLIER_THRESHOLD_PX
-           ) -> tuple[np.ndarray | None, dict[str, Any] | None, dict[str, float]]:
-    """The QC stage before the verdict: refine (when ``refine_conf`` is given), accept the refinement only when
-    it agrees with the keypoint evidence, and gather the evidence about the kept transform.
-
-    Returns:
-        ``(transform, refinement_info, evidence)``: ``transform`` is the refined matrix when the refinement was
-        accepted, else the keypoint fit (``None`` when the fit failed); ``refinement_info`` is
-        :meth:`Refinement.to_dict` with ``applied``/``reason`` saying why a refinement was rejected (``None``
-        when it did not run); ``evidence`` is empty without a fit. Pass it to :func:`verdict_of`.
-    """
-    if not geom.ok:
-        return None, None, {}
-    refinement = refine_prepared(optical, sar, geom.matrix, geom.model, **refine_conf) if refine_conf else None
-    final, info = geom.matrix, None
-    dense = dense_evidence(optical, sar, geom.matrix)
-    if refinement is not None:
-        info = refinement.to_dict()
-        if refinement.applied:
-            refined = dense_evidence(optical, sar, refinement.matrix)
-            accepted, why = refinement_agrees(dense, refined)
-            if accepted:
-                final, dense = refinement.matrix, refined
-            else:
-                info.update(applied=False, reason=why)
-    evidence = gather_evidence(optical, sar, points0, points1, scores, geom, refinement, threshold)
-    return final, info, {**evidence, **dense}
 
 
 def judge(evidence: Mapping[str, float], reason: str = "", model: QCModel | None = None) -> Verdict:

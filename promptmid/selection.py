@@ -1,6 +1,6 @@
 """One result per pair: the keypoint fit and the area-search hypotheses, each refined and judged, one kept.
 
-The keypoint fit (:func:`promptmid.qc.assess`) and every hypothesis of the global area-based search
+The keypoint fit (:func:`assess`) and every hypothesis of the global area-based search
 (:mod:`promptmid.search`) are refined and judged by the same QC model (:mod:`promptmid.qc`), and the most
 confident is kept. An area hypothesis has no keypoint evidence and its dense correlation is the very quantity the
 search maximised, so it is ``ok`` only when the refinement blocks around it agree on one correction.
@@ -18,11 +18,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from promptmid.config import INLIER_THRESHOLD_PX
+from promptmid.config import INLIER_THRESHOLD_PX, SUCCESS_PX
 from promptmid.geometry import corner_error
 from promptmid.io import PreparedImage
 from promptmid.matching import Geometry
-from promptmid.qc import (SUCCESS_PX, QCModel, Verdict, assess, dense_evidence, judge, linear_plausibility,
+from promptmid.qc import (QCModel, Verdict, dense_evidence, gather_evidence, judge, linear_plausibility,
                           pixel_size_evidence, refinement_agrees, verdict_of)
 from promptmid.polish import polish_affine
 from promptmid.refine import Refinement, refine_prepared
@@ -58,6 +58,36 @@ class Candidate:
                 "refined": bool(self.refinement and self.refinement.get("applied")),
                 "search_score": None if not math.isfinite(self.search_score) else round(self.search_score, 4),
                 "transform": np.asarray(self.transform).tolist()}
+
+
+def assess(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray, scores: np.ndarray,
+           geom: Geometry, refine_conf: Mapping[str, Any] | None = None, threshold: float = INLIER_THRESHOLD_PX
+           ) -> tuple[np.ndarray | None, dict[str, Any] | None, dict[str, float]]:
+    """The QC stage before the verdict: refine (when ``refine_conf`` is given), accept the refinement only when
+    it agrees with the keypoint evidence, and gather the evidence about the kept transform.
+
+    Returns:
+        ``(transform, refinement_info, evidence)``: ``transform`` is the refined matrix when the refinement was
+        accepted, else the keypoint fit (``None`` when the fit failed); ``refinement_info`` is
+        :meth:`Refinement.to_dict` with ``applied``/``reason`` saying why a refinement was rejected (``None``
+        when it did not run); ``evidence`` is empty without a fit. Pass it to :func:`verdict_of`.
+    """
+    if not geom.ok:
+        return None, None, {}
+    refinement = refine_prepared(optical, sar, geom.matrix, geom.model, **refine_conf) if refine_conf else None
+    final, info = geom.matrix, None
+    dense = dense_evidence(optical, sar, geom.matrix)
+    if refinement is not None:
+        info = refinement.to_dict()
+        if refinement.applied:
+            refined = dense_evidence(optical, sar, refinement.matrix)
+            accepted, why = refinement_agrees(dense, refined)
+            if accepted:
+                final, dense = refinement.matrix, refined
+            else:
+                info.update(applied=False, reason=why)
+    evidence = gather_evidence(optical, sar, points0, points1, scores, geom, refinement, threshold)
+    return final, info, {**evidence, **dense}
 
 
 def area_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, hypothesis: np.ndarray,

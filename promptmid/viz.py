@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,20 +12,10 @@ from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.geometry import checkerboard, residuals, warp_to_optical
 from promptmid.geometry import working_transform
 from promptmid.io import PreparedImage, write_png
+from promptmid.outputs import pyplot
 
 if TYPE_CHECKING:
     from promptmid.api import MatchResult
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the non-interactive Agg backend, selected only when a figure is written
-    (importing this module leaves the process's backend alone)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from promptmid import qc
+from promptmid import qc, selection
 from promptmid.api import Matcher
 from promptmid.errors import ModelError
 from promptmid.geometry import apply_transform, translation
@@ -35,7 +35,7 @@ def _verdict(optical, sar, matrix):
     opt, sar_img = _prepared(optical, sar)
     p0, p1, scores = _forced_matches(matrix)
     geom = fit_geometry(p0, p1)
-    _final, _info, evidence = qc.assess(opt, sar_img, p0, p1, scores, geom)
+    _final, _info, evidence = selection.assess(opt, sar_img, p0, p1, scores, geom)
     return qc.judge(evidence)
 
 

@@ -30,7 +30,7 @@ from promptmid.config import CONCAT, INLIER_THRESHOLD_PX, merge_options
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
 from promptmid.geometry import Size, apply_transform
-from promptmid.matching import fit_geometry
+from promptmid.matching import fit_geometry, search_rotations
 
 FULL_ROTATIONS = [0.0, 90.0, 180.0, 270.0]
 
@@ -96,14 +96,12 @@ def with_rotation_search(fn: MethodFn, rotations: list[float], threshold: float 
     from promptmid.io import rotate_prepared
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
-        best: dict[str, Any] | None = None
-        best_inliers = -1
         timings = {"features": 0.0, "matching": 0.0}
-        for angle in rotations:
+
+        def match_at(angle: float) -> tuple[dict[str, Any], int]:
             rotated, to_sar = rotate_prepared(sar, angle)
             h, w = rotated.image.shape[:2]
-            unit = dataclasses.replace(rotated, scale=(1.0, 1.0), original_size=Size(w, h))
-            out = fn(optical, unit)
+            out = fn(optical, dataclasses.replace(rotated, scale=(1.0, 1.0), original_size=Size(w, h)))
             t0 = time.perf_counter()
             out["points1"] = sar.to_original(apply_transform(to_sar, out["points1"])) if len(out["points1"]) else \
                 np.zeros((0, 2))
@@ -111,11 +109,10 @@ def with_rotation_search(fn: MethodFn, rotations: list[float], threshold: float 
             out["timings"]["matching"] += time.perf_counter() - t0
             for key in timings:
                 timings[key] += out["timings"].get(key, 0.0)
-            if n > best_inliers:
-                best, best_inliers = {**out, "rotation_deg": float(angle)}, n
-        assert best is not None  # rotations is never empty
-        best["timings"] = timings
-        return best
+            return out, n
+
+        angle, (best, _), _ = search_rotations(rotations, match_at, lambda trial: trial[1])
+        return {**best, "rotation_deg": angle, "timings": timings}
 
     return run
 

@@ -11,15 +11,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from promptmid.geometry import Size
-from promptmid.config import INLIER_THRESHOLD_PX
-from promptmid.geometry import corner_error
-from promptmid.geometry import apply_transform, residuals
+from promptmid.config import INLIER_THRESHOLD_PX, SUCCESS_PX
+from promptmid.geometry import Size, apply_transform, corner_error, residuals
 
 EPSILON = INLIER_THRESHOLD_PX  # correctness threshold (SAR px)
 MMA_THRESHOLDS = tuple(range(1, 11))  # px
-SR_THRESHOLDS = (3.0, 5.0)  # success = RMSE <= t
-AUC_THRESHOLDS = (3.0, 5.0, 10.0)  # AUC of the mean corner error
+SR_THRESHOLDS = (INLIER_THRESHOLD_PX, SUCCESS_PX)  # success = RMSE <= t
+AUC_THRESHOLDS = (INLIER_THRESHOLD_PX, SUCCESS_PX, 10.0)  # AUC of the mean corner error
 GRID_STEPS = 10  # RMSE grid: GRID_STEPS x GRID_STEPS points over the optical image
 
 

@@ -17,8 +17,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from promptmid.config import SUCCESS_PX
 from promptmid.evaluation import metrics
-from promptmid.viz import pyplot
+from promptmid.outputs import pyplot
 
 CSV_SKIP = ("transform",)
 
@@ -81,7 +82,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def verdict_counts(rows: list[dict[str, Any]], success_px: float = 5.0, wrong_px: float = 20.0) -> dict[str, Any]:
+def verdict_counts(rows: list[dict[str, Any]], success_px: float = SUCCESS_PX, wrong_px: float = 20.0) -> dict[str, Any]:
     """QC verdicts of rows against the truth: counts per status, precision of ``ok`` (share within
     ``success_px`` RMSE), recall of ``ok`` (share of the rows within ``success_px`` that are ``ok``) and how
     many ``ok`` rows are beyond ``wrong_px``. Rows without a fit count as ``failed``."""
@@ -183,7 +184,7 @@ def write_summary(rows: list[dict[str, Any]], out_dir: Path, header: list[str], 
     return summary
 
 
-def pick_table(rows: list[dict[str, Any]], success_px: float = 5.0) -> str:
+def pick_table(rows: list[dict[str, Any]], success_px: float = SUCCESS_PX) -> str:
     """For methods that weigh several hypotheses per pair (``<method>+area``, ``area-search``; ``+refine`` rows):
     how often some candidate was within ``success_px`` of the truth, how often the pick was, and where the picks
     came from. Empty when no row weighed hypotheses."""
@@ -265,7 +266,7 @@ def plot_corner_cdf(rows: list[dict[str, Any]], path: Path, models: tuple[str, .
 
 
 def plot_reliability(rows: list[dict[str, Any]], path: Path, model: str = "affine+refine", bins: int = 10,
-                     success_px: float = 5.0) -> None:
+                     success_px: float = SUCCESS_PX) -> None:
     """Reliability diagram: mean predicted QC confidence vs observed share within ``success_px`` RMSE, per
     confidence bin and method (only rows with a fit and a verdict); the diagonal is perfect calibration."""
     plt = pyplot()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from promptmid.config import merge_options
+from promptmid.config import KEYPOINT_DEFAULTS, merge_options
 from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
 
@@ -56,16 +56,7 @@ class KeypointExtractor:
     ``descriptors [N, 64]`` (L2-normalised XFeat).
     """
 
-    default_conf: dict[str, Any] = {
-        "detector": "xfeat",  # "xfeat" | "sift" | "grid"
-        "top_k": 2048,  # keep the best k keypoints per image
-        "detection_threshold": 0.05,  # XFeat heatmap threshold
-        "aliked_threshold": 0.2,  # ALIKED score-map threshold
-        "nms_radius": 2,  # XFeat non-maximum suppression radius (px at stride 1)
-        "grid_step": 8,  # spacing (px) of the "grid" detector
-        "mask_margin": 4,  # drop keypoints this close (px) to invalid pixels
-        "device": "cpu",
-    }
+    default_conf: dict[str, Any] = KEYPOINT_DEFAULTS  # promptmid.config: every option, documented there
 
     def __init__(self, **conf: Any) -> None:
         self.conf = SimpleNamespace(**merge_options(self.default_conf, conf, "keypoint"))

@@ -23,12 +23,16 @@ All distances are in SAR-grid pixels; every transform maps optical scene px -> S
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from promptmid import geo
 from promptmid.geometry import apply_transform
 from promptmid.scene.grid import Tile
+
+if TYPE_CHECKING:
+    from promptmid.scene.products import TiePoints
 
 Mapping = Callable[[np.ndarray], np.ndarray]  # [N, 2] optical px -> [N, 2] SAR px
 
@@ -174,3 +178,14 @@ def scene_verdict(model_found: bool, agreement: Agreement | None, tiles: list[Ti
     kinds = ", ".join(sorted({f"{t.method} ({t.verdict})" for t in agreeing}))
     return "uncertain", confidence, (f"the tiles agree, but no agreeing tile has a keypoint fit with QC verdict ok "
                                      f"(agreeing: {kinds}; best confidence {confidence:.2f}); check the result")
+
+
+def tile_qc(tiles: list[Tile], tp: TiePoints) -> None:
+    """Per-tile global inliers and RMSE; a fitted tile that disagrees with the global model becomes ``rejected``."""
+    for t in tiles:
+        mine = tp.tile == t.index
+        t.global_inliers = int((mine & tp.inlier).sum())
+        if t.global_inliers:
+            t.rmse_px = geo.rmse(tp.residual_px[mine & tp.inlier])
+        if t.status == "ok" and t.disagreement_px is not None and not t.agrees:
+            t.status, t.reason = "rejected", f"tile fit disagrees with the global model by {t.disagreement_px:.1f} px"

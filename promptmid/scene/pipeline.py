@@ -327,7 +327,7 @@ def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], fou
     inliers = np.isin(tile_idx, agreed.agreeing) & (res_after < g["threshold"])
     tp = TiePoints(p0, p1, geo.sar_grid_to_file_pixels(p1, sc.sar, sc.sar_file), tile_idx, scores,
                    inliers, res_after, res_before)
-    _tile_qc(tiles, tp)
+    agreement.tile_qc(tiles, tp)
     if model is None:
         reason = f"{reason}; {tile_reasons(tiles)}"
     elif not agreed.ok:
@@ -435,17 +435,6 @@ def _write_products(sc: _Scene, result: SceneResult, sar_path: Path, out_dir: Pa
     out["registered_sar"] = "registered_sar.tif"
     write_registered_scene(out_dir / out["registered_sar"], model, sc.opt, sc.sar_ds, options.block)
     return out
-
-
-def _tile_qc(tiles: list[Tile], tp: TiePoints) -> None:
-    """Per-tile global inliers and RMSE; a fitted tile that disagrees with the global model becomes ``rejected``."""
-    for t in tiles:
-        mine = tp.tile == t.index
-        t.global_inliers = int((mine & tp.inlier).sum())
-        if t.global_inliers:
-            t.rmse_px = geo.rmse(tp.residual_px[mine & tp.inlier])
-        if t.status == "ok" and t.disagreement_px is not None and not t.agrees:
-            t.status, t.reason = "rejected", f"tile fit disagrees with the global model by {t.disagreement_px:.1f} px"
 
 
 def _list(m: np.ndarray | None) -> list | None:

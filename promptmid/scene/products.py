@@ -84,7 +84,7 @@ def plot_tile_map(path: Path, opt_ds: Any, tiles: list[Tile], tp: TiePoints, ban
                   max_side: int = 900, verdict: str = "") -> None:
     """Figure: optical overview (``bands``, 1-based, as matched), tiles coloured by status and QC verdict with
     inlier counts, tie points (green = inlier); ``verdict`` (the scene's) goes into the title."""
-    from promptmid.viz import pyplot
+    from promptmid.outputs import pyplot
 
     plt = pyplot()
     from matplotlib.patches import Rectangle

@@ -181,10 +181,7 @@ def finetune_dm(
         ``{"losses": [per-step loss], "eval_loss_initial", "eval_loss_final", "adapter": path,
         "classes": [class per item], "start_step", "steps"}``.
     """
-    if crop % 64:
-        raise InputError(f"crop must be a multiple of 64 pixels, got {crop}.")
-    if not images:
-        raise InputError("finetune_dm needs at least one training image.")
+    _check_inputs(images, crop)
     settings = TrainSettings(rank, steps, lr, batch, crop, seed, long_side, max_minutes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,11 +193,8 @@ def finetune_dm(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    state = _resume(model, optimizer, out) if resume else None
+    state = _restore(model, optimizer, out, rng) if resume else None
     start, losses = (state["step"], state["losses"]) if state else (0, [])
-    if state:
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
     eval_set = data.fixed_batch(eval_batch, seed + 1)
     eval_initial = _eval_loss(model, components, eval_set)
     step_fn = lambda: _train_step(model, components, optimizer, data.sample(batch, rng))  # noqa: E731
@@ -210,20 +204,31 @@ def finetune_dm(
     losses += _run(step_fn, start, steps, progress, save, checkpoint_every, losses, log)
     adapter = _save_model(model, out, ours)
     eval_final = _eval_loss(model, components, eval_set)
-    result = {
-        "losses": losses,
-        "eval_loss_initial": eval_initial,
-        "eval_loss_final": eval_final,
-        "adapter": str(adapter),
-        "classes": classes,
-        "start_step": start,
-        "steps": start + len(losses) - (len(state["losses"]) if state else 0),
-        "stopped_early": log.stopped,
-        "settings": asdict(settings),
-        "model": str(model_dir),
-    }
+    result = {"losses": losses, "eval_loss_initial": eval_initial, "eval_loss_final": eval_final,
+              "adapter": str(adapter), "classes": classes, "start_step": start,
+              "steps": start + len(losses) - (len(state["losses"]) if state else 0), "stopped_early": log.stopped,
+              "settings": asdict(settings), "model": str(model_dir)}
     (out / "train_log.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
+
+
+def _check_inputs(images: Sequence[ImageItem], crop: int) -> None:
+    """Raises InputError: no training image, or a crop side that is not a multiple of 64 px."""
+    if crop % 64:
+        raise InputError(f"crop must be a multiple of 64 pixels, got {crop}.")
+    if not images:
+        raise InputError("finetune_dm needs at least one training image.")
+
+
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out: Path,
+             rng: np.random.Generator) -> dict[str, Any] | None:
+    """The latest checkpoint's state (:func:`_resume`) with the random generators set back to it; ``None`` when
+    there is no checkpoint."""
+    state = _resume(model, optimizer, out)
+    if state:
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+    return state
 
 
 class _TrainData:

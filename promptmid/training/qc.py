@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from promptmid.qc import SUCCESS_PX, QCModel, feature_vector
+from promptmid.config import SUCCESS_PX
+from promptmid.qc import QCModel, feature_vector
 
 PRECISION = 0.98
 FAIL_CAP = 0.05

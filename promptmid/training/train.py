@@ -26,13 +26,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from promptmid.config import INLIER_THRESHOLD_PX
+from promptmid.config import INLIER_THRESHOLD_PX, SUCCESS_PX
 from promptmid.errors import InputError
 from promptmid.evaluation.metrics import auc as auc_curve
 from promptmid.evaluation.metrics import mean_corner_error
 from promptmid.geometry import Size, apply_transform
 from promptmid.io import to_original
-from promptmid.matching import match_and_fit
+from promptmid.matching import match_and_fit, search_rotations
 from promptmid.models.aggregation import PromptMIDAggregator, save_aggregator
 from promptmid.training.checkpoint import load_module_state, load_state
 from promptmid.training.data import gt_correspondences
@@ -72,7 +72,7 @@ class TrainConfig:
     patience: int = 8  # epochs without validation improvement before stopping
     seed: int = 0
     xy_jitter: float = 0.5  # probability of jittering the coordinates fed to the positional encoding
-    success_px: float = 5.0  # validation success: mean corner error <= this
+    success_px: float = SUCCESS_PX  # validation success: mean corner error <= this
     model: dict[str, Any] = field(default_factory=dict)  # PromptMIDAggregator options
     matching: dict[str, Any] = field(default_factory=lambda: {"ratio": None, "min_similarity": -1.0})
     geometry: dict[str, Any] = field(default_factory=lambda: {"model": "affine", "threshold": INLIER_THRESHOLD_PX,
@@ -149,25 +149,25 @@ def evaluate_entry(describe: DescribeFn, entry: dict[str, Any], matching: dict[s
     opt = entry["optical"]
     d0 = describe({k: v.float() for k, v in opt["features"].items()}, opt["keypoints"], Size(*opt["size"]))
     H = entry["H"].numpy()
-    best: tuple[int, Any, float, float] | None = None
-    for angle, rot in entry["rotations"].items():
+    k0 = to_original(opt["keypoints"].numpy(), entry["opt_scale"])
+
+    def match_at(angle: float) -> tuple[Any, float]:
+        rot = entry["rotations"][angle]
         d1 = describe({k: v.float() for k, v in rot["features"].items()}, rot["keypoints"], Size(*rot["size"]))
-        k0 = to_original(opt["keypoints"].numpy(), entry["opt_scale"])
         k1 = to_original(apply_transform(rot["to_sar"].numpy(), rot["keypoints"].numpy()), entry["sar_scale"])
         cand = match_and_fit(d0, d1, k0, k1, matching, geometry)  # exactly the Matcher's core
-        m, geom = cand.matches, cand.geometry
-        p0, p1 = k0[m[:, 0]], k1[m[:, 1]]
+        p0, p1 = k0[cand.matches[:, 0]], k1[cand.matches[:, 1]]
         correct = float((np.linalg.norm(apply_transform(H, p0) - p1, axis=1) <= INLIER_THRESHOLD_PX).sum()) if len(p0) else 0.0
-        if best is None or geom.num_inliers > best[0]:
-            best = (geom.num_inliers, geom, angle, correct / max(1, len(p0)))
-    assert best is not None
-    n_in, geom, angle, precision = best
+        return cand.geometry, correct / max(1, len(p0))
+
+    angle, (geom, precision), _ = search_rotations(entry["rotations"], match_at, lambda trial: trial[0].num_inliers)
+    n_in = geom.num_inliers
     err = mean_corner_error(geom.matrix, H, entry["optical_size"])
     return {"id": entry["id"], "group": entry.get("group", ""), "ok": geom.ok, "inliers": n_in,
             "rotation": angle, "corner_error": err, "precision": precision, "time": time.perf_counter() - t0}
 
 
-def summarize(rows: list[dict[str, Any]], success_px: float = 5.0) -> dict[str, float]:
+def summarize(rows: list[dict[str, Any]], success_px: float = SUCCESS_PX) -> dict[str, float]:
     """Success count and ``corner_sr`` (mean corner error <= ``success_px``; evaluation's ``sr@t`` uses the RMSE),
     AUC@5/10 of the corner error, mean precision."""
     if not rows:
@@ -176,7 +176,7 @@ def summarize(rows: list[dict[str, Any]], success_px: float = 5.0) -> dict[str, 
     errs = np.array([r["corner_error"] for r in rows])
     succ = int((errs <= success_px).sum())
 
-    aucs = auc_curve(errs, (5.0, 10.0))  # the evaluation's AUC (area under the recall curve up to t px)
+    aucs = auc_curve(errs, (SUCCESS_PX, 10.0))  # the evaluation's AUC (area under the recall curve up to t px)
     return {"n": len(rows), "success": succ, "corner_sr": succ / len(rows), "auc5": aucs["auc@5"], "auc10": aucs["auc@10"],
             "precision": float(np.mean([r["precision"] for r in rows]))}
 
@@ -223,16 +223,7 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
     start, best_score, best_epoch = 0, -math.inf, -1
     last = out / "checkpoints" / "last.pt"
     if resume:
-        if not last.is_file():
-            raise InputError(f"--resume: no checkpoint at {last}")
-        ck = load_state(last, ("model", "optim", "sched", "gen", "torch_rng", "history", "epoch", "best_score",
-                               "best_epoch"))
-        load_module_state(model, ck["model"], last)
-        optim.load_state_dict(ck["optim"])
-        sched.load_state_dict(ck["sched"])
-        gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
-        history, start, best_score, best_epoch = ck["history"], ck["epoch"] + 1, ck["best_score"], ck["best_epoch"]
+        history, start, best_score, best_epoch = _resume(last, model, optim, sched, gen)
     info = {"train_pairs": [e["id"] for e in train_entries], "val_pairs": [e["id"] for e in val_entries],
             **(extra_info or {})}
     bad_epochs = sum(1 for h in history if h["epoch"] > best_epoch)
@@ -243,36 +234,11 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
         task = bar.add_task("epochs", total=cfg.epochs, completed=start, msg="")
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            model.train()
-            order = torch.randperm(len(train_entries), generator=gen).tolist()
-            losses, accs = [], []
-            for b in range(0, len(order), cfg.batch_pairs):
-                optim.zero_grad()
-                total = torch.zeros(())
-                for idx in order[b: b + cfg.batch_pairs]:
-                    loss, acc, npos = pair_step(model, train_entries[idx], cfg, gen)
-                    if npos == 0:
-                        continue
-                    total = total + loss / cfg.batch_pairs
-                    losses.append(float(loss.detach()))
-                    accs.append(acc)
-                if total.requires_grad:
-                    total.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optim.step()
+            losses, accs = _train_epoch(model, optim, train_entries, cfg, gen)
             sched.step()
-            model.eval()
-            row: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                                   "train_acc": float(np.nanmean(accs)) if accs else float("nan"),
-                                   "lr": optim.param_groups[0]["lr"]}
-            if val_entries:
-                with torch.inference_mode():
-                    val, _ = evaluate(model, val_entries, cfg)
-                row.update({f"val_{k}": v for k, v in val.items()})
-                score = val["success"] + val["auc5"] + val["precision"]
-            else:
-                score = -row["loss"]
-            row["score"], row["time"] = score, time.perf_counter() - t0
+            row = _epoch_row(model, epoch, losses, accs, optim.param_groups[0]["lr"], val_entries, cfg)
+            score = row["score"]
+            row["time"] = time.perf_counter() - t0
             history.append(row)
             if score > best_score:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
@@ -285,7 +251,7 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
             torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "sched": sched.state_dict(),
                         "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                         "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                        "model_conf": model.config()}, last)
+                        "model_conf": model.config()}, last)  # read back by _resume
             if time.perf_counter() - last_plot > 60:
                 plot_curves(history, out / "curves.png")
                 last_plot = time.perf_counter()
@@ -305,9 +271,64 @@ def train(train_entries: list[dict[str, Any]], val_entries: list[dict[str, Any]]
     return summary
 
 
+def _resume(last: Path, model: PromptMIDAggregator, optim: torch.optim.Optimizer, sched: Any,
+            gen: torch.Generator) -> tuple[list[dict[str, Any]], int, float, int]:
+    """Restore model, optimiser, schedule and random states from ``last``; returns ``(history, first epoch to run,
+    best score, best epoch)``."""
+    if not last.is_file():
+        raise InputError(f"--resume: no checkpoint at {last}")
+    ck = load_state(last, ("model", "optim", "sched", "gen", "torch_rng", "history", "epoch", "best_score",
+                           "best_epoch"))
+    load_module_state(model, ck["model"], last)
+    optim.load_state_dict(ck["optim"])
+    sched.load_state_dict(ck["sched"])
+    gen.set_state(ck["gen"])
+    torch.set_rng_state(ck["torch_rng"])
+    return ck["history"], ck["epoch"] + 1, ck["best_score"], ck["best_epoch"]
+
+
+def _train_epoch(model: PromptMIDAggregator, optim: torch.optim.Optimizer, entries: list[dict[str, Any]],
+                 cfg: TrainConfig, gen: torch.Generator) -> tuple[list[float], list[float]]:
+    """One pass over ``entries`` in a random order, ``cfg.batch_pairs`` pairs per step; per-pair losses and
+    matching accuracies (pairs without a positive are skipped)."""
+    model.train()
+    order = torch.randperm(len(entries), generator=gen).tolist()
+    losses, accs = [], []
+    for b in range(0, len(order), cfg.batch_pairs):
+        optim.zero_grad()
+        total = torch.zeros(())
+        for idx in order[b: b + cfg.batch_pairs]:
+            loss, acc, npos = pair_step(model, entries[idx], cfg, gen)
+            if npos == 0:
+                continue
+            total = total + loss / cfg.batch_pairs
+            losses.append(float(loss.detach()))
+            accs.append(acc)
+        if total.requires_grad:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+    model.eval()
+    return losses, accs
+
+
+def _epoch_row(model: PromptMIDAggregator, epoch: int, losses: list[float], accs: list[float], lr: float,
+               val_entries: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
+    """The log row of an epoch with its validation numbers and ``score`` (validation success + AUC@5 + precision;
+    minus the training loss without validation pairs): the best checkpoint has the highest."""
+    row: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                           "train_acc": float(np.nanmean(accs)) if accs else float("nan"), "lr": lr}
+    if not val_entries:
+        return {**row, "score": -row["loss"]}
+    with torch.inference_mode():
+        val, _ = evaluate(model, val_entries, cfg)
+    row.update({f"val_{k}": v for k, v in val.items()})
+    return {**row, "score": val["success"] + val["auc5"] + val["precision"]}
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss, training matching accuracy and validation success/precision per epoch."""
-    from promptmid.viz import pyplot
+    from promptmid.outputs import pyplot
 
     plt = pyplot()
 
