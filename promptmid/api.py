@@ -26,7 +26,8 @@ from promptmid.io import PreparedImage, load_image, rotate_prepared
 from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit, search_rotations
-from promptmid.search import Hypothesis, global_search
+from promptmid.models.dense_features import SEARCH_FEATURES, SearchFeatures
+from promptmid.search import Hypothesis, LearnedFeatures, global_search
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Matcher:
         if not self.conf["geometry"]["rotations"]:
             raise ValueError("geometry.rotations must list at least one angle (e.g. [0])")
         self.describer = Describer(self.conf["keypoints"], self.conf["sources"], self.conf["aggregator"])
+        self._search_features: LearnedFeatures | None = None
 
     def prepare(self, source: Any, modality: str) -> PreparedImage:
         """Read and scale one image with this matcher's I/O settings."""
@@ -185,7 +187,8 @@ class Matcher:
         if self.conf["search"]["enabled"] and search is not False:
             _progress(progress, "area-based search")
             with _timer(timings, "search"):
-                hypotheses = global_search(opt, sar_img, {**self.search_conf(), **(search or {})}, prior)
+                hypotheses = global_search(opt, sar_img, {**self.search_conf(), **(search or {})}, prior,
+                                           self.search_features())
         _progress(progress, "quality control")
         with _timer(timings, "qc"):
             checked = self._check(best[0], best[1], opt, sar_img, hypotheses)
@@ -213,10 +216,22 @@ class Matcher:
     def search_conf(self) -> dict[str, Any]:
         """Options of :func:`promptmid.search.global_search`: the config's ``search`` section; every rotation when
         the keypoint stage searches rotations too (``geometry.rotations`` lists more than one angle)."""
-        conf = {k: v for k, v in self.conf["search"].items() if k != "enabled"}
+        conf = {k: v for k, v in self.conf["search"].items() if k not in ("enabled", "learned")}
         if len(self.conf["geometry"]["rotations"]) > 1:
             conf["rotation_range"] = 180.0
         return conf
+
+    def search_features(self) -> LearnedFeatures | None:
+        """The learned channels of the area search (``search.learned``), built once; ``None`` for gradients only."""
+        name = self.conf["search"].get("learned")
+        if not name:
+            return None
+        if name not in SEARCH_FEATURES:
+            raise ValueError(f"Unknown search.learned {name!r}; valid: {', '.join(SEARCH_FEATURES)} or None")
+        if self._search_features is None:
+            net = self.describer.extractor.net if self.describer.extractor.local_name == "aliked" else None
+            self._search_features = SearchFeatures(net)
+        return self._search_features
 
     def _check(self, geom: Geometry, data: dict[str, Any], opt: PreparedImage, sar: PreparedImage,
                hypotheses: list[Hypothesis]) -> tuple[selection.Candidate | None, list[selection.Candidate]]:

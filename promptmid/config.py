@@ -91,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
         "peaks_per_cell": 2,  # correlation peaks kept per (rotation, scale) cell before choosing the top_k
         "orientations": 9,  # oriented-gradient channels
         "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
+        "learned": None,  # learned dense channels stacked onto the gradients: None | "aliked" (models/dense_features.py)
     },
 }
 

@@ -10,6 +10,9 @@ and the QC stage (:func:`promptmid.selection.choose`) then decide between these 
 Features: the oriented-gradient channels of :func:`promptmid.dense.oriented_gradient_features`
 (gradient magnitude in ``orientations`` directions, smoothed, normalised per pixel), which ignore the
 sign of the contrast, so an edge that is bright in one modality and dark in the other still correlates.
+Optionally (``learned``, the default presets' ALIKED channels: :class:`promptmid.models.dense_features.SearchFeatures`)
+a few channels of a learned dense feature map are stacked onto them: computed once per image, reduced to each level
+and warped with the SAR canvases like the gray values.
 Correlation: masked normalised cross-correlation (Padfield, IEEE TIP 2012) summed over the channels;
 nodata, fill and the footprint edge are masked out and never correlate; shifts whose overlap is below
 ``min_overlap`` of the smaller valid area are not considered.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -36,7 +39,9 @@ from promptmid.geometry import working_transform
 from promptmid.io import PreparedImage, fill_nodata
 from promptmid.dense import oriented_gradient_features, parabolic_offset
 
-DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k != "enabled"}
+DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k not in ("enabled", "learned")}
+# a learned dense feature map of a prepared image: [h, w, C] float32 at any resolution covering the whole image
+LearnedFeatures = Callable[[PreparedImage], np.ndarray]
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Level:
     mask: np.ndarray
     to_original: np.ndarray  # 3x3: level px -> original px
     features: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    learned: np.ndarray | None = field(default=None, repr=False)  # [h, w, C] learned channels at this level's size
 
 
 def search_scales(conf: dict[str, Any]) -> np.ndarray:
@@ -115,10 +121,11 @@ def check_conf(conf: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_level(image: PreparedImage, long_side: int, sigma: float, orientations: int, margin: int = 2,
-               features: bool = True) -> Level:
+               features: bool = True, learned: np.ndarray | None = None) -> Level:
     """Reduce a prepared image to ``long_side`` px, fill nodata from its neighbourhood, compute the
     oriented-gradient features and the mask of pixels that may correlate (valid, small holes closed, eroded
-    by ``margin`` + the smoothing so the footprint edge and nodata borders never count)."""
+    by ``margin`` + the smoothing so the footprint edge and nodata borders never count). ``learned``: the image's
+    learned channels ``[h', w', C]`` (any size), reduced to the level and stacked onto the features."""
     h, w = image.image.shape[:2]
     f = min(1.0, long_side / max(h, w))
     size = (max(int(round(w * f)), 8), max(int(round(h * f)), 8))
@@ -131,9 +138,22 @@ def make_level(image: PreparedImage, long_side: int, sigma: float, orientations:
     sx, sy = w / size[0], h / size[1]
     to_work = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
     level = Level(small, mask, image.scale_matrix() @ to_work)
+    if learned is not None:
+        level.learned = _resized(learned, size)
     if features:
-        level.features = _zero_mean(oriented_gradient_features(small, orientations, sigma), mask)
+        level.features = _zero_mean(_channels(oriented_gradient_features(small, orientations, sigma), level.learned),
+                                    mask)
     return level
+
+
+def _resized(channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[h, w, C]`` channels area-resized to ``size`` = (width, height)."""
+    return cv2.resize(channels, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], -1)
+
+
+def _channels(gradients: np.ndarray, learned: np.ndarray | None) -> np.ndarray:
+    """The correlated channels ``[C, H, W]``: the oriented gradients, then the learned channels if any."""
+    return gradients if learned is None else np.concatenate([gradients, learned.transpose(2, 0, 1)])
 
 
 def _usable(valid: np.ndarray, margin: int) -> np.ndarray:
@@ -175,7 +195,10 @@ def canvas_of(base: Level, angle_deg: float, scale: float, conf: dict[str, Any])
     margin = int(math.ceil(2 * conf["sigma"])) + 1
     mask = cv2.erode(valid, np.ones((2 * margin + 1,) * 2, np.uint8), borderValue=0).astype(bool)
     canvas = Level(gray, mask, base.to_original @ to_sar)
-    canvas.features = _zero_mean(oriented_gradient_features(gray, conf["orientations"], conf["sigma"]), mask)
+    learned = None if base.learned is None else cv2.warpAffine(
+        base.learned, to_sar[:2], (cw, ch), flags=flags, borderMode=cv2.BORDER_REPLICATE).reshape(ch, cw, -1)
+    canvas.features = _zero_mean(_channels(oriented_gradient_features(gray, conf["orientations"], conf["sigma"]),
+                                           learned), mask)
     return canvas
 
 
@@ -193,7 +216,7 @@ class Peak:
 
 
 def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, Any] | None = None,
-                  prior: np.ndarray | None = None) -> list[Hypothesis]:
+                  prior: np.ndarray | None = None, learned: LearnedFeatures | None = None) -> list[Hypothesis]:
     """Transform hypotheses of ``sar`` against ``optical`` by the coarse-to-fine area search.
 
     Without ``prior`` the prior is "same footprint" (each image reduced to the same long side, centres aligned),
@@ -205,21 +228,24 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
         conf: overrides of :data:`DEFAULT_CONF`.
         prior: 3x3 ORIGINAL optical px -> SAR px transform known beforehand (e.g. from georeferencing): the SAR
             is resampled through it onto the optical grid and the search runs relative to it.
+        learned: learned dense channels of an image, stacked onto the oriented gradients (``None``: gradients only,
+            the classical search).
 
     Returns:
         up to ``top_k`` distinct hypotheses, best correlation first (empty when nothing overlaps enough).
     """
     if prior is not None:
-        hyps = global_search(optical, through_prior(sar, optical, prior), conf)
+        hyps = global_search(optical, through_prior(sar, optical, prior), conf, learned=learned)
         for h in hyps:
             h.matrix = np.asarray(prior, float) @ h.matrix
         return hyps
     c = check_conf(conf or {})
     prior_scale = _prior_scale(optical, sar)
-    peaks = _coarse_peaks(optical, sar, c, prior_scale)
+    maps = (learned(optical), learned(sar)) if learned is not None else (None, None)
+    peaks = _coarse_peaks(optical, sar, c, prior_scale, maps)
     if not peaks:
         return []
-    fine = Fine(optical, _sar_level(sar, c["size"]), c)
+    fine = Fine(optical, _sar_level(sar, c["size"], maps[1]), c, maps[0])
     with ThreadPoolExecutor(fft_workers()) as pool:  # peaks side by side (FFTs and OpenCV release the GIL)
         hyps = [h for h in pool.map(lambda p: _polish(fine, p, c, prior_scale), peaks) if h is not None]
     if c["max_shift"] is not None:
@@ -272,13 +298,14 @@ def _predicted_shift(matrix: np.ndarray, fixed: Level, canvas: Level) -> tuple[f
     return float(u[0] / u[2] - centre[0]), float(u[1] / u[2] - centre[1])
 
 
-def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float) -> list[Peak]:
+def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
+                  maps: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> list[Peak]:
     """Best correlation peaks over the whole rotation x scale grid at the coarse level, distinct in
-    transform, best first; ``top_k + 2`` of them go on to polishing."""
-    fixed = make_level(optical, c["coarse_size"], c["sigma"], c["orientations"])
+    transform, best first; ``top_k + 2`` of them go on to polishing. ``maps``: learned channels (optical, SAR)."""
+    fixed = make_level(optical, c["coarse_size"], c["sigma"], c["orientations"], learned=maps[0])
     if not fixed.mask.any():
         return []
-    base = _sar_level(sar, c["coarse_size"])
+    base = _sar_level(sar, c["coarse_size"], maps[1])
     correlator = Correlator(fixed, _canvas_bound(base, c, prior_scale), c["min_overlap"])
     exclusion = max(3, max(fixed.mask.shape) // 16)
 
@@ -296,9 +323,9 @@ def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any],
     return _distinct(peaks, optical, c["top_k"] + 2)
 
 
-def _sar_level(sar: PreparedImage, size: int) -> Level:
+def _sar_level(sar: PreparedImage, size: int, learned: np.ndarray | None = None) -> Level:
     """The reduced SAR image (nodata filled; the canvas masks and computes features after warping)."""
-    return make_level(sar, size, 1.0, 1, margin=0, features=False)
+    return make_level(sar, size, 1.0, 1, margin=0, features=False, learned=learned)
 
 
 def _canvas_bound(base: Level, c: dict[str, Any], prior_scale: float) -> tuple[int, int]:
@@ -353,9 +380,10 @@ class Fine:
     """The fine level shared by the polishing of every peak: the optical level, its local correlator (shifts within
     ``radius`` of a predicted position) and the reduced SAR image the canvases are cut from."""
 
-    def __init__(self, optical: PreparedImage, base: Level, c: dict[str, Any]) -> None:
+    def __init__(self, optical: PreparedImage, base: Level, c: dict[str, Any], learned: np.ndarray | None = None
+                 ) -> None:
         self.conf = {**c, "sigma": c["sigma"] * 1.5}
-        self.fixed = make_level(optical, c["size"], self.conf["sigma"], c["orientations"])
+        self.fixed = make_level(optical, c["size"], self.conf["sigma"], c["orientations"], learned=learned)
         self.base = base
         self.radius = int(round(2 * c["size"] / c["coarse_size"])) + 2
         h0, w0 = self.fixed.mask.shape

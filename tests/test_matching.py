@@ -88,3 +88,14 @@ def test_guided_matching_restricts_to_the_predicted_neighbourhood():
     assert (m[:, 0] == m[:, 1]).all() and len(m) == 30
     m_far, _ = guided_matches(d0, d1, k0, k1, np.eye(3), radius=0.5)
     assert len(m_far) == 0
+
+
+def test_search_rotations_keeps_the_first_angle_with_most_inliers():
+    from promptmid.matching import search_rotations
+
+    inliers = {0.0: 5, 90.0: 12, 180.0: 12, 270.0: 3}
+    angle, trial, scores = search_rotations([0, 90, 180, 270], lambda a: ("fit", inliers[a]), lambda t: t[1])
+    assert angle == 90.0 and trial == ("fit", 12)
+    assert scores == {"0": 5, "90": 12, "180": 12, "270": 3}
+    with pytest.raises(ValueError):
+        search_rotations([], lambda a: a, lambda t: 0)

@@ -184,3 +184,21 @@ def test_local_correlation_equals_the_global_one():
     local = Correlator(a, b.mask.shape, 0.1, local=True).ncc(b)
     assert local.shape == (41 - 30 + 1, 37 - 28 + 1)
     assert np.allclose(local, full[29:29 + local.shape[0], 27:27 + local.shape[1]], atol=1e-4)
+
+
+def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
+    """ALIKED's dense channels stacked onto the gradients: the hypotheses still find the displaced pair, the channels
+    cover the image, and a Matcher with search.learned = 'aliked' uses its own ALIKED network for them."""
+    from promptmid.api import Matcher
+    from promptmid.models.dense_features import SearchFeatures
+
+    opt, sar = _prepared(displaced)
+    features = SearchFeatures(channels=4)
+    maps = features(opt)
+    assert maps.shape == (SIZE, SIZE, 4) and maps.dtype == np.float32 and np.isfinite(maps).all()
+    hyps = global_search(opt, sar, learned=features)
+    assert min(mean_corner_error(h.matrix, displaced.H, (SIZE, SIZE)) for h in hyps) < 8.0
+    matcher = Matcher("lite", {"search": {"learned": "aliked"}})
+    assert matcher.search_features().net is matcher.describer.extractor.net
+    with pytest.raises(ValueError, match="search.learned"):
+        Matcher("lite", {"search": {"learned": "sift"}}).search_features()

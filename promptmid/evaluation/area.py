@@ -25,14 +25,20 @@ from promptmid.search import global_search
 
 
 def build_area_search(conf: dict[str, Any]) -> MethodFn:
-    """``conf``: ``search`` (overrides of the search options), ``rotations`` (set by the registry)."""
+    """``conf``: ``search`` (overrides of the search options), ``learned`` (learned channels: ``None`` or
+    ``"aliked"``), ``rotations`` (set by the registry)."""
     search_conf = dict(conf.get("search") or {})
     if len(conf["rotations"]) > 1:
         search_conf["rotation_range"] = 180.0
+    learned = None
+    if conf.get("learned"):
+        from promptmid.models.dense_features import SearchFeatures
+
+        learned = SearchFeatures()
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
         t0 = time.perf_counter()
-        hyps = global_search(optical, sar, search_conf)
+        hyps = global_search(optical, sar, search_conf, learned=learned)
         return {"points0": np.zeros((0, 2)), "points1": np.zeros((0, 2)), "scores": np.zeros(0),
                 "hypotheses": [h.to_dict() for h in hyps],
                 "timings": {"features": 0.0, "matching": time.perf_counter() - t0}}
@@ -42,13 +48,18 @@ def build_area_search(conf: dict[str, Any]) -> MethodFn:
 
 SPEC = MethodSpec("area-search", "global area-based search: oriented-gradient features, FFT correlation over "
                   "rotation x scale, top hypotheses polished (no learned part)", build_area_search,
-                  {"search": None}, rotations_inside=True, default=False)
+                  {"search": None, "learned": None}, rotations_inside=True, default=False)
+LEARNED_SPEC = MethodSpec("area-search-aliked", "the global area-based search with ALIKED's dense channels stacked "
+                          "onto the oriented gradients (search.learned = 'aliked')", build_area_search,
+                          {"search": None, "learned": "aliked"}, rotations_inside=True, default=False)
 
 
-def composite(method: str, description: str) -> MethodSpec:
-    """``<method>+area``: the matches of ``method`` and the hypotheses of ``area-search``, chosen by evidence."""
-    return MethodSpec(f"{method}+area", f"{description} + area-search hypotheses, one chosen by QC evidence",
-                      _no_build, rotations_inside=True, default=False, parts=(method, "area-search"))
+def composite(method: str, description: str, area: str = "area-search") -> MethodSpec:
+    """``<method>+area`` (or ``+<area>`` for another area method): the matches of ``method`` and the hypotheses of
+    the area method, chosen by evidence."""
+    suffix = "area" if area == "area-search" else area
+    return MethodSpec(f"{method}+{suffix}", f"{description} + {area} hypotheses, one chosen by QC evidence",
+                      _no_build, rotations_inside=True, default=False, parts=(method, area))
 
 
 def _no_build(conf: dict[str, Any]) -> MethodFn:

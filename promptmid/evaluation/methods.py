@@ -181,10 +181,11 @@ register(_promptmid_spec("full", "full with a wrong prompt, 'a photograph of a c
 def _register_others() -> None:
     from promptmid.evaluation import area, baselines, rift
 
-    for spec in (*baselines.SPECS, rift.SPEC, area.SPEC):
+    for spec in (*baselines.SPECS, rift.SPEC, area.SPEC, area.LEARNED_SPEC):
         register(spec)
     for name in ("promptmid-lite", "aliked-mnn", "promptmid-full"):
         register(area.composite(name, METHODS[name].description))
+        register(area.composite(name, METHODS[name].description, area.LEARNED_SPEC.name))
 
 
 _register_others()
