@@ -232,3 +232,78 @@ def test_unwritable_cache_file_still_loads(model, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
         loaded = vfm.load_dinov2(cache=cache)
     assert torch.equal(loaded.layernorm.weight, model.layernorm.weight)
+
+
+@pytest.mark.parametrize("position", ["absolute", "mean"])
+def test_onnxruntime_features_match_torch(model, cache: Path, position: str) -> None:
+    """The onnxruntime graph gives the transformers model's features (non-square input, not 224 px: the graph
+    interpolates the position embeddings from the input size as transformers does), in both position modes."""
+    pytest.importorskip("onnxruntime")
+    image = _scene(150, 230, seed=3)
+    fast = vfm.DINOv2Features(long_side=280, position=position, runtime="onnxruntime").feature_maps(image)
+    ref = vfm.DINOv2Features(long_side=280, position=position, runtime="torch").feature_maps(image)
+    assert fast.keys() == ref.keys() == {"dinov2_l4", "dinov2_l8", "dinov2_l12"}
+    for name in ref:
+        assert fast[name].shape == ref[name].shape == (1, 384, 13, 20), name
+        scale = ref[name].abs().max()
+        assert (fast[name] - ref[name]).abs().max() < 1e-5 * scale + 1e-4, name
+    assert (cache / f"dinov2_vits14_{position}_l4-8-12_norm.onnx").is_file()
+
+
+def test_onnxruntime_unnormalised_blocks_match_torch(model) -> None:
+    pytest.importorskip("onnxruntime")
+    image = _scene(112, 112, seed=4)
+    fast = vfm.DINOv2Features(layers=(2,), long_side=112, norm=False, runtime="onnxruntime").feature_maps(image)
+    ref = vfm.DINOv2Features(layers=(2,), long_side=112, norm=False, runtime="torch").feature_maps(image)
+    assert (fast["dinov2_l2"] - ref["dinov2_l2"]).abs().max() < 1e-3
+
+
+def test_feature_graph_cache(model, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached graph is loaded without rebuilding; a corrupt one is rebuilt with a warning; an unwritable cache
+    still serves features (from memory, with a warning)."""
+    pytest.importorskip("onnxruntime")
+    vfm.load_feature_session((4, 8, 12), True, "absolute")  # built (or already cached by another test)
+    path = cache / "dinov2_vits14_absolute_l4-8-12_norm.onnx"
+    built = vfm.build_feature_graph
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cached graph should have been used")
+
+    monkeypatch.setattr(vfm, "build_feature_graph", no_build)
+    vfm.load_feature_session((4, 8, 12), True, "absolute")
+    monkeypatch.setattr(vfm, "build_feature_graph", built)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10] + b"0123456789")
+    with pytest.warns(UserWarning, match="corrupt"):
+        vfm.load_feature_session((4, 8, 12), True, "absolute")
+    assert path.read_bytes() == data
+    blocker = cache / "not_a_dir"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
+        session = vfm.load_feature_session((12,), True, "absolute", cache=blocker / "cache")
+    assert [o.name for o in session.get_outputs()] == ["dinov2_l12"]
+
+
+def test_runtime_option() -> None:
+    with pytest.raises(ValueError, match="runtime"):
+        vfm.DINOv2Features(runtime="tensorrt")
+    with pytest.raises(ValueError, match="CPU only"):
+        vfm.DINOv2Features(runtime="onnxruntime", device="cuda")
+    assert vfm.DINOv2Features(runtime="auto", device="cuda").runtime == "torch"
+    assert vfm.DINOv2Features(runtime="torch").info()["runtime"] == "torch"
+
+
+def test_onnxruntime_path_imports_neither_transformers_nor_onnx(model, cache: Path) -> None:
+    """Once the graph is cached, the default (CPU) runtime starts without transformers or onnx (seconds of import)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    vfm.load_feature_session((4, 8, 12), True, "absolute")  # cached
+    code = ("import sys, torch; from promptmid.models import vfm; "
+            "vfm.DINOv2Features().feature_maps(torch.rand(1, 3, 70, 84)); "
+            "print(sorted(m for m in ('transformers', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PROMPTMID_CACHE": str(cache)})
+    assert out.stdout.strip().splitlines()[-1] == "[]"
