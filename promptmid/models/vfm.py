@@ -426,27 +426,28 @@ def _graph_record(layers: tuple[int, ...], norm: bool, position: str) -> dict[st
             "layers": list(layers), "norm": bool(norm), "position": position}
 
 
-def _read_graph(path: Path, record: dict[str, Any]) -> bytes | None:
-    """The cached graph's bytes; ``None`` when there is none, or (with a warning) when it is stale or corrupt."""
+def _graph_is_valid(path: Path, record: dict[str, Any]) -> bool:
+    """Whether the cached graph exists and is fresh and intact; warns when it is stale or corrupt (it is rebuilt).
+
+    The sha256 is computed streaming (ONNX Runtime then reads the file itself: no second copy in memory)."""
     meta = path.with_suffix(".json")
     if not path.is_file() or not meta.is_file():
-        return None
+        return False
     try:
         stored = json.loads(meta.read_text())
         expected = stored.pop("sha256")
-        data = path.read_bytes()
+        got = sha256_file(path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(f"DINOv2 graph cache {path} is unreadable ({exc}); building it again", stacklevel=3)
-        return None
+        return False
     if stored != record:
         warnings.warn(f"DINOv2 graph cache {meta} is stale; building it again", stacklevel=3)
-        return None
-    got = hashlib.sha256(data).hexdigest()
+        return False
     if got != expected:
         warnings.warn(f"DINOv2 graph cache {path} is corrupt (sha256 {got[:16]}, expected {str(expected)[:16]}); "
                       "building it again", stacklevel=3)
-        return None
-    return data
+        return False
+    return True
 
 
 def _write_graph(path: Path, data: bytes, record: dict[str, Any]) -> None:
@@ -477,8 +478,8 @@ def load_feature_session(layers: tuple[int, ...], norm: bool = True, position: s
     directory = Path(cache) if cache is not None else cache_dir()
     path = directory / _graph_name(layers, norm, position)
     record = _graph_record(layers, norm, position)
-    data = _read_graph(path, record)
-    if data is None:
+    source: str | bytes = str(path)
+    if not _graph_is_valid(path, record):
         onnx_path = verify_source(SPEC)
         log.info("building the DINOv2 feature graph %s from %s", path, onnx_path)
         data = build_feature_graph(onnx_path, layers, norm, position).SerializeToString()
@@ -487,6 +488,8 @@ def load_feature_session(layers: tuple[int, ...], norm: bool = True, position: s
         except OSError as exc:
             warnings.warn(f"cannot write the DINOv2 cache in {directory} ({exc}); using the graph without caching "
                           "it (set PROMPTMID_CACHE to a writable folder)", stacklevel=2)
+            source = data
+        del data
     else:
         log.info("loading the DINOv2 feature graph %s", path)
     options = ort.SessionOptions()
@@ -495,7 +498,7 @@ def load_feature_session(layers: tuple[int, ...], norm: bool = True, position: s
     options.log_severity_level = 3
     # idle intra-op threads must not spin: the next stages (torch, OpenCV) need the cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
