@@ -36,11 +36,14 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
         keep = np.random.default_rng(0).choice(len(p0), max_lines, replace=False)
         p0, p1, res = p0[keep], p1[keep], res[keep]
     from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import ConnectionPatch
 
-    # a bare Figure (Agg canvas chosen by savefig): no pyplot import, no figure manager to close
+    # a bare Figure on an Agg canvas: no pyplot import, no figure manager to close, and the layout gets the
+    # canvas's renderer instead of a throw-away draw
     fig = Figure(figsize=(12, 6.4))
+    FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     for ax, img, title in zip(axes, (opt.image, sar.image), ("optical", "SAR")):
         ax.imshow(img, cmap="gray")
