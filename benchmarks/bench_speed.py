@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--cold-repeats", type=int, default=3, help="whole `promptmid match` runs per preset")
     parser.add_argument("--cold-presets", default="lite,lite:nosearch")
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     stages = ["read", "keypoints", "dinov2", "aggregation", "matching", "fitting", "search", "qc", "total"]
     rows = []
     threads = [int(t) for t in args.threads.split(",")]
@@ -117,7 +118,9 @@ def main() -> None:
             print("cold", preset, n, json.dumps(t), flush=True)
     cold = markdown_table(["preset", "threads", "wall (s)"] + [f"{s} (s)" for s in stages]
                           + ["outside the pipeline (s)", "peak RSS (MB)"], cold_rows) if cold_rows else ""
-    text = "\n".join(header_lines("Speed per 512x512 pair", threads=max(threads)) + [
+    load = (f"- load average (1 min) {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+            f"{os.cpu_count()} CPUs (other processes slow every stage alike)")
+    text = "\n".join(header_lines("Speed per 512x512 pair", threads=max(threads))[:-1] + [load, ""] + [
         f"Generated demo pair (512x512, seed 7), no rotation search; median of {args.repeats} runs after a warm-up; "
         "stage times are summed over both images (keypoints, dinov2) and include guided re-matching (matching, "
         "fitting); search = the global area-based search, qc = refinement and QC of every hypothesis. Target: the "
