@@ -290,6 +290,8 @@ def test_runtime_option() -> None:
     with pytest.raises(ValueError, match="CPU only"):
         vfm.DINOv2Features(runtime="onnxruntime", device="cuda")
     assert vfm.DINOv2Features(runtime="auto", device="cuda").runtime == "torch"
+    if importlib.util.find_spec("onnxruntime") is not None:  # the default on CPU
+        assert vfm.DINOv2Features().runtime == "onnxruntime"
     assert vfm.DINOv2Features(runtime="torch").info()["runtime"] == "torch"
 
 
