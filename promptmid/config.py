@@ -95,7 +95,8 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-DINOV2 = {"layers": [4, 8, 12], "long_side": 518}
+# runtime "auto": ONNX Runtime on CPU (fast start, no transformers import), transformers ("torch") on a GPU device
+DINOV2 = {"layers": [4, 8, 12], "long_side": 518, "runtime": "auto"}
 CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "aliked": 1.0, "dinov2": 0.7, "sd": 0.7}}
 ALIKED = {"detector": "aliked", "top_k": KEYPOINT_DEFAULTS["top_k"]}
 # the diffusion source of preset "full": PromptDM-small, timestep and up-block chosen on perturbed validation

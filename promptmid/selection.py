@@ -26,7 +26,7 @@ from promptmid.qc import (QCModel, Verdict, dense_evidence, gather_evidence, jud
                           pixel_size_evidence, refinement_agrees, verdict_of)
 from promptmid.polish import polish_affine
 from promptmid.refine import Refinement, refine_prepared
-from promptmid.search import fft_workers
+from promptmid.correlation import fft_workers
 
 
 AREA_REFINE_SEARCH = 16  # search radius (working px) of the refinement of an area hypothesis (coarse: ~4 px at 256)

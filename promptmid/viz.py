@@ -12,7 +12,6 @@ from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.geometry import checkerboard, residuals, warp_to_optical
 from promptmid.geometry import working_transform
 from promptmid.io import PreparedImage, write_png
-from promptmid.outputs import pyplot
 
 if TYPE_CHECKING:
     from promptmid.api import MatchResult
@@ -28,15 +27,21 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
     if len(p0) > max_lines:
         keep = np.random.default_rng(0).choice(len(p0), max_lines, replace=False)
         p0, p1, res = p0[keep], p1[keep], res[keep]
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import ConnectionPatch
+
+    # a bare Figure on an Agg canvas: no pyplot import, no figure manager to close, and the layout gets the
+    # canvas's renderer instead of a throw-away draw
+    fig = Figure(figsize=(12, 6.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for ax, img, title in zip(axes, (opt.image, sar.image), ("optical", "SAR")):
         ax.imshow(img, cmap="gray")
         ax.set_title(title)
         ax.axis("off")
-    from matplotlib.patches import ConnectionPatch
-
-    cmap = plt.get_cmap("viridis")
+    cmap = colormaps["viridis"]
     thr = max(float(result.config.get("geometry", {}).get("threshold", INLIER_THRESHOLD_PX)), 1e-6)
     for a, b, r in zip(p0, p1, res):
         con = ConnectionPatch(xyA=a, xyB=b, coordsA="data", coordsB="data", axesA=axes[0],
@@ -50,8 +55,8 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
                  f"{result.model}, SAR rotation {result.rotation_deg:g} deg (colour: residual 0..{thr:g} px)",
                  color=colour)
     fig.tight_layout()
+    fig.set_layout_engine("none")  # laid out above: savefig need not lay out (and draw every line) once more
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def save_checkerboard(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,

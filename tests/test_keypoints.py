@@ -76,3 +76,34 @@ def test_low_memory_aliked_equals_kornia(optical):
     assert len(kpts) > 50 and kpts.shape == ref.keypoints.shape
     assert torch.allclose(kpts, ref.keypoints, atol=1e-4) and torch.allclose(scores, ref.keypoint_scores, atol=1e-5)
     assert torch.allclose(desc, ref.descriptors, atol=1e-5)
+
+
+def test_fast_deformable_convolution_equals_kornia():
+    """Our grid_sample deformable convolution gives kornia's (torchvision's) values, offsets far outside the map
+    included (corners outside count as 0)."""
+    from kornia.feature.aliked.deform_conv2d import deform_conv2d as kornia_deform_conv2d
+
+    from promptmid.models.keypoints import deform_conv2d
+
+    gen = torch.Generator().manual_seed(0)
+    for c, h, w, c_out in [(16, 20, 27, 24), (3, 2, 5, 4)]:
+        x = torch.randn(1, c, h, w, generator=gen)
+        offset = torch.randn(1, 18, h, w, generator=gen) * 3
+        offset[0, 0, 0, 0], offset[0, 1, -1, -1] = -40.0, 55.0
+        weight, bias = torch.randn(c_out, c, 3, 3, generator=gen), torch.randn(c_out, generator=gen)
+        ref = kornia_deform_conv2d(x, offset, weight, bias, padding=1)
+        out = deform_conv2d(x, offset, weight, bias, 1)
+        assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_aliked_detect_equals_kornia_dkd(optical):
+    """Our keypoint detection on ALIKED's score map gives exactly kornia DKD's keypoints and scores."""
+    from promptmid.models.keypoints import aliked_dense_map, aliked_detect, load_aliked_net
+
+    net = load_aliked_net(1024, 0.2)
+    with torch.inference_mode():
+        _, score_map = aliked_dense_map(net, image_to_tensor(optical.image)[..., :200, :232])
+        for scores in (score_map, score_map[..., 3:150, 5:97], torch.rand(1, 1, 60, 70, generator=torch.Generator().manual_seed(1))):
+            ref_kpts, ref_scores, _ = net.dkd(scores)
+            kpts, kpt_scores = aliked_detect(net.dkd, scores)
+            assert len(kpts) > 10 and torch.equal(kpts, ref_kpts[0]) and torch.equal(kpt_scores, ref_scores[0])

