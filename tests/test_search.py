@@ -193,11 +193,12 @@ def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     from promptmid.models.dense_features import SearchFeatures
 
     opt, sar = _prepared(displaced)
-    features = SearchFeatures(channels=4)
+    features = SearchFeatures()
     maps = features(opt)
-    assert maps.shape == (SIZE, SIZE, 4) and maps.dtype == np.float32 and np.isfinite(maps).all()
+    assert maps.shape == (SIZE, SIZE, 16) and maps.dtype == np.float32 and np.isfinite(maps).all()
     hyps = global_search(opt, sar, learned=features)
-    assert min(mean_corner_error(h.matrix, displaced.H, (SIZE, SIZE)) for h in hyps) < 8.0
+    chosen, _ = choose(opt, sar, np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), NO_FIT, hyps, REFINE)
+    assert chosen is not None and mean_corner_error(chosen.transform, displaced.H, (SIZE, SIZE)) < 2.0
     matcher = Matcher("lite", {"search": {"learned": "aliked"}})
     assert matcher.search_features().net is matcher.describer.extractor.net
     with pytest.raises(ValueError, match="search.learned"):
