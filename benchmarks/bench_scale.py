@@ -6,8 +6,10 @@ descendants only, so every row's peak RSS is that run's largest single process (
 largest of the client and the Dask workers). Scenes are generated into benchmarks/cache/ (gitignored).
 Writes benchmarks/results/scale.md (with the load average at the start: the machine may be shared).
 
-    python benchmarks/bench_scale.py [--preset lite] [--threads 2] [--sizes 1000 10000] [--max-tiles 16]
+    python benchmarks/bench_scale.py [--preset lite] [--threads 2] [--sizes 1000 10000] [--max-tiles N]
                                      [--workers 1 2]
+
+--tile and --max-tiles default to `promptmid scene`'s defaults (SceneOptions).
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--preset", default="lite")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tile", type=int, default=1024)
-    ap.add_argument("--max-tiles", type=int, default=16)
+    from promptmid.scene import SceneOptions
+
+    ap.add_argument("--tile", type=int, default=SceneOptions.tile)
+    ap.add_argument("--max-tiles", type=int, default=SceneOptions.max_tiles)
     ap.add_argument("--workers", type=int, nargs="*", default=[], help="batch rows (none by default)")
     a = ap.parse_args()
     a.load = os.getloadavg()

@@ -190,6 +190,28 @@ def test_area_shift_recovers_a_shift_across_modalities() -> None:
     assert good > bad
 
 
+def test_a_tile_is_prepared_once_for_the_shift_and_the_matcher() -> None:
+    """downscale_prepared of a full-resolution window = load_image at the working size (float32 rounding apart),
+    the image itself when it fits; the scene's GDAL cache is capped and trim_heap runs anywhere."""
+    from promptmid.io import RasterImage, downscale_prepared, load_image
+    from promptmid.scene.pipeline import trim_heap
+
+    rng = np.random.default_rng(0)
+    for modality, data in (("sar", rng.gamma(1.0, 1.0, (300, 280, 1)).astype(np.float32)),
+                           ("optical", rng.integers(1, 255, (200, 330, 3)).astype(np.uint8))):
+        raster = RasterImage(data, nodata=0)
+        full = load_image(raster, modality, max_side=None)
+        direct, down = load_image(raster, modality, max_side=256), downscale_prepared(full, 256)
+        assert down.image.shape == direct.image.shape and np.allclose(down.image, direct.image, atol=1e-6)
+        assert np.array_equal(down.valid, direct.valid) and down.scale == direct.scale
+        assert (down.sar_scaling, down.bands, down.original_size) == (direct.sar_scaling, direct.bands,
+                                                                      direct.original_size)
+        assert downscale_prepared(full, 1024) is full
+    with pytest.raises(ValueError):
+        downscale_prepared(direct, None)
+    trim_heap()
+
+
 def test_scene_verdict_follows_the_agreeing_tiles() -> None:
     """ok needs agreeing tiles AND one of them with a keypoint fit whose QC verdict is ok; agreeing area shifts
     alone give uncertain; tiles that do not agree give failed, whatever their own verdicts."""

@@ -125,6 +125,18 @@ def load_image(
                                sar_scaling=scaling, bands=choice)
 
 
+def downscale_prepared(image: PreparedImage, max_side: int | None) -> PreparedImage:
+    """``image``, prepared at full resolution (``load_image(raster, ..., max_side=None)`` of an in-memory raster), at
+    the working resolution of ``max_side``: the same arrays as ``load_image(raster, ..., max_side=max_side)``,
+    without preparing the raster twice (``image`` itself when it already fits)."""
+    if image.scale != (1.0, 1.0):
+        raise ValueError(f"downscale_prepared needs a full-resolution image, got scale {image.scale}")
+    out = _resize_prepared(image.image, image.valid, image.raster, image.modality, max_side)
+    if out.image.shape == image.image.shape:
+        return image
+    return dataclasses.replace(out, notes=image.notes, sar_scaling=image.sar_scaling, bands=image.bands)
+
+
 def _resize_prepared(
     unit: np.ndarray, valid: np.ndarray, raster: RasterImage, modality: Modality, max_side: int | None
 ) -> PreparedImage:

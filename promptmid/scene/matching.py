@@ -53,11 +53,14 @@ def match_tile(matcher: Any, opt_ds: Any, sar_ds: Any, prior: np.ndarray, tile: 
             tile.status, tile.reason = "outside", "predicted SAR window lies outside the SAR image"
             return
         opt, sar = window_raster(read_window(opt_ds, tile.x0, tile.y0, tile.w, tile.h), opt_ds), window_raster(chip, sar_ds)
+        del chip
+        if area_shift:  # each window prepared once, at full resolution, for the shift; the matcher gets it downscaled
+            opt, sar = prepare_full(matcher, opt, "optical"), prepare_full(matcher, sar, "sar")
         # the whole-tile area shift below is the scene's area hypothesis: the global search around the prior made
         # small chips less repeatable (BigEarthNet 120 px: 2.4-3.3 px between runs with and without an injected
         # georeferencing offset, against < 1 px without it), so tiles match with keypoints only
-        result = matcher.match(opt, sar, search=False)
-        shift = _area_shift(matcher, opt, sar, margin) if area_shift else None
+        result = matcher.match(*working(matcher, opt, sar), search=False)
+        shift = _area_shift(opt, sar, margin) if area_shift else None
     except PromptMIDError as exc:
         tile.status, tile.reason = "empty", str(exc)
         return
@@ -103,14 +106,25 @@ def _add(found: SceneMatches, tile: Tile, p0: np.ndarray, p1: np.ndarray, scores
     found.tile_inlier.append(np.ones(len(p0), bool))
 
 
-def _area_shift(matcher: Any, opt: Any, sar: Any,
-                margin: int) -> tuple[TileShift, Callable[[np.ndarray], float]] | None:
-    """:func:`tile_shift` of the prepared (full-resolution, same scaling and bands as the matcher) tile and chip,
-    and a scorer of any tile px -> chip px hypothesis (:func:`similarity`)."""
+def prepare_full(matcher: Any, raster: Any, modality: str) -> Any:
+    """``raster`` prepared with the matcher's I/O settings at full resolution (:func:`promptmid.io.load_image`)."""
     from promptmid.io import load_image
 
-    io_conf = {**getattr(matcher, "conf", {}).get("io", {}), "max_side": None}
-    o, s = load_image(opt, "optical", **io_conf), load_image(sar, "sar", **io_conf)
+    return load_image(raster, modality, **{**getattr(matcher, "conf", {}).get("io", {}), "max_side": None})
+
+
+def working(matcher: Any, *images: Any) -> list[Any]:
+    """Full-resolution prepared images at the matcher's working resolution (``io.max_side``): what
+    ``matcher.match`` would prepare from their rasters (:func:`promptmid.io.downscale_prepared`)."""
+    from promptmid.io import PreparedImage, downscale_prepared
+
+    side = getattr(matcher, "conf", {}).get("io", {}).get("max_side")
+    return [downscale_prepared(im, side) if isinstance(im, PreparedImage) else im for im in images]
+
+
+def _area_shift(o: Any, s: Any, margin: int) -> tuple[TileShift, Callable[[np.ndarray], float]] | None:
+    """:func:`tile_shift` of the tile and chip prepared at full resolution (same scaling and bands as the matcher,
+    :func:`prepare_full`), and a scorer of any tile px -> chip px hypothesis (:func:`similarity`)."""
     tile, chip = o.image.mean(axis=-1), s.image[..., 0]
     found = tile_shift(tile, o.valid, chip, s.valid, margin)
     return None if found is None else (found, lambda m: similarity(tile, o.valid, chip, s.valid, m))

@@ -25,7 +25,7 @@ from promptmid.scene.agreement import Agreement
 from promptmid.scene.grid import Tile, scene_tiles, select_tiles
 from promptmid.scene.matching import SceneMatches, coarse_prior, match_tile
 from promptmid.scene.model import GlobalModel, fit_global
-from promptmid.scene.windows import window_raster
+from promptmid.scene.windows import READ_CACHE_MB, trim_heap, window_raster
 from promptmid.scene.products import (
     TiePoints,
     plot_tile_map,
@@ -151,16 +151,19 @@ class _Scene:
 
 @contextmanager
 def open_scene(optical: str | Path, sar: str | Path, geo_prior: bool = True, grid: str = "optical") -> Iterator[_Scene]:
-    """Open both rasters; with ``grid="utm"`` the optical is read through a WarpedVRT on its local UTM grid
+    """Open both rasters (GDAL block cache at most :data:`READ_CACHE_MB`); with ``grid="utm"`` the optical is read through a WarpedVRT on its local UTM grid
     (:func:`promptmid.geo.optical_on_utm`); with ``geo_prior`` the SAR is read through a WarpedVRT in the
     (working) optical CRS when the CRSs differ. Closed on exit.
 
     Raises:
         InputError: unreadable rasters, an unknown ``grid``, or a reprojection that is impossible.
     """
+    import rasterio
+
     if grid not in GRIDS:
         raise InputError(f"Unknown grid {grid!r}; valid: {', '.join(GRIDS)}.")
-    with geo.open_raster(optical) as opt_file_ds, geo.open_raster(sar) as sar_file_ds:
+    with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB), geo.open_raster(optical) as opt_file_ds, \
+            geo.open_raster(sar) as sar_file_ds:
         opt_ds, opt_warped = geo.optical_on_utm(opt_file_ds) if grid == "utm" else (opt_file_ds, False)
         opt_info, sar_file = geo.geo_info(opt_ds), geo.geo_info(sar_file_ds)
         sar_ds, reprojected = geo.sar_in_optical_crs(sar_file_ds, opt_info) if geo_prior else (sar_file_ds, False)
@@ -304,6 +307,7 @@ def _match_tiles(sc: _Scene, matcher: Any, tiles: list[Tile], prior: np.ndarray,
         say(f"matching tile {i + 1}/{len(tiles)}")
         match_tile(matcher, sc.opt_ds, sc.sar_ds, prior, tile, margin, fill, found, options.area_shift,
                    _agree_px(matcher, options))
+        trim_heap()
     return found
 
 
