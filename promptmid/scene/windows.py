@@ -1,4 +1,5 @@
-"""Windowed reads: optical windows, decimated overviews, and SAR chips resampled through a prior."""
+"""Windowed reads: optical windows, decimated overviews, and SAR chips resampled through a prior; the read cache and
+heap trimming that keep a scene's memory flat over its tiles."""
 
 from __future__ import annotations
 
