@@ -95,8 +95,16 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-# runtime "auto": ONNX Runtime on CPU (fast start, no transformers import), transformers ("torch") on a GPU device
-DINOV2 = {"layers": [4, 8, 12], "long_side": 518, "runtime": "auto"}
+# every option of the DINOv2 feature source (promptmid.models.vfm.DINOv2Features) and its default
+DINOV2_DEFAULTS: dict[str, Any] = {
+    "layers": [4, 8, 12],  # 1-based transformer blocks to output, each in 1..12
+    "long_side": 518,  # pixels of the resized long side (rounded to multiples of 14)
+    "norm": True,  # apply the final LayerNorm to every block's tokens (DINOv2 standard)
+    "position": "absolute",  # patch position embeddings: "absolute" (as trained) | "mean" (position-free)
+    "device": "cpu",  # torch device the backbone runs on (fp32)
+    "runtime": "auto",  # "onnxruntime" (CPU) | "torch" (transformers) | "auto": ONNX Runtime on CPU, torch on a GPU
+}
+DINOV2 = {k: DINOV2_DEFAULTS[k] for k in ("layers", "long_side", "runtime")}  # what the presets show
 CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "aliked": 1.0, "dinov2": 0.7, "sd": 0.7}}
 ALIKED = {"detector": "aliked", "top_k": KEYPOINT_DEFAULTS["top_k"]}
 # the diffusion source of preset "full": PromptDM-small, timestep and up-block chosen on perturbed validation

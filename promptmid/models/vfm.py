@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from promptmid.config import merge_options
+from promptmid.config import DINOV2_DEFAULTS, merge_options
 from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
 from promptmid.models.dinov2_onnx import INPUT_NAME, RUNTIMES, resolve_runtime, shared_session
@@ -60,14 +60,7 @@ class DINOv2Features:
     """
 
     name = "dinov2_vits14"
-    default_conf: dict[str, Any] = {
-        "layers": (4, 8, 12),  # 1-based transformer blocks to output, each in 1..12
-        "long_side": 518,  # pixels of the resized long side (rounded to multiples of 14)
-        "norm": True,  # apply the final LayerNorm to every block's tokens (DINOv2 standard)
-        "position": "absolute",  # patch position embeddings: "absolute" (as trained) | "mean" (position-free)
-        "device": "cpu",  # torch device the backbone runs on (fp32)
-        "runtime": "auto",  # "onnxruntime" (CPU) | "torch" (transformers) | "auto": onnxruntime on CPU if installed
-    }
+    default_conf: dict[str, Any] = DINOV2_DEFAULTS  # promptmid.config: every option, documented there
 
     def __init__(self, **conf: Any) -> None:
         self.conf = SimpleNamespace(**merge_options(self.default_conf, conf, "DINOv2Features"))
