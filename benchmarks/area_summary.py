@@ -3,6 +3,7 @@
 Run after ``bench_realpairs.py --out benchmarks/results/area_search.md ...``:
 
     .venv/bin/python benchmarks/area_summary.py [--results benchmarks/results/area_search] [--model affine+refine]
+        [--candidate promptmid-lite+area --baseline promptmid-lite]
 
 Per run (val, unseen) and method: SR@5, SR@10, failure rate (no transform, or a transform whose QC verdict is
 ``failed``), per split group (SR@5 as k/n); and the default rule: a new default must beat ``promptmid-lite`` on
@@ -57,16 +58,17 @@ def table(rows: list[dict[str, str]]) -> tuple[str, dict[str, dict[str, tuple[in
     return "\n".join(head), per_group
 
 
-def default_rule(val: dict[str, dict[str, tuple[int, int]]], unseen: dict[str, dict[str, tuple[int, int]]]) -> str:
-    if BASELINE not in val or CANDIDATE not in val:
+def default_rule(val: dict[str, dict[str, tuple[int, int]]], unseen: dict[str, dict[str, tuple[int, int]]],
+                 candidate: str = CANDIDATE, baseline: str = BASELINE) -> str:
+    if baseline not in val or candidate not in val:
         return ""
-    lines = [f"Default rule ({CANDIDATE} vs {BASELINE}): must win on perturbed validation and on every unseen group "
+    lines = [f"Default rule ({candidate} vs {baseline}): must win on perturbed validation and on every unseen group "
              f"with >= {MIN_GROUP} pairs.", ""]
-    v_new, v_old = (sum(k for k, _ in val[m].values()) for m in (CANDIDATE, BASELINE))
+    v_new, v_old = (sum(k for k, _ in val[m].values()) for m in (candidate, baseline))
     lines.append(f"- validation: {v_new} vs {v_old} pairs within 5 px")
-    for grp, (k, n) in unseen.get(CANDIDATE, {}).items():
+    for grp, (k, n) in unseen.get(candidate, {}).items():
         if n >= MIN_GROUP:
-            old = unseen[BASELINE][grp][0]
+            old = unseen[baseline][grp][0]
             verdict = "win" if k > old else ("tie at the ceiling" if k == old == n else ("tie" if k == old else "LOSS"))
             lines.append(f"- unseen {grp}: {k}/{n} vs {old}/{n} ({verdict})")
     return "\n".join(lines)
@@ -76,6 +78,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "area_search")
     ap.add_argument("--model", default="affine+refine")
+    ap.add_argument("--candidate", default=CANDIDATE, help="method that would become the default")
+    ap.add_argument("--baseline", default=BASELINE, help="the current default it must beat")
     args = ap.parse_args()
     parts, groups = [], {}
     for run in ("val", "unseen"):
@@ -87,7 +91,7 @@ def main() -> int:
     if not parts:
         print(f"area_summary: no rows under {args.results}; run bench_realpairs.py first.")
         return 0
-    rule = default_rule(groups.get("val", {}), groups.get("unseen", {}))
+    rule = default_rule(groups.get("val", {}), groups.get("unseen", {}), args.candidate, args.baseline)
     text = "\n## Headline: SR@5, SR@10, failure rate, the default rule\n\n" + "\n".join(parts) + "\n" + rule + "\n"
     md = args.results.with_suffix(".md")
     if md.is_file():
