@@ -60,8 +60,11 @@ def make_level(image: PreparedImage, long_side: int, sigma: float, orientations:
 
 
 def _resized(channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``[h, w, C]`` channels area-resized to ``size`` = (width, height)."""
-    return cv2.resize(channels, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], -1)
+    """``[h, w, C]`` channels area-resized to ``size`` = (width, height) (OpenCV resizes at most 4 channels at once
+    for most factors)."""
+    parts = [cv2.resize(np.ascontiguousarray(channels[..., i:i + 4]), size, interpolation=cv2.INTER_AREA)
+             for i in range(0, channels.shape[-1], 4)]
+    return np.concatenate([q.reshape(size[1], size[0], -1) for q in parts], axis=-1)
 
 
 def _channels(gradients: np.ndarray, learned: np.ndarray | None) -> np.ndarray:

@@ -203,3 +203,16 @@ def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     assert matcher.search_features().net is matcher.describer.extractor.net
     with pytest.raises(ValueError, match="search.learned"):
         Matcher("lite", {"search": {"learned": "sift"}}).search_features()
+
+
+def test_learned_channels_of_any_size_reach_every_level(displaced):
+    """Learned channels of another size than the image (and more than OpenCV's 4 per resize) are reduced to each
+    level and warped with the canvases."""
+    from promptmid.search_levels import canvas_of
+
+    opt, _ = _prepared(displaced)
+    learned = np.random.default_rng(0).random((301, 257, 16), dtype=np.float32)
+    level = make_level(opt, 111, 1.0, 9, learned=learned)
+    assert level.learned.shape == (*level.mask.shape, 16) and level.features.shape[0] == 9 + 16
+    canvas = canvas_of(level, 7.0, 1.1, {"sigma": 1.0, "orientations": 9})
+    assert canvas.features.shape == (25, *canvas.mask.shape)
