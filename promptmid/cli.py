@@ -18,7 +18,7 @@ from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
     OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, SearchOpt,
-    SearchRotOpt, SearchScaleOpt, ThreadsOpt,
+    SearchFeaturesOpt, SearchRotOpt, SearchScaleOpt, ThreadsOpt,
     StrictOpt, ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console,
     set_threads, status, uncertain, verdict_markup,
 )
@@ -40,6 +40,7 @@ def match(
     search: Optional[bool] = SearchOpt,
     search_rotation: Optional[float] = SearchRotOpt,
     search_scale: Optional[str] = SearchScaleOpt,
+    search_features: Optional[str] = SearchFeaturesOpt,
     top_k: Optional[int] = TopKOpt,
     max_side: Optional[int] = MaxSideOpt,
     sar_scale: Optional[str] = SarScaleOpt,
@@ -69,7 +70,8 @@ def match(
                                 sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
                                 sar_bands=sar_bands, aggregator=aggregator,
                                 dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble,
-                                search=search, search_rotation=search_rotation, search_scale=search_scale)
+                                search=search, search_rotation=search_rotation, search_scale=search_scale,
+                                search_features=search_features)
     from promptmid.api import Matcher
     from promptmid.config import get_config
     from promptmid.io import load_image

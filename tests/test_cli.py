@@ -238,3 +238,13 @@ def test_a_killed_runs_staging_folder_neither_blocks_nor_stays(tmp_path, demo_fi
     (out / "mine.txt").write_text("keep")
     res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(out), "-p", "xfeat", "-q")
     assert res.exit_code == 3  # a user's file still makes the folder non-empty
+
+
+def test_search_features_option_maps_onto_the_config_and_refuses_unknown_names():
+    from promptmid.commands.common import search_overrides
+    from promptmid.errors import InputError
+
+    assert search_overrides({"search_features": "aliked"}) == {"search": {"learned": "aliked"}}
+    assert search_overrides({"search_features": "gradients"}) == {"search": {"learned": None}}
+    with pytest.raises(InputError, match="--search-features"):
+        search_overrides({"search_features": "sift"})

@@ -150,7 +150,8 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
 
 
 def search_overrides(opts: dict[str, Any]) -> dict[str, Any]:
-    """``{"search": ...}`` from ``--search/--no-search``, ``--search-rotation`` and ``--search-scale LO,HI``
+    """``{"search": ...}`` from ``--search/--no-search``, ``--search-rotation``, ``--search-scale LO,HI`` and
+    ``--search-features``
     (empty when none is given); a scale range that is not two positive numbers LO <= HI raises ``InputError``."""
     search: dict[str, Any] = {}
     if opts.get("search") is not None:
@@ -165,6 +166,11 @@ def search_overrides(opts: dict[str, Any]) -> dict[str, Any]:
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise InputError(f"--search-scale must be LO,HI with 0 < LO <= HI; got {opts['search_scale']!r}.")
         search["scale_range"] = (lo, hi)
+    if opts.get("search_features") is not None:
+        if opts["search_features"] not in SEARCH_FEATURE_CHOICES:
+            raise InputError(f"--search-features must be one of {', '.join(SEARCH_FEATURE_CHOICES)}; "
+                             f"got {opts['search_features']!r}.")
+        search["learned"] = None if opts["search_features"] == "gradients" else opts["search_features"]
     return {"search": search} if search else {}
 
 
@@ -244,6 +250,10 @@ SearchRotOpt = typer.Option(None, "--search-rotation", help="Area search: rotati
 SearchScaleOpt = typer.Option(None, "--search-scale", help="Area search: SAR scale range LO,HI relative to the "
                               "optical image (same footprint, or the pixel sizes of georeferenced images; default "
                               f"{','.join(f'{v:g}' for v in DEFAULTS['search']['scale_range'])}).")
+SEARCH_FEATURE_CHOICES = ("gradients", "aliked")
+SearchFeaturesOpt = typer.Option(None, "--search-features", help="Area search channels: gradients (default: oriented "
+                                 "gradients) | aliked (+ ALIKED's dense map; better on training 10 m SAR tiles, worse "
+                                 "on validation: benchmarks/results/area_search_learned.md).")
 TopKOpt = typer.Option(None, "--top-k", help=f"Keypoints per image (default {DEFAULTS['keypoints']['top_k']}).")
 MaxSideOpt = typer.Option(None, "--max-side",
                           help=f"Working resolution: long side in px (default {DEFAULTS['io']['max_side']}).")
