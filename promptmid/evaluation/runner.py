@@ -16,6 +16,7 @@ which candidate was kept (``hypothesis``) and how close the best candidate came 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -32,8 +33,9 @@ import numpy as np
 from promptmid.evaluation import metrics
 from promptmid.evaluation.manifest import Pair
 from promptmid.evaluation.perturb import Perturbation, perturb_pair
+from promptmid.evaluation.pipeline import cpu_name, git_revision
 from promptmid.geometry import Size
-from promptmid.evaluation.split import split_group
+from promptmid.evaluation.split import SPLIT_TEXT, split_group
 from promptmid.io import PreparedImage, load_image
 from promptmid.matching import fit_geometry
 
@@ -371,10 +373,28 @@ def config_dict(conf: EvalConfig) -> dict[str, Any]:
     return asdict(conf)
 
 
+def header_lines(title: str, conf: EvalConfig, pairs: list[Pair], workers: int) -> list[str]:
+    """Provenance lines on top of every summary."""
+    import torch
+
+    rot = ", ".join(f"{a:g}" for a in conf.rotations)
+    return [
+        f"# {title}", "",
+        f"- date: {datetime.date.today().isoformat()}; promptmid git {git_revision(Path(__file__).parent)}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+        f"{conf.threads or torch.get_num_threads()} threads per process, {workers} worker process(es)",
+        f"- pairs: {len(pairs)} from sources {', '.join(sorted({p.source for p in pairs}))}",
+        f"- {SPLIT_TEXT}",
+        f"- geometry: {', '.join(conf.models)} fits (OpenCV USAC MAGSAC, threshold {conf.threshold:g} SAR px, "
+        f"min {conf.min_inliers} inliers); images at long side <= {conf.max_side} px; "
+        f"rotation search [{rot}] deg for methods that are not rotation-invariant (sift-ratio, rift are).",
+        f"- protocol: {'aligned (pairs as they are; says nothing about displaced pairs)' if conf.perturb is None else conf.perturb.describe()}",
+    ]
+
+
 def run_and_report(pairs: list[Pair], conf: EvalConfig, out_dir: Path, workers: int = 1, figures: bool = True,
                    title: str = "promptmid eval", progress: Callable[[Pair], None] | None = None) -> dict[str, Any]:
     """Evaluate ``pairs`` and write ``pairs.csv``, ``summary.md``, ``summary.json`` (+ figures) to ``out_dir``."""
-    from promptmid.evaluation.pipeline import header_lines
     from promptmid.evaluation.report import write_figures, write_summary
 
     rows = evaluate(pairs, conf, workers, progress)
