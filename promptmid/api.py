@@ -19,14 +19,14 @@ from typing import Any, Callable, Iterator
 import cv2
 import numpy as np
 from promptmid import __version__
-from promptmid.config import get_config
+from promptmid.config import SEARCH_FEATURES, get_config
 from promptmid.descriptor import Describer
 from promptmid.models.base import PairContext
 from promptmid.io import PreparedImage, load_image, rotate_prepared
 from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit, search_rotations
-from promptmid.models.dense_features import SEARCH_FEATURES, SearchFeatures
+from promptmid.models.dense_features import SearchFeatures
 from promptmid.search import Hypothesis, LearnedFeatures, global_search
 
 

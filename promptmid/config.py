@@ -27,6 +27,7 @@ def merge_options(defaults: dict[str, Any], options: dict[str, Any], owner: str)
     return {**defaults, **options}
 
 
+SEARCH_FEATURES = ("aliked",)  # learned channels the area search can stack onto its gradients (search.learned)
 DEFAULT_ROTATION_STEP = 90.0  # degrees between the SAR rotations tried by --try-rotations
 # defaults of the diffusion feature source that the CLI shows (the source's own default_conf must agree)
 DIFFUSION_DEFAULTS: dict[str, Any] = {"ensemble": 4}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from promptmid.config import DEFAULT_ROTATION_STEP, DEFAULTS, DIFFUSION_DEFAULTS, PROMPTDM
+from promptmid.config import DEFAULT_ROTATION_STEP, DEFAULTS, DIFFUSION_DEFAULTS, PROMPTDM, SEARCH_FEATURES
 from promptmid.errors import InputError, PromptMIDError, UncertainResultError
 
 err_console = Console(stderr=True)
@@ -250,7 +250,7 @@ SearchRotOpt = typer.Option(None, "--search-rotation", help="Area search: rotati
 SearchScaleOpt = typer.Option(None, "--search-scale", help="Area search: SAR scale range LO,HI relative to the "
                               "optical image (same footprint, or the pixel sizes of georeferenced images; default "
                               f"{','.join(f'{v:g}' for v in DEFAULTS['search']['scale_range'])}).")
-SEARCH_FEATURE_CHOICES = ("gradients", "aliked")
+SEARCH_FEATURE_CHOICES = ("gradients", *SEARCH_FEATURES)  # "gradients": none stacked (search.learned = None)
 SearchFeaturesOpt = typer.Option(None, "--search-features", help="Area search channels: gradients (default: oriented "
                                  "gradients) | aliked (+ ALIKED's dense map; better on training 10 m SAR tiles, worse "
                                  "on validation: benchmarks/results/area_search_learned.md).")

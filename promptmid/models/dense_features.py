@@ -25,8 +25,6 @@ from promptmid.models.keypoints import aliked_dense_map, load_aliked_net
 if TYPE_CHECKING:
     from promptmid.io import PreparedImage
 
-SEARCH_FEATURES = ("aliked",)
-
 
 class SearchFeatures:
     """Callable ``PreparedImage -> [h, w, channels]`` float32: ALIKED's dense map of the image reduced to
