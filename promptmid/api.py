@@ -27,7 +27,7 @@ from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit, search_rotations
 from promptmid.models.dense_features import SearchFeatures
-from promptmid.search import Hypothesis, LearnedFeatures, global_search
+from promptmid.search import MATCHER_KEYS, Hypothesis, LearnedFeatures, global_search
 
 
 @dataclass
@@ -183,15 +183,21 @@ class Matcher:
 
         _, best, rotation_scores = search_rotations(self.conf["geometry"]["rotations"], match_at,
                                                     lambda trial: trial[0].num_inliers)
-        hypotheses = []
-        if self.conf["search"]["enabled"] and search is not False:
-            _progress(progress, "area-based search")
-            with _timer(timings, "search"):
-                hypotheses = global_search(opt, sar_img, {**self.search_conf(), **(search or {})}, prior,
-                                           self.search_features())
+        geom, data = best[0], best[1]
+        refine_conf = self.refine_conf()
         _progress(progress, "quality control")
         with _timer(timings, "qc"):
-            checked = self._check(best[0], best[1], opt, sar_img, hypotheses)
+            keypoint = selection.keypoint_candidate(opt, sar_img, data["points0"], data["points1"], data["scores"],
+                                                    geom, refine_conf, self.conf["geometry"]["threshold"])
+        hypotheses: list[Hypothesis] = []
+        search_conf = self.search_conf(search)
+        if search_conf is not None and not (search_conf.pop("skip_when_ok") and selection.settled(keypoint)):
+            _progress(progress, "area-based search")
+            with _timer(timings, "search"):
+                hypotheses = global_search(opt, sar_img, search_conf, prior, self.search_features())
+            _progress(progress, "quality control of the area hypotheses")
+        with _timer(timings, "qc"):
+            checked = selection.choose(opt, sar_img, keypoint, hypotheses, refine_conf, geom.model)
         timings["total"] = time.perf_counter() - t_start
         return self._result(best, checked, opt, sar_img, feats0, timings, rotation_scores, context)
 
@@ -213,13 +219,23 @@ class Matcher:
                 "n1": len(feats1["keypoints"])}
         return geom, data, angle
 
-    def search_conf(self) -> dict[str, Any]:
-        """Options of :func:`promptmid.search.global_search`: the config's ``search`` section; every rotation when
-        the keypoint stage searches rotations too (``geometry.rotations`` lists more than one angle)."""
-        conf = {k: v for k, v in self.conf["search"].items() if k not in ("enabled", "learned")}
+    def search_conf(self, override: dict[str, Any] | bool | None = None) -> dict[str, Any] | None:
+        """Options of :func:`promptmid.search.global_search` plus ``skip_when_ok``: the config's ``search`` section
+        updated with ``override`` (one call's options); every rotation when the keypoint stage searches rotations too
+        (``geometry.rotations`` lists more than one angle). ``None`` when the search is off (``search.enabled``, or
+        ``override`` is ``False``)."""
+        if override is False or not self.conf["search"]["enabled"]:
+            return None
+        conf = {k: v for k, v in self.conf["search"].items() if k not in MATCHER_KEYS}
         if len(self.conf["geometry"]["rotations"]) > 1:
             conf["rotation_range"] = 180.0
-        return conf
+        return {**conf, "skip_when_ok": self.conf["search"]["skip_when_ok"], **(override or {})}
+
+    def refine_conf(self) -> dict[str, Any] | None:
+        """Options of the area-based refinement (:func:`promptmid.refine.refine_prepared`, ``polish``), ``None`` when
+        ``refine.enabled`` is off."""
+        conf = dict(self.conf["refine"])
+        return conf if conf.pop("enabled") else None
 
     def search_features(self) -> LearnedFeatures | None:
         """The learned channels of the area search (``search.learned``), built once; ``None`` for gradients only."""
@@ -232,15 +248,6 @@ class Matcher:
             net = self.describer.extractor.net if self.describer.extractor.local_name == "aliked" else None
             self._search_features = SearchFeatures(net)
         return self._search_features
-
-    def _check(self, geom: Geometry, data: dict[str, Any], opt: PreparedImage, sar: PreparedImage,
-               hypotheses: list[Hypothesis]) -> tuple[selection.Candidate | None, list[selection.Candidate]]:
-        """The QC stage (:func:`promptmid.selection.choose`): the keypoint fit and every area hypothesis, each refined
-        (when enabled) or not as its evidence prefers; the most confident wins. Returns (chosen, candidates)."""
-        conf = dict(self.conf["refine"])
-        refine_conf = conf if conf.pop("enabled") else None
-        return selection.choose(opt, sar, data["points0"], data["points1"], data["scores"], geom, hypotheses,
-                         refine_conf, self.conf["geometry"]["threshold"])
 
     def _result(
         self, best: tuple[Geometry, dict[str, Any], float],

@@ -93,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
         "orientations": 9,  # oriented-gradient channels
         "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
         "learned": None,  # learned dense channels stacked onto the gradients: None | "aliked" (models/dense_features.py)
+        "skip_when_ok": True,  # no search when the keypoint fit's verdict already is ok (selection.settled)
     },
 }
 

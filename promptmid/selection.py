@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -151,13 +151,32 @@ def assess_area(optical: PreparedImage, sar: PreparedImage, hypothesis: np.ndarr
 SAME_PX = SUCCESS_PX  # candidates whose transforms differ by less than this (mean corner distance, px) are one
 
 
-def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray,
-           scores: np.ndarray, geom: Geometry, hypotheses: list[Any] = (), refine_conf: Mapping[str, Any] | None = None,
-           threshold: float = INLIER_THRESHOLD_PX, qc_model: QCModel | None = None
+def keypoint_candidate(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, points1: np.ndarray,
+                       scores: np.ndarray, geom: Geometry, refine_conf: Mapping[str, Any] | None = None,
+                       threshold: float = INLIER_THRESHOLD_PX, qc_model: QCModel | None = None) -> Candidate | None:
+    """The keypoint fit as a candidate: refined when the dense correlation agrees (:func:`assess`; the polish is for
+    area hypotheses only) and judged; ``None`` when the fit failed."""
+    if not geom.ok:
+        return None
+    keypoint_conf = {k: v for k, v in refine_conf.items() if k != "polish"} if refine_conf else None
+    final, info, ev = assess(optical, sar, points0, points1, scores, geom, keypoint_conf, threshold)
+    return Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model))
+
+
+def settled(keypoint: Candidate | None) -> bool:
+    """Whether the keypoint fit alone already is the answer: its verdict is ``ok``. The area search (``search.skip_when_ok``)
+    is then skipped: on perturbed validation the QC pick equalled the keypoint fit, or a transform within
+    :data:`SAME_PX` of it, on every pair whose keypoint fit was ``ok`` (18 of 27; same SR@5)."""
+    return keypoint is not None and keypoint.verdict.status == "ok"
+
+
+def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | None, hypotheses: Sequence[Any] = (),
+           refine_conf: Mapping[str, Any] | None = None, model: str = "affine", qc_model: QCModel | None = None
            ) -> tuple[Candidate | None, list[Candidate]]:
-    """One result per pair, chosen by evidence: the keypoint fit (:func:`assess`) and every area hypothesis
-    (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g. :class:`promptmid.search.Hypothesis`; polished
-    first when ``refine_conf["polish"]``), each refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of the keypoint fit is not
+    """One result per pair, chosen by evidence: the keypoint fit (:func:`keypoint_candidate`, ``None`` when it failed)
+    and every area hypothesis (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g.
+    :class:`promptmid.search.Hypothesis`; polished first when ``refine_conf["polish"]``; ``model``: the geometry of
+    their refinement), each refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of the keypoint fit is not
     weighed again); the candidate with the highest QC confidence wins (a failed one only when all failed). When the
     keypoint fit is the same transform as the winner (within :data:`SAME_PX`), it is kept instead: confidences of
     right transforms saturate near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis.
@@ -166,17 +185,13 @@ def choose(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
         ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
         and no hypothesis).
     """
-    candidates: list[Candidate] = []
-    if geom.ok:  # the polish is for area hypotheses only; the keypoint fit's refinement takes the rest
-        keypoint_conf = {k: v for k, v in refine_conf.items() if k != "polish"} if refine_conf else None
-        final, info, ev = assess(optical, sar, points0, points1, scores, geom, keypoint_conf, threshold)
-        candidates.append(Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model)))
+    candidates: list[Candidate] = [keypoint] if keypoint is not None else []
     todo = [(i, h) for i, h in enumerate(hypotheses, 1)  # the keypoint fit already is a hypothesis within SAME_PX
             if not (candidates and corner_error(candidates[0].transform, h.matrix, optical.original_size).mean() <= SAME_PX)]
 
     def judge_area(item: tuple[int, Any]) -> Candidate:
         i, h = item
-        return assess_area(optical, sar, h.matrix, geom.model, refine_conf, f"area {i}", h.score, qc_model)
+        return assess_area(optical, sar, h.matrix, model, refine_conf, f"area {i}", h.score, qc_model)
 
     # OpenCV releases the GIL while it matches blocks: the hypotheses are judged side by side (same results)
     with ThreadPoolExecutor(max(1, min(len(todo), fft_workers()))) as pool:

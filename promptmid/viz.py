@@ -6,20 +6,31 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 
 from promptmid.config import INLIER_THRESHOLD_PX
 from promptmid.geometry import checkerboard, residuals, warp_to_optical
 from promptmid.geometry import working_transform
-from promptmid.io import PreparedImage, write_png
+from promptmid.io import PreparedImage, to_uint8, write_png
 
 if TYPE_CHECKING:
     from promptmid.api import MatchResult
 
 
+MATCH_FIGURE_WIDTH = 1200  # px: the side-by-side panel is enlarged to at least this width (legible text, thin lines)
+VERDICT_COLOURS = {"ok": (40, 160, 40), "uncertain": (230, 130, 0)}  # RGB; anything else (failed) is red
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
 def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,
                  max_lines: int = 300) -> None:
-    """Optical and SAR side by side with inlier matches coloured by residual (SAR px)."""
+    """Optical (left) and SAR (right) side by side with inlier matches coloured by residual (viridis,
+    0 .. the inlier threshold in SAR px) and the verdict in the header.
+
+    Drawn with OpenCV (anti-aliased lines and text): the figure costs milliseconds and no plotting library import,
+    which is most of what a cold ``promptmid match`` spent on it (2.3 s of 14 s).
+    """
     inl = result.inliers
     p0 = (result.points0[inl] + 0.5) / np.asarray(opt.scale) - 0.5
     p1 = (result.points1[inl] + 0.5) / np.asarray(sar.scale) - 0.5
@@ -27,36 +38,62 @@ def plot_matches(path: Path, result: MatchResult, opt: PreparedImage, sar: Prepa
     if len(p0) > max_lines:
         keep = np.random.default_rng(0).choice(len(p0), max_lines, replace=False)
         p0, p1, res = p0[keep], p1[keep], res[keep]
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import ConnectionPatch
-
-    # a bare Figure on an Agg canvas: no pyplot import, no figure manager to close, and the layout gets the
-    # canvas's renderer instead of a throw-away draw
-    fig = Figure(figsize=(12, 6.4))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    for ax, img, title in zip(axes, (opt.image, sar.image), ("optical", "SAR")):
-        ax.imshow(img, cmap="gray")
-        ax.set_title(title)
-        ax.axis("off")
-    cmap = colormaps["viridis"]
     thr = max(float(result.config.get("geometry", {}).get("threshold", INLIER_THRESHOLD_PX)), 1e-6)
-    for a, b, r in zip(p0, p1, res):
-        con = ConnectionPatch(xyA=a, xyB=b, coordsA="data", coordsB="data", axesA=axes[0],
-                                                 axesB=axes[1], color=cmap(min(r / thr, 1.0)), lw=0.6, alpha=0.8)
-        fig.add_artist(con)
-    axes[0].scatter(p0[:, 0], p0[:, 1], s=3, c="yellow")
-    axes[1].scatter(p1[:, 0], p1[:, 1], s=3, c="yellow")
-    colour = {"ok": "green", "uncertain": "darkorange"}.get(result.status, "red")
-    fig.suptitle(f"verdict {result.status.upper()} (confidence {result.confidence:.2f})\n"
-                 f"{result.num_inliers} inliers / {len(result.points0)} matches, RMSE {result.rmse:.2f} px, "
-                 f"{result.model}, SAR rotation {result.rotation_deg:g} deg (colour: residual 0..{thr:g} px)",
-                 color=colour)
-    fig.tight_layout()
-    fig.set_layout_engine("none")  # laid out above: savefig need not lay out (and draw every line) once more
-    fig.savefig(path, dpi=100)
+    panel, zoom, offset = _side_by_side(opt.image, sar.image)
+    colours = _viridis(np.clip(res / thr, 0.0, 1.0))
+    for a, b, colour in zip(p0 * zoom, p1 * zoom + offset, colours):
+        cv2.line(panel, _pt(a), _pt(b), colour, 1, cv2.LINE_AA)
+    for q in np.concatenate([p0 * zoom, p1 * zoom + offset]):
+        cv2.circle(panel, _pt(q), 2, (230, 40, 40), -1, cv2.LINE_AA)
+    colour = VERDICT_COLOURS.get(result.status, (220, 30, 30))
+    lines = [(f"verdict {result.status.upper()} (confidence {result.confidence:.2f})", colour),
+             (f"{result.num_inliers} inliers / {len(result.points0)} matches, RMSE {result.rmse:.2f} px, "
+              f"{result.model}, SAR rotation {result.rotation_deg:g} deg", (0, 0, 0))]
+    write_png(path, np.concatenate([_header(panel.shape[1], lines, thr, offset[0]), panel], axis=0))
+
+
+def _pt(p: np.ndarray) -> tuple[int, int]:
+    return int(round(float(p[0]))), int(round(float(p[1])))
+
+
+def _viridis(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """RGB viridis colours of ``values`` in [0, 1]."""
+    lut = cv2.applyColorMap(np.round(np.asarray(values) * 255).astype(np.uint8).reshape(-1, 1), cv2.COLORMAP_VIRIDIS)
+    return [tuple(int(c) for c in bgr[::-1]) for bgr in lut.reshape(-1, 3)]
+
+
+def _rgb8(image: np.ndarray, zoom: float) -> np.ndarray:
+    img = to_uint8(image)
+    img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3]
+    size = (round(img.shape[1] * zoom), round(img.shape[0] * zoom))
+    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR if zoom > 1 else cv2.INTER_AREA)
+
+
+def _side_by_side(optical: np.ndarray, sar: np.ndarray, gap: int = 16
+                  ) -> tuple[np.ndarray, float, np.ndarray]:
+    """``(panel, zoom, offset)``: both images (RGB uint8) on one white canvas, enlarged by ``zoom`` to at least
+    :data:`MATCH_FIGURE_WIDTH`; a SAR pixel ``p`` (working px) is drawn at ``p * zoom + offset``."""
+    zoom = max(1.0, MATCH_FIGURE_WIDTH / (optical.shape[1] + sar.shape[1] + gap))
+    a, b = _rgb8(optical, zoom), _rgb8(sar, zoom)
+    panel = np.full((max(a.shape[0], b.shape[0]), a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)
+    panel[: a.shape[0], : a.shape[1]] = a
+    panel[: b.shape[0], a.shape[1] + gap:] = b
+    return panel, zoom, np.array([a.shape[1] + gap, 0.0])
+
+
+def _header(width: int, lines: list[tuple[str, tuple[int, int, int]]], thr: float, sar_x: float) -> np.ndarray:
+    """A white band with the text ``lines``, the panel titles and the residual colour scale."""
+    band = np.full((34 * len(lines) + 64, width, 3), 255, np.uint8)
+    for i, (text, colour) in enumerate(lines):
+        cv2.putText(band, text, (10, 26 + 34 * i), _FONT, 0.7, colour, 2 if i == 0 else 1, cv2.LINE_AA)
+    top = 34 * len(lines) + 10
+    bar = cv2.applyColorMap(np.tile(np.linspace(0, 255, 160).astype(np.uint8), (10, 1)), cv2.COLORMAP_VIRIDIS)
+    x0 = width - 160 - 80
+    band[top: top + 10, x0: x0 + 160] = bar[..., ::-1]
+    cv2.putText(band, f"residual 0..{thr:g} px", (x0 - 190, top + 10), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    for x, title in ((10, "optical"), (int(sar_x) + 10, "SAR")):
+        cv2.putText(band, title, (x, band.shape[0] - 12), _FONT, 0.8, (0, 0, 0), 2, cv2.LINE_AA)
+    return band
 
 
 def save_checkerboard(path: Path, result: MatchResult, opt: PreparedImage, sar: PreparedImage,

@@ -11,7 +11,6 @@ from promptmid.config import DEFAULTS
 from promptmid.evaluation.metrics import mean_corner_error
 from promptmid.geometry import affine_about_centre
 from promptmid.io import load_image
-from promptmid.matching import Geometry
 from promptmid.selection import assess_area, choose
 from promptmid.search import (Correlator, Level, centre_shift, check_conf, global_search, make_level, search_angles,
                               search_scales)
@@ -19,7 +18,6 @@ from promptmid.synth import make_pair
 
 SIZE = 512
 REFINE = {k: v for k, v in DEFAULTS["refine"].items() if k != "enabled"}
-NO_FIT = Geometry(None, np.zeros(0, bool), reason="keypoints off")
 
 
 def _prepared(pair):
@@ -36,7 +34,7 @@ def test_area_search_alone_registers_displaced_pair(displaced):
     opt, sar = _prepared(displaced)
     hyps = global_search(opt, sar)
     assert hyps, "no hypothesis"
-    chosen, candidates = choose(opt, sar, np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), NO_FIT, hyps, REFINE)
+    chosen, candidates = choose(opt, sar, None, hyps, REFINE)
     assert chosen is not None and chosen.source.startswith("area")
     err = mean_corner_error(chosen.transform, displaced.H, (SIZE, SIZE))
     assert err < 2.0, f"mean corner error {err:.2f} px"
@@ -86,7 +84,7 @@ def test_featureless_pair_is_not_ok():
     optical = (0.5 + 0.01 * rng.standard_normal((256, 256))).astype(np.float32)
     sar = rng.gamma(1.0, 1.0, (256, 256)).astype(np.float32)
     opt, s = load_image(optical, "optical"), load_image(sar, "sar")
-    chosen, _ = choose(opt, s, np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), NO_FIT, global_search(opt, s), REFINE)
+    chosen, _ = choose(opt, s, None, global_search(opt, s), REFINE)
     assert chosen is None or chosen.verdict.status != "ok"
 
 
@@ -141,12 +139,26 @@ def test_assess_area_keeps_the_better_of_refined_and_unrefined(displaced):
 def test_matcher_reports_the_weighed_hypotheses(displaced):
     from promptmid.api import Matcher
 
-    r = Matcher("xfeat").match(displaced.optical, displaced.sar)
+    r = Matcher("xfeat", {"search": {"skip_when_ok": False}}).match(displaced.optical, displaced.sar)
     assert r.hypothesis in {h["source"] for h in r.hypotheses}
     assert r.hypotheses[0]["source"] == "keypoints" and any(h["source"].startswith("area") for h in r.hypotheses)
     assert mean_corner_error(r.transform, displaced.H, (SIZE, SIZE)) < 2.0
     off = Matcher("xfeat", {"search": {"enabled": False}}).match(displaced.optical, displaced.sar)
     assert [h["source"] for h in off.hypotheses] == ["keypoints"]
+
+
+def test_search_is_skipped_when_the_keypoint_fit_is_ok(displaced):
+    """``search.skip_when_ok`` (default): an ``ok`` keypoint fit is the answer, no area search runs; a call's own
+    ``search`` options can turn the skip off."""
+    from promptmid.api import Matcher
+
+    matcher = Matcher("xfeat")
+    r = matcher.match(displaced.optical, displaced.sar)
+    assert r.status == "ok" and r.hypothesis == "keypoints" and "search" not in r.timings
+    assert [h["source"] for h in r.hypotheses] == ["keypoints"]
+    assert mean_corner_error(r.transform, displaced.H, (SIZE, SIZE)) < 2.0
+    forced = matcher.match(displaced.optical, displaced.sar, search={"skip_when_ok": False, "top_k": 1})
+    assert "search" in forced.timings and len(forced.hypotheses) >= 1
 
 
 def test_search_around_a_prior(displaced):
@@ -197,7 +209,7 @@ def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     maps = features(opt)
     assert maps.shape == (SIZE, SIZE, 16) and maps.dtype == np.float32 and np.isfinite(maps).all()
     hyps = global_search(opt, sar, learned=features)
-    chosen, _ = choose(opt, sar, np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), NO_FIT, hyps, REFINE)
+    chosen, _ = choose(opt, sar, None, hyps, REFINE)
     assert chosen is not None and mean_corner_error(chosen.transform, displaced.H, (SIZE, SIZE)) < 2.0
     matcher = Matcher("lite", {"search": {"learned": "aliked"}})
     assert matcher.search_features().net is matcher.describer.extractor.net

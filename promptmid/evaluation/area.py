@@ -6,6 +6,8 @@
 - ``<method>+area``: a composite (``MethodSpec.parts``): the matches of ``<method>`` and the hypotheses of
   ``area-search``, both read from the per-method cache; the ``+refine`` rows keep whichever candidate the QC
   evidence prefers, as :class:`promptmid.api.Matcher` does with ``search.enabled``.
+- ``<method>+area-both``: the hypotheses of both searches (``area-search`` and ``area-search-aliked``) pooled, as the
+  Matcher does with ``search.learned = "both"``.
 
 Rotation search: with several ``rotations`` (the validation run's 0/90/180/270), the area search covers every
 rotation (``rotation_range`` 180), as :class:`promptmid.api.Matcher` does with ``--try-rotations``.
@@ -54,12 +56,13 @@ LEARNED_SPEC = MethodSpec("area-search-aliked", "the global area-based search wi
                           {"search": None, "learned": "aliked"}, rotations_inside=True, default=False)
 
 
-def composite(method: str, description: str, area: str = "area-search") -> MethodSpec:
-    """``<method>+area`` (or ``+<area>`` for another area method): the matches of ``method`` and the hypotheses of
-    the area method, chosen by evidence."""
-    suffix = "area" if area == "area-search" else area
-    return MethodSpec(f"{method}+{suffix}", f"{description} + {area} hypotheses, one chosen by QC evidence",
-                      _no_build, rotations_inside=True, default=False, parts=(method, area))
+def composite(method: str, description: str, areas: tuple[str, ...] = ("area-search",), suffix: str | None = None
+              ) -> MethodSpec:
+    """``<method>+<suffix>``: the matches of ``method`` and the hypotheses of the area methods ``areas``, pooled and
+    chosen by evidence (``suffix`` defaults to ``area`` for the classical search, else the area method's name)."""
+    suffix = suffix or ("area" if areas == ("area-search",) else "+".join(areas))
+    return MethodSpec(f"{method}+{suffix}", f"{description} + {' + '.join(areas)} hypotheses, one chosen by QC "
+                      "evidence", _no_build, rotations_inside=True, default=False, parts=(method, *areas))
 
 
 def _no_build(conf: dict[str, Any]) -> MethodFn:

@@ -185,7 +185,8 @@ def _register_others() -> None:
         register(spec)
     for name in ("promptmid-lite", "aliked-mnn", "promptmid-full"):
         register(area.composite(name, METHODS[name].description))
-        register(area.composite(name, METHODS[name].description, area.LEARNED_SPEC.name))
+        register(area.composite(name, METHODS[name].description, (area.LEARNED_SPEC.name,)))
+        register(area.composite(name, METHODS[name].description, (area.SPEC.name, area.LEARNED_SPEC.name), "area-both"))
 
 
 _register_others()

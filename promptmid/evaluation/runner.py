@@ -244,17 +244,21 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
 def _checked(geom: Any, out: dict[str, Any], hyps: list[Any], images: tuple[PreparedImage, PreparedImage] | None,
              threshold: float) -> tuple[Any, list[Any]]:
     """The QC stage as the product runs it (:func:`promptmid.selection.choose`): the fit (refined when the evidence
-    agrees) and the area hypotheses; returns ``(chosen candidate or None, every candidate)``."""
+    agrees) and the area hypotheses, which are left out when the fit alone is ``ok`` and the default config skips the
+    search then (``search.skip_when_ok``); returns ``(chosen candidate or None, every candidate)``."""
     from promptmid.config import DEFAULTS
     from promptmid.matching import Geometry
-    from promptmid.selection import choose
+    from promptmid.selection import choose, keypoint_candidate, settled
 
     if images is None or (geom is None and not hyps):
         return None, []
     geom = geom if geom is not None else Geometry(None, np.zeros(0, bool), reason=out.get("error") or "")
     refine_conf = {k: v for k, v in DEFAULTS["refine"].items() if k != "enabled"}
-    return choose(images[0], images[1], out["points0"], out["points1"], np.asarray(out["scores"], np.float64), geom,
-                  hyps, refine_conf, threshold)
+    keypoint = keypoint_candidate(images[0], images[1], out["points0"], out["points1"],
+                                  np.asarray(out["scores"], np.float64), geom, refine_conf, threshold)
+    if DEFAULTS["search"]["skip_when_ok"] and settled(keypoint):
+        hyps = []
+    return choose(images[0], images[1], keypoint, hyps, refine_conf, geom.model)
 
 
 def candidate_columns(pair: Pair, chosen: Any, candidates: list[Any],
