@@ -194,7 +194,8 @@ class Matcher:
         if search_conf is not None and not (search_conf.pop("skip_when_ok") and selection.settled(keypoint)):
             _progress(progress, "area-based search")
             with _timer(timings, "search"):
-                hypotheses = global_search(opt, sar_img, search_conf, prior, self.search_features())
+                hypotheses = [h for channels in self.search_channels()
+                              for h in global_search(opt, sar_img, search_conf, prior, channels)]
             _progress(progress, "quality control of the area hypotheses")
         with _timer(timings, "qc"):
             checked = selection.choose(opt, sar_img, keypoint, hypotheses, refine_conf, geom.model)
@@ -237,17 +238,19 @@ class Matcher:
         conf = dict(self.conf["refine"])
         return conf if conf.pop("enabled") else None
 
-    def search_features(self) -> LearnedFeatures | None:
-        """The learned channels of the area search (``search.learned``), built once; ``None`` for gradients only."""
+    def search_channels(self) -> list[LearnedFeatures | None]:
+        """The learned channels of each area search to run (``search.learned``; ``None``: gradients only), their
+        hypotheses pooled in this order: ``[None]`` by default, ``[aliked]``, or ``[None, aliked]`` for ``"both"``.
+        The ALIKED channels are built once and share the keypoint stage's network."""
         name = self.conf["search"].get("learned")
         if not name:
-            return None
+            return [None]
         if name not in SEARCH_FEATURES:
             raise ValueError(f"Unknown search.learned {name!r}; valid: {', '.join(SEARCH_FEATURES)} or None")
         if self._search_features is None:
             net = self.describer.extractor.net if self.describer.extractor.local_name == "aliked" else None
             self._search_features = SearchFeatures(net)
-        return self._search_features
+        return [None, self._search_features] if name == "both" else [self._search_features]
 
     def _result(
         self, best: tuple[Geometry, dict[str, Any], float],

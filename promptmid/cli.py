@@ -17,7 +17,7 @@ from promptmid.commands import register_all
 from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
     AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
-    OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, SearchOpt,
+    AlwaysSearchOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, SearchOpt,
     SearchFeaturesOpt, SearchRotOpt, SearchScaleOpt, ThreadsOpt,
     StrictOpt, ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console,
     set_threads, status, uncertain, verdict_markup,
@@ -38,6 +38,7 @@ def match(
     try_rotations: bool = RotOpt,
     rotation_step: Optional[float] = RotStepOpt,
     search: Optional[bool] = SearchOpt,
+    always_search: bool = AlwaysSearchOpt,
     search_rotation: Optional[float] = SearchRotOpt,
     search_scale: Optional[str] = SearchScaleOpt,
     search_features: Optional[str] = SearchFeaturesOpt,
@@ -70,7 +71,7 @@ def match(
                                 sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
                                 sar_bands=sar_bands, aggregator=aggregator,
                                 dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble,
-                                search=search, search_rotation=search_rotation, search_scale=search_scale,
+                                search=search, always_search=always_search, search_rotation=search_rotation, search_scale=search_scale,
                                 search_features=search_features)
     from promptmid.api import Matcher
     from promptmid.config import get_config

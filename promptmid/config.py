@@ -27,7 +27,9 @@ def merge_options(defaults: dict[str, Any], options: dict[str, Any], owner: str)
     return {**defaults, **options}
 
 
-SEARCH_FEATURES = ("aliked",)  # learned channels the area search can stack onto its gradients (search.learned)
+# search.learned: "aliked" stacks ALIKED's dense channels onto the gradients; "both" runs the classical search and that
+# one and pools their hypotheses (the QC picks)
+SEARCH_FEATURES = ("aliked", "both")
 DEFAULT_ROTATION_STEP = 90.0  # degrees between the SAR rotations tried by --try-rotations
 # defaults of the diffusion feature source that the CLI shows (the source's own default_conf must agree)
 DIFFUSION_DEFAULTS: dict[str, Any] = {"ensemble": 4}
@@ -92,7 +94,7 @@ DEFAULTS: dict[str, Any] = {
         "peaks_per_cell": 2,  # correlation peaks kept per (rotation, scale) cell before choosing the top_k
         "orientations": 9,  # oriented-gradient channels
         "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
-        "learned": None,  # learned dense channels stacked onto the gradients: None | "aliked" (models/dense_features.py)
+        "learned": None,  # learned dense channels: None | "aliked" | "both" (SEARCH_FEATURES, models/dense_features.py)
         "skip_when_ok": True,  # no search when the keypoint fit's verdict already is ok (selection.settled)
     },
 }

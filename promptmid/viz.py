@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -65,7 +66,7 @@ def _viridis(values: np.ndarray) -> list[tuple[int, int, int]]:
 def _rgb8(image: np.ndarray, zoom: float) -> np.ndarray:
     img = to_uint8(image)
     img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3]
-    size = (round(img.shape[1] * zoom), round(img.shape[0] * zoom))
+    size = (math.ceil(img.shape[1] * zoom - 1e-9), math.ceil(img.shape[0] * zoom - 1e-9))
     return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR if zoom > 1 else cv2.INTER_AREA)
 
 
@@ -73,7 +74,7 @@ def _side_by_side(optical: np.ndarray, sar: np.ndarray, gap: int = 16
                   ) -> tuple[np.ndarray, float, np.ndarray]:
     """``(panel, zoom, offset)``: both images (RGB uint8) on one white canvas, enlarged by ``zoom`` to at least
     :data:`MATCH_FIGURE_WIDTH`; a SAR pixel ``p`` (working px) is drawn at ``p * zoom + offset``."""
-    zoom = max(1.0, MATCH_FIGURE_WIDTH / (optical.shape[1] + sar.shape[1] + gap))
+    zoom = max(1.0, (MATCH_FIGURE_WIDTH - gap) / (optical.shape[1] + sar.shape[1]))
     a, b = _rgb8(optical, zoom), _rgb8(sar, zoom)
     panel = np.full((max(a.shape[0], b.shape[0]), a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)
     panel[: a.shape[0], : a.shape[1]] = a

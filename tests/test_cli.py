@@ -39,6 +39,10 @@ def test_match_writes_all_products(tmp_path, demo_files, demo_pair):
 
     with rasterio.open(out / "registered_sar.tif") as src:
         assert (src.width, src.height) == (512, 512) and src.dtypes[0] == "float32"
+    import cv2
+
+    figure = cv2.imread(str(out / "matches.png"))  # both images side by side under a header, enlarged to 1200 px
+    assert figure.shape[1] >= 1200 and figure.shape[0] > 1200 * 512 / (2 * 512 + 16)
 
 
 def test_existing_output_needs_overwrite(tmp_path, demo_files):
@@ -246,5 +250,8 @@ def test_search_features_option_maps_onto_the_config_and_refuses_unknown_names()
 
     assert search_overrides({"search_features": "aliked"}) == {"search": {"learned": "aliked"}}
     assert search_overrides({"search_features": "gradients"}) == {"search": {"learned": None}}
+    assert search_overrides({"search_features": "both"}) == {"search": {"learned": "both"}}
+    assert search_overrides({"always_search": True}) == {"search": {"skip_when_ok": False}}
+    assert search_overrides({"always_search": False}) == {}
     with pytest.raises(InputError, match="--search-features"):
         search_overrides({"search_features": "sift"})

@@ -212,9 +212,32 @@ def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     chosen, _ = choose(opt, sar, None, hyps, REFINE)
     assert chosen is not None and mean_corner_error(chosen.transform, displaced.H, (SIZE, SIZE)) < 2.0
     matcher = Matcher("lite", {"search": {"learned": "aliked"}})
-    assert matcher.search_features().net is matcher.describer.extractor.net
+    (channels,) = matcher.search_channels()
+    assert channels.net is matcher.describer.extractor.net
+    assert Matcher("lite").search_channels() == [None]
+    gradients, aliked = Matcher("lite", {"search": {"learned": "both"}}).search_channels()
+    assert gradients is None and isinstance(aliked, SearchFeatures)
     with pytest.raises(ValueError, match="search.learned"):
-        Matcher("lite", {"search": {"learned": "sift"}}).search_features()
+        Matcher("lite", {"search": {"learned": "sift"}}).search_channels()
+
+
+def test_both_searches_pool_their_hypotheses(displaced, monkeypatch):
+    """search.learned = 'both': the classical search and the search with ALIKED channels both run (the real search,
+    its calls recorded) and their hypotheses are weighed together; the pick registers the displaced pair."""
+    import promptmid.api as api
+
+    calls, real = [], api.global_search
+
+    def recorded(*args, **kwargs):
+        hyps = real(*args, **kwargs)
+        calls.append((args[4], len(hyps)))
+        return hyps
+
+    monkeypatch.setattr(api, "global_search", recorded)
+    r = api.Matcher("xfeat", {"search": {"learned": "both", "skip_when_ok": False, "top_k": 1}}).match(
+        displaced.optical, displaced.sar)
+    assert [c[0] is None for c in calls] == [True, False] and all(n == 1 for _, n in calls)
+    assert mean_corner_error(r.transform, displaced.H, (SIZE, SIZE)) < 2.0
 
 
 def test_learned_channels_of_any_size_reach_every_level(displaced):

@@ -150,12 +150,14 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
 
 
 def search_overrides(opts: dict[str, Any]) -> dict[str, Any]:
-    """``{"search": ...}`` from ``--search/--no-search``, ``--search-rotation``, ``--search-scale LO,HI`` and
+    """``{"search": ...}`` from ``--search/--no-search``, ``--always-search``, ``--search-rotation``, ``--search-scale LO,HI`` and
     ``--search-features``
     (empty when none is given); a scale range that is not two positive numbers LO <= HI raises ``InputError``."""
     search: dict[str, Any] = {}
     if opts.get("search") is not None:
         search["enabled"] = bool(opts["search"])
+    if opts.get("always_search"):
+        search["skip_when_ok"] = False
     if opts.get("search_rotation") is not None:
         search["rotation_range"] = float(opts["search_rotation"])
     if opts.get("search_scale") is not None:
@@ -245,15 +247,17 @@ RotStepOpt = typer.Option(None, "--rotation-step",
                           help=f"Rotation step in degrees for --try-rotations (default {DEFAULT_ROTATION_STEP:g}).")
 SearchOpt = typer.Option(None, "--search/--no-search", help="Global area-based search for transform hypotheses "
                          "beside the keypoint fit; the QC evidence picks one (default: the preset's).")
+AlwaysSearchOpt = typer.Option(False, "--always-search", help="Run the area search even when the keypoint fit is "
+                               "already ok (by default it is skipped then: search.skip_when_ok).")
 SearchRotOpt = typer.Option(None, "--search-rotation", help="Area search: rotations within +-DEG (default "
                             f"{DEFAULTS['search']['rotation_range']:g}; --try-rotations searches every rotation).")
 SearchScaleOpt = typer.Option(None, "--search-scale", help="Area search: SAR scale range LO,HI relative to the "
                               "optical image (same footprint, or the pixel sizes of georeferenced images; default "
                               f"{','.join(f'{v:g}' for v in DEFAULTS['search']['scale_range'])}).")
 SEARCH_FEATURE_CHOICES = ("gradients", *SEARCH_FEATURES)  # "gradients": none stacked (search.learned = None)
-SearchFeaturesOpt = typer.Option(None, "--search-features", help="Area search channels: gradients (default: oriented "
-                                 "gradients) | aliked (+ ALIKED's dense map; better on training 10 m SAR tiles, worse "
-                                 "on validation: benchmarks/results/area_search_learned.md).")
+SearchFeaturesOpt = typer.Option(None, "--search-features", help="Area search channels: gradients (oriented "
+                                 "gradients) | aliked (+ ALIKED's dense map) | both (the two searches, hypotheses "
+                                 "pooled). Default: the preset's (benchmarks/results/area_search.md).")
 TopKOpt = typer.Option(None, "--top-k", help=f"Keypoints per image (default {DEFAULTS['keypoints']['top_k']}).")
 MaxSideOpt = typer.Option(None, "--max-side",
                           help=f"Working resolution: long side in px (default {DEFAULTS['io']['max_side']}).")
