@@ -53,18 +53,31 @@ class Refinement:
                 "reason": self.reason}
 
 
+def grid_step(shape: tuple[int, int], block: int, search: int, max_blocks: int | None) -> int:
+    """Spacing (px) of the block grid: half a block, widened until at most ``max_blocks`` blocks fit (``None``: no
+    limit). Images up to about 600 px keep the half-block grid; a 1024 px image gets ~2x the spacing."""
+    h, w = shape
+    step = max(block // 2, 1)
+    while max_blocks is not None and step < max(h, w) and \
+            ((h - block - 2 * search) // step + 1) * ((w - block - 2 * search) // step + 1) > max_blocks:
+        step += 1
+    return step
+
+
 def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block: int, search: int,
-                 min_distinct: float) -> tuple[np.ndarray, np.ndarray]:
-    """Match blocks of ``feat0`` in ``feat1`` (``[C, H, W]``, same grid) within ``+-search`` px.
+                 min_distinct: float, max_blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Match blocks of ``feat0`` in ``feat1`` (``[C, H, W]``, same grid) within ``+-search`` px, on a grid of
+    :func:`grid_step` spacing (at most ``max_blocks`` blocks).
 
     Returns:
         block centres ``[K, 2]`` (x, y) in ``feat0`` and their shifts ``[K, 2]`` (where the block
         content sits in ``feat1`` minus where it sits in ``feat0``).
     """
     h, w = valid.shape
+    step = grid_step((h, w), block, search, max_blocks)
     centres, shifts = [], []
-    for y0 in range(search, h - block - search + 1, block // 2):
-        for x0 in range(search, w - block - search + 1, block // 2):
+    for y0 in range(search, h - block - search + 1, step):
+        for x0 in range(search, w - block - search + 1, step):
             if valid[y0 - search:y0 + block + search, x0 - search:x0 + block + search].mean() < 0.95:
                 continue
             templ = feat0[:, y0:y0 + block, x0:x0 + block]
@@ -81,7 +94,8 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
 def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                      sar_valid: np.ndarray, model: str = "affine", block: int = 64, search: int = 8,
                      min_distinct: float = 0.005, min_blocks: int = 8, threshold: float = 1.5,
-                     iterations: int = 3, search_after: int | None = None) -> Refinement:
+                     iterations: int = 3, search_after: int | None = None, max_blocks: int | None = 256
+                     ) -> Refinement:
     """Refine an optical -> SAR transform by block matching of oriented-gradient features.
 
     Args:
@@ -96,12 +110,13 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         iterations: repeat (warp, match blocks, fit) while the median block shift exceeds 0.25 px.
         search_after: search radius of the passes after the first (default ``search``): a coarse start needs a
             wide first search, the passes after it only a narrow one.
+        max_blocks: most blocks per pass (the grid spacing widens on large images; ``None``: half a block always).
     """
     result = Refinement(matrix, False, reason="not run")
     for i in range(iterations):
         radius = search if i == 0 or search_after is None else min(search, search_after)
         step = _refine_once(optical, sar, result.matrix, optical_valid, sar_valid, model, block, radius,
-                            min_distinct, min_blocks, threshold)
+                            min_distinct, min_blocks, threshold, max_blocks)
         if not step.applied:
             return result if result.applied else step
         result = step
@@ -112,7 +127,7 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
 
 def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                  sar_valid: np.ndarray, model: str, block: int, search: int, min_distinct: float, min_blocks: int,
-                 threshold: float) -> Refinement:
+                 threshold: float, max_blocks: int | None = None) -> Refinement:
     """One pass of :func:`refine_transform`."""
     gray0 = optical.mean(-1) if optical.ndim == 3 else optical
     gray1 = sar.mean(-1) if sar.ndim == 3 else sar
@@ -123,7 +138,7 @@ def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optic
                                        | cv2.WARP_INVERSE_MAP).astype(bool)
     valid = optical_valid & warped_valid
     centres, shifts = block_shifts(oriented_gradient_features(gray0), oriented_gradient_features(warped), valid,
-                                   block, search, min_distinct)
+                                   block, search, min_distinct, max_blocks)
     if len(centres) < min_blocks:
         return Refinement(matrix, False, len(centres), reason=f"only {len(centres)} textured blocks")
     # block content at optical c is found at c + d in the warped SAR, i.e. at SAR matrix(c + d)

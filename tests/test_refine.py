@@ -36,3 +36,16 @@ def test_refinement_is_not_applied_on_textureless_images():
     flat[100:, :] = 0.6  # one edge only: too few textured blocks
     ref = refine_transform(flat, flat, np.eye(3), np.ones((200, 200), bool), np.ones((200, 200), bool))
     assert not ref.applied and np.array_equal(ref.matrix, np.eye(3)) and ref.reason
+
+
+def test_block_grid_is_capped_on_large_images():
+    """The refinement's block grid keeps half-block spacing up to ~600 px and widens beyond so that at most
+    ``max_blocks`` blocks are matched per pass (a 1024 px scene tile: 225 instead of 841)."""
+    from promptmid.refine import grid_step
+
+    def count(side: int, step: int, block: int = 64, search: int = 8) -> int:
+        return ((side - block - 2 * search) // step + 1) ** 2
+
+    assert grid_step((512, 512), 64, 8, 256) == 32 and grid_step((1024, 1024), 64, 8, None) == 32
+    step = grid_step((1024, 1024), 64, 8, 256)
+    assert count(1024, step) <= 256 < count(1024, step - 1)
