@@ -3,7 +3,10 @@
 Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 1,2] [--repeats 5] [--cold-repeats 3]
            [--presets xfeat,aliked,lite-concat,lite,lite:nosearch]
 
-``PRESET:nosearch`` runs the preset with the area-based search off (``--no-search``).
+``PRESET:nosearch`` runs the preset with the area-based search off (``--no-search``); ``PRESET:always`` runs the
+search even when the keypoint fit is already ``ok`` (``--always-search``: the cost of a pair whose keypoints do not
+settle it; by default an ``ok`` keypoint fit skips the search); ``PRESET:both`` does that with both searches pooled
+(``--search-features both``).
 
 Warm: each preset runs in its own subprocess (so peak RSS is per preset), on the generated demo
 pair (no rotation search), after one warm-up call. Cold: the whole ``promptmid match`` command
@@ -52,9 +55,15 @@ print(json.dumps(med))
 """
 
 
+# variant -> (search overrides of the Matcher, the same as `promptmid match` options)
+VARIANTS = {"nosearch": ({"enabled": False}, ["--no-search"]),
+            "always": ({"skip_when_ok": False}, ["--always-search"]),
+            "both": ({"skip_when_ok": False, "learned": "both"}, ["--always-search", "--search-features", "both"])}
+
+
 def run_preset(preset: str, threads: int, repeats: int) -> dict[str, float]:
     name, _, variant = preset.partition(":")
-    overrides = {"search": {"enabled": False}} if variant == "nosearch" else {}
+    overrides = {"search": VARIANTS[variant][0]} if variant else {}
     code = CHILD.format(preset=name, threads=threads, repeats=repeats, overrides=repr(overrides))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -71,7 +80,7 @@ def run_cli(preset: str, threads: int, repeats: int) -> dict[str, float]:
         optical, sar = write_demo_inputs(Path(tmp) / "inputs", pair.optical, pair.sar)
         cmd = [sys.executable, "-m", "promptmid.cli", "match", str(optical), str(sar), "--out", f"{tmp}/out",
                "--overwrite", "--quiet", "--preset", name, "--threads", str(threads)]
-        cmd += ["--no-search"] if variant == "nosearch" else []
+        cmd += VARIANTS[variant][1] if variant else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         walls, rss, stages = [], [], []
         for i in range(repeats + 1):  # the first run builds any converted-model cache: not timed
@@ -95,9 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch")
+    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch,lite:always,lite:both")
     parser.add_argument("--cold-repeats", type=int, default=3, help="whole `promptmid match` runs per preset")
-    parser.add_argument("--cold-presets", default="lite,lite:nosearch")
+    parser.add_argument("--cold-presets", default="lite,lite:nosearch,lite:always")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     stages = ["read", "keypoints", "dinov2", "aggregation", "matching", "fitting", "search", "qc", "total"]
@@ -123,7 +132,8 @@ def main() -> None:
     text = "\n".join(header_lines("Speed per 512x512 pair", threads=max(threads))[:-1] + [load, ""] + [
         f"Generated demo pair (512x512, seed 7), no rotation search; median of {args.repeats} runs after a warm-up; "
         "stage times are summed over both images (keypoints, dinov2) and include guided re-matching (matching, "
-        "fitting); search = the global area-based search, qc = refinement and QC of every hypothesis. Target: the "
+        "fitting); search = the global area-based search (skipped when the keypoint fit is already ok, the default; "
+        "`:always` runs it anyway, `:both` runs both searches), qc = refinement and QC of every hypothesis. Target: the "
         "default (lite) <= 4 s per pair on 2 threads.", "", table, ""] + ([
         "## Whole command, cold", "",
         f"`promptmid match` on the same pair written to files (optical PNG, SAR float32 GeoTIFF), a fresh process "
