@@ -57,7 +57,8 @@ class Hypothesis:
         distinctness: ``score`` minus the best correlation more than 2 px from the peak within the polishing window.
         angle_deg: rotation of the SAR content relative to the optical image (counter-clockwise as displayed).
         scale: SAR reduced px per optical reduced px, relative to the prior scale.
-        source: what proposed it (``"area"``).
+        source: what proposed it: ``"area"`` (the classical search) or ``"area+<name>"`` (the search with learned
+            channels, e.g. ``"area+aliked"``).
     """
 
     matrix: np.ndarray
@@ -158,7 +159,15 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
     if c["max_shift"] is not None:
         hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
     hyps.sort(key=lambda h: -h.score)
+    for h in hyps:
+        h.source = search_source(learned)
     return _distinct(hyps, optical, c["top_k"])
+
+
+def search_source(learned: LearnedFeatures | None) -> str:
+    """The ``source`` of a search's hypotheses: ``"area"``, or ``"area+<name>"`` with learned channels (their
+    ``name`` attribute, ``"learned"`` without one)."""
+    return "area" if learned is None else f"area+{getattr(learned, 'name', 'learned')}"
 
 
 def through_prior(sar: PreparedImage, optical: PreparedImage, prior: np.ndarray) -> PreparedImage:

@@ -251,3 +251,22 @@ def test_learned_channels_of_any_size_reach_every_level(displaced):
     assert level.learned.shape == (*level.mask.shape, 16) and level.features.shape[0] == 9 + 16
     canvas = canvas_of(level, 7.0, 1.1, {"sigma": 1.0, "orientations": 9})
     assert canvas.features.shape == (25, *canvas.mask.shape)
+
+
+def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
+    """The pick adds AGREEMENT_BONUS to a candidate confirmed (within SAME_PX) by another kind of source — the other
+    search or the keypoints — not by its own search; a confirmed failed candidate can win but stays at most uncertain."""
+    from promptmid.geometry import translation
+    from promptmid.qc import Verdict
+    from promptmid.selection import Candidate, pick
+
+    def cand(source, dx, status, conf):
+        return Candidate(source, translation(dx, 0.0), None, {}, Verdict(status, conf))
+
+    lone = cand("area 1", 40.0, "uncertain", 0.3)
+    a, b = cand("area 2", 0.0, "uncertain", 0.1), cand("area+aliked 3", 2.0, "failed", 0.02)
+    assert pick([lone, a, b], (256, 256)) is a
+    same = cand("area 3", 2.0, "uncertain", 0.1)  # the same search twice is no confirmation
+    assert pick([lone, a, same], (256, 256)) is lone
+    best = pick([lone, cand("area 2", 0.0, "failed", 0.03), b], (256, 256))
+    assert best.verdict.status == "uncertain" and "confirmed" in best.verdict.reasons[0]

@@ -56,6 +56,15 @@ LEARNED_SPEC = MethodSpec("area-search-aliked", "the global area-based search wi
                           {"search": None, "learned": "aliked"}, rotations_inside=True, default=False)
 
 
+def area_source(name: str) -> str:
+    """The ``source`` of the hypotheses of area method ``name`` (as :func:`promptmid.search.search_source` names them;
+    set from the registry, so hypotheses cached before sources were recorded are named right too)."""
+    from promptmid.evaluation.methods import METHODS
+
+    learned = METHODS[name].default_conf.get("learned")
+    return f"area+{learned}" if learned else "area"
+
+
 def composite(method: str, description: str, areas: tuple[str, ...] = ("area-search",), suffix: str | None = None
               ) -> MethodSpec:
     """``<method>+<suffix>``: the matches of ``method`` and the hypotheses of the area methods ``areas``, pooled and

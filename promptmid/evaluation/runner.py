@@ -178,13 +178,16 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
     """Cached or fresh matches of ``name`` on ``pair``; never raises for a method failure.
 
     A composite method (``MethodSpec.parts``) gets the matches of its first part and the ``hypotheses`` of the
-    others (each part cached on its own), with the parts' timings added up."""
+    others (each part cached on its own; their ``source`` set by the part, :func:`area_source`), with the parts'
+    timings added up."""
+    from promptmid.evaluation.area import area_source
     from promptmid.evaluation.methods import METHODS, rotations_for
 
     parts = METHODS[name].parts
     if parts:
         outs = [matches_for(p, pair, images, load_error, conf) for p in parts]
-        out = {**outs[0], "hypotheses": [h for o in outs[1:] for h in o.get("hypotheses", [])]}
+        out = {**outs[0], "hypotheses": [{**h, "source": area_source(p)} for p, o in zip(parts[1:], outs[1:])
+                                         for h in o.get("hypotheses", [])]}
         out["error"] = next((o["error"] for o in outs if o.get("error")), None)
         out["timings"] = {k: sum(o.get("timings", {}).get(k, 0.0) for o in outs) for k in ("features", "matching")}
         out["peak_mem_mb"] = max(o.get("peak_mem_mb", float("nan")) for o in outs)

@@ -38,6 +38,8 @@ class SearchFeatures:
         seed: seed of the fixed projection (the same for both images of a pair, and for every pair).
     """
 
+    name = "aliked"  # the hypotheses it helps find are "area+aliked"
+
     def __init__(self, net: torch.nn.Module | None = None, channels: int = 16, weight: float = 0.5,
                  long_side: int = 512, seed: int = 0) -> None:
         self.net = net if net is not None else load_aliked_net()
