@@ -40,7 +40,7 @@ def test_refinement_is_not_applied_on_textureless_images():
 
 def test_block_grid_is_capped_on_large_images():
     """The refinement's block grid keeps half-block spacing up to ~600 px and widens beyond so that at most
-    ``max_blocks`` blocks are matched per pass (a 1024 px scene tile: 225 instead of 841)."""
+    ``max_blocks`` blocks are matched per pass (with 256, a 1024 px scene tile: 225 instead of 841)."""
     from promptmid.refine import grid_step
 
     def count(side: int, step: int, block: int = 64, search: int = 8) -> int:
