@@ -76,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "search": 8,  # search radius around the fitted position (working px)
         "min_distinct": 0.005,  # correlation peak minus best score > 3 px away, for a block to count
         "min_blocks": 8,  # fewer accepted blocks = keep the keypoint fit
-        "max_blocks": 400,  # most blocks per pass: the grid widens on larger images (1024 px tiles: 400, not 841)
+        "max_blocks": None,  # most blocks per pass (None: every half-block; a cap widens the grid on large images)
         "threshold": 1.5,  # inlier threshold of the correction fit (working px)
         "iterations": 3,  # passes (each re-warps with the refined transform)
         "polish": True,  # dense affine polish of each area hypothesis before its blocks (promptmid.polish)
