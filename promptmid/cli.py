@@ -183,11 +183,12 @@ def models(
 ) -> None:
     """List every model: source package and version, checksum, cache path, readiness."""
     from promptmid.models.aggregation import aggregator_status
+    from promptmid.models.dinov2_onnx import graph_status
     from promptmid.models.promptdm import promptdm_status
     from promptmid.models.weights import model_status
     from promptmid.qc import qc_model_status
 
-    rows = model_status(verify) + aggregator_status() + [promptdm_status(verify)] + qc_model_status()
+    rows = model_status(verify) + [graph_status()] + aggregator_status() + [promptdm_status(verify)] + qc_model_status()
     if json_out:
         print(json.dumps(rows, indent=2))
         return

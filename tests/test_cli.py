@@ -112,7 +112,19 @@ def test_models_lists_every_model():
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     names = {r["name"] for r in rows}
-    assert {"xfeat", "dinov2_vits14"} <= names and all(r["ready"] for r in rows)
+    assert {"xfeat", "dinov2_vits14", "dinov2 graph (ONNX Runtime)"} <= names and all(r["ready"] for r in rows)
+
+
+def test_models_reports_the_dinov2_graph_cache(tmp_path):
+    """The ONNX Runtime graph cache: not built yet in an empty folder, rebuilt when its file does not match."""
+    from promptmid.models.dinov2_onnx import graph_status
+
+    row = graph_status(cache=tmp_path)
+    assert row["ready"] and "not built yet" in row["message"] and row["cache_path"].startswith(str(tmp_path))
+    path = Path(row["cache_path"])
+    path.write_bytes(b"not a graph")
+    path.with_suffix(".json").write_text(json.dumps({"sha256": "0" * 64}))
+    assert "stale or corrupt" in graph_status(cache=tmp_path)["message"]
 
 
 def test_demo_command(tmp_path):

