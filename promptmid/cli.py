@@ -16,9 +16,9 @@ from rich.table import Table
 from promptmid.commands import register_all
 from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
-    AggregatorOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt, ModelOpt, NanOpt,
-    AlwaysSearchOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt, SearchOpt,
-    SearchFeaturesOpt, SearchRotOpt, SearchScaleOpt, ThreadsOpt,
+    AggregatorOpt, AlwaysSearchOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt,
+    ModelOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt,
+    SearchOpt, SearchFeaturesOpt, SearchRotOpt, SearchScaleOpt, ThreadsOpt,
     StrictOpt, ThresholdOpt, TopKOpt, build_overrides, err_console, fail, resolve_preset, add_command, out_console,
     set_threads, status, uncertain, verdict_markup,
 )
@@ -71,8 +71,8 @@ def match(
                                 sar_scale=sar_scale, nan_as_nodata=nan_as_nodata, optical_bands=optical_bands,
                                 sar_bands=sar_bands, aggregator=aggregator,
                                 dm=dm, dm_lora=dm_lora, land_use=land_use, dm_ensemble=dm_ensemble,
-                                search=search, always_search=always_search, search_rotation=search_rotation, search_scale=search_scale,
-                                search_features=search_features)
+                                search=search, always_search=always_search, search_rotation=search_rotation,
+                                search_scale=search_scale, search_features=search_features)
     from promptmid.api import Matcher
     from promptmid.config import get_config
     from promptmid.io import load_image
@@ -188,7 +188,8 @@ def models(
     from promptmid.models.weights import model_status
     from promptmid.qc import qc_model_status
 
-    rows = model_status(verify) + [graph_status()] + aggregator_status() + [promptdm_status(verify)] + qc_model_status()
+    rows = (model_status(verify) + [graph_status(verify)] + aggregator_status() + [promptdm_status(verify)]
+            + qc_model_status())
     if json_out:
         print(json.dumps(rows, indent=2))
         return

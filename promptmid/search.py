@@ -160,14 +160,14 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
         hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
     hyps.sort(key=lambda h: -h.score)
     for h in hyps:
-        h.source = search_source(learned)
+        h.source = search_source(None if learned is None else getattr(learned, "name", "learned"))
     return _distinct(hyps, optical, c["top_k"])
 
 
-def search_source(learned: LearnedFeatures | None) -> str:
-    """The ``source`` of a search's hypotheses: ``"area"``, or ``"area+<name>"`` with learned channels (their
-    ``name`` attribute, ``"learned"`` without one)."""
-    return "area" if learned is None else f"area+{getattr(learned, 'name', 'learned')}"
+def search_source(learned: str | None) -> str:
+    """The ``source`` of a search's hypotheses: ``"area"`` for the classical search, ``"area+<learned>"`` for the
+    search with the learned channels named ``learned`` (their ``name`` attribute, e.g. ``"aliked"``)."""
+    return f"area+{learned}" if learned else "area"
 
 
 def through_prior(sar: PreparedImage, optical: PreparedImage, prior: np.ndarray) -> PreparedImage:

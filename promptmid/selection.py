@@ -164,9 +164,9 @@ def keypoint_candidate(optical: PreparedImage, sar: PreparedImage, points0: np.n
 
 
 def settled(keypoint: Candidate | None) -> bool:
-    """Whether the keypoint fit alone already is the answer: its verdict is ``ok``. The area search (``search.skip_when_ok``)
-    is then skipped: on perturbed validation the QC pick equalled the keypoint fit, or a transform within
-    :data:`SAME_PX` of it, on every pair whose keypoint fit was ``ok`` (18 of 27; same SR@5)."""
+    """Whether the keypoint fit alone already is the answer: its verdict is ``ok``. The area search
+    (``search.skip_when_ok``) is then skipped: on perturbed validation the QC pick equalled the keypoint fit, or a
+    transform within :data:`SAME_PX` of it, on every pair whose keypoint fit was ``ok`` (18 of 27; same SR@5)."""
     return keypoint is not None and keypoint.verdict.status == "ok"
 
 
@@ -176,9 +176,9 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
     """One result per pair, chosen by evidence: the keypoint fit (:func:`keypoint_candidate`, ``None`` when it failed)
     and every area hypothesis (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g.
     :class:`promptmid.search.Hypothesis`; polished first when ``refine_conf["polish"]``; ``model``: the geometry of
-    their refinement), each refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of the keypoint fit is not
-    weighed again); :func:`pick` keeps one (the most confident, with a bonus for a transform two kinds of source
-    agree on).
+    their refinement), each refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of
+    the keypoint fit is not weighed again); :func:`pick` keeps one (the most confident, with a bonus for a transform
+    two kinds of source agree on).
 
     Returns:
         ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed

@@ -255,7 +255,8 @@ def test_learned_channels_of_any_size_reach_every_level(displaced):
 
 def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
     """The pick adds AGREEMENT_BONUS to a candidate confirmed (within SAME_PX) by another kind of source — the other
-    search or the keypoints — not by its own search; a confirmed failed candidate can win but stays at most uncertain."""
+    search or the keypoints — not by its own search; a confirmed failed candidate can win but stays at most
+    uncertain."""
     from promptmid.geometry import translation
     from promptmid.qc import Verdict
     from promptmid.selection import Candidate, pick

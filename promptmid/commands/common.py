@@ -150,9 +150,9 @@ def build_overrides(**opts: Any) -> dict[str, Any]:
 
 
 def search_overrides(opts: dict[str, Any]) -> dict[str, Any]:
-    """``{"search": ...}`` from ``--search/--no-search``, ``--always-search``, ``--search-rotation``, ``--search-scale LO,HI`` and
-    ``--search-features``
-    (empty when none is given); a scale range that is not two positive numbers LO <= HI raises ``InputError``."""
+    """``{"search": ...}`` from ``--search/--no-search``, ``--always-search``, ``--search-rotation``,
+    ``--search-scale LO,HI`` and ``--search-features`` (empty when none is given); a scale range that is not two
+    positive numbers LO <= HI raises ``InputError``."""
     search: dict[str, Any] = {}
     if opts.get("search") is not None:
         search["enabled"] = bool(opts["search"])

@@ -22,7 +22,7 @@ import numpy as np
 
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
-from promptmid.search import global_search
+from promptmid.search import global_search, search_source
 
 
 
@@ -56,13 +56,10 @@ LEARNED_SPEC = MethodSpec("area-search-aliked", "the global area-based search wi
                           {"search": None, "learned": "aliked"}, rotations_inside=True, default=False)
 
 
-def area_source(name: str) -> str:
-    """The ``source`` of the hypotheses of area method ``name`` (as :func:`promptmid.search.search_source` names them;
-    set from the registry, so hypotheses cached before sources were recorded are named right too)."""
-    from promptmid.evaluation.methods import METHODS
-
-    learned = METHODS[name].default_conf.get("learned")
-    return f"area+{learned}" if learned else "area"
+def area_source(spec: MethodSpec) -> str:
+    """The ``source`` of the hypotheses of an area method (:func:`promptmid.search.search_source` of its ``learned``
+    setting; taken from the spec, so hypotheses cached before sources were recorded are named right too)."""
+    return search_source(spec.default_conf.get("learned"))
 
 
 def composite(method: str, description: str, areas: tuple[str, ...] = ("area-search",), suffix: str | None = None

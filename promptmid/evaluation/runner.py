@@ -186,7 +186,7 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
     parts = METHODS[name].parts
     if parts:
         outs = [matches_for(p, pair, images, load_error, conf) for p in parts]
-        out = {**outs[0], "hypotheses": [{**h, "source": area_source(p)} for p, o in zip(parts[1:], outs[1:])
+        out = {**outs[0], "hypotheses": [{**h, "source": area_source(METHODS[p])} for p, o in zip(parts[1:], outs[1:])
                                          for h in o.get("hypotheses", [])]}
         out["error"] = next((o["error"] for o in outs if o.get("error")), None)
         out["timings"] = {k: sum(o.get("timings", {}).get(k, 0.0) for o in outs) for k in ("features", "matching")}

