@@ -201,6 +201,85 @@ def refinement_agrees(before: Mapping[str, float], after: Mapping[str, float]) -
     return True, ""
 
 
+def _reduced_grid(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, max_side: int
+                  ) -> tuple[Size, np.ndarray, float]:
+    """The optical grid reduced to ``max_side`` px: its size, the transform from it to SAR working pixels, and
+    the reduction factor (reduced px per optical working px)."""
+    h, w = optical.image.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    size = Size(max(int(round(w * f)), 8), max(int(round(h * f)), 8))
+    down = np.array([[f, 0.0, 0.5 * f - 0.5], [0.0, f, 0.5 * f - 0.5], [0.0, 0.0, 1.0]])  # working -> reduced px
+    return size, working_transform(matrix, optical, sar) @ np.linalg.inv(down), f
+
+
+def _quantize(values: np.ndarray, valid: np.ndarray, bins: int) -> np.ndarray:
+    """Intensities as bin indices ``0..bins-1`` between the 1st and 99th percentile of the ``valid`` ones."""
+    lo, hi = np.percentile(values[valid], (1, 99)) if valid.any() else (0.0, 1.0)
+    return np.clip(((values - lo) / max(hi - lo, 1e-9) * bins).astype(np.int64), 0, bins - 1)
+
+
+def normalized_mutual_information(a: np.ndarray, b: np.ndarray, bins: int) -> float:
+    """``(H(a) + H(b)) / H(a, b)`` of two equally long arrays of bin indices in ``0..bins-1``: 1 for independent
+    intensities, 2 for one a function of the other; NaN for an empty sample."""
+    if a.size == 0:
+        return float("nan")
+    joint = np.bincount(a * bins + b, minlength=bins * bins).astype(np.float64)
+    joint /= joint.sum()
+
+    def entropy(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    grid = joint.reshape(bins, bins)
+    return (entropy(grid.sum(1)) + entropy(grid.sum(0))) / max(entropy(joint), 1e-12)
+
+
+MI_BINS = 64  # intensity bins of the mutual information (64 x 64 joint histogram on a 256 px grid)
+MI_RADIUS = 6  # the shifted copies it is compared with: up to this many reduced px (256 px grid) in x and y ...
+MI_STEP = 2  # ... every this many px (48 copies)
+MI_MIN_PIXELS = 500  # fewer overlapping pixels than this: no evidence
+
+
+def mutual_information_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray,
+                                max_side: int = 256) -> dict[str, float]:
+    """Whether the intensities of the optical image and the SAR warped by ``matrix`` depend on each other most at
+    the transform itself: a statistical cue independent of the oriented gradients that the area search, the
+    refinement and :func:`dense_evidence` correlate.
+
+    Both are reduced to ``max_side`` px; the SAR is warped once onto the optical grid padded by
+    :data:`MI_RADIUS` px and the normalised mutual information (:func:`normalized_mutual_information`,
+    :data:`MI_BINS` bins) of the overlap (8 px from the border, nodata excluded) is taken at zero shift and at the
+    48 shifts of up to :data:`MI_RADIUS` px (every :data:`MI_STEP` px).
+
+    Returns:
+        ``mi_at_zero``: the NMI at the transform; ``mi_peak``: how far it stands above the median NMI of the
+        shifted copies, in thousandths (about 1-4 for a right transform, about 0 for a wrong one; NaN without
+        enough overlap). Comparable between transforms of the same pair, not across pairs.
+    """
+    size, work, _ = _reduced_grid(optical, sar, matrix, max_side)
+    r, (w, h) = MI_RADIUS, size
+    padded = work @ np.array([[1.0, 0.0, -r], [0.0, 1.0, -r], [0.0, 0.0, 1.0]])  # padded px -> SAR working px
+    canvas = warp_to_optical(_gray(sar.image), padded, Size(w + 2 * r, h + 2 * r))
+    canvas_valid = warp_to_optical(sar.valid.astype(np.float32), padded, Size(w + 2 * r, h + 2 * r)) > 0.99
+    opt = cv2.resize(_gray(optical.image), size, interpolation=cv2.INTER_AREA)
+    valid0 = cv2.resize(optical.valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    border = np.zeros_like(valid0)
+    border[8:-8, 8:-8] = True
+    q0, q1 = _quantize(opt, valid0, MI_BINS), _quantize(canvas, canvas_valid, MI_BINS)
+    scores = {}
+    for dy in range(-r, r + 1, MI_STEP):
+        for dx in range(-r, r + 1, MI_STEP):
+            window = np.s_[r + dy:r + dy + h, r + dx:r + dx + w]
+            mask = valid0 & border & canvas_valid[window]
+            scores[dx, dy] = (normalized_mutual_information(q0[mask], q1[window][mask], MI_BINS)
+                              if mask.sum() >= MI_MIN_PIXELS else float("nan"))
+    at_zero = scores.pop((0, 0))
+    others = np.array(list(scores.values()))
+    enough = np.isfinite(at_zero) and np.isfinite(others).any()
+    peak = (at_zero - np.nanmedian(others)) * 1000 if enough else float("nan")
+    return {"mi_at_zero": at_zero, "mi_peak": float(peak)}
+
+
 def dense_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarray, max_side: int = 256,
                    search: float = 0.15) -> dict[str, float]:
     """Dense oriented-gradient correlation of the optical image and the SAR warped by ``matrix``.
@@ -215,11 +294,7 @@ def dense_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarra
         the highest correlation farther than 3 % of the size from the peak (0 = ambiguous, e.g. periodic);
         ``dense_at_zero``: the correlation at zero shift (how well the transform itself aligns the images).
     """
-    h, w = optical.image.shape[:2]
-    f = min(1.0, max_side / max(h, w))
-    size = Size(max(int(round(w * f)), 8), max(int(round(h * f)), 8))
-    down = np.array([[f, 0.0, 0.5 * f - 0.5], [0.0, f, 0.5 * f - 0.5], [0.0, 0.0, 1.0]])  # working -> reduced px
-    work = working_transform(matrix, optical, sar) @ np.linalg.inv(down)
+    size, work, f = _reduced_grid(optical, sar, matrix, max_side)
     opt_small = cv2.resize(_gray(optical.image), size, interpolation=cv2.INTER_AREA)
     valid0 = cv2.resize(optical.valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     warped = warp_to_optical(_gray(sar.image), work, size)

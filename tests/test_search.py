@@ -271,3 +271,45 @@ def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
     assert pick([lone, a, same], (256, 256)) is lone
     best = pick([lone, cand("area 2", 0.0, "failed", 0.03), b], (256, 256))
     assert best.verdict.status == "uncertain" and "confirmed" in best.verdict.reasons[0]
+
+
+def test_normalized_mutual_information_bounds():
+    """NMI is 2 for one image a function of the other and about 1 for independent intensities."""
+    from promptmid.qc import normalized_mutual_information
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 32, 20000)
+    assert normalized_mutual_information(a, (31 - a), 32) == pytest.approx(2.0)
+    assert normalized_mutual_information(a, rng.integers(0, 32, 20000), 32) == pytest.approx(1.0, abs=0.02)
+    assert math.isnan(normalized_mutual_information(a[:0], a[:0], 32))
+
+
+def test_mutual_information_peaks_at_the_right_transform(displaced):
+    """The intensities depend on each other most at the true transform: its MI peak stands out, and a transform
+    20 px off (or a nodata-only SAR) gives none."""
+    from promptmid.geometry import translation
+    from promptmid.qc import mutual_information_evidence
+
+    opt, sar = _prepared(displaced)
+    right = mutual_information_evidence(opt, sar, displaced.H)
+    wrong = mutual_information_evidence(opt, sar, displaced.H @ translation(20.0, -20.0))
+    assert right["mi_peak"] > 1.0 and right["mi_peak"] > 3 * max(wrong["mi_peak"], 0.0)
+    blank = type(sar)(**{**sar.__dict__, "valid": np.zeros_like(sar.valid)})
+    assert math.isnan(mutual_information_evidence(opt, blank, displaced.H)["mi_peak"])
+
+
+def test_pick_weighs_the_mutual_information_peak():
+    """Of two uncertain candidates, one whose MI peak is MI_WEIGHT-weighted above the other's confidence gap wins;
+    a failed candidate is not rescued by its MI peak alone."""
+    from promptmid.geometry import translation
+    from promptmid.qc import Verdict
+    from promptmid.selection import MI_WEIGHT, Candidate, pick
+
+    def cand(source, dx, status, conf, mi):
+        return Candidate(source, translation(dx, 0.0), None, {"mi_peak": mi}, Verdict(status, conf))
+
+    kp = cand("keypoints", 30.0, "uncertain", 0.6, 0.2)
+    area = cand("area 1", 0.0, "uncertain", 0.1, 0.2 + (0.5 + 0.1) / MI_WEIGHT)
+    assert pick([kp, area], (256, 256)) is area
+    assert pick([kp, cand("area 1", 0.0, "uncertain", 0.1, float("nan"))], (256, 256)) is kp
+    assert pick([kp, cand("area 1", 0.0, "failed", 0.01, 10.0)], (256, 256)) is kp
