@@ -95,7 +95,7 @@ DEFAULTS: dict[str, Any] = {
         "peaks_per_cell": 2,  # correlation peaks kept per (rotation, scale) cell before choosing the top_k
         "orientations": 9,  # oriented-gradient channels
         "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
-        "learned": None,  # learned dense channels: None | "aliked" | "both" (SEARCH_FEATURES, models/dense_features.py)
+        "learned": "both",  # learned dense channels: None | "aliked" | "both" (SEARCH_FEATURES, models/dense_features.py)
         "skip_when_ok": True,  # no search when the keypoint fit's verdict already is ok (selection.settled)
     },
 }

@@ -206,6 +206,7 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
 
 AGREEMENT_BONUS = 0.5  # added to the confidence of a candidate that another kind of source confirms (pick only)
 MI_WEIGHT = 0.5  # per thousandth of mutual-information peak (qc.mutual_information_evidence), added in the pick
+MI_CONFIRM = 1.0  # least MI peak (thousandths) for the two searches' agreement to rescue a failed candidate
 
 
 def mi_peak(candidate: Candidate) -> float:
@@ -222,8 +223,11 @@ def origin(candidate: Candidate) -> str:
 def pick(candidates: Sequence[Candidate], size: tuple[int, int]) -> Candidate:
     """The candidate kept: the most confident one that is not ``failed`` (a failed one only when all failed), where a
     candidate confirmed by another kind of source — a transform within :data:`SAME_PX` proposed by keypoints or by the
-    other search (:func:`origin`) — counts :data:`AGREEMENT_BONUS` more and is never ruled out as failed: two
-    searches on different channels, or a search and the keypoints, rarely land on the same wrong transform. Chosen
+    other search (:func:`origin`) — counts :data:`AGREEMENT_BONUS` more: two searches on different channels, or a
+    search and the keypoints, rarely land on the same wrong transform. A confirmed candidate is not ruled out as
+    failed (it is at most ``uncertain``) when the keypoints are one of the two, or when its mutual-information peak
+    reaches :data:`MI_CONFIRM`: the two searches share the gradient channels, and on a featureless optical image (noise)
+    both found the same wrong transform, with no mutual-information peak (about 0). Chosen
     on the training 3MOS tiles with both searches pooled (seed 0: 20 -> 22 of 39 within 5 px; the held-out seed 1:
     17 -> 21; validation 25 -> 25); with one search it changes nothing (its hypotheses are distinct by more than
     :data:`SAME_PX` and those within it of the keypoint fit are not weighed).
@@ -241,21 +245,23 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int]) -> Candidate:
         candidates: judged candidates, the keypoint fit (if any) first.
         size: (width, height) of the optical image (original px), for the corner distances.
     """
-    confirmed = [any(origin(d) != origin(c) and corner_error(c.transform, d.transform, size).mean() <= SAME_PX
-                     for d in candidates) for c in candidates]
+    confirmed = [{origin(d) for d in candidates if origin(d) != origin(c)
+                  and corner_error(c.transform, d.transform, size).mean() <= SAME_PX} for c in candidates]
+    rescued = [bool(by) and ("keypoints" in by | {origin(c)} or mi_peak(c) >= MI_CONFIRM)
+               for c, by in zip(candidates, confirmed)]
 
     def key(i: int) -> tuple[bool, float]:
         c = candidates[i]
-        return (c.verdict.status != "failed" or confirmed[i],
-                c.verdict.confidence + AGREEMENT_BONUS * confirmed[i] + MI_WEIGHT * mi_peak(c))
+        return (c.verdict.status != "failed" or rescued[i],
+                c.verdict.confidence + AGREEMENT_BONUS * bool(confirmed[i]) + MI_WEIGHT * mi_peak(c))
 
     i = max(range(len(candidates)), key=key)
-    best = candidates[i]
     first = candidates[0]
-    if first is not best and first.source == "keypoints" and corner_error(first.transform, best.transform,
-                                                                          size).mean() <= SAME_PX:
-        return first
-    if confirmed[i] and best.verdict.status == "failed":  # agreement is evidence: at most uncertain, never ok
+    if i and first.source == "keypoints" and corner_error(first.transform, candidates[i].transform,
+                                                          size).mean() <= SAME_PX:
+        i = 0
+    best = candidates[i]
+    if rescued[i] and best.verdict.status == "failed":  # agreement is evidence: at most uncertain, never ok
         v = best.verdict
         why = f"confirmed by another kind of hypothesis within {SAME_PX:g} px, but the QC evidence alone says failed"
         best = replace(best, verdict=Verdict("uncertain", v.confidence, v.evidence, [why] + v.reasons))

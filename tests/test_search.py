@@ -200,7 +200,8 @@ def test_local_correlation_equals_the_global_one():
 
 def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     """ALIKED's dense channels stacked onto the gradients: the hypotheses still find the displaced pair, the channels
-    cover the image, and a Matcher with search.learned = 'aliked' uses its own ALIKED network for them."""
+    cover the image, and a Matcher with search.learned = 'aliked' uses its own ALIKED network for them; by default
+    a Matcher runs both searches."""
     from promptmid.api import Matcher
     from promptmid.models.dense_features import SearchFeatures
 
@@ -214,8 +215,8 @@ def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     matcher = Matcher("lite", {"search": {"learned": "aliked"}})
     (channels,) = matcher.search_channels()
     assert channels.net is matcher.describer.extractor.net
-    assert Matcher("lite").search_channels() == [None]
-    gradients, aliked = Matcher("lite", {"search": {"learned": "both"}}).search_channels()
+    assert Matcher("lite", {"search": {"learned": None}}).search_channels() == [None]
+    gradients, aliked = Matcher("lite").search_channels()  # the default: both searches
     assert gradients is None and isinstance(aliked, SearchFeatures)
     with pytest.raises(ValueError, match="search.learned"):
         Matcher("lite", {"search": {"learned": "sift"}}).search_channels()
@@ -255,22 +256,34 @@ def test_learned_channels_of_any_size_reach_every_level(displaced):
 
 def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
     """The pick adds AGREEMENT_BONUS to a candidate confirmed (within SAME_PX) by another kind of source — the other
-    search or the keypoints — not by its own search; a confirmed failed candidate can win but stays at most
-    uncertain."""
+    search or the keypoints — not by its own search; a confirmed failed candidate can win, but stays at most
+    uncertain, only when the keypoints confirm it or its mutual-information peak reaches MI_CONFIRM (two searches on
+    shared gradient channels agree on the same wrong transform of a featureless image)."""
     from promptmid.geometry import translation
     from promptmid.qc import Verdict
-    from promptmid.selection import Candidate, pick
+    from promptmid.selection import MI_CONFIRM, Candidate, pick
 
-    def cand(source, dx, status, conf):
-        return Candidate(source, translation(dx, 0.0), None, {}, Verdict(status, conf))
+    def cand(source, dx, status, conf, mi=0.0):
+        return Candidate(source, translation(dx, 0.0), None, {"mi_peak": mi}, Verdict(status, conf))
 
     lone = cand("area 1", 40.0, "uncertain", 0.3)
     a, b = cand("area 2", 0.0, "uncertain", 0.1), cand("area+aliked 3", 2.0, "failed", 0.02)
     assert pick([lone, a, b], (256, 256)) is a
     same = cand("area 3", 2.0, "uncertain", 0.1)  # the same search twice is no confirmation
     assert pick([lone, a, same], (256, 256)) is lone
-    best = pick([lone, cand("area 2", 0.0, "failed", 0.03), b], (256, 256))
+    agreed = cand("area 2", 0.0, "failed", 0.03, MI_CONFIRM)
+    best = pick([lone, agreed, cand("area+aliked 3", 2.0, "failed", 0.02, MI_CONFIRM)], (256, 256))
+    assert best.transform is agreed.transform
     assert best.verdict.status == "uncertain" and "confirmed" in best.verdict.reasons[0]
+    # the two searches agreeing without a mutual-information peak: nothing rescues a failed candidate
+    assert pick([lone, cand("area 2", 0.0, "failed", 0.03), b], (256, 256)) is lone
+    flat = pick([cand("area 1", 40.0, "failed", 0.01), cand("area 2", 0.0, "failed", 0.03), b], (256, 256))
+    assert flat.verdict.status == "failed"
+    # confirmed by the keypoints: rescued without the mutual information; the keypoint fit is kept (the same
+    # transform) and is uncertain too
+    kp = cand("keypoints", 1.0, "failed", 0.02)
+    best = pick([kp, lone, cand("area 2", 0.0, "failed", 0.03)], (256, 256))
+    assert best.transform is kp.transform and best.verdict.status == "uncertain"
 
 
 def test_normalized_mutual_information_bounds():
