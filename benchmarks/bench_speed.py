@@ -5,8 +5,8 @@ Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 1,2] [--repeats 5] 
 
 ``PRESET:nosearch`` runs the preset with the area-based search off (``--no-search``); ``PRESET:always`` runs the
 search even when the keypoint fit is already ``ok`` (``--always-search``: the cost of a pair whose keypoints do not
-settle it; by default an ``ok`` keypoint fit skips the search); ``PRESET:both`` does that with both searches pooled
-(``--search-features both``).
+settle it; by default an ``ok`` keypoint fit skips the search, and both searches run and are pooled);
+``PRESET:gradients`` does that with the classical search only (``--search-features gradients``).
 
 Warm: each preset runs in its own subprocess (so peak RSS is per preset), on the generated demo
 pair (no rotation search), after one warm-up call. Cold: the whole ``promptmid match`` command
@@ -58,7 +58,8 @@ print(json.dumps(med))
 # variant -> (search overrides of the Matcher, the same as `promptmid match` options)
 VARIANTS = {"nosearch": ({"enabled": False}, ["--no-search"]),
             "always": ({"skip_when_ok": False}, ["--always-search"]),
-            "both": ({"skip_when_ok": False, "learned": "both"}, ["--always-search", "--search-features", "both"])}
+            "gradients": ({"skip_when_ok": False, "learned": None},
+                          ["--always-search", "--search-features", "gradients"])}
 
 
 def run_preset(preset: str, threads: int, repeats: int) -> dict[str, float]:
@@ -104,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch,lite:always,lite:both")
+    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch,lite:always,lite:gradients")
     parser.add_argument("--cold-repeats", type=int, default=3, help="whole `promptmid match` runs per preset")
     parser.add_argument("--cold-presets", default="lite,lite:nosearch,lite:always")
     args = parser.parse_args()
@@ -133,7 +134,8 @@ def main() -> None:
         f"Generated demo pair (512x512, seed 7), no rotation search; median of {args.repeats} runs after a warm-up; "
         "stage times are summed over both images (keypoints, dinov2) and include guided re-matching (matching, "
         "fitting); search = the global area-based search (skipped when the keypoint fit is already ok, the default; "
-        "`:always` runs it anyway, `:both` runs both searches), qc = refinement and QC of every hypothesis. Target: the "
+        "`:always` runs it anyway: both searches, the default; `:gradients` the classical one only), "
+        "qc = refinement and QC of every hypothesis. Target: the "
         "default (lite) <= 4 s per pair on 2 threads.", "", table, ""] + ([
         "## Whole command, cold", "",
         f"`promptmid match` on the same pair written to files (optical PNG, SAR float32 GeoTIFF), a fresh process "
