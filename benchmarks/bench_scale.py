@@ -78,7 +78,8 @@ def main() -> None:
         r = json.loads((out / "result.json").read_text())
         agreeing = len(r.get("agreement", {}).get("tiles_agreeing", []))
         rows.append((size, wall, peak, rc, f'{r["tiles"]["processed"]} ({agreeing})', r["tiles"]["grid"],
-                     r["inliers"], r["rmse_before_px"], r["rmse_after_px"], r["timings"], r["status"], truth_error(r, size)))
+                     r["inliers"], r["rmse_before_px"], r["rmse_after_px"], r["timings"], r["status"],
+                     truth_error(r, size)))
         print(rows[-1], flush=True)
     pairs = CACHE / "pairs.jsonl"
     ids = [ensure_pair(1000, s) for s in (1, 2)]
