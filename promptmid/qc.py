@@ -15,6 +15,9 @@ from the fit alone:
   stand out (a periodic texture registered one period off has a second peak as high as the first);
 - **plausibility**: anisotropy and shear of the transform, and its scale against the pixel sizes when
   both images are georeferenced.
+- **mutual information** (:func:`mutual_information_evidence`, for the pick between candidates in
+  :mod:`promptmid.selection`, not for the confidence): how much more the optical and warped SAR intensities depend on
+  each other at the transform than a few pixels off — a statistic independent of the gradient channels.
 
 A logistic model over these numbers (coefficients in ``promptmid/weights/promptmid-qc-v2.json``,
 fitted on perturbed training and validation pairs only; see :mod:`promptmid.training.qc`) gives
