@@ -7,7 +7,8 @@ Run after ``bench_realpairs.py --out benchmarks/results/area_search.md ...``:
 
 Per run (val, unseen) and method: SR@5, SR@10, failure rate (no transform, or a transform whose QC verdict is
 ``failed``), per split group (SR@5 as k/n); and the default rule: a new default must beat ``promptmid-lite`` on
-perturbed validation and on every unseen group with >= 8 pairs. Appends the tables to ``<results>.md``.
+perturbed validation and on every unseen group with >= 8 pairs. Writes the tables at the end of ``<results>.md``
+(replacing those of an earlier run).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "promptmid-lite"
 CANDIDATE = "promptmid-lite+area"
 MIN_GROUP = 8
+HEADLINE = "\n## Headline: SR@5, SR@10, failure rate, the default rule"
+USABLE = ("SR@5 counts the chosen transform whatever its verdict; SR@5 usable only when the verdict is not `failed` "
+          "(the product returns no transform then).")
 
 
 def load(run_dir: Path, model: str) -> list[dict[str, str]]:
@@ -44,8 +48,8 @@ def failed(row: dict[str, str]) -> bool:
 def table(rows: list[dict[str, str]]) -> tuple[str, dict[str, dict[str, tuple[int, int]]]]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = sorted({r["group"] for r in rows})
-    head = ["| method | pairs | SR@5 | SR@10 | failure rate | " + " | ".join(groups) + " |",
-            "|---|---|---|---|---|" + "---|" * len(groups)]
+    head = ["| method | pairs | SR@5 | SR@5 usable | SR@10 | failure rate | " + " | ".join(groups) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(groups)]
     per_group: dict[str, dict[str, tuple[int, int]]] = {}
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
@@ -53,8 +57,10 @@ def table(rows: list[dict[str, str]]) -> tuple[str, dict[str, dict[str, tuple[in
         g = {grp: (sum(rmse(r) <= 5 for r in sel if r["group"] == grp), sum(r["group"] == grp for r in sel))
              for grp in groups}
         per_group[m] = g
-        head.append(f"| {m} | {n} | {sum(rmse(r) <= 5 for r in sel) / n:.3f} | {sum(rmse(r) <= 10 for r in sel) / n:.3f} "
-                    f"| {sum(failed(r) for r in sel) / n:.3f} | " + " | ".join(f"{k}/{t}" for k, t in g.values()) + " |")
+        usable = sum(rmse(r) <= 5 and not failed(r) for r in sel) / n
+        head.append(f"| {m} | {n} | {sum(rmse(r) <= 5 for r in sel) / n:.3f} | {usable:.3f} | "
+                    f"{sum(rmse(r) <= 10 for r in sel) / n:.3f} | {sum(failed(r) for r in sel) / n:.3f} | "
+                    + " | ".join(f"{k}/{t}" for k, t in g.values()) + " |")
     return "\n".join(head), per_group
 
 
@@ -92,10 +98,10 @@ def main() -> int:
         print(f"area_summary: no rows under {args.results}; run bench_realpairs.py first.")
         return 0
     rule = default_rule(groups.get("val", {}), groups.get("unseen", {}), args.candidate, args.baseline)
-    text = "\n## Headline: SR@5, SR@10, failure rate, the default rule\n\n" + "\n".join(parts) + "\n" + rule + "\n"
+    text = HEADLINE + "\n\n" + USABLE + "\n\n" + "\n".join(parts) + "\n" + rule + "\n"
     md = args.results.with_suffix(".md")
-    if md.is_file():
-        md.write_text(md.read_text() + text)
+    if md.is_file():  # replaces the section of an earlier run instead of adding a second one
+        md.write_text(md.read_text().split(HEADLINE)[0].rstrip("\n") + "\n" + text)
     print(text)
     return 0
 

@@ -238,7 +238,7 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
             t_ref = t_fit + time.perf_counter() - t0
             rows.append(_row(pair, name, f"{model}+refine", out, geom, None if chosen is None else chosen.transform,
                              t_ref, images))
-            rows[-1].update(qc_columns({} if chosen is None else chosen.evidence, geom))
+            rows[-1].update(qc_columns(chosen, geom))
             if hyps:
                 rows[-1].update(candidate_columns(pair, chosen, candidates, images))
     return rows
@@ -277,15 +277,19 @@ def candidate_columns(pair: Pair, chosen: Any, candidates: list[Any],
             "candidates": ";".join(f"{c.source}:{c.verdict.confidence:.3f}:{e:.1f}" for c, e in zip(candidates, errs))}
 
 
-def qc_columns(evidence: dict[str, float], geom: Any) -> dict[str, Any]:
-    """``qc_status``, ``qc_confidence`` and ``qc_<evidence>`` of a row (status ``"n/a"`` when no QC model
-    is available, e.g. while calibrating one)."""
+def qc_columns(chosen: Any, geom: Any) -> dict[str, Any]:
+    """``qc_status``, ``qc_confidence`` and ``qc_<evidence>`` of a row: the verdict of the chosen candidate
+    (:class:`promptmid.selection.Candidate`) exactly as the product reports it (an area hypothesis without agreeing
+    refinement blocks capped at ``uncertain``, a failed candidate that the pick rescued made ``uncertain``), or the
+    failed verdict of no fit when ``chosen`` is ``None``; status ``"n/a"`` when no QC model is available (e.g. while
+    calibrating one)."""
     from promptmid.errors import ModelError
     from promptmid.qc import judge
 
+    evidence = {} if chosen is None else chosen.evidence
     cols: dict[str, Any] = {f"qc_{k}": v for k, v in evidence.items()}
     try:
-        verdict = judge(evidence, "" if geom is None else geom.reason)
+        verdict = chosen.verdict if chosen is not None else judge({}, "" if geom is None else geom.reason)
         cols.update(qc_status=verdict.status, qc_confidence=verdict.confidence)
     except ModelError:
         cols.update(qc_status="n/a", qc_confidence=float("nan"))
