@@ -122,3 +122,17 @@ def test_runner_and_report(tmp_path, pair: tuple) -> None:
     assert any((tmp_path / "cache").rglob("*.npz"))
     again = run_and_report(read_manifest(manifest), conf, tmp_path / "out2", figures=False)["rows"]
     assert [r["corner_error"] for r in again] == [r["corner_error"] for r in rows]  # from the cache
+
+
+def test_eval_reports_the_products_verdict_not_a_rejudgement() -> None:
+    """The eval's qc_status is the chosen candidate's verdict as the product gives it (e.g. an area hypothesis capped
+    at uncertain although its evidence alone would say ok), and failed without a fit."""
+    from promptmid.evaluation.runner import qc_columns
+    from promptmid.qc import Verdict
+    from promptmid.selection import Candidate
+
+    evidence = {"dense_offset_px": 0.0, "dense_peak": 0.9, "dense_distinctness": 0.5, "dense_at_zero": 0.9}
+    capped = Candidate("area 1", np.eye(3), None, evidence, Verdict("uncertain", 0.99, evidence, ["capped"]))
+    cols = qc_columns(capped, None)
+    assert cols["qc_status"] == "uncertain" and cols["qc_confidence"] == 0.99 and cols["qc_dense_peak"] == 0.9
+    assert qc_columns(None, None)["qc_status"] == "failed"
