@@ -5,7 +5,7 @@ For each pair of ``<results>/<run>/pairs.csv`` whose chosen transform (``--metho
 matches and hypotheses, :func:`promptmid.selection.choose`) and the images' own evidence is taken at the ground truth
 and at the chosen transform: the dense oriented-gradient correlation at the transform (``dense_at_zero``) and where
 it peaks (``dense_offset_px``, 0 = at the transform), and the mutual-information peak (``mi_peak``,
-:func:`promptmid.qc.mutual_information_evidence`). A miss is flagged **GT suspect** when candidates from two
+:func:`promptmid.alignment.mutual_information_evidence`). A miss is flagged **GT suspect** when candidates from two
 different kinds of source (keypoints, classical search, search with ALIKED channels) agree within ``AGREE_PX`` of
 each other, and the images correlate better at the chosen transform than at the ground truth with the correlation
 peak closer to it. Writes ``benchmarks/results/misses_vs_gt.md``.
@@ -55,7 +55,7 @@ def check(pair: Any, method: str, seed: int) -> dict[str, Any]:
     from promptmid.geometry import corner_error
     from promptmid.io import load_image
     from promptmid.matching import fit_geometry
-    from promptmid.qc import dense_evidence, mutual_information_evidence
+    from promptmid.alignment import dense_evidence, mutual_information_evidence
     from promptmid.search import Hypothesis
     from promptmid.selection import origin
 

@@ -22,8 +22,9 @@ from promptmid.config import INLIER_THRESHOLD_PX, SUCCESS_PX
 from promptmid.geometry import corner_error
 from promptmid.io import PreparedImage
 from promptmid.matching import Geometry
-from promptmid.qc import (QCModel, Verdict, dense_evidence, gather_evidence, judge, linear_plausibility,
-                          mutual_information_evidence, pixel_size_evidence, refinement_agrees, verdict_of)
+from promptmid.alignment import dense_evidence, mutual_information_evidence
+from promptmid.qc import (QCModel, Verdict, gather_evidence, judge, linear_plausibility, pixel_size_evidence,
+                          refinement_agrees, verdict_of)
 from promptmid.polish import polish_affine
 from promptmid.refine import Refinement, refine_prepared
 from promptmid.correlation import fft_workers
@@ -205,7 +206,7 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
 
 
 AGREEMENT_BONUS = 0.5  # added to the confidence of a candidate that another kind of source confirms (pick only)
-MI_WEIGHT = 0.5  # per thousandth of mutual-information peak (qc.mutual_information_evidence), added in the pick
+MI_WEIGHT = 0.5  # per thousandth of mutual-information peak (alignment.mutual_information_evidence), added in the pick
 MI_CONFIRM = 1.0  # least MI peak (thousandths) for the two searches' agreement to rescue a failed candidate
 
 
@@ -232,7 +233,7 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int]) -> Candidate:
     17 -> 21; validation 25 -> 25); with one search it changes nothing (its hypotheses are distinct by more than
     :data:`SAME_PX` and those within it of the keypoint fit are not weighed).
 
-    The mutual-information peak (:func:`mi_peak`, :func:`promptmid.qc.mutual_information_evidence`) adds
+    The mutual-information peak (:func:`mi_peak`, :func:`promptmid.alignment.mutual_information_evidence`) adds
     :data:`MI_WEIGHT` per thousandth: the QC confidence of an area hypothesis is capped low when its refinement
     blocks do not run or agree (usual on 10 m SAR), so confidences alone do not rank a right area hypothesis above a
     wrong keypoint fit; the intensities' dependence peaking at the transform does, independently of the gradient

@@ -288,7 +288,7 @@ def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
 
 def test_normalized_mutual_information_bounds():
     """NMI is 2 for one image a function of the other and about 1 for independent intensities."""
-    from promptmid.qc import normalized_mutual_information
+    from promptmid.alignment import normalized_mutual_information
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 32, 20000)
@@ -301,7 +301,7 @@ def test_mutual_information_peaks_at_the_right_transform(displaced):
     """The intensities depend on each other most at the true transform: its MI peak stands out, and a transform
     20 px off (or a nodata-only SAR) gives none."""
     from promptmid.geometry import translation
-    from promptmid.qc import mutual_information_evidence
+    from promptmid.alignment import mutual_information_evidence
 
     opt, sar = _prepared(displaced)
     right = mutual_information_evidence(opt, sar, displaced.H)
