@@ -49,9 +49,8 @@ def near_misses(results: Path, run: str, method: str, lo: float, hi: float) -> l
 
 def check(pair: Any, method: str, seed: int) -> dict[str, Any]:
     """The candidates of ``method`` on the displaced ``pair`` and the evidence at the truth and at the choice."""
-    from promptmid.evaluation.methods import FULL_ROTATIONS  # noqa: F401 - registers every method
     from promptmid.evaluation.perturb import Perturbation, perturb_pair
-    from promptmid.evaluation.runner import EvalConfig, _checked, matches_for
+    from promptmid.evaluation.runner import EvalConfig, matches_for, product_choice
     from promptmid.geometry import corner_error
     from promptmid.io import load_image
     from promptmid.matching import fit_geometry
@@ -67,7 +66,7 @@ def check(pair: Any, method: str, seed: int) -> dict[str, Any]:
     out = matches_for(method, displaced, images, "", conf)
     geom = fit_geometry(out["points0"], out["points1"], "affine", conf.threshold, conf.min_inliers)
     hyps = [Hypothesis.from_dict(h) for h in out.get("hypotheses", [])]
-    chosen, candidates = _checked(geom, out, hyps, images, conf.threshold)
+    chosen, candidates = product_choice(geom, out, hyps, images, conf.threshold)
     truth, size = displaced.gt_transform(), images[0].original_size
     dist = lambda a, b: float(corner_error(a, b, size).mean())  # noqa: E731
     agreeing = sorted({f"{origin(c)} & {origin(d)}" for c in candidates for d in candidates

@@ -234,7 +234,7 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
         rows.append(_row(pair, name, model, out, geom, plain, t_fit, images))
         if conf.refine:
             t0 = time.perf_counter()
-            chosen, candidates = _checked(geom, out, hyps, images, conf.threshold)
+            chosen, candidates = product_choice(geom, out, hyps, images, conf.threshold)
             t_ref = t_fit + time.perf_counter() - t0
             rows.append(_row(pair, name, f"{model}+refine", out, geom, None if chosen is None else chosen.transform,
                              t_ref, images))
@@ -244,8 +244,8 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
     return rows
 
 
-def _checked(geom: Any, out: dict[str, Any], hyps: list[Any], images: tuple[PreparedImage, PreparedImage] | None,
-             threshold: float) -> tuple[Any, list[Any]]:
+def product_choice(geom: Any, out: dict[str, Any], hyps: list[Any],
+                   images: tuple[PreparedImage, PreparedImage] | None, threshold: float) -> tuple[Any, list[Any]]:
     """The QC stage as the product runs it (:func:`promptmid.selection.choose`): the fit (refined when the evidence
     agrees) and the area hypotheses, which are left out when the fit alone is ``ok`` and the default config skips the
     search then (``search.skip_when_ok``); returns ``(chosen candidate or None, every candidate)``."""
@@ -281,19 +281,14 @@ def qc_columns(chosen: Any, geom: Any) -> dict[str, Any]:
     """``qc_status``, ``qc_confidence`` and ``qc_<evidence>`` of a row: the verdict of the chosen candidate
     (:class:`promptmid.selection.Candidate`) exactly as the product reports it (an area hypothesis without agreeing
     refinement blocks capped at ``uncertain``, a failed candidate that the pick rescued made ``uncertain``), or the
-    failed verdict of no fit when ``chosen`` is ``None``; status ``"n/a"`` when no QC model is available (e.g. while
-    calibrating one)."""
-    from promptmid.errors import ModelError
-    from promptmid.qc import judge
+    failed verdict of no fit when ``chosen`` is ``None``."""
+    from promptmid.qc import no_transform
 
-    evidence = {} if chosen is None else chosen.evidence
-    cols: dict[str, Any] = {f"qc_{k}": v for k, v in evidence.items()}
-    try:
-        verdict = chosen.verdict if chosen is not None else judge({}, "" if geom is None else geom.reason)
-        cols.update(qc_status=verdict.status, qc_confidence=verdict.confidence)
-    except ModelError:
-        cols.update(qc_status="n/a", qc_confidence=float("nan"))
-    return cols
+    if chosen is None:
+        verdict = no_transform("" if geom is None else geom.reason)
+        return {"qc_status": verdict.status, "qc_confidence": verdict.confidence}
+    return {**{f"qc_{k}": v for k, v in chosen.evidence.items()}, "qc_status": chosen.verdict.status,
+            "qc_confidence": chosen.verdict.confidence}
 
 
 def _row(pair: Pair, name: str, model: str, out: dict[str, Any], geom: Any, estimated: np.ndarray | None,
