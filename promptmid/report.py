@@ -391,7 +391,9 @@ def scene_page(data: Mapping[str, Any], layers: Mapping[str, np.ndarray], to_ful
     extra = [["RMSE before / after (SAR px)", f"{_fmt(data.get('rmse_before_px'))} / {_fmt(data.get('rmse_after_px'))}"],
              ["RMSE before / after (m)", f"{_fmt(data.get('rmse_before_m'))} / {_fmt(data.get('rmse_after_m'))}"],
              ["tie points / inliers", f"{data.get('tiepoints')} / {data.get('inliers')}"],
-             ["tiles processed / grid", f"{tiles.get('processed')} / {tiles.get('grid')}"],
+             ["tiles processed / grid", f"{tiles.get('processed')} / {tiles.get('grid')}"
+                                        + (f" (settled: {tiles.get('settle')} tiles agreed before all "
+                                           f"{tiles.get('selected')} selected were matched)" if tiles.get("settled") else "")],
              ["prior", (data.get("prior") or {}).get("kind")],
              ["total time (s)", (data.get("timings") or {}).get("total")]]
     parts = [verdict_card(str(data.get("status")), data.get("confidence"), str(data.get("reason") or ""), None, extra)]

@@ -37,6 +37,44 @@ def test_select_tiles_spreads_over_grid() -> None:
     assert scene.select_tiles(tiles, None) == tiles
 
 
+def test_spread_order_prefixes_cover_the_scene() -> None:
+    tiles = scene.select_tiles(scene.tile_grid((0, 0, 8000, 8000), 1024, 128), 64)
+    order = scene.spread_order(tiles)
+    assert sorted(t.index for t in order) == sorted(t.index for t in tiles)  # a permutation
+    c = scene.grid.centres(tiles)
+    d = np.linalg.norm(c - c.mean(axis=0), axis=1)
+    assert np.linalg.norm(scene.grid.centres(order[:1]) - c.mean(axis=0)) == d.min()  # the centre first
+    assert scene.spans(order[:8], tiles)  # a short prefix already spans the scene
+    corner_block = [t for t in tiles if t.row < 3 and t.col < 3]
+    assert not scene.spans(corner_block, tiles)  # a cluster in one corner does not
+    assert not scene.spans(order[:2], tiles)
+    row = scene.tile_grid((0, 0, 4000, 512), 512, 0)  # one row: the y axis is no constraint
+    assert scene.spans([row[0], row[3], row[-1]], row) and not scene.spans(row[:3], row)
+
+
+def test_scene_settles_before_matching_every_tile(tmp_path: Path) -> None:
+    """With --settle N the scene stops once N spread tiles agree; the model still holds over the whole scene."""
+    size = 2048
+    pair = synth.write_synthetic_geo_pair(tmp_path / "in", size, seed=5, rotation_deg=0.3, shift_m=(40, -20))
+    common = ["scene", str(pair["optical"]), str(pair["sar"]), "-p", "xfeat", "--tile", "512", "--overlap", "64",
+              "--max-tiles", "9", "--search-radius", "64px", "--quiet", "--no-figures", "--no-report"]
+    res = CliRunner().invoke(app, common + ["--out", str(tmp_path / "out"), "--settle", "4"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert r["tiles"]["settled"] and r["tiles"]["selected"] == 9
+    assert 4 <= r["tiles"]["processed"] == len(r["tile_qc"]) < 9
+    assert len(r["agreement"]["tiles_agreeing"]) >= 4
+    g = np.stack(np.meshgrid(np.linspace(0, size - 1, 5), np.linspace(0, size - 1, 5)), -1).reshape(-1, 2)
+    err = np.linalg.norm(apply_transform(np.array(r["transform"]), g) - apply_transform(np.asarray(pair["H"]), g), axis=1)
+    assert err.max() < 2.0, err
+    res = CliRunner().invoke(app, common + ["--out", str(tmp_path / "all"), "--settle", "0"])
+    assert res.exit_code == 0, res.output
+    r_all = json.loads((tmp_path / "all" / "result.json").read_text())
+    assert r_all["tiles"]["processed"] == 9 and not r_all["tiles"]["settled"]
+    res = CliRunner().invoke(app, common + ["--out", str(tmp_path / "bad"), "--settle", "-1"])
+    assert res.exit_code == 2 and "--settle" in res.output
+
+
 @pytest.mark.parametrize("kind", ["affine", "poly2"])
 def test_fit_global_rejects_outliers(kind: str) -> None:
     rng = np.random.default_rng(0)

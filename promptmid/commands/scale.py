@@ -31,17 +31,21 @@ GridOpt = typer.Option("optical", "--grid", help="Working and output grid: optic
 TileOpt = typer.Option(1024, "--tile", help="Tile side on the optical image (px).")
 OverlapOpt = typer.Option(128, "--overlap", help="Overlap between neighbouring tiles (px).")
 MaxTilesOpt = typer.Option(64, "--max-tiles", help="At most this many tiles, spread over the scene (0 = all).")
+SettleOpt = typer.Option(12, "--settle", help="Stop matching tiles once this many agree on the global model and "
+                         "spread over the scene (tiles are matched spread-first); 0 = match all --max-tiles tiles.")
 NoFigOpt = typer.Option(False, "--no-figures", help="Skip tile_map.png.")
 NoReportOpt = typer.Option(False, "--no-report", help="Skip report.html (the page to check the result by eye).")
 
 
 def _scene_options(model: str, tile: int, overlap: int, max_tiles: int, geo_prior: bool, search_radius: str,
-                   no_figures: bool, grid: str = "optical", no_report: bool = False) -> dict[str, Any]:
+                   no_figures: bool, grid: str = "optical", no_report: bool = False, settle: int = 12) -> dict[str, Any]:
     from promptmid.scene.pipeline import GRIDS
 
     if grid not in GRIDS:  # checked before the output directory is made
         raise InputError(f"Unknown --grid {grid!r}; valid: {', '.join(GRIDS)}.")
-    return {"model": model, "tile": tile, "overlap": overlap, "max_tiles": max_tiles or None,
+    if settle < 0 or max_tiles < 0:
+        raise InputError(f"--settle and --max-tiles must be >= 0 (got {settle}, {max_tiles}).")
+    return {"model": model, "tile": tile, "overlap": overlap, "max_tiles": max_tiles or None, "settle": settle or None,
             "geo_prior": geo_prior, "search_radius": search_radius, "figures": not no_figures, "grid": grid,
             "report": not no_report}
 
@@ -64,6 +68,7 @@ def scene(
     tile: int = TileOpt,
     overlap: int = OverlapOpt,
     max_tiles: int = MaxTilesOpt,
+    settle: int = SettleOpt,
     threshold: Optional[float] = ThresholdOpt,
     top_k: Optional[int] = TopKOpt,
     sar_scale: Optional[str] = SarScaleOpt,
@@ -89,7 +94,7 @@ def scene(
 
     set_threads(threads)
     opts = SceneOptions(**_scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid,
-                                         no_report))
+                                         no_report, settle))
     overrides = _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                            optical_bands=optical_bands, sar_bands=sar_bands)
     refuse_inputs_among_products(out, optical, sar, products=SCENE_PRODUCTS)  # before any work (exit 3)
@@ -122,7 +127,9 @@ def _print_scene(r: dict[str, Any], out_dir: Path) -> None:
         ("transform (optical px -> SAR px)", format_matrix(r["transform"])),
         ("prior", r["prior"]["kind"] + (" (SAR reprojected to optical CRS)" if r["sar_grid"]["reprojected_to_optical_crs"] else "")),
         ("tiles processed / grid", f"{r['tiles']['processed']} / {r['tiles']['grid']}  "
-                                   f"(ok {sum(t['status'] == 'ok' for t in r['tile_qc'])})"),
+                                   f"(ok {sum(t['status'] == 'ok' for t in r['tile_qc'])}"
+                                   + (f"; settled: stopped before {r['tiles']['selected']})" if r['tiles'].get('settled')
+                                      else ")")),
         ("tie points / inliers", f"{r['tiepoints']} / {r['inliers']}"),
         ("tiles agreeing", _agreement_text(r.get("agreement"))),
         ("RMSE before -> after", f"{fmt(r['rmse_before_px'], 'px')} -> {fmt(r['rmse_after_px'], 'px')}"
@@ -158,6 +165,7 @@ def batch(
     tile: int = TileOpt,
     overlap: int = OverlapOpt,
     max_tiles: int = MaxTilesOpt,
+    settle: int = SettleOpt,
     threshold: Optional[float] = ThresholdOpt,
     top_k: Optional[int] = TopKOpt,
     sar_scale: Optional[str] = SarScaleOpt,
@@ -178,7 +186,7 @@ def batch(
     opts = BatchOptions(preset, _overrides(tile, threshold, top_k, sar_scale=sar_scale, nan_as_nodata=nan_as_nodata,
                                            optical_bands=optical_bands, sar_bands=sar_bands),
                         _scene_options(model, tile, overlap, max_tiles, geo_prior, search_radius, no_figures, grid,
-                                       no_report),
+                                       no_report, settle),
                         threads, retry_failed)
     quiet = quiet or json_out
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -98,3 +98,36 @@ def select_tiles(tiles: list[Tile], max_tiles: int | None) -> list[Tile]:
     pick_c = np.unique(np.linspace(0, cols - 1, min(cols, per_row)).round().astype(int))
     chosen = [t for t in tiles if t.row in pick_r and t.col in pick_c]
     return chosen[:max_tiles]
+
+
+def centres(tiles: list[Tile]) -> np.ndarray:
+    """``[N, 2]`` tile centres (optical scene px)."""
+    return np.array([[t.x0 + (t.w - 1) / 2, t.y0 + (t.h - 1) / 2] for t in tiles], np.float64).reshape(-1, 2)
+
+
+def spread_order(tiles: list[Tile]) -> list[Tile]:
+    """``tiles`` reordered so that every prefix is spread over the scene: the tile nearest the centre of them all
+    first, then each time the tile farthest from those already ordered (farthest-point order; ties: grid order).
+    Matching tiles in this order lets a scene stop early (``SceneOptions.settle``) with tiles all over it."""
+    if len(tiles) <= 2:
+        return list(tiles)
+    c = centres(tiles)
+    first = int(np.argmin(np.linalg.norm(c - c.mean(axis=0), axis=1)))
+    order, dist = [first], np.linalg.norm(c - c[first], axis=1)
+    for _ in range(len(tiles) - 1):
+        nxt = int(np.argmax(dist))
+        order.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(c - c[nxt], axis=1))
+    return [tiles[i] for i in order]
+
+
+def spans(part: list[Tile], whole: list[Tile], fraction: float = 0.5) -> bool:
+    """The centres of ``part`` spread at least ``fraction`` as far as those of ``whole`` along both principal axes
+    of ``whole`` (standard deviations; an axis ``whole`` does not extend along is no constraint): enough spread for
+    a global model fitted to ``part`` to hold over ``whole``."""
+    if len(part) < 3:
+        return False
+    w = centres(whole)
+    _, vecs = np.linalg.eigh(np.cov(w.T))
+    sd_part, sd_whole = (centres(part) @ vecs).std(axis=0), (w @ vecs).std(axis=0)
+    return bool(np.all(sd_part >= fraction * sd_whole - 1e-9))

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import resource
 import time
@@ -22,7 +23,7 @@ from promptmid.io import choose_bands
 from promptmid.outputs import refuse_inputs_among_products, staged_products, write_json
 from promptmid.scene import agreement
 from promptmid.scene.agreement import Agreement
-from promptmid.scene.grid import Tile, scene_tiles, select_tiles
+from promptmid.scene.grid import Tile, scene_tiles, select_tiles, spans, spread_order
 from promptmid.scene.matching import SceneMatches, coarse_prior, match_tile
 from promptmid.scene.model import GlobalModel, fit_global
 from promptmid.scene.windows import READ_CACHE_MB, trim_heap, window_raster
@@ -46,6 +47,8 @@ class SceneOptions:
     tile: int = 1024
     overlap: int = 128
     max_tiles: int | None = 64
+    settle: int | None = 12  # stop matching tiles once this many agree on a global model and spread over the
+    # selected tiles (tiles are matched in spread order, grid.spread_order); None / 0: match all selected tiles
     model: str = "affine"
     geo_prior: bool = True
     search_radius: str = "auto"  # "64px", "500m", a bare number (metres if georeferenced) or "auto" (geo.AUTO_RADIUS_*)
@@ -248,16 +251,17 @@ def estimate_scene(optical: str | Path, sar: str | Path, matcher: Any, options: 
             raise InputError("The optical and SAR images do not overlap (under the prior).")
         io_conf = getattr(matcher, "conf", {}).get("io", {})
         grid = scene_tiles(bbox, options.tile, options.overlap, io_conf.get("max_side"))
-        tiles = select_tiles(grid, options.max_tiles)
+        selected = spread_order(select_tiles(grid, options.max_tiles))
         mpp = sc.opt.metres_per_pixel
         margin = int(np.ceil(geo.parse_search_radius(options.search_radius, min(mpp) if mpp else None)))
         margin = min(margin, max(sc.opt.width, sc.opt.height, sc.sar.width, sc.sar.height))  # never beyond the scene
         t0 = time.perf_counter()
-        found = _match_tiles(sc, matcher, tiles, prior, margin, options, say)
+        found, tiles = _match_tiles(sc, matcher, selected, prior, margin, options, say)
         timings["tiles"] = time.perf_counter() - t0
         info.update(overlap_bbox_px=list(bbox), search_radius_px=margin,
-                    tiles={"grid": len(grid), "processed": len(tiles), "tile": options.tile,
-                           "overlap": options.overlap, "max_tiles": options.max_tiles,
+                    tiles={"grid": len(grid), "selected": len(selected), "processed": len(tiles),
+                           "settled": len(tiles) < len(selected), "settle": options.settle,
+                           "tile": options.tile, "overlap": options.overlap, "max_tiles": options.max_tiles,
                            "single_tile_up_to_px": io_conf.get("max_side")})
         say("global fit")
         model, tp, reason, agreed = _fit(sc, matcher, options, tiles, found, prior, margin)
@@ -300,23 +304,39 @@ def _agree_px(matcher: Any, options: SceneOptions) -> float:
 
 
 def _match_tiles(sc: _Scene, matcher: Any, tiles: list[Tile], prior: np.ndarray, margin: int,
-                 options: SceneOptions, say: Callable[[str], None]) -> SceneMatches:
-    found = SceneMatches()
+                 options: SceneOptions, say: Callable[[str], None]) -> tuple[SceneMatches, list[Tile]]:
+    """Match ``tiles`` in order until they all are or, with ``options.settle``, until the scene settles
+    (:func:`_settled`); returns the tie points and the tiles matched."""
+    found, done = SceneMatches(), []
     fill = sc.sar.nodata if sc.sar.nodata is not None else 0.0
     for i, tile in enumerate(tiles):
-        say(f"matching tile {i + 1}/{len(tiles)}")
+        say(f"matching tile {i + 1}/{len(tiles)}" + (f" (stops once {options.settle} agree)" if options.settle else ""))
         match_tile(matcher, sc.opt_ds, sc.sar_ds, prior, tile, margin, fill, found, options.area_shift,
                    _agree_px(matcher, options))
+        done.append(tile)
         trim_heap()
-    return found
+        if i + 1 < len(tiles) and _settled(sc, matcher, options, done, tiles, prior, margin):
+            break
+    return found, done
 
 
-def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], found: SceneMatches,
-         prior: np.ndarray, margin: int) -> tuple[GlobalModel | None, TiePoints, str, Agreement]:
-    """Global model fitted to the fits of the tiles that agree (:mod:`promptmid.scene.agreement`), each sampled
-    on a 5x5 grid over its tile; tie points are inliers when they lie within the inlier threshold of the model
-    and belong to an agreeing tile."""
-    p0, p1, scores, tile_idx, _ = found.arrays()
+def _settled(sc: _Scene, matcher: Any, options: SceneOptions, done: list[Tile], selected: list[Tile],
+             prior: np.ndarray, margin: int) -> bool:
+    """At least ``options.settle`` of the matched tiles ``done`` agree on a global model (the scene's own test,
+    :func:`_agreeing_model`, run on copies), the agreement is ok, and the agreeing tiles spread at least half as
+    far as all ``selected`` tiles (:func:`promptmid.scene.grid.spans`): more tiles would not change the model."""
+    if not options.settle or len(agreement.fitted(done)) < options.settle:
+        return False
+    trial = copy.deepcopy(done)
+    _, _, agreed = _agreeing_model(sc, matcher, options, trial, prior, margin)
+    agreeing = [t for t in trial if t.agrees]
+    return agreed.ok and len(agreeing) >= options.settle and spans(agreeing, selected)
+
+
+def _agreeing_model(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], prior: np.ndarray,
+                    margin: int) -> tuple[GlobalModel | None, str, Agreement]:
+    """Global model fitted to the fits of the tiles that agree (:mod:`promptmid.scene.agreement`; tiles updated in
+    place: prior check, disagreement, agreement), each sampled on a 5x5 grid over its tile."""
     g = matcher.conf["geometry"]
     agree_px, limit = _agree_px(matcher, options), margin + g["threshold"]
     geo_prior = options.geo_prior and sc.opt.georeferenced and sc.sar.georeferenced
@@ -326,6 +346,16 @@ def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], fou
     if model is not None and agreed.agreeing:  # refit once on every tile that agrees with the consensus model
         model, reason = _model_from_tiles([t for t in tiles if t.agrees], options, g)
         agreed = agreement.assess(tiles, model.apply if model else None, prior, agree_px, limit)
+    return model, reason, agreed
+
+
+def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], found: SceneMatches,
+         prior: np.ndarray, margin: int) -> tuple[GlobalModel | None, TiePoints, str, Agreement]:
+    """The global model (:func:`_agreeing_model`) and the tie points: inliers when they lie within the inlier
+    threshold of the model and belong to an agreeing tile."""
+    p0, p1, scores, tile_idx, _ = found.arrays()
+    g = matcher.conf["geometry"]
+    model, reason, agreed = _agreeing_model(sc, matcher, options, tiles, prior, margin)
     res_after = np.linalg.norm(model.apply(p0) - p1, axis=1) if model else np.full(len(p0), np.nan)
     res_before = np.linalg.norm(apply_transform(prior, p0) - p1, axis=1) if len(p0) else np.zeros(0)
     inliers = np.isin(tile_idx, agreed.agreeing) & (res_after < g["threshold"])
