@@ -9,7 +9,7 @@ Writes benchmarks/results/scale.md (with the load average at the start: the mach
     python benchmarks/bench_scale.py [--preset lite] [--threads 2] [--sizes 1000 10000] [--max-tiles N]
                                      [--workers 1 2]
 
---tile and --max-tiles default to `promptmid scene`'s defaults (SceneOptions).
+--tile, --max-tiles and --settle default to `promptmid scene`'s defaults (SceneOptions).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def main() -> None:
 
     ap.add_argument("--tile", type=int, default=SceneOptions.tile)
     ap.add_argument("--max-tiles", type=int, default=SceneOptions.max_tiles)
+    ap.add_argument("--settle", type=int, default=SceneOptions.settle or 0,
+                    help="stop once this many tiles agree (the scene default; 0 = match all --max-tiles tiles)")
     ap.add_argument("--search-radius", default=SceneOptions.search_radius,
                     help="the scene's default ('auto': 64 px at 10 m) covers the generated georeferencing error, a "
                          "0.5 degree rotation about the centre: up to 62 px at the corners of a 10k scene")
@@ -73,7 +75,7 @@ def main() -> None:
         out = CACHE / f"out{size}"
         wall, peak, rc = run(BIN + ["scene", str(d / "optical.tif"), str(d / "sar.tif"), "--out", str(out),
                                     "--overwrite", "-p", a.preset, "--tile", str(a.tile), "--overlap", "128",
-                                    "--max-tiles", str(a.max_tiles), "--search-radius", a.search_radius, "--threads",
+                                    "--max-tiles", str(a.max_tiles), "--settle", str(a.settle), "--search-radius", a.search_radius, "--threads",
                                     str(a.threads), "--quiet"])
         r = json.loads((out / "result.json").read_text())
         agreeing = len(r.get("agreement", {}).get("tiles_agreeing", []))
@@ -119,14 +121,15 @@ def write_md(rows: list, brows: list, a: argparse.Namespace) -> None:
 
     md = header_lines("Scale benchmark", threads=a.threads) + [
           f"Preset {a.preset}, torch threads {a.threads} (`--threads`), tile {a.tile}, overlap 128, search radius "
-          f"{a.search_radius}, at most {a.max_tiles} tiles, synthetic georeferenced UTM pairs at 10 m "
+          f"{a.search_radius}, at most {a.max_tiles} tiles matched spread-first, stopping once {a.settle or 'all'} agree "
+          "(`--settle`), synthetic georeferenced UTM pairs at 10 m "
           "(benchmarks/cache/). Peak "
           "RSS = the run's largest process (MB); wall time includes starting Python and loading the models. Load "
           f"average when the run started: {a.load[0]:.1f} / {a.load[1]:.1f} / {a.load[2]:.1f} (1/5/15 min) on "
           f"{os.cpu_count()} logical CPUs (a shared machine: other jobs inflate the times).", "",
           "Targets: a 1 MP scene <= 20 s and a 10k x 10k scene <= 180 s with `lite` on 2 cores, peak memory "
           "<= 2048 MB.", "",
-          f"## Scene size (`promptmid scene`, max {a.max_tiles} tiles)", "",
+          f"## Scene size (`promptmid scene`, max {a.max_tiles} tiles, settle {a.settle or 'off'})", "",
           "| side px | wall s | target s | peak RSS MB | status | tiles processed (agreeing) / grid | inliers | "
           "RMSE before -> after px | max error vs truth px | split (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s, wall, peak, rc, n, g, inl, b, af, t, status, err in rows:
