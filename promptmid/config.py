@@ -108,6 +108,7 @@ DINOV2_DEFAULTS: dict[str, Any] = {
     "position": "absolute",  # patch position embeddings: "absolute" (as trained) | "mean" (position-free)
     "device": "cpu",  # torch device the backbone runs on (fp32)
     "runtime": "auto",  # "onnxruntime" (CPU) | "torch" (transformers) | "auto": ONNX Runtime on CPU, torch on a GPU
+    "precision": "fp32",  # ONNX Runtime weights: "fp32" | "int8" (dynamic quantisation of the MatMuls; torch: fp32)
 }
 DINOV2 = {k: DINOV2_DEFAULTS[k] for k in ("layers", "long_side", "runtime")}  # what the presets show
 CONCAT = {"name": "concat", "weights": {"xfeat": 1.0, "aliked": 1.0, "dinov2": 0.7, "sd": 0.7}}

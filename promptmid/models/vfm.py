@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from promptmid.config import DINOV2_DEFAULTS, merge_options
 from promptmid.geometry import Size
 from promptmid.models.sampling import sample_features
-from promptmid.models.dinov2_onnx import INPUT_NAME, RUNTIMES, resolve_runtime, shared_session
+from promptmid.models.dinov2_onnx import INPUT_NAME, PRECISIONS, RUNTIMES, resolve_runtime, shared_session
 from promptmid.models.dinov2_arch import IMAGENET_MEAN, IMAGENET_STD, POSITION_MODES, VITS14
 from promptmid.models.dinov2_torch import SPEC, shared_model
 
@@ -73,6 +73,8 @@ class DINOv2Features:
             raise ValueError(f"long_side must be at least 14 px, got {self.conf.long_side}")
         if self.conf.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.conf.runtime!r}")
+        if self.conf.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.conf.precision!r}")
         if self.conf.runtime == "onnxruntime" and str(self.conf.device) != "cpu":
             raise ValueError(f"runtime 'onnxruntime' runs on the CPU only, not on device {self.conf.device!r}")
         self.conf.layers = layers
@@ -107,7 +109,7 @@ class DINOv2Features:
         x = self._preprocess(image)
         gh, gw = x.shape[-2] // 14, x.shape[-1] // 14
         if self.runtime == "onnxruntime":
-            session = shared_session(self.conf.layers, self.conf.norm, self.conf.position)
+            session = shared_session(self.conf.layers, self.conf.norm, self.conf.position, self.conf.precision)
             names = [f"dinov2_l{k}" for k in self.conf.layers]
             outputs = session.run(names, {INPUT_NAME: x.numpy()})
             return {name: torch.from_numpy(out[:, 1:, :]).transpose(1, 2).reshape(1, -1, gh, gw)
