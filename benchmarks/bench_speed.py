@@ -6,7 +6,8 @@ Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 1,2] [--repeats 5] 
 ``PRESET:nosearch`` runs the preset with the area-based search off (``--no-search``); ``PRESET:always`` runs the
 search even when the keypoint fit is already ``ok`` (``--always-search``: the cost of a pair whose keypoints do not
 settle it; by default an ``ok`` keypoint fit skips the search, and both searches run and are pooled);
-``PRESET:gradients`` does that with the classical search only (``--search-features gradients``).
+``PRESET:gradients`` does that with the classical search only (``--search-features gradients``); ``PRESET:int8``
+runs DINOv2 with int8 weights (``sources.dinov2.precision``; warm only, no CLI option).
 
 Warm: each preset runs in its own subprocess (so peak RSS is per preset), on the generated demo
 pair (no rotation search), after one warm-up call. Cold: the whole ``promptmid match`` command
@@ -55,16 +56,17 @@ print(json.dumps(med))
 """
 
 
-# variant -> (search overrides of the Matcher, the same as `promptmid match` options)
-VARIANTS = {"nosearch": ({"enabled": False}, ["--no-search"]),
-            "always": ({"skip_when_ok": False}, ["--always-search"]),
-            "gradients": ({"skip_when_ok": False, "learned": None},
-                          ["--always-search", "--search-features", "gradients"])}
+# variant -> (overrides of the Matcher, the same as `promptmid match` options; None: no such option, warm rows only)
+VARIANTS = {"nosearch": ({"search": {"enabled": False}}, ["--no-search"]),
+            "always": ({"search": {"skip_when_ok": False}}, ["--always-search"]),
+            "gradients": ({"search": {"skip_when_ok": False, "learned": None}},
+                          ["--always-search", "--search-features", "gradients"]),
+            "int8": ({"sources": {"dinov2": {"precision": "int8"}}}, None)}
 
 
 def run_preset(preset: str, threads: int, repeats: int) -> dict[str, float]:
     name, _, variant = preset.partition(":")
-    overrides = {"search": VARIANTS[variant][0]} if variant else {}
+    overrides = VARIANTS[variant][0] if variant else {}
     code = CHILD.format(preset=name, threads=threads, repeats=repeats, overrides=repr(overrides))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -105,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch,lite:always,lite:gradients")
+    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch,lite:always,lite:gradients,lite:int8")
     parser.add_argument("--cold-repeats", type=int, default=3, help="whole `promptmid match` runs per preset")
     parser.add_argument("--cold-presets", default="lite,lite:nosearch,lite:always")
     args = parser.parse_args()
@@ -134,7 +136,8 @@ def main() -> None:
         f"Generated demo pair (512x512, seed 7), no rotation search; median of {args.repeats} runs after a warm-up; "
         "stage times are summed over both images (keypoints, dinov2) and include guided re-matching (matching, "
         "fitting); search = the global area-based search (skipped when the keypoint fit is already ok, the default; "
-        "`:always` runs it anyway: both searches, the default; `:gradients` the classical one only), "
+        "`:always` runs it anyway: both searches, the default; `:gradients` the classical one only; `:int8` DINOv2 "
+        "with int8 weights, `sources.dinov2.precision`), "
         "qc = refinement and QC of every hypothesis. Target: the "
         "default (lite) <= 4 s per pair on 2 threads.", "", table, ""] + ([
         "## Whole command, cold", "",

@@ -250,6 +250,22 @@ def test_onnxruntime_features_match_torch(model, cache: Path, position: str) -> 
     assert (cache / f"dinov2_vits14_{position}_l4-8-12_norm.onnx").is_file()
 
 
+def test_int8_graph_is_close_to_fp32_and_cached_apart(model, cache: Path) -> None:
+    """precision="int8": the same features within quantisation error (cosine per patch), its own cached graph."""
+    pytest.importorskip("onnxruntime")
+    image = _scene(150, 230, seed=5)
+    fp32 = vfm.DINOv2Features(long_side=280, runtime="onnxruntime").feature_maps(image)
+    int8 = vfm.DINOv2Features(long_side=280, runtime="onnxruntime", precision="int8").feature_maps(image)
+    for name in fp32:
+        assert int8[name].shape == fp32[name].shape
+        cos = torch.nn.functional.cosine_similarity(int8[name], fp32[name], dim=1)
+        assert cos.median() > 0.97 and not torch.equal(int8[name], fp32[name]), name
+    assert (cache / "dinov2_vits14_absolute_l4-8-12_norm_int8.onnx").is_file()
+    assert (cache / "dinov2_vits14_absolute_l4-8-12_norm.onnx").is_file()
+    with pytest.raises(ValueError, match="precision"):
+        vfm.DINOv2Features(precision="int4")
+
+
 def test_onnxruntime_unnormalised_blocks_match_torch(model) -> None:
     pytest.importorskip("onnxruntime")
     image = _scene(112, 112, seed=4)
