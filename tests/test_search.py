@@ -280,10 +280,13 @@ def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
     flat = pick([cand("area 1", 40.0, "failed", 0.01), cand("area 2", 0.0, "failed", 0.03), b], (256, 256))
     assert flat.verdict.status == "failed"
     # confirmed by the keypoints: rescued without the mutual information; the keypoint fit is kept (the same
-    # transform) and is uncertain too
-    kp = cand("keypoints", 1.0, "failed", 0.02)
+    # transform, at least as confident) and is uncertain too
+    kp = cand("keypoints", 1.0, "failed", 0.04)
     best = pick([kp, lone, cand("area 2", 0.0, "failed", 0.03)], (256, 256))
     assert best.transform is kp.transform and best.verdict.status == "uncertain"
+    # ... but a more confident winner on the same transform stays, with its own verdict
+    ok = cand("area 2", 0.0, "ok", 0.93, 3.4)
+    assert pick([cand("keypoints", 1.5, "uncertain", 0.69, 2.4), ok], (256, 256)) is ok
 
 
 def test_normalized_mutual_information_bounds():
