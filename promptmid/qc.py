@@ -316,12 +316,22 @@ def verdict_of(evidence: Mapping[str, float], model: QCModel | None = None) -> V
     return Verdict(status, conf, dict(evidence), reasons if status != "ok" else [])
 
 
+AMBIGUOUS = 0.02  # dense distinctness below this rules out ok (right ok fits on the calibration pairs: >= 0.028)
+
+
 def vetoes(evidence: Mapping[str, float]) -> list[tuple[bool, str]]:
     """Evidence that rules out ``ok`` whatever the confidence (the logistic model is linear and extrapolates):
     the dense correlation peaking more than 2 x 5 px away from the transform (right transforms on the
-    calibration pairs peak within 3.4 px), and a scale more than 1.5x off the ratio of the pixel sizes."""
+    calibration pairs peak within 3.4 px), a dense correlation with no distinct peak (distinctness below
+    :data:`AMBIGUOUS`: every right ``ok`` fit of the product's candidates on the calibration pairs — training 3MOS
+    tiles at two displacement seeds and validation, 116 fits — had at least 0.028, while a hypothesis rotated by
+    about 180 degrees on a symmetric validation scene, 220 px off, was called ``ok`` at 0.001), and a scale more
+    than 1.5x off the ratio of the pixel sizes."""
     offset = evidence.get("dense_offset_px", 0.0)
+    distinct = evidence.get("dense_distinctness", 1.0)
     return [(offset > 2 * SUCCESS_PX, f"dense correlation peaks {offset:.0f} px away from the transform"),
+            (distinct < AMBIGUOUS, f"dense correlation has no distinct peak (distinctness {distinct:.3f}: "
+                                   "repetitive, symmetric or featureless scene)"),
             (evidence.get("scale_vs_pixel_size", 0.0) > math.log(1.5),
              "scale differs from the ratio of the pixel sizes by more than 1.5x")]
 
@@ -336,7 +346,7 @@ def weak_evidence(ev: Mapping[str, float]) -> list[str]:
     flags = []
     if ev.get("dense_offset_px", 0.0) > SUCCESS_PX:
         flags.append(f"dense correlation peaks {ev['dense_offset_px']:.0f} px away from the transform")
-    if ev.get("dense_distinctness", 1.0) < 0.02:
+    if ev.get("dense_distinctness", 1.0) < AMBIGUOUS:
         flags.append("dense correlation is ambiguous (repetitive or featureless scene)")
     if ev.get("competitor_ratio", 0.0) > 0.5:
         flags.append("another transform fits the remaining matches almost as well")

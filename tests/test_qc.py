@@ -75,6 +75,15 @@ def test_periodic_texture_one_period_off_is_not_ok():
     assert v.evidence["dense_distinctness"] < 0.05
 
 
+def test_ambiguous_dense_correlation_vetoes_ok():
+    """A confident fit whose dense correlation has no distinct peak is at most uncertain, and says why."""
+    evidence = {"dense_offset_px": 1.0, "dense_peak": 0.43, "dense_distinctness": 0.001, "refine_inlier_ratio": 0.78,
+                "anisotropy": 0.004}
+    assert all(vetoed is False for vetoed, _ in qc.vetoes({**evidence, "dense_distinctness": 0.1}))
+    v = qc.verdict_of(evidence)
+    assert v.status != "ok" and any("no distinct peak" in r for r in v.reasons), v
+
+
 def test_unrelated_images_are_not_ok():
     a, b = make_pair(SIZE, seed=21), make_pair(SIZE, seed=22)
     r = Matcher("lite").match(a.optical, b.sar)
