@@ -148,6 +148,8 @@ class Matcher:
             raise ValueError("geometry.rotations must list at least one angle (e.g. [0])")
         self.describer = Describer(self.conf["keypoints"], self.conf["sources"], self.conf["aggregator"])
         self._search_features: LearnedFeatures | None = None
+        if self.conf["search"].get("enabled") and self.conf["search"].get("learned"):
+            self.search_channels()  # built now, so the keypoint stage hands it ALIKED's dense maps
 
     def prepare(self, source: Any, modality: str) -> PreparedImage:
         """Read and scale one image with this matcher's I/O settings."""
@@ -250,6 +252,8 @@ class Matcher:
         if self._search_features is None:
             net = self.describer.extractor.net if self.describer.extractor.local_name == "aliked" else None
             self._search_features = SearchFeatures(net)
+            if net is not None:
+                self.describer.extractor.dense_tap = self._search_features.remember
         return [None, self._search_features] if name == "both" else [self._search_features]
 
     def _result(

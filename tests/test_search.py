@@ -222,6 +222,26 @@ def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
         Matcher("lite", {"search": {"learned": "sift"}}).search_channels()
 
 
+def test_search_channels_reuse_the_keypoint_stage_dense_map(displaced, monkeypatch):
+    """The keypoint stage hands ALIKED's dense map to the search channels: the same values as computing them anew,
+    without running ALIKED again for that image; an image the keypoint stage did not see is computed."""
+    import promptmid.models.dense_features as dense_features
+    from promptmid.api import Matcher
+    from promptmid.models.dense_features import SearchFeatures
+
+    matcher = Matcher("lite")
+    channels = matcher.search_channels()[1]
+    assert matcher.describer.extractor.dense_tap == channels.remember
+    opt, sar = _prepared(displaced)
+    fresh = SearchFeatures(channels.net)(opt)
+    matcher.describer.features(opt)  # the keypoint stage, on the optical image only
+    calls, real = [], dense_features.aliked_dense_map
+    monkeypatch.setattr(dense_features, "aliked_dense_map", lambda *a: calls.append(1) or real(*a))
+    assert np.array_equal(channels(opt), fresh) and not calls
+    channels(sar)
+    assert len(calls) == 1
+
+
 def test_both_searches_pool_their_hypotheses(displaced, monkeypatch):
     """search.learned = 'both': the classical search and the search with ALIKED channels both run (the real search,
     its calls recorded) and their hypotheses are weighed together; the pick registers the displaced pair."""

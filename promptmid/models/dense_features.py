@@ -14,7 +14,9 @@ level.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ class SearchFeatures:
         gen = torch.Generator().manual_seed(seed)
         self.projection = torch.randn(128, channels, generator=gen) * (weight / channels ** 0.5)
         self.long_side = long_side
+        self._known: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # remember(): the last REMEMBERED
 
     @torch.inference_mode()
     def __call__(self, image: PreparedImage) -> np.ndarray:
@@ -54,6 +57,37 @@ class SearchFeatures:
         f = min(1.0, self.long_side / max(h, w))
         if f < 1.0:
             x = F.interpolate(x, size=(max(round(h * f), 32), max(round(w * f), 32)), mode="area")
+        else:
+            known = self._known.get(_key(x))
+            if known is not None:  # the keypoint stage computed this very map already
+                return known
         dense, _ = aliked_dense_map(self.net, x)  # [1, 128, h', w'], unit norm per pixel
+        return self._project(dense)
+
+    @torch.inference_mode()
+    def remember(self, image: torch.Tensor, dense: torch.Tensor) -> None:
+        """Keep the channels of ``dense``, ALIKED's dense map of the ``[1, 3, H, W]`` input ``image`` computed
+        elsewhere (the keypoint stage: :func:`promptmid.models.keypoints.aliked_features`' ``tap``), so that calling
+        this on an image with exactly the same pixels returns them without running ALIKED again (the same values:
+        the same input through the same network). Only images the search takes at their own size are kept, the
+        last :data:`REMEMBERED` of them (an optical/SAR pair)."""
+        if max(image.shape[-2:]) > self.long_side:
+            return
+        self._known[_key(image)] = self._project(dense)
+        while len(self._known) > REMEMBERED:
+            self._known.popitem(last=False)
+
+    def _project(self, dense: torch.Tensor) -> np.ndarray:
         out = torch.einsum("chw,ck->hwk", dense[0].float(), self.projection.to(dense.device))
-        return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
+        out = np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
+        out.setflags(write=False)  # shared between calls
+        return out
+
+
+REMEMBERED = 2  # dense maps SearchFeatures.remember keeps
+
+
+def _key(x: torch.Tensor) -> tuple[Any, ...]:
+    """Identity of an input tensor's pixels: shape, dtype and a digest of its bytes."""
+    data = x.detach().cpu().contiguous().numpy()
+    return x.shape, str(x.dtype), hashlib.blake2b(data.tobytes(), digest_size=16).digest()

@@ -121,6 +121,8 @@ class KeypointExtractor:
             self.net = load_aliked_net(2 * int(self.conf.top_k), float(self.conf.aliked_threshold)).to(self.conf.device)
         else:
             self.net = load_xfeat_net(self.conf.device)
+        # called with each image and ALIKED's dense map of it (aliked_features' ``tap``), e.g. by the area search
+        self.dense_tap: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     @torch.inference_mode()
     def __call__(self, image: torch.Tensor, valid: np.ndarray | None = None) -> dict[str, torch.Tensor]:
@@ -149,7 +151,8 @@ class KeypointExtractor:
             idx = torch.nonzero(inside)[:, 0]
             return idx[torch.argsort(scores[idx], descending=True)[: self.conf.top_k]]
 
-        kpts, scores, desc = aliked_features(self.net, _pad_to_multiple(image.to(self.conf.device), 16), keep)
+        kpts, scores, desc = aliked_features(self.net, _pad_to_multiple(image.to(self.conf.device), 16), keep,
+                                             self.dense_tap)
         return {"keypoints": kpts, "scores": scores, "descriptors": F.normalize(desc, dim=-1)}
 
     def _detect(self, image: torch.Tensor, score_map: torch.Tensor, valid: np.ndarray | None) -> torch.Tensor:
@@ -166,16 +169,21 @@ class KeypointExtractor:
 
 def aliked_features(net: torch.nn.Module, image: torch.Tensor,
                     keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                    tap: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """kornia ALIKED's ``forward`` for one ``[1, 3, H, W]`` image: keypoints ``[N, 2]`` (x, y px), scores ``[N]``,
     descriptors ``[N, D]``; the same arithmetic as kornia, with the dense map built by :func:`aliked_dense_map`.
 
     ``keep(keypoints px, scores) -> indices``: the detections to describe, in that order (the descriptor head works
     per keypoint, so describing only those gives the same descriptors; at 1024 px it halves the head's time when
-    top_k of 2 * top_k detections are kept)."""
+    top_k of 2 * top_k detections are kept). ``tap(image, feature_map)``: called with the ``[1, 3, H, W]`` input and its
+    dense map (e.g. :meth:`promptmid.models.dense_features.SearchFeatures.remember`, so the area search does not
+    compute the same map again)."""
     if image.shape[1] == 1:
         image = image.expand(-1, 3, -1, -1)
     feature_map, score_map = aliked_dense_map(net, image)
+    if tap is not None:
+        tap(image, feature_map)
     keypoints, scores = aliked_detect(net.dkd, score_map)
     h, w = image.shape[-2:]
     wh = torch.tensor([w - 1, h - 1], dtype=torch.float32, device=image.device)
