@@ -148,8 +148,9 @@ class Matcher:
             raise ValueError("geometry.rotations must list at least one angle (e.g. [0])")
         self.describer = Describer(self.conf["keypoints"], self.conf["sources"], self.conf["aggregator"])
         self._search_features: LearnedFeatures | None = None
-        if self.conf["search"].get("enabled") and self.conf["search"].get("learned"):
-            self.search_channels()  # built now, so the keypoint stage hands it ALIKED's dense maps
+        if (self.conf["search"].get("enabled") and self.conf["search"].get("learned")
+                and self.describer.extractor.local_name == "aliked"):
+            self.search_channels()  # built now (sharing ALIKED), so the keypoint stage hands it its dense maps
 
     def prepare(self, source: Any, modality: str) -> PreparedImage:
         """Read and scale one image with this matcher's I/O settings."""
