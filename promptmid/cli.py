@@ -187,9 +187,10 @@ def models(
     from promptmid.models.promptdm import promptdm_status
     from promptmid.models.weights import model_status
     from promptmid.qc import qc_model_status
+    from promptmid.ranker import pick_model_status
 
     rows = (model_status(verify) + [graph_status(verify)] + aggregator_status() + [promptdm_status(verify)]
-            + qc_model_status())
+            + qc_model_status() + pick_model_status())
     if json_out:
         print(json.dumps(rows, indent=2))
         return

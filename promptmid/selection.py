@@ -28,6 +28,7 @@ from promptmid.qc import (QCModel, Verdict, gather_evidence, judge, linear_plaus
 from promptmid.polish import polish_affine
 from promptmid.refine import Refinement, refine_prepared
 from promptmid.correlation import fft_workers
+from promptmid.ranker import PICK_FEATURES
 
 
 AREA_REFINE_SEARCH = 16  # search radius (working px) of the refinement of an area hypothesis (coarse: ~4 px at 256)
@@ -172,8 +173,8 @@ def settled(keypoint: Candidate | None) -> bool:
 
 
 def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | None, hypotheses: Sequence[Any] = (),
-           refine_conf: Mapping[str, Any] | None = None, model: str = "affine", qc_model: QCModel | None = None
-           ) -> tuple[Candidate | None, list[Candidate]]:
+           refine_conf: Mapping[str, Any] | None = None, model: str = "affine", qc_model: QCModel | None = None,
+           ranker: Any = None) -> tuple[Candidate | None, list[Candidate]]:
     """One result per pair, chosen by evidence: the keypoint fit (:func:`keypoint_candidate`, ``None`` when it failed)
     and every area hypothesis (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g.
     :class:`promptmid.search.Hypothesis`; polished first when ``refine_conf["polish"]``; ``model``: the geometry of
@@ -202,11 +203,11 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
     if len(candidates) > 1:  # the pick weighs the mutual information; one candidate needs no comparison
         for c in candidates:
             c.evidence.update(mutual_information_evidence(optical, sar, c.transform))
-    return pick(candidates, optical.original_size), candidates
+    return pick(candidates, optical.original_size, ranker), candidates
 
 
-AGREEMENT_BONUS = 0.5  # added to the confidence of a candidate that another kind of source confirms (pick only)
-MI_WEIGHT = 0.5  # per thousandth of mutual-information peak (alignment.mutual_information_evidence), added in the pick
+AGREEMENT_BONUS = 0.5  # HandRule: added to the confidence of a candidate that another kind of source confirms
+MI_WEIGHT = 0.5  # HandRule: per thousandth of mutual-information peak (alignment.mutual_information_evidence)
 MI_CONFIRM = 1.0  # least MI peak (thousandths) for the two searches' agreement to rescue a failed candidate
 
 
@@ -221,43 +222,86 @@ def origin(candidate: Candidate) -> str:
     return candidate.source.rsplit(" ", 1)[0] if candidate.source.startswith("area") else candidate.source
 
 
-def pick(candidates: Sequence[Candidate], size: tuple[int, int]) -> Candidate:
-    """The candidate kept: the most confident one that is not ``failed`` (a failed one only when all failed), where a
-    candidate confirmed by another kind of source — a transform within :data:`SAME_PX` proposed by keypoints or by the
-    other search (:func:`origin`) — counts :data:`AGREEMENT_BONUS` more: two searches on different channels, or a
-    search and the keypoints, rarely land on the same wrong transform. A confirmed candidate is not ruled out as
-    failed (it is at most ``uncertain``) when the keypoints are one of the two, or when its mutual-information peak
-    reaches :data:`MI_CONFIRM`: the two searches share the gradient channels, and on a featureless optical image (noise)
-    both found the same wrong transform, with no mutual-information peak (about 0). Chosen
-    on the training 3MOS tiles with both searches pooled (seed 0: 20 -> 22 of 39 within 5 px; the held-out seed 1:
-    17 -> 21; validation 25 -> 25); with one search it changes nothing (its hypotheses are distinct by more than
-    :data:`SAME_PX` and those within it of the keypoint fit are not weighed).
+def confirmations(candidates: Sequence[Candidate], size: tuple[int, int]) -> list[set[str]]:
+    """For each candidate, the other kinds of source (:func:`origin`) that propose a transform within
+    :data:`SAME_PX` of it (mean corner distance over the optical image of ``size``)."""
+    return [{origin(d) for d in candidates if origin(d) != origin(c)
+             and corner_error(c.transform, d.transform, size).mean() <= SAME_PX} for c in candidates]
 
-    The mutual-information peak (:func:`mi_peak`, :func:`promptmid.alignment.mutual_information_evidence`) adds
-    :data:`MI_WEIGHT` per thousandth: the QC confidence of an area hypothesis is capped low when its refinement
-    blocks do not run or agree (usual on 10 m SAR), so confidences alone do not rank a right area hypothesis above a
-    wrong keypoint fit; the intensities' dependence peaking at the transform does, independently of the gradient
-    channels. Chosen on the training 3MOS tiles (one search, with the skip: seed 0 16 -> 17 of 39, seed 1 12 -> 16;
-    both searches: 20 -> 22, 17 -> 22; validation 25 -> 25 either way). When the keypoint fit is the same
-    transform as the winner (within :data:`SAME_PX`) and at least as confident, it is kept instead: confidences of
-    right transforms saturate near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis;
-    a more confident winner stays (training 3MOS tiles, seed 1: an ``uncertain`` keypoint fit 5.6 px off had
-    replaced the same transform refined from an area hypothesis, ``ok`` and 4.0 px off; 22 -> 23 of 39, nothing
-    else changed on training or validation).
+
+def pick_features(candidates: Sequence[Candidate], size: tuple[int, int]) -> np.ndarray:
+    """``[n, F]`` inputs of the pick's ranker (:data:`promptmid.ranker.PICK_FEATURES`, in that order): the log QC
+    confidence, the mutual-information peak, whether another kind of source confirms the transform (and whether the
+    keypoints are one of the two), whether it is the keypoint fit, its verdict (failed / ok, before any rescue), and
+    its dense and refinement evidence (missing or non-finite: 0; the dense offset capped at 50 px)."""
+
+    def num(c: Candidate, key: str, default: float = 0.0) -> float:
+        value = c.evidence.get(key, default)
+        return float(value) if value is not None and math.isfinite(value) else default
+
+    rows = []
+    for c, by in zip(candidates, confirmations(candidates, size)):
+        rows.append([math.log(c.verdict.confidence + 1e-3), mi_peak(c), float(bool(by)),
+                     float(bool(by) and "keypoints" in by | {origin(c)}), float(origin(c) == "keypoints"),
+                     float(c.verdict.status == "failed"), float(c.verdict.status == "ok"), num(c, "dense_peak"),
+                     num(c, "dense_distinctness"), num(c, "refine_inlier_ratio"),
+                     min(num(c, "dense_offset_px", 50.0), 50.0)])
+    return np.array(rows, float).reshape(len(rows), len(PICK_FEATURES))
+
+
+class HandRule:
+    """The pick's score before the trained ranker, as a ranker: the QC confidence, plus :data:`AGREEMENT_BONUS` when
+    another kind of source confirms the transform, plus :data:`MI_WEIGHT` per thousandth of mutual-information peak
+    (chosen on the training 3MOS tiles: both searches 20 -> 22 of 39 at seed 0, 17 -> 22 at seed 1; validation 25 ->
+    25). Kept for comparison (``pick(..., ranker=HandRule())``) and for tests of the pick's rules."""
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        conf, mi, confirmed = np.exp(x[:, 0]) - 1e-3, x[:, 1], x[:, 2]
+        return conf + AGREEMENT_BONUS * confirmed + MI_WEIGHT * mi
+
+
+def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = None) -> Candidate:
+    """The candidate kept: the one the ranker scores highest among those that are not ``failed`` (a failed one only
+    when all are failed or when agreement rescues it, below).
+
+    The ranker (default: the shipped :func:`promptmid.ranker.load_pick_model`; any object with ``score([n, F]) ->
+    [n]``, e.g. :class:`HandRule`) is a logistic model of "within 5 px" over :func:`pick_features`: the QC
+    confidence, the mutual-information peak (:func:`mi_peak`), whether another kind of source confirms the
+    transform, the verdict and the dense and refinement evidence. It was trained on the product's candidates of the
+    training 3MOS tiles displaced twice (:mod:`promptmid.training.pick`) and replaced :class:`HandRule`, which ranked
+    by confidence + agreement bonus + mutual information: the QC confidence of an area hypothesis is capped low when
+    its refinement blocks do not agree (usual on 10 m SAR), so confidences alone do not rank a right area hypothesis
+    above a wrong keypoint fit, and the ranker also learns that a high dense-correlation peak is no evidence for an
+    area hypothesis (the search maximised that very correlation).
+
+    A candidate confirmed by another kind of source (:func:`confirmations`: keypoints, the classical search or the
+    search with learned channels, within :data:`SAME_PX`) is not ruled out as failed (it is at most ``uncertain``)
+    when the keypoints are one of the two, or when its mutual-information peak reaches :data:`MI_CONFIRM`: the two
+    searches share the gradient channels, and on a featureless optical image (noise) both found the same wrong
+    transform, with no mutual-information peak (about 0). When the keypoint fit is the same transform as the winner
+    (within :data:`SAME_PX`) and at least as confident, it is kept instead: confidences of right transforms saturate
+    near 1, and the keypoint fit starts closer to the truth than a coarse area hypothesis; a more confident winner
+    stays (training 3MOS tiles, seed 1: an ``uncertain`` keypoint fit 5.6 px off had replaced the same transform
+    refined from an area hypothesis, ``ok`` and 4.0 px off).
 
     Args:
         candidates: judged candidates, the keypoint fit (if any) first.
         size: (width, height) of the optical image (original px), for the corner distances.
+        ranker: the scorer (``None``: the shipped ranker, loaded only when there is more than one candidate).
+    Raises:
+        ModelError: the shipped ranker is missing or fails its checksum.
     """
-    confirmed = [{origin(d) for d in candidates if origin(d) != origin(c)
-                  and corner_error(c.transform, d.transform, size).mean() <= SAME_PX} for c in candidates]
+    confirmed = confirmations(candidates, size)
     rescued = [bool(by) and ("keypoints" in by | {origin(c)} or mi_peak(c) >= MI_CONFIRM)
                for c, by in zip(candidates, confirmed)]
+    if ranker is None and len(candidates) > 1:
+        from promptmid.ranker import load_pick_model
+
+        ranker = load_pick_model()
+    scores = ranker.score(pick_features(candidates, size)) if ranker is not None and len(candidates) > 1 else [0.0]
 
     def key(i: int) -> tuple[bool, float]:
-        c = candidates[i]
-        return (c.verdict.status != "failed" or rescued[i],
-                c.verdict.confidence + AGREEMENT_BONUS * bool(confirmed[i]) + MI_WEIGHT * mi_peak(c))
+        return candidates[i].verdict.status != "failed" or rescued[i], float(scores[i])
 
     i = max(range(len(candidates)), key=key)
     first = candidates[0]

@@ -281,10 +281,14 @@ def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
     shared gradient channels agree on the same wrong transform of a featureless image)."""
     from promptmid.geometry import translation
     from promptmid.qc import Verdict
-    from promptmid.selection import MI_CONFIRM, Candidate, pick
+    from promptmid.selection import MI_CONFIRM, Candidate, HandRule
+    from promptmid.selection import pick as pick_by
 
     def cand(source, dx, status, conf, mi=0.0):
         return Candidate(source, translation(dx, 0.0), None, {"mi_peak": mi}, Verdict(status, conf))
+
+    def pick(candidates, size):  # the rules around the score, with the hand-set score
+        return pick_by(candidates, size, HandRule())
 
     lone = cand("area 1", 40.0, "uncertain", 0.3)
     a, b = cand("area 2", 0.0, "uncertain", 0.1), cand("area+aliked 3", 2.0, "failed", 0.02)
@@ -335,11 +339,16 @@ def test_mutual_information_peaks_at_the_right_transform(displaced):
 
 
 def test_pick_weighs_the_mutual_information_peak():
-    """Of two uncertain candidates, one whose MI peak is MI_WEIGHT-weighted above the other's confidence gap wins;
-    a failed candidate is not rescued by its MI peak alone."""
+    """Of two uncertain candidates, one whose MI peak is MI_WEIGHT-weighted above the other's confidence gap wins
+    (the hand rule) or whose MI peak is far higher (the shipped ranker); a failed candidate is not rescued by its MI
+    peak alone."""
     from promptmid.geometry import translation
     from promptmid.qc import Verdict
-    from promptmid.selection import MI_WEIGHT, Candidate, pick
+    from promptmid.selection import MI_WEIGHT, Candidate, HandRule
+    from promptmid.selection import pick as pick_by
+
+    def pick(candidates, size):
+        return pick_by(candidates, size, HandRule())
 
     def cand(source, dx, status, conf, mi):
         return Candidate(source, translation(dx, 0.0), None, {"mi_peak": mi}, Verdict(status, conf))
@@ -349,3 +358,31 @@ def test_pick_weighs_the_mutual_information_peak():
     assert pick([kp, area], (256, 256)) is area
     assert pick([kp, cand("area 1", 0.0, "uncertain", 0.1, float("nan"))], (256, 256)) is kp
     assert pick([kp, cand("area 1", 0.0, "failed", 0.01, 10.0)], (256, 256)) is kp
+    assert pick_by([kp, cand("area 1", 0.0, "uncertain", 0.1, 4.0)], (256, 256)).source == "area 1"  # shipped
+    assert pick_by([kp, cand("area 1", 0.0, "failed", 0.01, 10.0)], (256, 256)) is kp
+
+
+def test_shipped_ranker_loads_verified_and_refuses_tampering(tmp_path, monkeypatch):
+    """The pick's ranker ships with a pinned sha256 and the expected features; a modified file or other features
+    are refused with a ModelError, never used."""
+    import json
+
+    from promptmid import ranker
+    from promptmid.errors import ModelError
+
+    ranker.load_pick_model.cache_clear()
+    model = ranker.load_pick_model()
+    assert model.features == ranker.PICK_FEATURES and ranker.PICK_MODEL_SHA256
+    assert ranker.pick_model_status()[0]["ready"]
+    data = json.loads(ranker.PICK_MODEL.read_text())
+    tampered = tmp_path / "pick.json"
+    tampered.write_text(json.dumps({**data, "intercept": data["intercept"] + 1.0}))
+    monkeypatch.setattr(ranker, "PICK_MODEL", tampered)
+    ranker.load_pick_model.cache_clear()
+    with pytest.raises(ModelError, match="sha256"):
+        ranker.load_pick_model()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**data, "features": data["features"][::-1]}))
+    with pytest.raises(ModelError, match="features"):
+        ranker.load_pick_model(str(other))
+    ranker.load_pick_model.cache_clear()
