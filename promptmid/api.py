@@ -148,6 +148,7 @@ class Matcher:
             raise ValueError("geometry.rotations must list at least one angle (e.g. [0])")
         self.describer = Describer(self.conf["keypoints"], self.conf["sources"], self.conf["aggregator"])
         self._search_features: LearnedFeatures | None = None
+        self.ranker = selection.ranker_named(self.conf["search"].get("ranker", "hand"))  # the pick's score
         if (self.conf["search"].get("enabled") and self.conf["search"].get("learned")
                 and self.describer.extractor.local_name == "aliked"):
             self.search_channels()  # built now (sharing ALIKED), so the keypoint stage hands it its dense maps
@@ -201,7 +202,8 @@ class Matcher:
                               for h in global_search(opt, sar_img, search_conf, prior, channels)]
             _progress(progress, "quality control of the area hypotheses")
         with _timer(timings, "qc"):
-            checked = selection.choose(opt, sar_img, keypoint, hypotheses, refine_conf, geom.model)
+            checked = selection.choose(opt, sar_img, keypoint, hypotheses, refine_conf, geom.model,
+                                       ranker=self.ranker)
         timings["total"] = time.perf_counter() - t_start
         return self._result(best, checked, opt, sar_img, feats0, timings, rotation_scores, context)
 

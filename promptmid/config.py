@@ -97,6 +97,8 @@ DEFAULTS: dict[str, Any] = {
         "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
         "learned": "both",  # learned dense channels: None | "aliked" | "both" (SEARCH_FEATURES, models/dense_features.py)
         "skip_when_ok": True,  # no search when the keypoint fit's verdict already is ok (selection.settled)
+        "ranker": "hand",  # the pick's score: "hand" (selection.HandRule) | "trained" (ranker.py; an option: it tied
+        # validation and lost one unseen pair, benchmarks/results/area_search_ranker.md)
     },
 }
 

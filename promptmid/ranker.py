@@ -2,8 +2,8 @@
 training pairs (:mod:`promptmid.training.pick`), shipped as ``weights/promptmid-pick-v1.json`` (sha256 pinned).
 
 Its inputs are :data:`PICK_FEATURES` (computed by :func:`promptmid.selection.pick_features`); its score is the logit
-of "this candidate is within 5 px of the truth". :func:`promptmid.selection.pick` keeps the candidate with the
-highest score among those not ``failed`` (or rescued by agreement).
+of "this candidate is within 5 px of the truth". An option of the pick (``search.ranker = "trained"``,
+:func:`promptmid.selection.ranker_named`); the default is the hand-set :class:`promptmid.selection.HandRule`.
 """
 
 from __future__ import annotations

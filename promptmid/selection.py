@@ -249,11 +249,29 @@ def pick_features(candidates: Sequence[Candidate], size: tuple[int, int]) -> np.
     return np.array(rows, float).reshape(len(rows), len(PICK_FEATURES))
 
 
+RANKERS = ("hand", "trained")  # search.ranker: the pick's score
+
+
+def ranker_named(name: str) -> Any:
+    """The pick's scorer for ``search.ranker``: ``"hand"`` (:class:`HandRule`, the default) or ``"trained"``
+    (:func:`promptmid.ranker.load_pick_model`, checksum verified).
+
+    Raises:
+        ValueError: another name. ModelError: the trained ranker is missing or fails its checksum.
+    """
+    if name == "hand":
+        return HandRule()
+    if name == "trained":
+        from promptmid.ranker import load_pick_model
+
+        return load_pick_model()
+    raise ValueError(f"Unknown search.ranker {name!r}; valid: {', '.join(RANKERS)}")
+
+
 class HandRule:
-    """The pick's score before the trained ranker, as a ranker: the QC confidence, plus :data:`AGREEMENT_BONUS` when
-    another kind of source confirms the transform, plus :data:`MI_WEIGHT` per thousandth of mutual-information peak
-    (chosen on the training 3MOS tiles: both searches 20 -> 22 of 39 at seed 0, 17 -> 22 at seed 1; validation 25 ->
-    25). Kept for comparison (``pick(..., ranker=HandRule())``) and for tests of the pick's rules."""
+    """The pick's default score: the QC confidence, plus :data:`AGREEMENT_BONUS` when another kind of source confirms
+    the transform, plus :data:`MI_WEIGHT` per thousandth of mutual-information peak (chosen on the training 3MOS
+    tiles: both searches 20 -> 22 of 39 at seed 0, 17 -> 22 at seed 1; validation 25 -> 25)."""
 
     def score(self, x: np.ndarray) -> np.ndarray:
         conf, mi, confirmed = np.exp(x[:, 0]) - 1e-3, x[:, 1], x[:, 2]
@@ -264,15 +282,14 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
     """The candidate kept: the one the ranker scores highest among those that are not ``failed`` (a failed one only
     when all are failed or when agreement rescues it, below).
 
-    The ranker (default: the shipped :func:`promptmid.ranker.load_pick_model`; any object with ``score([n, F]) ->
-    [n]``, e.g. :class:`HandRule`) is a logistic model of "within 5 px" over :func:`pick_features`: the QC
-    confidence, the mutual-information peak (:func:`mi_peak`), whether another kind of source confirms the
-    transform, the verdict and the dense and refinement evidence. It was trained on the product's candidates of the
-    training 3MOS tiles displaced twice (:mod:`promptmid.training.pick`) and replaced :class:`HandRule`, which ranked
-    by confidence + agreement bonus + mutual information: the QC confidence of an area hypothesis is capped low when
-    its refinement blocks do not agree (usual on 10 m SAR), so confidences alone do not rank a right area hypothesis
-    above a wrong keypoint fit, and the ranker also learns that a high dense-correlation peak is no evidence for an
-    area hypothesis (the search maximised that very correlation).
+    The ranker is any object with ``score([n, F] pick_features) -> [n]``: :class:`HandRule` by default (confidence +
+    agreement bonus + mutual information: the QC confidence of an area hypothesis is capped low when its refinement
+    blocks do not agree, usual on 10 m SAR, so confidences alone do not rank a right area hypothesis above a wrong
+    keypoint fit; the intensities' dependence peaking at the transform does, independently of the gradient
+    channels), or the trained logistic ranker (:mod:`promptmid.ranker`, ``search.ranker = "trained"``): on the
+    training 3MOS tiles it won a 5-fold cross-validation grouped by tile (17 + 17 against 16 + 15 of the 31 + 31
+    pairs the pick decides), tied validation (7 of 9) and lost one of the 148 displaced unseen pairs (an osmnet
+    pair), so it is an option, not the default.
 
     A candidate confirmed by another kind of source (:func:`confirmations`: keypoints, the classical search or the
     search with learned channels, within :data:`SAME_PX`) is not ruled out as failed (it is at most ``uncertain``)
@@ -287,18 +304,13 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
     Args:
         candidates: judged candidates, the keypoint fit (if any) first.
         size: (width, height) of the optical image (original px), for the corner distances.
-        ranker: the scorer (``None``: the shipped ranker, loaded only when there is more than one candidate).
-    Raises:
-        ModelError: the shipped ranker is missing or fails its checksum.
+        ranker: the scorer (``None``: :class:`HandRule`).
     """
     confirmed = confirmations(candidates, size)
     rescued = [bool(by) and ("keypoints" in by | {origin(c)} or mi_peak(c) >= MI_CONFIRM)
                for c, by in zip(candidates, confirmed)]
-    if ranker is None and len(candidates) > 1:
-        from promptmid.ranker import load_pick_model
-
-        ranker = load_pick_model()
-    scores = ranker.score(pick_features(candidates, size)) if ranker is not None and len(candidates) > 1 else [0.0]
+    ranker = ranker if ranker is not None else HandRule()
+    scores = ranker.score(pick_features(candidates, size)) if len(candidates) > 1 else [0.0]
 
     def key(i: int) -> tuple[bool, float]:
         return candidates[i].verdict.status != "failed" or rescued[i], float(scores[i])

@@ -340,15 +340,15 @@ def test_mutual_information_peaks_at_the_right_transform(displaced):
 
 def test_pick_weighs_the_mutual_information_peak():
     """Of two uncertain candidates, one whose MI peak is MI_WEIGHT-weighted above the other's confidence gap wins
-    (the hand rule) or whose MI peak is far higher (the shipped ranker); a failed candidate is not rescued by its MI
-    peak alone."""
+    (the default score; the trained ranker also prefers a far higher MI peak); a failed candidate is not rescued by
+    its MI peak alone."""
     from promptmid.geometry import translation
     from promptmid.qc import Verdict
-    from promptmid.selection import MI_WEIGHT, Candidate, HandRule
+    from promptmid.selection import MI_WEIGHT, Candidate, HandRule, ranker_named
     from promptmid.selection import pick as pick_by
 
-    def pick(candidates, size):
-        return pick_by(candidates, size, HandRule())
+    def pick(candidates, size):  # the default score
+        return pick_by(candidates, size)
 
     def cand(source, dx, status, conf, mi):
         return Candidate(source, translation(dx, 0.0), None, {"mi_peak": mi}, Verdict(status, conf))
@@ -358,13 +358,23 @@ def test_pick_weighs_the_mutual_information_peak():
     assert pick([kp, area], (256, 256)) is area
     assert pick([kp, cand("area 1", 0.0, "uncertain", 0.1, float("nan"))], (256, 256)) is kp
     assert pick([kp, cand("area 1", 0.0, "failed", 0.01, 10.0)], (256, 256)) is kp
-    assert pick_by([kp, cand("area 1", 0.0, "uncertain", 0.1, 4.0)], (256, 256)).source == "area 1"  # shipped
-    assert pick_by([kp, cand("area 1", 0.0, "failed", 0.01, 10.0)], (256, 256)) is kp
+    trained = ranker_named("trained")  # the trained ranker (an option) weighs it too
+    assert pick_by([kp, cand("area 1", 0.0, "uncertain", 0.1, 4.0)], (256, 256), trained).source == "area 1"
+    assert pick_by([kp, cand("area 1", 0.0, "failed", 0.01, 10.0)], (256, 256), trained) is kp
+    assert isinstance(ranker_named("hand"), HandRule)
+    with pytest.raises(ValueError, match="search.ranker"):
+        ranker_named("oracle")
+    from promptmid.api import Matcher
+
+    assert isinstance(Matcher("xfeat").ranker, HandRule)
+    assert Matcher("xfeat", {"search": {"ranker": "trained"}}).ranker is trained
+    with pytest.raises(ValueError, match="search.ranker"):
+        Matcher("xfeat", {"search": {"ranker": "oracle"}})
 
 
 def test_shipped_ranker_loads_verified_and_refuses_tampering(tmp_path, monkeypatch):
-    """The pick's ranker ships with a pinned sha256 and the expected features; a modified file or other features
-    are refused with a ModelError, never used."""
+    """The trained ranker (search.ranker = "trained") ships with a pinned sha256 and the expected features; a
+    modified file or other features are refused with a ModelError, never used."""
     import json
 
     from promptmid import ranker
