@@ -227,32 +227,50 @@ def gather_evidence(optical: PreparedImage, sar: PreparedImage, points0: np.ndar
 
 
 @dataclass(frozen=True)
-class QCModel:
-    """Logistic model over :data:`FEATURES` and the two status thresholds (see :mod:`promptmid.training.qc`)."""
+class Logistic:
+    """Standardised logistic regression over named features: ``logit(x) = ((x - mean) / std) @ coef + intercept``."""
 
     features: tuple[str, ...]
     mean: np.ndarray
     std: np.ndarray
     coef: np.ndarray
     intercept: float
-    ok_threshold: float
-    fail_threshold: float
-    info: dict[str, Any]
+
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        """Logits of feature rows ``[..., F]`` (in :attr:`features` order)."""
+        return ((np.asarray(x, float) - self.mean) / self.std) @ self.coef + self.intercept
+
+    def core_dict(self) -> dict[str, Any]:
+        return {"features": list(self.features), "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "coef": self.coef.tolist(), "intercept": self.intercept}
+
+    @staticmethod
+    def core_of(d: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor arguments of the fields above from a JSON dict."""
+        return {"features": tuple(d["features"]), "mean": np.asarray(d["mean"], float),
+                "std": np.asarray(d["std"], float), "coef": np.asarray(d["coef"], float),
+                "intercept": float(d["intercept"])}
+
+
+@dataclass(frozen=True)
+class QCModel(Logistic):
+    """Logistic model over :data:`FEATURES` and the two status thresholds (see :mod:`promptmid.training.qc`)."""
+
+    ok_threshold: float = 1.0
+    fail_threshold: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
 
     def confidence(self, evidence: Mapping[str, float]) -> float:
-        x = (feature_vector(evidence, self.features) - self.mean) / self.std
-        return float(1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept))))
+        return float(1.0 / (1.0 + np.exp(-self.logit(feature_vector(evidence, self.features)))))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"features": list(self.features), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "coef": self.coef.tolist(), "intercept": self.intercept, "ok_threshold": self.ok_threshold,
-                "fail_threshold": self.fail_threshold, "info": self.info}
+        return {**self.core_dict(), "ok_threshold": self.ok_threshold, "fail_threshold": self.fail_threshold,
+                "info": self.info}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QCModel":
-        return cls(tuple(d["features"]), np.asarray(d["mean"], float), np.asarray(d["std"], float),
-                   np.asarray(d["coef"], float), float(d["intercept"]), float(d["ok_threshold"]),
-                   float(d["fail_threshold"]), dict(d.get("info", {})))
+        return cls(**cls.core_of(d), ok_threshold=float(d["ok_threshold"]), fail_threshold=float(d["fail_threshold"]),
+                   info=dict(d.get("info", {})))
 
 
 def qc_model_status() -> list[dict[str, Any]]:
@@ -275,6 +293,24 @@ def feature_vector(evidence: Mapping[str, float], names: tuple[str, ...] | list[
                          neginf=-10.0)
 
 
+def read_pinned_json(file: Path, sha256: str | None, what: str, alternative: str) -> dict[str, Any]:
+    """The JSON content of a shipped model file whose sha256 is pinned (``sha256``; ``None``: a user's file, not
+    pinned).
+
+    Raises:
+        ModelError: the file is missing, does not match ``sha256`` or is not JSON (never read past silently).
+    """
+    if not file.is_file():
+        raise ModelError(f"{what} {file} is missing; reinstall promptmid or pass {alternative} model file.")
+    raw = file.read_bytes()
+    if sha256 and hashlib.sha256(raw).hexdigest() != sha256:
+        raise ModelError(f"{what} {file} does not match its pinned sha256 {sha256[:16]}...; reinstall promptmid.")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ModelError(f"{what} {file} is unreadable: {exc}") from exc
+
+
 @lru_cache(maxsize=4)
 def load_qc_model(path: str | None = None) -> QCModel:
     """The shipped QC model (checksum verified) or one from ``path`` (e.g. a fresh calibration).
@@ -283,13 +319,7 @@ def load_qc_model(path: str | None = None) -> QCModel:
         ModelError: missing file, checksum mismatch, or unknown features.
     """
     file = Path(path) if path else QC_MODEL
-    if not file.is_file():
-        raise ModelError(f"QC model {file} is missing; reinstall promptmid or pass a calibrated model file.")
-    raw = file.read_bytes()
-    if path is None and QC_MODEL_SHA256 and hashlib.sha256(raw).hexdigest() != QC_MODEL_SHA256:
-        raise ModelError(f"QC model {file} does not match its pinned sha256 {QC_MODEL_SHA256[:16]}...; "
-                           "reinstall promptmid.")
-    data = json.loads(raw)
+    data = read_pinned_json(file, None if path else QC_MODEL_SHA256, "QC model", "a calibrated")
     unknown = [n for n in data.get("features", []) if n not in FEATURES]
     if unknown:
         raise ModelError(f"QC model {file} uses unknown features {unknown}; valid: {', '.join(FEATURES)}")

@@ -8,8 +8,6 @@ of "this candidate is within 5 px of the truth". An option of the pick (``search
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from promptmid.errors import ModelError
+from promptmid.qc import Logistic, read_pinned_json
 
 # a candidate's inputs, in order (see promptmid.selection.pick_features)
 PICK_FEATURES = ("log_confidence", "mi_peak", "confirmed", "confirmed_with_keypoints", "is_keypoints", "failed",
@@ -27,24 +26,18 @@ PICK_MODEL_SHA256 = "ee83a0563ebd30561d61e77c9105715ad9ef4334672a2c1f9bc46f3e34a
 
 
 @dataclass(frozen=True)
-class PickModel:
-    """Standardised logistic regression: ``score(x) = ((x - mean) / std) @ coef + intercept`` (a logit)."""
+class PickModel(Logistic):
+    """Standardised logistic regression over :data:`PICK_FEATURES`; :meth:`score` gives logits."""
 
-    features: tuple[str, ...]
-    mean: np.ndarray
-    std: np.ndarray
-    coef: np.ndarray
-    intercept: float
     info: dict[str, Any] = field(default_factory=dict)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """Logits ``[n]`` of ``[n, F]`` feature rows."""
-        return ((np.asarray(x, float) - self.mean) / self.std) @ self.coef + self.intercept
+        return self.logit(x)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PickModel":
-        return cls(tuple(d["features"]), np.asarray(d["mean"], float), np.asarray(d["std"], float),
-                   np.asarray(d["coef"], float), float(d["intercept"]), dict(d.get("info", {})))
+        return cls(**cls.core_of(d), info=dict(d.get("info", {})))
 
 
 @lru_cache(maxsize=4)
@@ -55,14 +48,9 @@ def load_pick_model(path: str | None = None) -> PickModel:
         ModelError: missing file, checksum mismatch, or features other than :data:`PICK_FEATURES`.
     """
     file = Path(path) if path else PICK_MODEL
-    if not file.is_file():
-        raise ModelError(f"pick model {file} is missing; reinstall promptmid or pass a trained model file.")
-    raw = file.read_bytes()
-    if path is None and PICK_MODEL_SHA256 and hashlib.sha256(raw).hexdigest() != PICK_MODEL_SHA256:
-        raise ModelError(f"pick model {file} does not match its pinned sha256 {PICK_MODEL_SHA256[:16]}...; "
-                         "reinstall promptmid.")
+    data = read_pinned_json(file, None if path else PICK_MODEL_SHA256, "pick model", "a trained")
     try:
-        model = PickModel.from_dict(json.loads(raw))
+        model = PickModel.from_dict(data)
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"pick model {file} is unreadable: {exc}") from exc
     if model.features != PICK_FEATURES or not model.mean.shape == model.std.shape == model.coef.shape == (
