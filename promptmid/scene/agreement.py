@@ -22,6 +22,7 @@ All distances are in SAR-grid pixels; every transform maps optical scene px -> S
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,7 +30,8 @@ import numpy as np
 
 from promptmid import geo
 from promptmid.geometry import apply_transform
-from promptmid.scene.grid import Tile
+from promptmid.scene.grid import Tile, spans
+from promptmid.scene.model import GlobalModel, fit_global
 
 if TYPE_CHECKING:
     from promptmid.scene.products import TiePoints
@@ -160,6 +162,59 @@ def assess(tiles: list[Tile], model: Mapping | None, prior: np.ndarray, agree_px
         corners = np.concatenate([t.grid_points(2) for t in agreeing])
         ag.model_prior_departure_px = distance_max(model, as_mapping(prior), corners)
     return ag
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a scene's tiles are judged and fitted: ``agree_px`` (RMS distance, SAR px, within which a tile fit agrees
+    with another or with the model), ``prior_limit_px`` (largest departure from the prior), ``max_distortion``
+    (georeferenced priors only, else ``None``: see :func:`reject_beyond_prior`) and the global model's ``kind``,
+    inlier ``threshold`` (SAR px) and ``min_inliers`` (:func:`promptmid.scene.model.fit_global`)."""
+
+    agree_px: float
+    prior_limit_px: float
+    max_distortion: float | None
+    kind: str
+    threshold: float
+    min_inliers: int
+
+
+TILE_SAMPLES = 5  # each tile fit is sampled on a TILE_SAMPLES x TILE_SAMPLES grid for the global model
+
+
+def model_from_tiles(use: list[Tile], rule: Rule) -> tuple[GlobalModel | None, str]:
+    """:func:`fit_global` on the tile fits of ``use`` (their refined transforms, sampled over each tile)."""
+    if not use:
+        return None, "no tile gave an accepted fit"
+    p0 = np.concatenate([t.grid_points(TILE_SAMPLES) for t in use])
+    p1 = np.concatenate([apply_transform(t.matrix, t.grid_points(TILE_SAMPLES)) for t in use])
+    model, _, reason = fit_global(p0, p1, rule.kind, rule.threshold, rule.min_inliers)
+    return model, reason
+
+
+def agreeing_model(tiles: list[Tile], prior: np.ndarray, rule: Rule) -> tuple[GlobalModel | None, str, Agreement]:
+    """The global model fitted to the fits of the tiles that agree, and the :class:`Agreement` (tiles updated in
+    place: prior check, disagreement, agreement): the prior check, the :func:`consensus` group's model, then one
+    refit on every tile that agrees with it."""
+    reject_beyond_prior(tiles, prior, rule.prior_limit_px, rule.max_distortion, rule.agree_px)
+    model, reason = model_from_tiles(consensus(tiles, rule.agree_px), rule)
+    agreed = assess(tiles, model.apply if model else None, prior, rule.agree_px, rule.prior_limit_px)
+    if model is not None and agreed.agreeing:  # refit once on every tile that agrees with the consensus model
+        model, reason = model_from_tiles([t for t in tiles if t.agrees], rule)
+        agreed = assess(tiles, model.apply if model else None, prior, rule.agree_px, rule.prior_limit_px)
+    return model, reason, agreed
+
+
+def settled(done: list[Tile], selected: list[Tile], prior: np.ndarray, rule: Rule, settle: int | None) -> bool:
+    """At least ``settle`` of the matched tiles ``done`` agree on a global model (:func:`agreeing_model`, run on
+    copies), the agreement is ok, and the agreeing tiles spread at least half as far as all ``selected`` tiles
+    (:func:`promptmid.scene.grid.spans`): more tiles would not change the model."""
+    if not settle or len(fitted(done)) < settle:
+        return False
+    trial = copy.deepcopy(done)
+    _, _, agreed = agreeing_model(trial, prior, rule)
+    agreeing = [t for t in trial if t.agrees]
+    return agreed.ok and len(agreeing) >= settle and spans(agreeing, selected)
 
 
 def scene_verdict(model_found: bool, agreement: Agreement | None, tiles: list[Tile],

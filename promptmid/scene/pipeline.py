@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import resource
 import time
@@ -23,9 +22,9 @@ from promptmid.io import choose_bands
 from promptmid.outputs import refuse_inputs_among_products, staged_products, write_json
 from promptmid.scene import agreement
 from promptmid.scene.agreement import Agreement
-from promptmid.scene.grid import Tile, scene_tiles, select_tiles, spans, spread_order
+from promptmid.scene.grid import Tile, scene_tiles, select_tiles, spread_order
 from promptmid.scene.matching import SceneMatches, coarse_prior, match_tile
-from promptmid.scene.model import GlobalModel, fit_global
+from promptmid.scene.model import GlobalModel
 from promptmid.scene.windows import READ_CACHE_MB, trim_heap, window_raster
 from promptmid.scene.products import (
     TiePoints,
@@ -299,66 +298,43 @@ def _prior(sc: _Scene, matcher: Any, options: SceneOptions) -> tuple[np.ndarray 
     return p, "coarse", reason
 
 
-def _agree_px(matcher: Any, options: SceneOptions) -> float:
-    return options.agree_px or 2.0 * matcher.conf["geometry"]["threshold"]
+def _rule(sc: _Scene, matcher: Any, options: SceneOptions, margin: int) -> agreement.Rule:
+    """The scene's :class:`~promptmid.scene.agreement.Rule`: ``agree_px`` (default twice the matcher's inlier
+    threshold), prior limit = search radius + threshold, distortion check with a georeferenced prior only."""
+    g = matcher.conf["geometry"]
+    geo_prior = options.geo_prior and sc.opt.georeferenced and sc.sar.georeferenced
+    return agreement.Rule(options.agree_px or 2.0 * g["threshold"], margin + g["threshold"],
+                          options.max_distortion if geo_prior else None, options.model, g["threshold"],
+                          g["min_inliers"])
 
 
 def _match_tiles(sc: _Scene, matcher: Any, tiles: list[Tile], prior: np.ndarray, margin: int,
                  options: SceneOptions, say: Callable[[str], None]) -> tuple[SceneMatches, list[Tile]]:
     """Match ``tiles`` in order until they all are or, with ``options.settle``, until the scene settles
-    (:func:`_settled`); returns the tie points and the tiles matched."""
+    (:func:`promptmid.scene.agreement.settled`); returns the tie points and the tiles matched."""
     found, done = SceneMatches(), []
     fill = sc.sar.nodata if sc.sar.nodata is not None else 0.0
+    rule = _rule(sc, matcher, options, margin)
     for i, tile in enumerate(tiles):
         say(f"matching tile {i + 1}/{len(tiles)}" + (f" (stops once {options.settle} agree)" if options.settle else ""))
-        match_tile(matcher, sc.opt_ds, sc.sar_ds, prior, tile, margin, fill, found, options.area_shift,
-                   _agree_px(matcher, options))
+        match_tile(matcher, sc.opt_ds, sc.sar_ds, prior, tile, margin, fill, found, options.area_shift, rule.agree_px)
         done.append(tile)
         trim_heap()
-        if i + 1 < len(tiles) and _settled(sc, matcher, options, done, tiles, prior, margin):
+        if i + 1 < len(tiles) and agreement.settled(done, tiles, prior, rule, options.settle):
             break
     return found, done
 
 
-def _settled(sc: _Scene, matcher: Any, options: SceneOptions, done: list[Tile], selected: list[Tile],
-             prior: np.ndarray, margin: int) -> bool:
-    """At least ``options.settle`` of the matched tiles ``done`` agree on a global model (the scene's own test,
-    :func:`_agreeing_model`, run on copies), the agreement is ok, and the agreeing tiles spread at least half as
-    far as all ``selected`` tiles (:func:`promptmid.scene.grid.spans`): more tiles would not change the model."""
-    if not options.settle or len(agreement.fitted(done)) < options.settle:
-        return False
-    trial = copy.deepcopy(done)
-    _, _, agreed = _agreeing_model(sc, matcher, options, trial, prior, margin)
-    agreeing = [t for t in trial if t.agrees]
-    return agreed.ok and len(agreeing) >= options.settle and spans(agreeing, selected)
-
-
-def _agreeing_model(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], prior: np.ndarray,
-                    margin: int) -> tuple[GlobalModel | None, str, Agreement]:
-    """Global model fitted to the fits of the tiles that agree (:mod:`promptmid.scene.agreement`; tiles updated in
-    place: prior check, disagreement, agreement), each sampled on a 5x5 grid over its tile."""
-    g = matcher.conf["geometry"]
-    agree_px, limit = _agree_px(matcher, options), margin + g["threshold"]
-    geo_prior = options.geo_prior and sc.opt.georeferenced and sc.sar.georeferenced
-    agreement.reject_beyond_prior(tiles, prior, limit, options.max_distortion if geo_prior else None, agree_px)
-    model, reason = _model_from_tiles(agreement.consensus(tiles, agree_px), options, g)
-    agreed = agreement.assess(tiles, model.apply if model else None, prior, agree_px, limit)
-    if model is not None and agreed.agreeing:  # refit once on every tile that agrees with the consensus model
-        model, reason = _model_from_tiles([t for t in tiles if t.agrees], options, g)
-        agreed = agreement.assess(tiles, model.apply if model else None, prior, agree_px, limit)
-    return model, reason, agreed
-
-
 def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], found: SceneMatches,
          prior: np.ndarray, margin: int) -> tuple[GlobalModel | None, TiePoints, str, Agreement]:
-    """The global model (:func:`_agreeing_model`) and the tie points: inliers when they lie within the inlier
-    threshold of the model and belong to an agreeing tile."""
+    """The global model (:func:`promptmid.scene.agreement.agreeing_model`) and the tie points: inliers when they lie
+    within the inlier threshold of the model and belong to an agreeing tile."""
     p0, p1, scores, tile_idx, _ = found.arrays()
-    g = matcher.conf["geometry"]
-    model, reason, agreed = _agreeing_model(sc, matcher, options, tiles, prior, margin)
+    rule = _rule(sc, matcher, options, margin)
+    model, reason, agreed = agreement.agreeing_model(tiles, prior, rule)
     res_after = np.linalg.norm(model.apply(p0) - p1, axis=1) if model else np.full(len(p0), np.nan)
     res_before = np.linalg.norm(apply_transform(prior, p0) - p1, axis=1) if len(p0) else np.zeros(0)
-    inliers = np.isin(tile_idx, agreed.agreeing) & (res_after < g["threshold"])
+    inliers = np.isin(tile_idx, agreed.agreeing) & (res_after < rule.threshold)
     tp = TiePoints(p0, p1, geo.sar_grid_to_file_pixels(p1, sc.sar, sc.sar_file), tile_idx, scores,
                    inliers, res_after, res_before)
     agreement.tile_qc(tiles, tp)
@@ -367,19 +343,6 @@ def _fit(sc: _Scene, matcher: Any, options: SceneOptions, tiles: list[Tile], fou
     elif not agreed.ok:
         reason = f"{agreed.reason}; {tile_reasons(tiles)}"
     return model, tp, reason, agreed
-
-
-TILE_SAMPLES = 5  # each tile fit is sampled on a TILE_SAMPLES x TILE_SAMPLES grid for the global model
-
-
-def _model_from_tiles(use: list[Tile], options: SceneOptions, g: dict[str, Any]) -> tuple[GlobalModel | None, str]:
-    """:func:`fit_global` on the tile fits of ``use`` (their refined transforms, sampled over each tile)."""
-    if not use:
-        return None, "no tile gave an accepted fit"
-    p0 = np.concatenate([t.grid_points(TILE_SAMPLES) for t in use])
-    p1 = np.concatenate([apply_transform(t.matrix, t.grid_points(TILE_SAMPLES)) for t in use])
-    model, _, reason = fit_global(p0, p1, options.model, g["threshold"], g["min_inliers"])
-    return model, reason
 
 
 def tile_reasons(tiles: list[Tile], most: int = 3) -> str:
