@@ -229,20 +229,27 @@ def confirmations(candidates: Sequence[Candidate], size: tuple[int, int]) -> lis
              and corner_error(c.transform, d.transform, size).mean() <= SAME_PX} for c in candidates]
 
 
-def pick_features(candidates: Sequence[Candidate], size: tuple[int, int]) -> np.ndarray:
+def with_keypoints(candidate: Candidate, confirmed_by: set[str]) -> bool:
+    """Confirmed (``confirmed_by``: :func:`confirmations`) with the keypoints as one of the two sources."""
+    return bool(confirmed_by) and "keypoints" in confirmed_by | {origin(candidate)}
+
+
+def pick_features(candidates: Sequence[Candidate], size: tuple[int, int],
+                  confirmed: list[set[str]] | None = None) -> np.ndarray:
     """``[n, F]`` inputs of the pick's ranker (:data:`promptmid.ranker.PICK_FEATURES`, in that order): the log QC
     confidence, the mutual-information peak, whether another kind of source confirms the transform (and whether the
     keypoints are one of the two), whether it is the keypoint fit, its verdict (failed / ok, before any rescue), and
-    its dense and refinement evidence (missing or non-finite: 0; the dense offset capped at 50 px)."""
+    its dense and refinement evidence (missing or non-finite: 0; the dense offset capped at 50 px). ``confirmed``:
+    :func:`confirmations` of the candidates when the caller has them already."""
 
     def num(c: Candidate, key: str, default: float = 0.0) -> float:
         value = c.evidence.get(key, default)
         return float(value) if value is not None and math.isfinite(value) else default
 
     rows = []
-    for c, by in zip(candidates, confirmations(candidates, size)):
+    for c, by in zip(candidates, confirmed if confirmed is not None else confirmations(candidates, size)):
         rows.append([math.log(c.verdict.confidence + 1e-3), mi_peak(c), float(bool(by)),
-                     float(bool(by) and "keypoints" in by | {origin(c)}), float(origin(c) == "keypoints"),
+                     float(with_keypoints(c, by)), float(origin(c) == "keypoints"),
                      float(c.verdict.status == "failed"), float(c.verdict.status == "ok"), num(c, "dense_peak"),
                      num(c, "dense_distinctness"), num(c, "refine_inlier_ratio"),
                      min(num(c, "dense_offset_px", 50.0), 50.0)])
@@ -307,10 +314,9 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
         ranker: the scorer (``None``: :class:`HandRule`).
     """
     confirmed = confirmations(candidates, size)
-    rescued = [bool(by) and ("keypoints" in by | {origin(c)} or mi_peak(c) >= MI_CONFIRM)
-               for c, by in zip(candidates, confirmed)]
+    rescued = [with_keypoints(c, by) or (bool(by) and mi_peak(c) >= MI_CONFIRM) for c, by in zip(candidates, confirmed)]
     ranker = ranker if ranker is not None else HandRule()
-    scores = ranker.score(pick_features(candidates, size)) if len(candidates) > 1 else [0.0]
+    scores = ranker.score(pick_features(candidates, size, confirmed)) if len(candidates) > 1 else [0.0]
 
     def key(i: int) -> tuple[bool, float]:
         return candidates[i].verdict.status != "failed" or rescued[i], float(scores[i])
