@@ -19,14 +19,14 @@ from typing import Any, Callable, Iterator
 import cv2
 import numpy as np
 from promptmid import __version__
-from promptmid.config import SEARCH_FEATURES, get_config
+from promptmid.config import SEARCH_CHANNEL_SETS, get_config
 from promptmid.descriptor import Describer
 from promptmid.models.base import PairContext
 from promptmid.io import PreparedImage, load_image, rotate_prepared
 from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit, search_rotations
-from promptmid.models.dense_features import SearchFeatures
+from promptmid.models.dense_features import search_features
 from promptmid.search import MATCHER_KEYS, Hypothesis, LearnedFeatures, global_search
 
 
@@ -244,20 +244,22 @@ class Matcher:
         return conf if conf.pop("enabled") else None
 
     def search_channels(self) -> list[LearnedFeatures | None]:
-        """The learned channels of each area search to run (``search.learned``; ``None``: gradients only), their
-        hypotheses pooled in this order: ``[None]`` by default, ``[aliked]``, or ``[None, aliked]`` for ``"both"``.
-        The ALIKED channels are built once and share the keypoint stage's network."""
+        """The learned channels of each area search to run (``search.learned``, :data:`SEARCH_CHANNEL_SETS`;
+        ``None``: gradients only), their hypotheses pooled in this order: ``[None]`` without learned channels,
+        ``[aliked]``, or ``[None, aliked]`` for ``"both"``. The learned channels are built once and share the keypoint
+        stage's network."""
         name = self.conf["search"].get("learned")
         if not name:
             return [None]
-        if name not in SEARCH_FEATURES:
-            raise ValueError(f"Unknown search.learned {name!r}; valid: {', '.join(SEARCH_FEATURES)} or None")
+        if name not in SEARCH_CHANNEL_SETS:
+            raise ValueError(f"Unknown search.learned {name!r}; valid: {', '.join(SEARCH_CHANNEL_SETS)} or None")
+        kinds = SEARCH_CHANNEL_SETS[name]
         if self._search_features is None:
             net = self.describer.extractor.net if self.describer.extractor.local_name == "aliked" else None
-            self._search_features = SearchFeatures(net)
+            self._search_features = search_features(next(k for k in kinds if k), net)
             if net is not None:
                 self.describer.extractor.dense_tap = self._search_features.remember
-        return [None, self._search_features] if name == "both" else [self._search_features]
+        return [None if k is None else self._search_features for k in kinds]
 
     def _result(
         self, best: tuple[Geometry, dict[str, Any], float],

@@ -27,9 +27,12 @@ def merge_options(defaults: dict[str, Any], options: dict[str, Any], owner: str)
     return {**defaults, **options}
 
 
-# search.learned: "aliked" stacks ALIKED's dense channels onto the gradients; "both" runs the classical search and that
-# one and pools their hypotheses (the QC picks)
-SEARCH_FEATURES = ("aliked", "both")
+# search.learned: "aliked" stacks ALIKED's dense channels (fixed random projection) onto the gradients, "trained" the
+# same map through the trained projection (training/search_head.py); "both" / "both-trained" run the classical search
+# and that one and pool their hypotheses (the QC picks). Value -> the channels of each search run (None: gradients)
+SEARCH_CHANNEL_SETS: dict[str, tuple[str | None, ...]] = {
+    "aliked": ("aliked",), "trained": ("trained",), "both": (None, "aliked"), "both-trained": (None, "trained")}
+SEARCH_FEATURES = tuple(SEARCH_CHANNEL_SETS)
 DEFAULT_ROTATION_STEP = 90.0  # degrees between the SAR rotations tried by --try-rotations
 # defaults of the diffusion feature source that the CLI shows (the source's own default_conf must agree)
 DIFFUSION_DEFAULTS: dict[str, Any] = {"ensemble": 4}
@@ -95,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "peaks_per_cell": 2,  # correlation peaks kept per (rotation, scale) cell before choosing the top_k
         "orientations": 9,  # oriented-gradient channels
         "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
-        "learned": "both",  # learned dense channels: None | "aliked" | "both" (SEARCH_FEATURES, models/dense_features.py)
+        "learned": "both",  # learned dense channels: None | "aliked" | "trained" | "both" | "both-trained" (SEARCH_FEATURES)
         "skip_when_ok": True,  # no search when the keypoint fit's verdict already is ok (selection.settled)
         "ranker": "hand",  # the pick's score: "hand" (selection.HandRule) | "trained" (ranker.py; an option: it tied
         # validation and lost one unseen pair, benchmarks/results/area_search_ranker.md)

@@ -27,16 +27,16 @@ from promptmid.search import global_search, search_source
 
 
 def build_area_search(conf: dict[str, Any]) -> MethodFn:
-    """``conf``: ``search`` (overrides of the search options), ``learned`` (learned channels: ``None`` or
-    ``"aliked"``), ``rotations`` (set by the registry)."""
+    """``conf``: ``search`` (overrides of the search options), ``learned`` (learned channels: ``None``, ``"aliked"``
+    or ``"trained"``, :func:`promptmid.models.dense_features.search_features`), ``rotations`` (set by the registry)."""
     search_conf = dict(conf.get("search") or {})
     if len(conf["rotations"]) > 1:
         search_conf["rotation_range"] = 180.0
     learned = None
     if conf.get("learned"):
-        from promptmid.models.dense_features import SearchFeatures
+        from promptmid.models.dense_features import search_features
 
-        learned = SearchFeatures()
+        learned = search_features(conf["learned"])
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -54,12 +54,17 @@ SPEC = MethodSpec("area-search", "global area-based search: oriented-gradient fe
 LEARNED_SPEC = MethodSpec("area-search-aliked", "the global area-based search with ALIKED's dense channels stacked "
                           "onto the oriented gradients (search.learned = 'aliked')", build_area_search,
                           {"search": None, "learned": "aliked"}, rotations_inside=True, default=False)
+TRAINED_SPEC = MethodSpec("area-search-trained", "the global area-based search with ALIKED's dense channels through "
+                          "the trained projection stacked onto the oriented gradients (search.learned = 'trained')",
+                          build_area_search, {"search": None, "learned": "trained"}, rotations_inside=True,
+                          default=False)
 
 
 def area_source(spec: MethodSpec) -> str:
     """The ``source`` of the hypotheses of an area method (:func:`promptmid.search.search_source` of its ``learned``
     setting; taken from the spec, so hypotheses cached before sources were recorded are named right too)."""
-    return search_source(spec.default_conf.get("learned"))
+    learned = spec.default_conf.get("learned")
+    return search_source("aliked-trained" if learned == "trained" else learned)
 
 
 def composite(method: str, description: str, areas: tuple[str, ...] = ("area-search",), suffix: str | None = None

@@ -183,12 +183,14 @@ register(_promptmid_spec("full", "full with a wrong prompt, 'a photograph of a c
 def _register_others() -> None:
     from promptmid.evaluation import area, baselines, rift
 
-    for spec in (*baselines.SPECS, rift.SPEC, area.SPEC, area.LEARNED_SPEC):
+    for spec in (*baselines.SPECS, rift.SPEC, area.SPEC, area.LEARNED_SPEC, area.TRAINED_SPEC):
         register(spec)
     for name in ("promptmid-lite", "promptmid-lite-int8", "aliked-mnn", "promptmid-full"):
         register(area.composite(name, METHODS[name].description))
         register(area.composite(name, METHODS[name].description, (area.LEARNED_SPEC.name,)))
         register(area.composite(name, METHODS[name].description, (area.SPEC.name, area.LEARNED_SPEC.name), "area-both"))
+        register(area.composite(name, METHODS[name].description, (area.SPEC.name, area.TRAINED_SPEC.name),
+                                "area-both-trained"))
 
 
 _register_others()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,32 +39,43 @@ class SearchFeatures:
         channels: projected channels (each costs one FFT per searched cell).
         weight: expected norm per pixel relative to the oriented gradients (1 per pixel).
         long_side: size (px) ALIKED sees: twice the search's fine level (the map is area-reduced to it).
-        seed: seed of the fixed projection (the same for both images of a pair, and for every pair).
+        seed: seed of the fixed random projection (the same for both images of a pair, and for every pair).
+        projection: ``[128, C]``, a projection to use instead (e.g. the trained one, :func:`load_search_head`).
+        name: what the hypotheses found with these channels are called (``"area+<name>"``).
     """
 
-    name = "aliked"  # the hypotheses it helps find are "area+aliked"
-
     def __init__(self, net: torch.nn.Module | None = None, channels: int = 16, weight: float = 0.5,
-                 long_side: int = 512, seed: int = 0) -> None:
+                 long_side: int = 512, seed: int = 0, projection: torch.Tensor | None = None,
+                 name: str = "aliked") -> None:
         self.net = net if net is not None else load_aliked_net()
-        gen = torch.Generator().manual_seed(seed)
-        self.projection = torch.randn(128, channels, generator=gen) * (weight / channels ** 0.5)
+        self.projection = random_projection(channels, weight, seed) if projection is None else projection.float()
+        self.name = name  # the hypotheses it helps find are "area+<name>"
         self.long_side = long_side
         self._known: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # remember(): the last REMEMBERED
 
     @torch.inference_mode()
     def __call__(self, image: PreparedImage) -> np.ndarray:
+        x = self._input(image)
+        known = self._known.get(_key(x))
+        if known is not None:  # the keypoint stage computed this very map already
+            return known
+        dense, _ = aliked_dense_map(self.net, x)  # [1, 128, h', w'], unit norm per pixel
+        return self._project(dense)
+
+    @torch.inference_mode()
+    def dense(self, image: PreparedImage) -> torch.Tensor:
+        """ALIKED's dense map ``[1, 128, h', w']`` (unit norm per pixel) of ``image`` reduced to ``long_side`` px,
+        before the projection (what :mod:`promptmid.training.search_head` trains the projection on)."""
+        return aliked_dense_map(self.net, self._input(image))[0]
+
+    def _input(self, image: PreparedImage) -> torch.Tensor:
+        """The ``[1, 3, h, w]`` float input ALIKED sees: the image area-reduced to at most ``long_side`` px."""
         x = torch.from_numpy(np.ascontiguousarray(image.image.transpose(2, 0, 1)))[None].float()
         h, w = x.shape[-2:]
         f = min(1.0, self.long_side / max(h, w))
         if f < 1.0:
             x = F.interpolate(x, size=(max(round(h * f), 32), max(round(w * f), 32)), mode="area")
-        else:
-            known = self._known.get(_key(x))
-            if known is not None:  # the keypoint stage computed this very map already
-                return known
-        dense, _ = aliked_dense_map(self.net, x)  # [1, 128, h', w'], unit norm per pixel
-        return self._project(dense)
+        return x
 
     @torch.inference_mode()
     def remember(self, image: torch.Tensor, dense: torch.Tensor) -> None:
@@ -85,6 +98,43 @@ class SearchFeatures:
 
 
 REMEMBERED = 2  # dense maps SearchFeatures.remember keeps
+SEARCH_HEAD = Path(__file__).resolve().parent.parent / "weights" / "promptmid-search-head-v1.json"
+SEARCH_HEAD_SHA256 = "da41ff5da3909645b717200660913572dcca65071ad46686422cdd44eaba95e9"  # of the file written by python -m promptmid.training.search_head
+
+
+def random_projection(channels: int = 16, weight: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """The fixed random ``[128, channels]`` projection: distances kept on average, ``weight`` per pixel."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(128, channels, generator=gen) * (weight / channels ** 0.5)
+
+
+@lru_cache(maxsize=4)
+def load_search_head(path: str | None = None) -> torch.Tensor:
+    """The trained ``[128, C]`` projection (:mod:`promptmid.training.search_head`): the shipped one (sha256
+    verified) or one from ``path`` (a fresh training run).
+
+    Raises:
+        ModelError: missing file, checksum mismatch, or not a ``[128, C]`` matrix.
+    """
+    from promptmid.errors import ModelError
+    from promptmid.qc import read_pinned_json
+
+    file = Path(path) if path else SEARCH_HEAD
+    data = read_pinned_json(file, None if path else SEARCH_HEAD_SHA256, "search head", "a trained")
+    matrix = np.asarray(data.get("projection", []), dtype=np.float32) if isinstance(data, dict) else np.zeros(0)
+    if matrix.ndim != 2 or matrix.shape[0] != 128 or not 1 <= matrix.shape[1] <= 64 or not np.isfinite(matrix).all():
+        raise ModelError(f"search head {file} has no finite [128, C] 'projection' (got shape {matrix.shape})")
+    return torch.from_numpy(matrix)
+
+
+def search_features(kind: str, net: torch.nn.Module | None = None) -> SearchFeatures:
+    """The learned channels named ``kind``: ``"aliked"`` (ALIKED's map, fixed random projection) or ``"trained"``
+    (ALIKED's map, the trained projection, :func:`load_search_head`)."""
+    if kind == "aliked":
+        return SearchFeatures(net)
+    if kind == "trained":
+        return SearchFeatures(net, projection=load_search_head(), name="aliked-trained")
+    raise ValueError(f"Unknown learned search channels {kind!r}; valid: aliked, trained")
 
 
 def _key(x: torch.Tensor) -> tuple[Any, ...]:
