@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import cv2
 import numpy as np
@@ -275,13 +275,24 @@ class QCModel(Logistic):
 
 def qc_model_status() -> list[dict[str, Any]]:
     """``promptmid models`` row for the shipped QC model (loaded and checksum-verified)."""
-    row = {"name": QC_MODEL.stem, "source": "promptmid (this package)", "sha256": (QC_MODEL_SHA256 or "")[:16],
-           "licence": "Apache-2.0", "cache_path": str(QC_MODEL), "ready": True,
-           "message": "QC confidence (logistic; calibrated on perturbed training+validation pairs)"}
-    try:
-        load_qc_model.cache_clear()
+    def load() -> str:
         model = load_qc_model()
-        row["message"] += f"; ok >= {model.ok_threshold:.2f}, failed < {model.fail_threshold:.2f}"
+        return f"; ok >= {model.ok_threshold:.2f}, failed < {model.fail_threshold:.2f}"
+
+    load_qc_model.cache_clear()
+    return pinned_status(QC_MODEL, QC_MODEL_SHA256, "QC confidence (logistic; calibrated on perturbed "
+                         "training+validation pairs)", load)
+
+
+def pinned_status(file: Path, sha256: str | None, message: str, load: Callable[[], Any]) -> list[dict[str, Any]]:
+    """``promptmid models`` row for a model file this package ships (sha256 pinned): ``load()`` (which must verify
+    it) runs, and its text, if it returns one, is added to ``message``; a :class:`ModelError` marks it not ready."""
+    row = {"name": file.stem, "source": "promptmid (this package)", "sha256": (sha256 or "")[:16],
+           "licence": "Apache-2.0", "cache_path": str(file), "ready": True, "message": message}
+    try:
+        extra = load()
+        if isinstance(extra, str):
+            row["message"] += extra
     except ModelError as exc:
         row.update(ready=False, message=str(exc))
     return [row]

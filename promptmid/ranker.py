@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from promptmid.errors import ModelError
-from promptmid.qc import Logistic, read_pinned_json
+from promptmid.qc import Logistic, pinned_status, read_pinned_json
 
 # a candidate's inputs, in order (see promptmid.selection.pick_features)
 PICK_FEATURES = ("log_confidence", "mi_peak", "confirmed", "confirmed_with_keypoints", "is_keypoints", "failed",
@@ -61,12 +61,6 @@ def load_pick_model(path: str | None = None) -> PickModel:
 
 def pick_model_status() -> list[dict[str, Any]]:
     """``promptmid models`` row for the shipped ranker (loaded and checksum-verified)."""
-    row = {"name": PICK_MODEL.stem, "source": "promptmid (this package)", "sha256": PICK_MODEL_SHA256[:16],
-           "licence": "Apache-2.0", "cache_path": str(PICK_MODEL), "ready": True,
-           "message": "ranker of the pick (logistic; trained on perturbed training 3MOS tiles)"}
-    try:
-        load_pick_model.cache_clear()
-        load_pick_model()
-    except ModelError as exc:
-        row.update(ready=False, message=str(exc))
-    return [row]
+    load_pick_model.cache_clear()
+    return pinned_status(PICK_MODEL, PICK_MODEL_SHA256, "ranker of the pick (logistic; trained on perturbed "
+                         "training 3MOS tiles)", load_pick_model)

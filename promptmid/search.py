@@ -10,9 +10,9 @@ and the QC stage (:func:`promptmid.selection.choose`) then decide between these 
 Features: the oriented-gradient channels of :func:`promptmid.dense.oriented_gradient_features`
 (gradient magnitude in ``orientations`` directions, smoothed, normalised per pixel), which ignore the
 sign of the contrast, so an edge that is bright in one modality and dark in the other still correlates.
-Optionally (``learned``: ALIKED's channels, :class:`promptmid.models.dense_features.SearchFeatures`) a few channels
-of a learned dense feature map are stacked onto them: computed once per image, reduced to each level and warped with
-the SAR canvases like the gray values. The presets run both searches, without and with them (``search.learned =
+Optionally (``learned``: ALIKED's channels, :class:`promptmid.models.dense_features.SearchFeatures`, with a fixed
+random or a trained projection) a few channels of a learned dense feature map are stacked onto them: computed once
+per image, reduced to each level and warped with the SAR canvases like the gray values. The presets run both searches, without and with them (``search.learned =
 "both"``, :meth:`promptmid.api.Matcher.search_channels`), and pool their hypotheses.
 Correlation: masked normalised cross-correlation (Padfield, IEEE TIP 2012) summed over the channels;
 nodata, fill and the footprint edge are masked out and never correlate; shifts whose overlap is below

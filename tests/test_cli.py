@@ -112,7 +112,8 @@ def test_models_lists_every_model():
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     names = {r["name"] for r in rows}
-    assert {"xfeat", "dinov2_vits14", "dinov2 graph (ONNX Runtime)"} <= names and all(r["ready"] for r in rows)
+    assert {"xfeat", "dinov2_vits14", "dinov2 graph (ONNX Runtime)", "promptmid-search-head-v1", "promptmid-pick-v1",
+            "promptmid-qc-v2"} <= names and all(r["ready"] for r in rows)
 
 
 def test_models_reports_the_dinov2_graph_cache(tmp_path):

@@ -6,7 +6,9 @@ tiles and validation; SAR warped onto the optical grid by the truth, then croppe
 position cue is shared) its correlation peaked within 4 px of the truth on 30 of 35 pairs when stacked onto the
 oriented gradients, against 26 of 35 for the gradients alone. It is projected to a few channels with a fixed random
 matrix (distances kept on average; the FFT correlation costs one transform per channel) and weighted against the
-gradients, which have unit norm per pixel.
+gradients, which have unit norm per pixel; or (``search.learned = "trained"``, :func:`search_features`) with a
+matrix trained for the search (:mod:`promptmid.training.search_head`, shipped as
+``weights/promptmid-search-head-v1.json``, sha256 pinned), whose norm sets that weight.
 
 Coordinates: the map covers the whole prepared image (pixel centres at integers); the search resizes it to each
 level.
@@ -125,6 +127,15 @@ def load_search_head(path: str | None = None) -> torch.Tensor:
     if matrix.ndim != 2 or matrix.shape[0] != 128 or not 1 <= matrix.shape[1] <= 64 or not np.isfinite(matrix).all():
         raise ModelError(f"search head {file} has no finite [128, C] 'projection' (got shape {matrix.shape})")
     return torch.from_numpy(matrix)
+
+
+def search_head_status() -> list[dict[str, Any]]:
+    """``promptmid models`` row for the shipped search head (loaded and checksum-verified)."""
+    from promptmid.qc import pinned_status
+
+    load_search_head.cache_clear()
+    return pinned_status(SEARCH_HEAD, SEARCH_HEAD_SHA256, "projection of ALIKED's dense map for the area search "
+                         "(search.learned = trained)", load_search_head)
 
 
 def search_features(kind: str, net: torch.nn.Module | None = None) -> SearchFeatures:
