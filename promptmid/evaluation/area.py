@@ -63,8 +63,10 @@ TRAINED_SPEC = MethodSpec("area-search-trained", "the global area-based search w
 def area_source(spec: MethodSpec) -> str:
     """The ``source`` of the hypotheses of an area method (:func:`promptmid.search.search_source` of its ``learned``
     setting; taken from the spec, so hypotheses cached before sources were recorded are named right too)."""
+    from promptmid.models.dense_features import CHANNEL_NAMES
+
     learned = spec.default_conf.get("learned")
-    return search_source("aliked-trained" if learned == "trained" else learned)
+    return search_source(CHANNEL_NAMES.get(learned, learned) if learned else None)
 
 
 def composite(method: str, description: str, areas: tuple[str, ...] = ("area-search",), suffix: str | None = None

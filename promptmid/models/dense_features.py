@@ -138,13 +138,16 @@ def search_head_status() -> list[dict[str, Any]]:
                          "(search.learned = trained)", load_search_head)
 
 
+CHANNEL_NAMES = {"aliked": "aliked", "trained": "aliked-trained"}  # search.learned kind -> SearchFeatures.name
+
+
 def search_features(kind: str, net: torch.nn.Module | None = None) -> SearchFeatures:
     """The learned channels named ``kind``: ``"aliked"`` (ALIKED's map, fixed random projection) or ``"trained"``
     (ALIKED's map, the trained projection, :func:`load_search_head`)."""
     if kind == "aliked":
         return SearchFeatures(net)
     if kind == "trained":
-        return SearchFeatures(net, projection=load_search_head(), name="aliked-trained")
+        return SearchFeatures(net, projection=load_search_head(), name=CHANNEL_NAMES[kind])
     raise ValueError(f"Unknown learned search channels {kind!r}; valid: aliked, trained")
 
 

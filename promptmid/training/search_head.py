@@ -193,10 +193,11 @@ def peak_hits(model: Projection | None, items: Sequence[dict[str, torch.Tensor]]
     return hits
 
 
-def random_init(channels: int = 16, weight: float = 0.5, seed: int = 0) -> torch.Tensor:
-    """The search's fixed random projection (:class:`promptmid.models.dense_features.SearchFeatures` defaults)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(DENSE_CHANNELS, channels, generator=gen) * (weight / channels ** 0.5)
+def random_init() -> torch.Tensor:
+    """The search's fixed random projection (:func:`promptmid.models.dense_features.random_projection`)."""
+    from promptmid.models.dense_features import random_projection
+
+    return random_projection()
 
 
 def train(items: Sequence[dict[str, torch.Tensor]], val: Sequence[dict[str, torch.Tensor]], steps: int = 600,
