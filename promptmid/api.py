@@ -246,7 +246,7 @@ class Matcher:
     def search_channels(self) -> list[LearnedFeatures | None]:
         """The learned channels of each area search to run (``search.learned``, :data:`SEARCH_CHANNEL_SETS`;
         ``None``: gradients only), their hypotheses pooled in this order: ``[None]`` without learned channels,
-        ``[aliked]``, or ``[None, aliked]`` for ``"both"``. The learned channels are built once and share the keypoint
+        ``[aliked]``, or ``[None, aliked]`` for ``"both"`` / ``"both-trained"`` (the default). The learned channels are built once and share the keypoint
         stage's network."""
         name = self.conf["search"].get("learned")
         if not name:

@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "peaks_per_cell": 2,  # correlation peaks kept per (rotation, scale) cell before choosing the top_k
         "orientations": 9,  # oriented-gradient channels
         "sigma": 1.0,  # Gaussian smoothing of the channels (px of the coarse level; x1.5 at the fine level)
-        "learned": "both",  # learned dense channels: None | "aliked" | "trained" | "both" | "both-trained" (SEARCH_FEATURES)
+        "learned": "both-trained",  # learned dense channels: None | "aliked" | "trained" | "both" | "both-trained" (SEARCH_FEATURES)
         "skip_when_ok": True,  # no search when the keypoint fit's verdict already is ok (selection.settled)
         "ranker": "hand",  # the pick's score: "hand" (selection.HandRule) | "trained" (ranker.py; an option: it tied
         # validation and lost one unseen pair, benchmarks/results/area_search_ranker.md)

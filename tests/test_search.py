@@ -216,8 +216,8 @@ def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     (channels,) = matcher.search_channels()
     assert channels.net is matcher.describer.extractor.net
     assert Matcher("lite", {"search": {"learned": None}}).search_channels() == [None]
-    gradients, aliked = Matcher("lite").search_channels()  # the default: both searches
-    assert gradients is None and isinstance(aliked, SearchFeatures)
+    gradients, aliked = Matcher("lite", {"search": {"learned": "both"}}).search_channels()
+    assert gradients is None and isinstance(aliked, SearchFeatures) and aliked.name == "aliked"
     with pytest.raises(ValueError, match="search.learned"):
         Matcher("lite", {"search": {"learned": "sift"}}).search_channels()
 
@@ -233,7 +233,7 @@ def test_search_channels_reuse_the_keypoint_stage_dense_map(displaced, monkeypat
     channels = matcher.search_channels()[1]
     assert matcher.describer.extractor.dense_tap == channels.remember
     opt, sar = _prepared(displaced)
-    fresh = SearchFeatures(channels.net)(opt)
+    fresh = SearchFeatures(channels.net, projection=channels.projection)(opt)
     matcher.describer.features(opt)  # the keypoint stage, on the optical image only
     calls, real = [], dense_features.aliked_dense_map
     monkeypatch.setattr(dense_features, "aliked_dense_map", lambda *a: calls.append(1) or real(*a))
@@ -311,6 +311,23 @@ def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
     # ... but a more confident winner on the same transform stays, with its own verdict
     ok = cand("area 2", 0.0, "ok", 0.93, 3.4)
     assert pick([cand("keypoints", 1.5, "uncertain", 0.69, 2.4), ok], (256, 256)) is ok
+
+
+def test_an_uncertain_candidate_without_a_mutual_information_peak_is_failed():
+    """Below MI_FLOOR the intensities depend on each other no more at the transform than beside it: an uncertain
+    candidate becomes failed (reason first); ok, failed and candidates without the evidence (NaN) are left alone."""
+    from promptmid.qc import Verdict
+    from promptmid.selection import MI_FLOOR, Candidate, without_mi_peak_failed
+
+    def cand(status, mi):
+        return Candidate("area 1", np.eye(3), None, {"mi_peak": mi}, Verdict(status, 0.3, {}, ["weak"]))
+
+    low = without_mi_peak_failed(cand("uncertain", MI_FLOOR - 0.05))
+    assert low.verdict.status == "failed" and "mutual-information" in low.verdict.reasons[0]
+    assert low.verdict.reasons[1:] == ["weak"] and low.verdict.confidence == 0.3
+    for status, mi in [("uncertain", MI_FLOOR + 0.05), ("uncertain", float("nan")), ("ok", -1.0), ("failed", 3.0)]:
+        kept = cand(status, mi)
+        assert without_mi_peak_failed(kept) is kept
 
 
 def test_normalized_mutual_information_bounds():

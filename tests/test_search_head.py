@@ -92,7 +92,7 @@ def test_training_steps_run_and_change_the_projection(levels):
 def test_matcher_builds_the_trained_channels():
     from promptmid.api import Matcher
 
-    gradients, trained = Matcher("lite", {"search": {"learned": "both-trained"}}).search_channels()
+    gradients, trained = Matcher("lite").search_channels()  # the default: both searches, trained projection
     assert gradients is None and trained.name == "aliked-trained"
     (only,) = Matcher("lite", {"search": {"learned": "trained"}}).search_channels()
     assert only.name == "aliked-trained"

@@ -258,8 +258,9 @@ SEARCH_FEATURE_CHOICES = ("gradients", *SEARCH_FEATURES)  # "gradients": none st
 SearchFeaturesOpt = typer.Option(None, "--search-features", help="Area search channels: gradients (oriented "
                                  "gradients) | aliked (+ ALIKED's dense map, fixed random projection) | trained (+ "
                                  "ALIKED's map, trained projection) | both / both-trained (gradients and that "
-                                 "search, hypotheses pooled; both is the default: benchmarks/results/area_search_mi.md"
-                                 "). gradients is about twice as fast on pairs the keypoints do not settle.")
+                                 "search, hypotheses pooled; both-trained is the default: "
+                                 "benchmarks/results/area_search_trained.md). gradients is about twice as fast on "
+                                 "pairs the keypoints do not settle.")
 TopKOpt = typer.Option(None, "--top-k", help=f"Keypoints per image (default {DEFAULTS['keypoints']['top_k']}).")
 MaxSideOpt = typer.Option(None, "--max-side",
                           help=f"Working resolution: long side in px (default {DEFAULTS['io']['max_side']}).")

@@ -6,8 +6,9 @@
 - ``<method>+area``: a composite (``MethodSpec.parts``): the matches of ``<method>`` and the hypotheses of
   ``area-search``, both read from the per-method cache; the ``+refine`` rows keep whichever candidate the QC
   evidence prefers, as :class:`promptmid.api.Matcher` does with ``search.enabled``.
-- ``<method>+area-both``: the hypotheses of both searches (``area-search`` and ``area-search-aliked``) pooled, as the
-  Matcher does with ``search.learned = "both"``.
+- ``<method>+area-both`` / ``<method>+area-both-trained``: the hypotheses of both searches (``area-search`` and
+  ``area-search-aliked`` / ``area-search-trained``) pooled, as the Matcher does with ``search.learned = "both"`` /
+  ``"both-trained"`` (the default); ``<method>+area-search-trained``: keypoints and the trained search only.
 
 Rotation search: with several ``rotations`` (the validation run's 0/90/180/270), the area search covers every
 rotation (``rotation_range`` 180), as :class:`promptmid.api.Matcher` does with ``--try-rotations``.

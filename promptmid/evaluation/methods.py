@@ -188,6 +188,7 @@ def _register_others() -> None:
     for name in ("promptmid-lite", "promptmid-lite-int8", "aliked-mnn", "promptmid-full"):
         register(area.composite(name, METHODS[name].description))
         register(area.composite(name, METHODS[name].description, (area.LEARNED_SPEC.name,)))
+        register(area.composite(name, METHODS[name].description, (area.TRAINED_SPEC.name,)))
         register(area.composite(name, METHODS[name].description, (area.SPEC.name, area.LEARNED_SPEC.name), "area-both"))
         register(area.composite(name, METHODS[name].description, (area.SPEC.name, area.TRAINED_SPEC.name),
                                 "area-both-trained"))

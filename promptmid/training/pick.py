@@ -25,7 +25,7 @@ import numpy as np
 
 from promptmid.config import SUCCESS_PX
 
-METHOD = "promptmid-lite+area-both"  # the default's candidates (keypoints + both area searches)
+METHOD = "promptmid-lite+area-both-trained"  # the default's candidates (keypoints + both area searches)
 L2 = 6.0  # chosen by 5-fold cross-validation grouped by tile over both seeds (candidates of the training 3MOS tiles)
 
 
@@ -40,9 +40,10 @@ UNIFORM = _Uniform()
 
 
 def pair_candidates(args: tuple[Any, int, str, list[float]]) -> dict[str, Any]:
-    """The default's candidates of one perturbed pair (``(pair, seed, cache dir, rotations)``): ``{"pair", "seed",
-    "skipped"}`` (the keypoint fit is ok) or with ``"features" [n, F]`` and ``"right" [n]`` (within 5 px)."""
-    pair, seed, cache, rotations = args
+    """The candidates of one perturbed pair (``(pair, seed, cache dir, rotations, method)``; ``method``: an
+    evaluation composite, by default :data:`METHOD`): ``{"pair", "seed", "skipped"}`` (the keypoint fit is ok) or with
+    ``"features" [n, F]``, ``"right" [n]`` (within 5 px) and ``"sources" [n]``."""
+    pair, seed, cache, rotations, method = args
     import cv2
     import torch
 
@@ -57,10 +58,10 @@ def pair_candidates(args: tuple[Any, int, str, list[float]]) -> dict[str, Any]:
     from promptmid.search import Hypothesis
     from promptmid.selection import choose, keypoint_candidate, pick_features
 
-    conf = EvalConfig([METHOD], list(rotations), models=("affine",), cache_dir=cache, threads=1, perturb=Perturbation(seed))
+    conf = EvalConfig([method], list(rotations), models=("affine",), cache_dir=cache, threads=1, perturb=Perturbation(seed))
     moved, sar = perturb_pair(pair, conf.perturb)
     images = (load_image(moved.optical, "optical", max_side=1024), load_image(sar, "sar", max_side=1024))
-    out = matches_for(METHOD, moved, images, "", conf)
+    out = matches_for(method, moved, images, "", conf)
     geom = fit_geometry(out["points0"], out["points1"], "affine", conf.threshold, conf.min_inliers)
     refine = {k: v for k, v in DEFAULTS["refine"].items() if k != "enabled"}
     kp = keypoint_candidate(images[0], images[1], out["points0"], out["points1"], np.asarray(out["scores"], float),
@@ -72,7 +73,7 @@ def pair_candidates(args: tuple[Any, int, str, list[float]]) -> dict[str, Any]:
     truth, size = moved.gt_transform(), images[0].original_size
     right = [metrics.transform_rmse(c.transform, truth, size, moved.points) <= SUCCESS_PX for c in candidates]
     return {"pair": pair.id, "seed": seed, "skipped": False, "features": pick_features(candidates, size),
-            "right": np.array(right, float)}
+            "right": np.array(right, float), "sources": [c.source for c in candidates]}
 
 
 def fit_pick_model(rows: Sequence[dict[str, Any]], l2: float = L2, info: dict[str, Any] | None = None) -> dict:
@@ -99,22 +100,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/optsar", help="folder with all.jsonl")
-    ap.add_argument("--out", required=True, help="JSON file to write (the ranker)")
+    ap.add_argument("--out", default=None, help="JSON file to write (the ranker; training set only)")
     ap.add_argument("--seeds", default="0,1", help="displacement seeds, comma-separated")
     ap.add_argument("--cache", default="benchmarks/cache", help="the evaluation's match cache")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--method", default=METHOD, help="the evaluation composite whose candidates are ranked")
+    ap.add_argument("--set", default="train-3mos", choices=("train-3mos", "val"),
+                    help="calibration set (training 3MOS tiles; val only to look at, never to fit)")
     ap.add_argument("--rows", default=None, help="also save the candidate rows here (pickle), e.g. to compare l2")
     a = ap.parse_args(argv)
+    if not a.out and not a.rows:
+        ap.error("nothing to write: give --out (the ranker) and/or --rows (the candidates)")
+    if a.out and a.set != "train-3mos":
+        ap.error("the ranker is fitted on the training 3MOS tiles only (--set train-3mos)")
     pairs = select_pairs(read_manifest(Path(a.data) / "all.jsonl"), qualities=["exact", "approx"])
-    train, rotations = calibration_pairs(pairs)["train-3mos"]
-    jobs = [(p, int(s), a.cache, rotations) for s in a.seeds.split(",") for p in train]
+    train, rotations = calibration_pairs(pairs)[a.set]
+    jobs = [(p, int(s), a.cache, rotations, a.method) for s in a.seeds.split(",") for p in train]
     with ProcessPoolExecutor(a.workers) as ex:
         rows = list(ex.map(pair_candidates, jobs))
     if a.rows:
         import pickle
 
         Path(a.rows).write_bytes(pickle.dumps(rows))
-    model = fit_pick_model(rows, info={"set": "train-3mos", "seeds": a.seeds, "method": METHOD, "commit": _commit(),
+    if not a.out:
+        return 0
+    model = fit_pick_model(rows, info={"set": a.set, "seeds": a.seeds, "method": a.method, "commit": _commit(),
                                        "date": datetime.date.today().isoformat()})
     Path(a.out).write_text(json.dumps(model, indent=2) + "\n")
     print(json.dumps(model["info"]), file=sys.stderr)
