@@ -59,6 +59,7 @@ class Candidate:
                 "confidence": round(self.verdict.confidence, 4),
                 "refined": bool(self.refinement and self.refinement.get("applied")),
                 "search_score": None if not math.isfinite(self.search_score) else round(self.search_score, 4),
+                "mi_peak": round(mi_peak(self), 3) if "mi_peak" in self.evidence else None,
                 "transform": np.asarray(self.transform).tolist()}
 
 

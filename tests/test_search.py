@@ -143,6 +143,12 @@ def test_matcher_reports_the_weighed_hypotheses(displaced):
     assert r.hypothesis in {h["source"] for h in r.hypotheses}
     assert r.hypotheses[0]["source"] == "keypoints" and any(h["source"].startswith("area") for h in r.hypotheses)
     assert mean_corner_error(r.transform, displaced.H, (SIZE, SIZE)) < 2.0
+    assert all(np.isfinite(h["mi_peak"]) for h in r.hypotheses)  # weighed by the pick, so in result.json
+    from promptmid.report import hypothesis_rows
+
+    rows = hypothesis_rows(r.to_dict(), (SIZE, SIZE))  # the report's table: the kept one marked, at 0 px
+    assert [row[1] for row in rows] == [h["source"] for h in r.hypotheses]
+    assert [row[6] for row in rows if row[0] == "kept"] == [0.0]
     off = Matcher("xfeat", {"search": {"enabled": False}}).match(displaced.optical, displaced.sar)
     assert [h["source"] for h in off.hypotheses] == ["keypoints"]
 
