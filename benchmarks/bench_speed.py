@@ -6,7 +6,9 @@ Usage: .venv/bin/python benchmarks/bench_speed.py [--threads 1,2] [--repeats 5] 
 ``PRESET:nosearch`` runs the preset with the area-based search off (``--no-search``); ``PRESET:always`` runs the
 search even when the keypoint fit is already ``ok`` (``--always-search``: the cost of a pair whose keypoints do not
 settle it; by default an ``ok`` keypoint fit skips the search, and both searches run and are pooled);
-``PRESET:gradients`` does that with the classical search only (``--search-features gradients``); ``PRESET:int8``
+``PRESET:gradients`` does that with the classical search only (``--search-features gradients``), ``:trained`` with
+the trained-channel search only, ``:random`` with both searches and the fixed random projection (the previous
+default, ``--search-features both``); ``PRESET:int8``
 runs DINOv2 with int8 weights (``sources.dinov2.precision``; warm only, no CLI option).
 
 Warm: each preset runs in its own subprocess (so peak RSS is per preset), on the generated demo
@@ -61,6 +63,10 @@ VARIANTS = {"nosearch": ({"search": {"enabled": False}}, ["--no-search"]),
             "always": ({"search": {"skip_when_ok": False}}, ["--always-search"]),
             "gradients": ({"search": {"skip_when_ok": False, "learned": None}},
                           ["--always-search", "--search-features", "gradients"]),
+            "trained": ({"search": {"skip_when_ok": False, "learned": "trained"}},
+                        ["--always-search", "--search-features", "trained"]),
+            "random": ({"search": {"skip_when_ok": False, "learned": "both"}},
+                       ["--always-search", "--search-features", "both"]),
             "int8": ({"sources": {"dinov2": {"precision": "int8"}}}, None)}
 
 
@@ -107,7 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch,lite:always,lite:gradients,lite:int8")
+    parser.add_argument("--presets", default="xfeat,aliked,lite-concat,lite,lite:nosearch,lite:always,lite:gradients,"
+                        "lite:trained,lite:random,lite:int8")
     parser.add_argument("--cold-repeats", type=int, default=3, help="whole `promptmid match` runs per preset")
     parser.add_argument("--cold-presets", default="lite,lite:nosearch,lite:always")
     args = parser.parse_args()
@@ -136,7 +143,8 @@ def main() -> None:
         f"Generated demo pair (512x512, seed 7), no rotation search; median of {args.repeats} runs after a warm-up; "
         "stage times are summed over both images (keypoints, dinov2) and include guided re-matching (matching, "
         "fitting); search = the global area-based search (skipped when the keypoint fit is already ok, the default; "
-        "`:always` runs it anyway: both searches, the default; `:gradients` the classical one only; `:int8` DINOv2 "
+        "`:always` runs it anyway: both searches, the default; `:gradients` the classical one only; `:trained` the "
+        "trained-channel one only; `:random` both, with the random projection (the previous default); `:int8` DINOv2 "
         "with int8 weights, `sources.dinov2.precision`), "
         "qc = refinement and QC of every hypothesis. Target: the "
         "default (lite) <= 4 s per pair on 2 threads.", "", table, ""] + ([

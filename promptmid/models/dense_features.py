@@ -135,7 +135,7 @@ def search_head_status() -> list[dict[str, Any]]:
 
     load_search_head.cache_clear()
     return pinned_status(SEARCH_HEAD, SEARCH_HEAD_SHA256, "projection of ALIKED's dense map for the area search "
-                         "(search.learned = trained)", load_search_head)
+                         "(search.learned = both-trained, the default, or trained)", load_search_head)
 
 
 CHANNEL_NAMES = {"aliked": "aliked", "trained": "aliked-trained"}  # search.learned kind -> SearchFeatures.name
