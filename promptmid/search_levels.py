@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import cv2
 import numpy as np
@@ -60,11 +60,15 @@ def make_level(image: PreparedImage, long_side: int, sigma: float, orientations:
 
 
 def _resized(channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``[h, w, C]`` channels area-resized to ``size`` = (width, height) (OpenCV resizes at most 4 channels at once
-    for most factors)."""
-    parts = [cv2.resize(np.ascontiguousarray(channels[..., i:i + 4]), size, interpolation=cv2.INTER_AREA)
-             for i in range(0, channels.shape[-1], 4)]
-    return np.concatenate([q.reshape(size[1], size[0], -1) for q in parts], axis=-1)
+    """``[h, w, C]`` channels area-resized to ``size`` = (width, height)."""
+    return per_four_channels(lambda part: cv2.resize(part, size, interpolation=cv2.INTER_AREA), channels)
+
+
+def per_four_channels(op: Callable[[np.ndarray], np.ndarray], channels: np.ndarray) -> np.ndarray:
+    """``op`` (an OpenCV resize or warp of a ``[h, w, <=4]`` image) applied to ``[h, w, C]`` channels four at a time
+    (OpenCV handles at most 4 channels at once for most operations); the results concatenated to ``[H, W, C]``."""
+    parts = [op(np.ascontiguousarray(channels[..., i:i + 4])) for i in range(0, channels.shape[-1], 4)]
+    return np.concatenate([q.reshape(q.shape[0], q.shape[1], -1) for q in parts], axis=-1)
 
 
 def _channels(gradients: np.ndarray, learned: np.ndarray | None) -> np.ndarray:

@@ -46,7 +46,7 @@ def pair_levels(rec: Pair, features: Any, io_conf: dict[str, Any], size: int = 1
     ``None`` when they overlap on under half the optical level. ``features``: a
     :class:`promptmid.models.dense_features.SearchFeatures` (its ``dense`` map)."""
     from promptmid.io import load_image
-    from promptmid.search_levels import make_level
+    from promptmid.search_levels import make_level, per_four_channels
     from promptmid.training.data import working_gt
 
     opt = load_image(rec.optical, "optical", **io_conf)
@@ -58,9 +58,8 @@ def pair_levels(rec: Pair, features: Any, io_conf: dict[str, Any], size: int = 1
     h, w = fixed.gray.shape
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     gray = cv2.warpPerspective(base.gray, T, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    dense = np.concatenate([cv2.warpPerspective(np.ascontiguousarray(base.learned[..., i:i + 4]), T, (w, h),
-                                                flags=flags, borderMode=cv2.BORDER_REPLICATE).reshape(h, w, -1)
-                            for i in range(0, base.learned.shape[-1], 4)], axis=-1)
+    dense = per_four_channels(lambda part: cv2.warpPerspective(part, T, (w, h), flags=flags,
+                                                               borderMode=cv2.BORDER_REPLICATE), base.learned)
     mask = cv2.warpPerspective(base.mask.astype(np.uint8), T, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                                borderValue=0).astype(bool)
     if (mask & fixed.mask).sum() < 0.5 * fixed.mask.size:
