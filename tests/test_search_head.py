@@ -74,6 +74,26 @@ def test_levels_are_aligned_by_the_truth(levels):
         assert divmod(int(ncc.argmax()), 25) == (12, 12)
 
 
+def test_pseudo_sar_keeps_nodata_and_synthetic_levels_are_aligned(tmp_path):
+    """A pseudo-SAR made from an optical image is positive where the optical is valid and nodata elsewhere; its
+    level lies on the optical level (identity truth, also when the optical image is downscaled)."""
+    rng = np.random.default_rng(0)
+    gray = make_pair(128, seed=5).optical.mean(-1)
+    valid = np.ones_like(gray, bool)
+    valid[:, :10] = False
+    sar = search_head.pseudo_sar(gray, valid, rng)
+    assert sar.shape == gray.shape and sar.dtype == np.float32
+    assert (sar[valid] > 0).all() and (sar[~valid] == 0).all()
+    pair = make_pair(256, seed=6)
+    rec = Pair(id="synth/6", optical=pair.optical, sar=pair.sar, source="synth", H=pair.H, points=None, meta={},
+               where="test")
+    item = search_head.to_tensors(search_head.synthetic_levels(rec, SearchFeatures(), {"max_side": 200}, rng))
+    crop = item["opt_grad"][:, 40:88, 30:78], item["opt_mask"][40:88, 30:78]
+    ncc = search_head.masked_ncc(*crop, item["sar_grad"][:, 28:100, 18:90], item["sar_mask"][28:100, 18:90])
+    iy, ix = divmod(int(ncc.argmax()), 25)
+    assert abs(iy - 12) <= 1 and abs(ix - 12) <= 1
+
+
 def test_masked_ncc_peaks_at_a_crop_of_itself():
     f = torch.randn(4, 40, 40)
     mask = torch.ones(40, 40, dtype=torch.bool)

@@ -41,20 +41,55 @@ DENSE_CHANNELS = 128  # ALIKED's dense map
 
 def pair_levels(rec: Pair, features: Any, io_conf: dict[str, Any], size: int = 128, sigma: float = 1.0,
                 orientations: int = 9) -> dict[str, np.ndarray] | None:
-    """The optical level of ``rec`` and its SAR level warped onto it by the truth: ``{"opt_grad", "sar_grad"
-    [orientations, h, w], "opt_dense", "sar_dense" [128, h, w] float16, "opt_mask", "sar_mask" [h, w] bool}``, or
-    ``None`` when they overlap on under half the optical level. ``features``: a
-    :class:`promptmid.models.dense_features.SearchFeatures` (its ``dense`` map)."""
+    """The optical level of ``rec`` and its SAR level warped onto it by the truth (:func:`levels_of`)."""
     from promptmid.io import load_image
-    from promptmid.search_levels import make_level, per_four_channels
-    from promptmid.training.data import working_gt
 
     opt = load_image(rec.optical, "optical", **io_conf)
     sar = load_image(rec.sar, "sar", **io_conf)
+    return levels_of(opt, sar, rec.H, features, size, sigma, orientations)
+
+
+def synthetic_levels(rec: Pair, features: Any, io_conf: dict[str, Any], rng: np.random.Generator,
+                     size: int = 128) -> dict[str, np.ndarray]:
+    """:func:`levels_of` the optical image of ``rec`` against a pseudo-SAR made from that same image
+    (:func:`pseudo_sar`): a cross-modal pair with an exact, identity ground truth."""
+    from promptmid.io import load_image
+
+    opt = load_image(rec.optical, "optical", **io_conf)
+    sar = load_image(pseudo_sar(opt.image.mean(-1), opt.valid, rng), "sar", **io_conf)
+    return levels_of(opt, sar, np.linalg.inv(opt.scale_matrix()), features, size)  # pseudo-SAR px = optical working px
+
+
+def pseudo_sar(gray: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A SAR-like intensity image from an optical ``gray`` image in [0, 1]: a random non-monotonic intensity remap
+    ``0.5 + 0.5 cos(w I + phi)`` of the percentile-stretched image (XoFTR's cross-modal augmentation; ``w`` in [2, 6]
+    rad), a random gamma, a blur and multiplicative speckle of 2-8 looks (:func:`promptmid.synth.speckle`); invalid pixels are 0 (nodata)."""
+    from promptmid.synth import speckle
+
+    lo, hi = np.percentile(gray[valid], (2, 98)) if valid.any() else (0.0, 1.0)
+    stretched = np.clip((gray - lo) / max(hi - lo, 1e-3), 0.0, 1.0)
+    remapped = 0.5 + 0.5 * np.cos(rng.uniform(2.0, 6.0) * stretched + rng.uniform(0.0, 2 * np.pi))
+    intensity = (remapped + 0.05) ** rng.uniform(1.0, 2.5)
+    sigma = rng.uniform(0.0, 1.5)
+    if sigma > 0.3:
+        intensity = cv2.GaussianBlur(intensity.astype(np.float32), (0, 0), sigma)
+    out = speckle(intensity.astype(np.float32), float(rng.uniform(2.0, 8.0)), rng)
+    return np.where(valid, np.maximum(out, 1e-4), 0.0).astype(np.float32)
+
+
+def levels_of(opt: Any, sar: Any, H: np.ndarray, features: Any, size: int = 128, sigma: float = 1.0,
+              orientations: int = 9) -> dict[str, np.ndarray] | None:
+    """The optical level of two prepared images and the SAR level warped onto it by ``H`` (optical original px ->
+    SAR original px): ``{"opt_grad", "sar_grad" [orientations, h, w], "opt_dense", "sar_dense" [128, h, w] float16,
+    "opt_mask", "sar_mask" [h, w] bool}``, or ``None`` when they overlap on under half the optical level.
+    ``features``: a :class:`promptmid.models.dense_features.SearchFeatures` (its ``dense`` map)."""
+    from promptmid.search_levels import make_level, per_four_channels
+    from promptmid.training.data import working_gt
+
     fixed = make_level(opt, size, sigma, orientations, features=False, learned=_channels_last(features.dense(opt)))
     base = make_level(sar, size, sigma, orientations, features=False, learned=_channels_last(features.dense(sar)))
     to_level = [np.linalg.inv(img.scale_matrix()) @ lv.to_original for img, lv in ((opt, fixed), (sar, base))]
-    T = np.linalg.inv(to_level[1]) @ working_gt(rec.H, opt, sar) @ to_level[0]  # optical level px -> SAR level px
+    T = np.linalg.inv(to_level[1]) @ working_gt(H, opt, sar) @ to_level[0]  # optical level px -> SAR level px
     h, w = fixed.gray.shape
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     gray = cv2.warpPerspective(base.gray, T, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
@@ -75,19 +110,25 @@ def _channels_last(dense: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(dense[0].permute(1, 2, 0).float().numpy())
 
 
-def build_levels(records: Sequence[Pair], io_conf: dict[str, Any], size: int = 128) -> list[dict[str, np.ndarray]]:
-    """:func:`pair_levels` of every record (ALIKED-n16 loaded once); pairs that do not overlap enough are left out."""
+def build_levels(records: Sequence[Pair], io_conf: dict[str, Any], size: int = 128, synthetic: int = 0,
+                 seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """:func:`pair_levels` of every record (ALIKED-n16 loaded once), then ``synthetic`` pseudo-SAR pairs made from
+    each record's optical image (:func:`synthetic_levels`, seeded); pairs that do not overlap enough are left out."""
     from rich.progress import track
 
     from promptmid.models.dense_features import SearchFeatures
 
     features = SearchFeatures()
+    rng = np.random.default_rng(seed)
     out = []
     for rec in track(records, description="levels"):
-        item = pair_levels(rec, features, io_conf, size)
-        if item is not None:
-            item["id"] = rec.id
-            out.append(item)
+        items = [(rec.id, pair_levels(rec, features, io_conf, size))]
+        items += [(f"{rec.id}#synthetic{k}", synthetic_levels(rec, features, io_conf, rng, size))
+                  for k in range(synthetic)]
+        for name, item in items:
+            if item is not None:
+                item["id"] = name
+                out.append(item)
     return out
 
 
@@ -254,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="pseudo-SAR pairs made from each training optical image (pseudo_sar), added to the real ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     manifest = Path(args.data) / "all.jsonl"
@@ -262,12 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     records = read_manifest(manifest)
     io_conf = get_config("lite")["io"]
-    train_items = [to_tensors(x) for x in build_levels(select(records, "train"), io_conf)]
+    train_items = [to_tensors(x) for x in build_levels(select(records, "train"), io_conf, synthetic=args.synthetic,
+                                                       seed=args.seed)]
     val_items = [to_tensors(x) for x in build_levels(select(records, "val") + select(records, "near"), io_conf)]
     model, history = train(train_items, val_items, steps=args.steps, lr=args.lr, seed=args.seed)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     info = {"date": datetime.date.today().isoformat(), "commit": commit, "train_pairs": len(train_items),
-            "val_pairs": len(val_items), "steps": args.steps, "lr": args.lr, "seed": args.seed,
+            "val_pairs": len(val_items), "synthetic_per_pair": args.synthetic,
+            "steps": args.steps, "lr": args.lr, "seed": args.seed,
             "temperature": TEMPERATURE, "history": history,
             "val_hits": {"gradients": peak_hits(None, val_items),
                          "random_projection": peak_hits(Projection(random_init()), val_items),
