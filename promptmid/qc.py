@@ -20,7 +20,7 @@ from the fit alone:
   :mod:`promptmid.selection`, not for the confidence): how much more the optical and warped SAR intensities depend on
   each other at the transform than a few pixels off — a statistic independent of the gradient channels.
 
-A logistic model over these numbers (coefficients in ``promptmid/weights/promptmid-qc-v2.json``,
+A logistic model over these numbers (coefficients in ``promptmid/weights/promptmid-qc-v3.json``,
 fitted on perturbed training and validation pairs only; see :mod:`promptmid.training.qc`) gives
 ``confidence`` = the probability that the transform is within 5 px RMSE; the status is ``ok`` above
 the threshold chosen for >= 98 % precision, ``uncertain`` below it, and ``failed`` when there is no
@@ -55,8 +55,8 @@ from promptmid.refine import Refinement
 from promptmid.geo import pixel_size_ratio
 
 STATUSES = ("ok", "uncertain", "failed")
-QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v2.json"
-QC_MODEL_SHA256 = "0c7ccbcc6fe5860b4386a67176c16e4fea12635e0355cd5dcc35b20c1b3d9bce"  # promptmid.training.qc
+QC_MODEL = Path(__file__).parent / "weights" / "promptmid-qc-v3.json"
+QC_MODEL_SHA256 = "6f815bb6995e54fd2c01af596f31dc9bb66083e58b22e833cd8d4e45da39f06f"  # promptmid.training.qc
 DENSE_TOLERANCE = 0.01  # a refinement may lower the dense correlation at the transform by this much (noise)
 
 # features of the logistic model: name -> how it is computed from the evidence

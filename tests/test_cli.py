@@ -113,7 +113,7 @@ def test_models_lists_every_model():
     rows = json.loads(res.stdout)
     names = {r["name"] for r in rows}
     assert {"xfeat", "dinov2_vits14", "dinov2 graph (ONNX Runtime)", "promptmid-search-head-v1", "promptmid-pick-v1",
-            "promptmid-qc-v2"} <= names and all(r["ready"] for r in rows)
+            "promptmid-qc-v3"} <= names and all(r["ready"] for r in rows)
 
 
 def test_models_reports_the_dinov2_graph_cache(tmp_path):

@@ -11,7 +11,7 @@ evidence to the probability that the RMSE is <= 5 px. Thresholds:
 
 Never fit on unseen sources: :func:`calibration_pairs` takes the training split and validation only.
 
-Run: ``python -m promptmid.training.qc --data ../shared/data/optsar --out promptmid/weights/promptmid-qc-v2.json``
+Run: ``python -m promptmid.training.qc --data ../shared/data/optsar --out promptmid/weights/promptmid-qc-v3.json``
 """
 
 from __future__ import annotations
