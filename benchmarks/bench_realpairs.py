@@ -110,6 +110,15 @@ def verdict_headline(summaries: dict[str, dict], methods: list[str], model: str 
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def qc_provenance() -> str:
+    """What the shipped QC model was calibrated on (its ``info``), for the results' text."""
+    from promptmid.qc import load_qc_model
+
+    info = load_qc_model().info
+    return (f"calibrated on the perturbed {', '.join(info.get('sets', ['?']))} pairs (seeds "
+            f"{', '.join(str(s) for s in info.get('seeds', ['?']))}) with the fits {info.get('method', '?')} chose")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=PEERS, help=f"comma-separated (default: {PEERS})")
@@ -168,8 +177,8 @@ def main() -> int:
             headline_table(summaries, methods), ""]
     verdicts = verdict_headline(summaries, methods)
     if verdicts:
-        head += ["QC verdict of the affine+refine fits (promptmid.qc; calibrated on perturbed training and validation "
-                 "pairs of promptmid-lite only, applied unchanged to every method). Targets on unseen: precision of "
+        head += [f"QC verdict of the affine+refine fits (promptmid.qc; {qc_provenance()}, applied unchanged to every "
+                 "method). Targets on unseen: precision of "
                  "ok >= 0.98, recall >= 0.80, none beyond 20 px. Reliability diagrams: "
                  f"{args.out.stem}/<run>/reliability.png.", "", verdicts, ""]
     args.out.write_text("\n".join(head) + "\n" + "\n\n".join(texts)

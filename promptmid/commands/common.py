@@ -259,9 +259,9 @@ SearchFeaturesOpt = typer.Option(None, "--search-features", help="Area search ch
                                  "gradients) | aliked (+ ALIKED's dense map, fixed random projection) | trained (+ "
                                  "ALIKED's map, trained projection) | both / both-trained (gradients and that "
                                  "search, hypotheses pooled; both-trained is the default: "
-                                 "benchmarks/results/area_search_floor.md). gradients is about twice as fast on "
-                                 "pairs the keypoints do not settle; trained is in between and ties the default on "
-                                 "unseen pairs but returned one validation pair fewer.")
+                                 "benchmarks/results/area_search_qc3.md). gradients is about twice as fast on "
+                                 "pairs the keypoints do not settle; trained is in between (one validation pair "
+                                 "more, one RADARSAT-2 pair fewer than the default).")
 TopKOpt = typer.Option(None, "--top-k", help=f"Keypoints per image (default {DEFAULTS['keypoints']['top_k']}).")
 MaxSideOpt = typer.Option(None, "--max-side",
                           help=f"Working resolution: long side in px (default {DEFAULTS['io']['max_side']}).")
