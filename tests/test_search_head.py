@@ -12,6 +12,7 @@ import torch
 from promptmid.errors import ModelError
 from promptmid.evaluation.manifest import Pair
 from promptmid.geometry import affine_about_centre
+from promptmid.io import load_image
 from promptmid.models import dense_features
 from promptmid.models.dense_features import SearchFeatures, load_search_head, search_features
 from promptmid.synth import make_pair
@@ -63,18 +64,24 @@ def test_head_with_wrong_checksum_or_shape_is_refused(tmp_path, monkeypatch):
     assert load_search_head(str(changed)).shape == (128, 16)  # a user's file: not pinned
 
 
+def _crop_peak(item: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Where an optical crop correlates best inside the SAR window 12 px larger on every side (``(12, 12)``: at its
+    own position)."""
+    crop = item["opt_grad"][:, 40:88, 30:78], item["opt_mask"][40:88, 30:78]
+    ncc = search_head.masked_ncc(*crop, item["sar_grad"][:, 28:100, 18:90], item["sar_mask"][28:100, 18:90])
+    assert ncc.shape == (25, 25)
+    return divmod(int(ncc.argmax()), 25)
+
+
 def test_levels_are_aligned_by_the_truth(levels):
     """The SAR level warped by the truth lies on the optical level: an optical crop correlates best with the SAR
     window at its own position."""
     for it in levels:
         assert it["opt_dense"].shape[0] == 128 and it["opt_grad"].shape[1:] == it["opt_mask"].shape
-        crop = it["opt_grad"][:, 40:88, 30:78], it["opt_mask"][40:88, 30:78]
-        ncc = search_head.masked_ncc(*crop, it["sar_grad"][:, 28:100, 18:90], it["sar_mask"][28:100, 18:90])
-        assert ncc.shape == (25, 25)
-        assert divmod(int(ncc.argmax()), 25) == (12, 12)
+        assert _crop_peak(it) == (12, 12)
 
 
-def test_pseudo_sar_keeps_nodata_and_synthetic_levels_are_aligned(tmp_path):
+def test_pseudo_sar_keeps_nodata_and_synthetic_levels_are_aligned():
     """A pseudo-SAR made from an optical image is positive where the optical is valid and nodata elsewhere; its
     level lies on the optical level (identity truth, also when the optical image is downscaled)."""
     rng = np.random.default_rng(0)
@@ -84,13 +91,10 @@ def test_pseudo_sar_keeps_nodata_and_synthetic_levels_are_aligned(tmp_path):
     sar = search_head.pseudo_sar(gray, valid, rng)
     assert sar.shape == gray.shape and sar.dtype == np.float32
     assert (sar[valid] > 0).all() and (sar[~valid] == 0).all()
-    pair = make_pair(256, seed=6)
-    rec = Pair(id="synth/6", optical=pair.optical, sar=pair.sar, source="synth", H=pair.H, points=None, meta={},
-               where="test")
-    item = search_head.to_tensors(search_head.synthetic_levels(rec, SearchFeatures(), {"max_side": 200}, rng))
-    crop = item["opt_grad"][:, 40:88, 30:78], item["opt_mask"][40:88, 30:78]
-    ncc = search_head.masked_ncc(*crop, item["sar_grad"][:, 28:100, 18:90], item["sar_mask"][28:100, 18:90])
-    iy, ix = divmod(int(ncc.argmax()), 25)
+    features, io_conf = SearchFeatures(), {"max_side": 200}
+    opt = load_image(make_pair(256, seed=6).optical, "optical", **io_conf)
+    item = search_head.synthetic_levels(opt, search_head.optical_level(opt, features), features, io_conf, rng)
+    iy, ix = _crop_peak(search_head.to_tensors(item))
     assert abs(iy - 12) <= 1 and abs(ix - 12) <= 1
 
 

@@ -46,24 +46,26 @@ def pair_levels(rec: Pair, features: Any, io_conf: dict[str, Any], size: int = 1
 
     opt = load_image(rec.optical, "optical", **io_conf)
     sar = load_image(rec.sar, "sar", **io_conf)
-    return levels_of(opt, sar, rec.H, features, size, sigma, orientations)
+    return levels_of(opt, optical_level(opt, features, size, sigma, orientations), sar, rec.H, features, size, sigma,
+                     orientations)
 
 
-def synthetic_levels(rec: Pair, features: Any, io_conf: dict[str, Any], rng: np.random.Generator,
-                     size: int = 128) -> dict[str, np.ndarray]:
-    """:func:`levels_of` the optical image of ``rec`` against a pseudo-SAR made from that same image
-    (:func:`pseudo_sar`): a cross-modal pair with an exact, identity ground truth."""
+def synthetic_levels(opt: Any, fixed: Any, features: Any, io_conf: dict[str, Any], rng: np.random.Generator,
+                     size: int = 128) -> dict[str, np.ndarray] | None:
+    """:func:`levels_of` a prepared optical image (and its level ``fixed``, :func:`optical_level`) against a
+    pseudo-SAR made from that same image (:func:`pseudo_sar`): a cross-modal pair with an exact, identity truth."""
     from promptmid.io import load_image
 
-    opt = load_image(rec.optical, "optical", **io_conf)
     sar = load_image(pseudo_sar(opt.image.mean(-1), opt.valid, rng), "sar", **io_conf)
-    return levels_of(opt, sar, np.linalg.inv(opt.scale_matrix()), features, size)  # pseudo-SAR px = optical working px
+    # the pseudo-SAR's pixels are the optical image's working pixels
+    return levels_of(opt, fixed, sar, np.linalg.inv(opt.scale_matrix()), features, size)
 
 
 def pseudo_sar(gray: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A SAR-like intensity image from an optical ``gray`` image in [0, 1]: a random non-monotonic intensity remap
     ``0.5 + 0.5 cos(w I + phi)`` of the percentile-stretched image (XoFTR's cross-modal augmentation; ``w`` in [2, 6]
-    rad), a random gamma, a blur and multiplicative speckle of 2-8 looks (:func:`promptmid.synth.speckle`); invalid pixels are 0 (nodata)."""
+    rad), a random gamma, a blur and multiplicative speckle of 2-8 looks (:func:`promptmid.synth.speckle`); invalid
+    pixels are 0 (nodata)."""
     from promptmid.synth import speckle
 
     lo, hi = np.percentile(gray[valid], (2, 98)) if valid.any() else (0.0, 1.0)
@@ -77,16 +79,24 @@ def pseudo_sar(gray: np.ndarray, valid: np.ndarray, rng: np.random.Generator) ->
     return np.where(valid, np.maximum(out, 1e-4), 0.0).astype(np.float32)
 
 
-def levels_of(opt: Any, sar: Any, H: np.ndarray, features: Any, size: int = 128, sigma: float = 1.0,
+def optical_level(opt: Any, features: Any, size: int = 128, sigma: float = 1.0, orientations: int = 9) -> Any:
+    """The search's coarse level of a prepared optical image with ALIKED's dense map (``features.dense``) as its
+    learned channels (:func:`promptmid.search_levels.make_level`)."""
+    from promptmid.search_levels import make_level
+
+    return make_level(opt, size, sigma, orientations, features=False, learned=_channels_last(features.dense(opt)))
+
+
+def levels_of(opt: Any, fixed: Any, sar: Any, H: np.ndarray, features: Any, size: int = 128, sigma: float = 1.0,
               orientations: int = 9) -> dict[str, np.ndarray] | None:
-    """The optical level of two prepared images and the SAR level warped onto it by ``H`` (optical original px ->
-    SAR original px): ``{"opt_grad", "sar_grad" [orientations, h, w], "opt_dense", "sar_dense" [128, h, w] float16,
-    "opt_mask", "sar_mask" [h, w] bool}``, or ``None`` when they overlap on under half the optical level.
-    ``features``: a :class:`promptmid.models.dense_features.SearchFeatures` (its ``dense`` map)."""
+    """The optical level ``fixed`` of the prepared image ``opt`` (:func:`optical_level`) and the SAR level warped
+    onto it by ``H`` (optical original px -> SAR original px): ``{"opt_grad", "sar_grad" [orientations, h, w],
+    "opt_dense", "sar_dense" [128, h, w] float16, "opt_mask", "sar_mask" [h, w] bool}``, or ``None`` when they
+    overlap on under half the optical level. ``features``: a
+    :class:`promptmid.models.dense_features.SearchFeatures` (its ``dense`` map)."""
     from promptmid.search_levels import make_level, per_four_channels
     from promptmid.training.data import working_gt
 
-    fixed = make_level(opt, size, sigma, orientations, features=False, learned=_channels_last(features.dense(opt)))
     base = make_level(sar, size, sigma, orientations, features=False, learned=_channels_last(features.dense(sar)))
     to_level = [np.linalg.inv(img.scale_matrix()) @ lv.to_original for img, lv in ((opt, fixed), (sar, base))]
     T = np.linalg.inv(to_level[1]) @ working_gt(H, opt, sar) @ to_level[0]  # optical level px -> SAR level px
@@ -112,18 +122,22 @@ def _channels_last(dense: torch.Tensor) -> np.ndarray:
 
 def build_levels(records: Sequence[Pair], io_conf: dict[str, Any], size: int = 128, synthetic: int = 0,
                  seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """:func:`pair_levels` of every record (ALIKED-n16 loaded once), then ``synthetic`` pseudo-SAR pairs made from
-    each record's optical image (:func:`synthetic_levels`, seeded); pairs that do not overlap enough are left out."""
+    """The levels of every record (as :func:`pair_levels`; ALIKED-n16 loaded once), then ``synthetic`` pseudo-SAR
+    pairs made from each record's optical image (:func:`synthetic_levels`, seeded); pairs that do not overlap enough
+    are left out."""
     from rich.progress import track
 
+    from promptmid.io import load_image
     from promptmid.models.dense_features import SearchFeatures
 
     features = SearchFeatures()
     rng = np.random.default_rng(seed)
     out = []
     for rec in track(records, description="levels"):
-        items = [(rec.id, pair_levels(rec, features, io_conf, size))]
-        items += [(f"{rec.id}#synthetic{k}", synthetic_levels(rec, features, io_conf, rng, size))
+        opt = load_image(rec.optical, "optical", **io_conf)  # loaded and run through ALIKED once per record
+        fixed = optical_level(opt, features, size)
+        items = [(rec.id, levels_of(opt, fixed, load_image(rec.sar, "sar", **io_conf), rec.H, features, size))]
+        items += [(f"{rec.id}#synthetic{k}", synthetic_levels(opt, fixed, features, io_conf, rng, size))
                   for k in range(synthetic)]
         for name, item in items:
             if item is not None:
