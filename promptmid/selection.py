@@ -205,7 +205,16 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
         for c in candidates:
             c.evidence.update(mutual_information_evidence(optical, sar, c.transform))
         candidates = [without_mi_peak_failed(c) for c in candidates]
+        record_agreement(candidates, optical.original_size)
     return pick(candidates, optical.original_size, ranker), candidates
+
+
+def record_agreement(candidates: Sequence[Candidate], size: tuple[int, int]) -> None:
+    """Add to each candidate's evidence ``agreement`` (1 when another kind of source proposes a transform within
+    :data:`SAME_PX` of it, :func:`confirmations`) and ``agreement_keypoints`` (1 when the keypoints are one of the
+    two, :func:`with_keypoints`); absent for a lone candidate."""
+    for c, by in zip(candidates, confirmations(candidates, size)):
+        c.evidence.update(agreement=float(bool(by)), agreement_keypoints=float(with_keypoints(c, by)))
 
 
 MI_FLOOR = 0.2  # an uncertain candidate whose mutual-information peak is below this is failed (without_mi_peak_failed)
