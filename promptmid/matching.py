@@ -137,9 +137,12 @@ def _robust_fit(
     a, b = p0.astype(np.float32), p1.astype(np.float32)
     if model == "homography":
         return cv2.findHomography(a, b, cv2.USAC_MAGSAC, threshold, maxIters=max_iters, confidence=confidence)
-    fit = cv2.estimateAffine2D if model == "affine" else cv2.estimateAffinePartial2D
-    m, mask = fit(a, b, method=cv2.USAC_MAGSAC, ransacReprojThreshold=threshold, maxIters=max_iters,
-                  confidence=confidence, refineIters=10)
+    if model == "affine":
+        m, mask = cv2.estimateAffine2D(a, b, method=cv2.USAC_MAGSAC, ransacReprojThreshold=threshold,
+                                       maxIters=max_iters, confidence=confidence, refineIters=10)
+    else:  # OpenCV's similarity fit takes RANSAC or LMedS only (USAC methods raise)
+        m, mask = cv2.estimateAffinePartial2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=threshold,
+                                              maxIters=max_iters, confidence=confidence, refineIters=10)
     return (None, None) if m is None else (np.vstack([m, [0.0, 0.0, 1.0]]), mask)
 
 

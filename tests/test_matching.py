@@ -53,6 +53,20 @@ def test_affine_fit_recovers_transform_with_outliers(angle, scale, tx, ty):
     assert g.rmse < 1.0
 
 
+@pytest.mark.parametrize("angle, scale", [(0.0, 1.0), (25.0, 0.8), (-40.0, 1.3)])
+def test_similarity_fit_recovers_transform_with_outliers(angle, scale):
+    """The similarity model (--geometry similarity; OpenCV's partial affine takes RANSAC, not the USAC methods)."""
+    rng = np.random.default_rng(2)
+    H = _affine(angle, scale, 12.0, -7.0)
+    p0 = rng.uniform(0, 500, (80, 2))
+    p1 = apply_transform(H, p0) + rng.normal(0, 0.3, (80, 2))
+    p1[:20] = rng.uniform(0, 500, (20, 2))
+    g = fit_geometry(p0, p1, "similarity", threshold=3.0)
+    assert g.ok and g.num_inliers >= 55 and g.model == "similarity"
+    grid = rng.uniform(0, 500, (20, 2))
+    assert residuals(g.matrix, grid, apply_transform(H, grid)).max() < 1.0
+
+
 def test_homography_fit():
     H = np.array([[1.05, 0.02, 10], [-0.03, 0.97, -5], [1e-4, -5e-5, 1.0]])
     p0 = np.random.default_rng(1).uniform(0, 400, (60, 2))
