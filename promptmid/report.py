@@ -52,7 +52,6 @@ EVIDENCE_HELP: dict[str, str] = {
     "mi_peak": "how much more the intensities depend on each other at the transform than a few px off (thousandths)",
     "agreement": "1 = another kind of source (keypoints or the other area search) found the same transform (5 px)",
     "agreement_keypoints": "1 = the keypoint fit and an area hypothesis found this transform independently",
-    "ok_by_agreement": "1 = ok because the keypoints and the area search agree (confidence >= 0.8, no veto)",
 }
 
 STATUS_COLOURS = {"ok": "#1a7f37", "uncertain": "#b08800", "failed": "#cf222e", "error": "#cf222e"}

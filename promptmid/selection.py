@@ -24,7 +24,7 @@ from promptmid.io import PreparedImage
 from promptmid.matching import Geometry
 from promptmid.alignment import dense_evidence, mutual_information_evidence
 from promptmid.qc import (QCModel, Verdict, gather_evidence, judge, linear_plausibility, pixel_size_evidence,
-                          refinement_agrees, verdict_of, vetoes)
+                          refinement_agrees, verdict_of)
 from promptmid.polish import polish_affine
 from promptmid.refine import Refinement, refine_prepared
 from promptmid.correlation import fft_workers
@@ -361,27 +361,5 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
         v = best.verdict
         why = f"confirmed by another kind of hypothesis within {SAME_PX:g} px, but the QC evidence alone says failed"
         best = replace(best, verdict=Verdict("uncertain", v.confidence, v.evidence, [why] + v.reasons))
-    return ok_by_agreement(best, confirmed[i])
+    return best
 
-
-AGREEMENT_OK = 0.8  # least QC confidence at which the keypoints' agreement with the area search makes a result ok
-
-
-def ok_by_agreement(candidate: Candidate, confirmed_by: set[str]) -> Candidate:
-    """``candidate``, ``ok`` when it is ``uncertain`` with a QC confidence of at least :data:`AGREEMENT_OK`, confirmed
-    with the keypoints as one of the two kinds of source (:func:`with_keypoints`: the keypoint fit and an area
-    hypothesis found the same transform within :data:`SAME_PX`, independently) and no veto of the QC evidence fires
-    (:func:`promptmid.qc.vetoes`). Its evidence then has ``ok_by_agreement`` = 1.
-
-    Chosen on the QC calibration runs (the default's chosen results on training 3MOS tiles, training srif pairs and
-    validation, two displacement seeds, 212 runs): 13 chosen results are ``uncertain`` with keypoint agreement; 12 are
-    right. From 0.8 up, the 11 promoted are all right: ``ok`` 113 -> 124 at precision 0.982 -> 0.984, recall of
-    ``ok`` 0.65 -> 0.71 (the one wrong, a 5.5 px near miss, had 0.75). Agreement of the two area searches alone does
-    not qualify: they share the gradient channels, and no threshold of confidence and mutual information kept
-    precision >= 0.98."""
-    v = candidate.verdict
-    if (v.status != "uncertain" or v.confidence < AGREEMENT_OK or not with_keypoints(candidate, confirmed_by)
-            or any(vetoed for vetoed, _ in vetoes(candidate.evidence))):
-        return candidate
-    evidence = {**candidate.evidence, "ok_by_agreement": 1.0}
-    return replace(candidate, evidence=evidence, verdict=Verdict("ok", v.confidence, evidence, []))

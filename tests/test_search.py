@@ -319,33 +319,24 @@ def test_pick_prefers_a_transform_two_kinds_of_source_agree_on():
     assert pick([cand("keypoints", 1.5, "uncertain", 0.69, 2.4), ok], (256, 256)) is ok
 
 
-def test_keypoint_agreement_makes_a_confident_uncertain_result_ok():
-    """An uncertain chosen result with confidence >= AGREEMENT_OK is ok when the keypoint fit and an area hypothesis
-    agree on it (within SAME_PX), not when only the two searches agree, not below the threshold, not under a veto."""
+def test_agreement_is_recorded_in_the_evidence():
+    """record_agreement: another kind of source within SAME_PX sets agreement; agreement_keypoints only when the
+    keypoints are one of the two; the same search twice is no agreement."""
     from promptmid.geometry import translation
     from promptmid.qc import Verdict
-    from promptmid.selection import AGREEMENT_OK, Candidate, HandRule, pick
+    from promptmid.selection import Candidate, record_agreement
 
-    good = {"dense_offset_px": 1.0, "dense_distinctness": 0.06, "mi_peak": 3.0}
+    def cand(source, dx):
+        return Candidate(source, translation(dx, 0.0), None, {}, Verdict("uncertain", 0.5))
 
-    def cand(source, dx, conf, **evidence):
-        ev = {**good, **evidence}
-        return Candidate(source, translation(dx, 0.0), None, ev, Verdict("uncertain", conf, ev, ["weak"]))
-
-    far = cand("area 1", 60.0, 0.2)
-    best = pick([cand("keypoints", 1.0, AGREEMENT_OK + 0.05), far, cand("area+aliked 2", 0.0, 0.5)], (256, 256),
-                HandRule())
-    assert best.verdict.status == "ok" and best.verdict.reasons == [] and best.evidence["ok_by_agreement"] == 1.0
-    assert best.source == "keypoints"
-    searches_only = pick([far, cand("area 2", 1.0, 0.9), cand("area+aliked 3", 0.0, 0.5)], (256, 256), HandRule())
-    assert searches_only.verdict.status == "uncertain"
-    low = pick([cand("keypoints", 1.0, AGREEMENT_OK - 0.05), far, cand("area 2", 0.0, 0.5)], (256, 256), HandRule())
-    assert low.verdict.status == "uncertain"
-    vetoed = pick([cand("keypoints", 1.0, 0.9, dense_distinctness=0.005), far, cand("area 2", 0.0, 0.5)], (256, 256),
-                  HandRule())
-    assert vetoed.verdict.status == "uncertain" and "ok_by_agreement" not in vetoed.evidence
-    alone = pick([cand("keypoints", 1.0, 0.9), far], (256, 256), HandRule())
-    assert alone.verdict.status == "uncertain"
+    cands = [cand("keypoints", 1.0), cand("area 1", 0.0), cand("area 2", 40.0), cand("area 3", 41.0),
+             cand("area+aliked 4", 40.5)]
+    record_agreement(cands, (256, 256))
+    got = [(c.evidence["agreement"], c.evidence["agreement_keypoints"]) for c in cands]
+    assert got == [(1.0, 1.0), (1.0, 1.0), (1.0, 0.0), (1.0, 0.0), (1.0, 0.0)]
+    alone = [cand("area 1", 0.0), cand("area 2", 1.0)]
+    record_agreement(alone, (256, 256))
+    assert [c.evidence["agreement"] for c in alone] == [0.0, 0.0]
 
 
 def test_an_uncertain_candidate_without_a_mutual_information_peak_is_failed():
