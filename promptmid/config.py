@@ -82,7 +82,6 @@ DEFAULTS: dict[str, Any] = {
         "max_blocks": None,  # most blocks per pass (None: every half-block; a cap widens the grid on large images)
         "threshold": 1.5,  # inlier threshold of the correction fit (working px)
         "iterations": 3,  # passes (each re-warps with the refined transform)
-        "fallback": None,  # simpler model fitted to the block shifts when the main fit has too few inliers
         "polish": True,  # dense affine polish of each area hypothesis before its blocks (promptmid.polish)
     },
     "search": {  # global area-based search for transform hypotheses without keypoints (promptmid.search)

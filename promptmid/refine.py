@@ -94,14 +94,11 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
     return np.asarray(centres, np.float64).reshape(-1, 2), np.asarray(shifts, np.float64).reshape(-1, 2)
 
 
-FALLBACK_MIN_INLIERS = 5  # least inliers of the fallback model's fit of the block shifts
-
-
 def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                      sar_valid: np.ndarray, model: str = "affine", block: int = 64, search: int = 8,
                      min_distinct: float = 0.005, min_blocks: int = 8, threshold: float = 1.5,
-                     iterations: int = 3, search_after: int | None = None, max_blocks: int | None = None,
-                     fallback: str | None = None) -> Refinement:
+                     iterations: int = 3, search_after: int | None = None, max_blocks: int | None = None
+                     ) -> Refinement:
     """Refine an optical -> SAR transform by block matching of oriented-gradient features.
 
     Args:
@@ -117,14 +114,12 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         search_after: search radius of the passes after the first (default ``search``): a coarse start needs a
             wide first search, the passes after it only a narrow one.
         max_blocks: most blocks per pass (the grid spacing widens on large images; ``None``: half a block always).
-        fallback: a simpler geometry model (e.g. ``"similarity"``) fitted to the block shifts when the ``model`` fit
-            finds fewer than ``min_blocks`` inliers (it needs :data:`FALLBACK_MIN_INLIERS`); ``None``: no fallback.
     """
     result = Refinement(matrix, False, reason="not run")
     for i in range(iterations):
         radius = search if i == 0 or search_after is None else min(search, search_after)
         step = _refine_once(optical, sar, result.matrix, optical_valid, sar_valid, model, block, radius,
-                            min_distinct, min_blocks, threshold, max_blocks, fallback)
+                            min_distinct, min_blocks, threshold, max_blocks)
         if not step.applied:
             return result if result.applied else step
         result = step
@@ -135,7 +130,7 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
 
 def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                  sar_valid: np.ndarray, model: str, block: int, search: int, min_distinct: float, min_blocks: int,
-                 threshold: float, max_blocks: int | None = None, fallback: str | None = None) -> Refinement:
+                 threshold: float, max_blocks: int | None = None) -> Refinement:
     """One pass of :func:`refine_transform`."""
     gray0 = optical.mean(-1) if optical.ndim == 3 else optical
     gray1 = sar.mean(-1) if sar.ndim == 3 else sar
@@ -152,8 +147,6 @@ def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optic
     # block content at optical c is found at c + d in the warped SAR, i.e. at SAR matrix(c + d)
     target = apply_transform(matrix, centres + shifts)
     fit = fit_geometry(centres, target, model, threshold, min_inliers=min_blocks)
-    if not fit.ok and fallback is not None:
-        fit = fit_geometry(centres, target, fallback, threshold, min_inliers=FALLBACK_MIN_INLIERS)
     median_shift = float(np.median(np.linalg.norm(shifts, axis=1)))
     if not fit.ok:
         return Refinement(matrix, False, len(centres), shift_px=median_shift, reason=fit.reason)
