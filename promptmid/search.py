@@ -103,6 +103,7 @@ def check_conf(conf: dict[str, Any]) -> dict[str, Any]:
               (0 <= c["rotation_range"] <= 180, "rotation_range must be in [0, 180] degrees"),
               (c["rotation_step"] > 0, "rotation_step must be > 0"),
               (c["scale_steps"] >= 1 and c["top_k"] >= 1, "scale_steps and top_k must be >= 1"),
+              (c["polished_peaks"] >= 1, "polished_peaks must be >= 1"),
               (0 < c["min_overlap"] < 1, "min_overlap must be in (0, 1)"),
               (32 <= c["coarse_size"] <= c["size"], "need 32 <= coarse_size <= size")]
     for ok, message in checks:
@@ -218,7 +219,8 @@ def _predicted_shift(matrix: np.ndarray, fixed: Level, canvas: Level) -> tuple[f
 def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
                   maps: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> list[Peak]:
     """Best correlation peaks over the whole rotation x scale grid at the coarse level, distinct in
-    transform, best first; ``top_k + 2`` of them go on to polishing. ``maps``: learned channels (optical, SAR)."""
+    transform, best first; ``polished_peaks`` of them (at least ``top_k``) go on to polishing. ``maps``: learned
+    channels (optical, SAR)."""
     fixed = make_level(optical, c["coarse_size"], c["sigma"], c["orientations"], learned=maps[0])
     if not fixed.mask.any():
         return []
@@ -237,7 +239,7 @@ def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any],
     with ThreadPoolExecutor(fft_workers()) as pool:  # cells side by side (FFTs and OpenCV release the GIL)
         peaks = [p for found in pool.map(cell, grid) for p in found]
     peaks.sort(key=lambda p: -p.score)
-    return _distinct(peaks, optical, c["top_k"] + 2)
+    return _distinct(peaks, optical, max(c["polished_peaks"], c["top_k"]))
 
 
 def _sar_level(sar: PreparedImage, size: int, learned: np.ndarray | None = None) -> Level:

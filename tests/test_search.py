@@ -339,6 +339,31 @@ def test_agreement_is_recorded_in_the_evidence():
     assert [c.evidence["agreement"] for c in alone] == [0.0, 0.0]
 
 
+def test_evaluation_keeps_the_first_top_k_hypotheses_of_each_search():
+    """Cached search outputs made with a larger top_k are cut per search, order kept (kept_hypotheses)."""
+    from promptmid.evaluation.area import kept_hypotheses
+    from promptmid.search import Hypothesis
+
+    hyps = [Hypothesis(np.eye(3), s, source=src) for s, src in
+            [(0.9, "area"), (0.8, "area"), (0.7, "area"), (0.6, "area+aliked-trained"), (0.5, "area+aliked-trained"),
+             (0.4, "area+aliked-trained")]]
+    kept = kept_hypotheses(hyps, 2)
+    assert [(h.source, h.score) for h in kept] == [("area", 0.9), ("area", 0.8), ("area+aliked-trained", 0.6),
+                                                   ("area+aliked-trained", 0.5)]
+    assert kept_hypotheses(hyps, 3) == hyps
+
+
+def test_top_k_cuts_the_polished_hypotheses_without_changing_them(displaced):
+    """search.top_k keeps the first top_k of the same polished peaks (search.polished_peaks), so a smaller top_k
+    gives a prefix of a larger one's hypotheses."""
+    optical, sar = _prepared(displaced)
+    three = global_search(optical, sar, {"top_k": 3})
+    two = global_search(optical, sar, {"top_k": 2})
+    assert len(two) == min(2, len(three))
+    for a, b in zip(two, three):
+        assert np.allclose(a.matrix, b.matrix) and a.score == b.score
+
+
 def test_an_uncertain_candidate_without_a_mutual_information_peak_is_failed():
     """Below MI_FLOOR the intensities depend on each other no more at the transform than beside it: an uncertain
     candidate becomes failed (reason first); ok, failed and candidates without the evidence (NaN) are left alone."""

@@ -61,6 +61,22 @@ TRAINED_SPEC = MethodSpec("area-search-trained", "the global area-based search w
                           default=False)
 
 
+def kept_hypotheses(hypotheses: list[Any], top_k: int) -> list[Any]:
+    """The first ``top_k`` hypotheses of each search (by ``source``, order kept), as the product keeps them.
+
+    Cached search outputs may hold more (made with a larger ``search.top_k``); a search's list is best first and
+    the polished peaks do not depend on ``top_k`` (``search.polished_peaks``), so its first ``top_k`` are exactly
+    what a search with that ``top_k`` returns."""
+    count: dict[str, int] = {}
+    kept = []
+    for h in hypotheses:
+        source = getattr(h, "source", "area")
+        count[source] = count.get(source, 0) + 1
+        if count[source] <= top_k:
+            kept.append(h)
+    return kept
+
+
 def area_source(spec: MethodSpec) -> str:
     """The ``source`` of the hypotheses of an area method (:func:`promptmid.search.search_source` of its ``learned``
     setting; taken from the spec, so hypotheses cached before sources were recorded are named right too)."""

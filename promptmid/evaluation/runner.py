@@ -221,9 +221,11 @@ def fit_rows(pair: Pair, name: str, out: dict[str, Any], images: tuple[PreparedI
     only when it agrees with the keypoint evidence) and carry the verdict: ``qc_status``, ``qc_confidence``
     and every piece of evidence as ``qc_<name>``.
     """
+    from promptmid.config import DEFAULTS
+    from promptmid.evaluation.area import kept_hypotheses
     from promptmid.search import Hypothesis
 
-    hyps = [Hypothesis.from_dict(h) for h in out.get("hypotheses", [])]
+    hyps = kept_hypotheses([Hypothesis.from_dict(h) for h in out.get("hypotheses", [])], DEFAULTS["search"]["top_k"])
     rows = []
     for model in conf.models:
         t0 = time.perf_counter()
