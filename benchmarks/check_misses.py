@@ -10,8 +10,8 @@ different kinds of source (keypoints, classical search, search with ALIKED chann
 each other, and the images correlate better at the chosen transform than at the ground truth with the correlation
 peak closer to it. Writes ``benchmarks/results/misses_vs_gt.md``.
 
-    .venv/bin/python benchmarks/check_misses.py [--results benchmarks/results/area_search_mi] [--run unseen]
-        [--method promptmid-lite+area-both] [--seed 0] [--lo 5] [--hi 12]
+    .venv/bin/python benchmarks/check_misses.py [--results benchmarks/results/area_search_qc3] [--run unseen]
+        [--method promptmid-lite+area-both-trained] [--seed 0] [--lo 5] [--hi 12]
 
 Coordinates: every transform maps optical px to SAR px (original images); distances are mean corner errors (px).
 """
@@ -127,9 +127,9 @@ def main() -> None:
     from promptmid.evaluation.pipeline import select_pairs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "area_search_mi")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "area_search_qc3")
     ap.add_argument("--run", default="unseen")
-    ap.add_argument("--method", default="promptmid-lite+area-both")
+    ap.add_argument("--method", default="promptmid-lite+area-both-trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lo", type=float, default=5.0)
     ap.add_argument("--hi", type=float, default=12.0)
