@@ -364,6 +364,23 @@ def test_top_k_cuts_the_polished_hypotheses_without_changing_them(displaced):
         assert np.allclose(a.matrix, b.matrix) and a.score == b.score
 
 
+def test_an_uncertain_result_the_keypoints_and_a_search_agree_on_says_so_last():
+    """The agreement note is added (as the last reason) to an uncertain pick confirmed with the keypoints, not to one
+    only the two searches agree on, and never changes the status."""
+    from promptmid.geometry import translation
+    from promptmid.qc import Verdict
+    from promptmid.selection import AGREEMENT_NOTE, Candidate, HandRule, pick
+
+    def cand(source, dx, conf):
+        return Candidate(source, translation(dx, 0.0), None, {"mi_peak": 2.0}, Verdict("uncertain", conf, {}, ["weak"]))
+
+    far = cand("area 1", 60.0, 0.2)
+    best = pick([cand("keypoints", 1.0, 0.85), far, cand("area+aliked 2", 0.0, 0.5)], (256, 256), HandRule())
+    assert best.verdict.status == "uncertain" and best.verdict.reasons == ["weak", AGREEMENT_NOTE]
+    searches = pick([far, cand("area 2", 1.0, 0.9), cand("area+aliked 3", 0.0, 0.5)], (256, 256), HandRule())
+    assert searches.verdict.reasons == ["weak"]
+
+
 def test_an_uncertain_candidate_without_a_mutual_information_peak_is_failed():
     """Below MI_FLOOR the intensities depend on each other no more at the transform than beside it: an uncertain
     candidate becomes failed (reason first); ok, failed and candidates without the evidence (NaN) are left alone."""
