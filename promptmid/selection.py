@@ -361,7 +361,7 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
         v = best.verdict
         why = f"confirmed by another kind of hypothesis within {SAME_PX:g} px, but the QC evidence alone says failed"
         best = replace(best, verdict=Verdict("uncertain", v.confidence, v.evidence, [why] + v.reasons))
-    if best.verdict.status == "uncertain" and with_keypoints(best, confirmed[i]):
+    if candidates[i].verdict.status == "uncertain" and with_keypoints(best, confirmed[i]):  # not a rescued failure
         v = best.verdict
         best = replace(best, verdict=Verdict("uncertain", v.confidence, v.evidence, v.reasons + [AGREEMENT_NOTE]))
     return best
