@@ -239,6 +239,10 @@ def without_mi_peak_failed(candidate: Candidate) -> Candidate:
 AGREEMENT_BONUS = 0.5  # HandRule: added to the confidence of a candidate that another kind of source confirms
 MI_WEIGHT = 0.5  # HandRule: per thousandth of mutual-information peak (alignment.mutual_information_evidence)
 MI_CONFIRM = 1.0  # least MI peak (thousandths) for the two searches' agreement to rescue a failed candidate
+# the last reason of an uncertain result the keypoints and the area search agree on: evidence for it, not a verdict
+# (made ok by it, on the displaced unseen pairs 1 of 2 was within 5 px: docs/results.md)
+AGREEMENT_NOTE = (f"in its favour: the keypoint fit and an area hypothesis found it independently (within {SAME_PX:g} "
+                  "px); 12 of 13 such uncertain results were right on the QC calibration runs")
 
 
 def mi_peak(candidate: Candidate) -> float:
@@ -365,10 +369,3 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
         v = best.verdict
         best = replace(best, verdict=Verdict("uncertain", v.confidence, v.evidence, v.reasons + [AGREEMENT_NOTE]))
     return best
-
-
-# the last reason of an uncertain result the keypoints and the area search agree on: evidence for it, not a verdict
-# (made ok by it, on the displaced unseen pairs 1 of 2 was within 5 px: docs/results.md)
-AGREEMENT_NOTE = (f"in its favour: the keypoint fit and an area hypothesis found it independently (within {SAME_PX:g} "
-                  "px); 12 of 13 such uncertain results were right on the QC calibration runs")
-
