@@ -148,6 +148,7 @@ class Matcher:
             raise ValueError("geometry.rotations must list at least one angle (e.g. [0])")
         self.describer = Describer(self.conf["keypoints"], self.conf["sources"], self.conf["aggregator"])
         self._search_features: LearnedFeatures | None = None
+        self._dense: Any = None  # the coarse dense matcher (search.dense), loaded on first use
         self.ranker = selection.ranker_named(self.conf["search"].get("ranker", "hand"))  # the pick's score
         if (self.conf["search"].get("enabled") and self.conf["search"].get("learned")
                 and self.describer.extractor.local_name == "aliked"):
@@ -200,6 +201,7 @@ class Matcher:
             with _timer(timings, "search"):
                 hypotheses = [h for channels in self.search_channels()
                               for h in global_search(opt, sar_img, search_conf, prior, channels)]
+                hypotheses += self.dense_hypotheses(opt, sar_img)
             _progress(progress, "quality control of the area hypotheses")
         with _timer(timings, "qc"):
             checked = selection.choose(opt, sar_img, keypoint, hypotheses, refine_conf, geom.model,
@@ -242,6 +244,18 @@ class Matcher:
         ``refine.enabled`` is off."""
         conf = dict(self.conf["refine"])
         return conf if conf.pop("enabled") else None
+
+    def dense_hypotheses(self, optical: PreparedImage, sar: PreparedImage) -> list[Hypothesis]:
+        """The coarse dense matcher's hypothesis (``search.dense``: its weights file;
+        :class:`promptmid.models.dense_matcher.DenseHypotheses`, loaded on first use) over the SAR turns of
+        ``geometry.rotations``; ``[]`` when off."""
+        if not self.conf["search"].get("dense"):
+            return []
+        if self._dense is None:
+            from promptmid.models.dense_matcher import DenseHypotheses
+
+            self._dense = DenseHypotheses(self.conf["search"]["dense"])
+        return self._dense(optical, sar, tuple(float(r) for r in self.conf["geometry"]["rotations"]))
 
     def search_channels(self) -> list[LearnedFeatures | None]:
         """The learned channels of each area search to run (``search.learned``, :data:`SEARCH_CHANNEL_SETS`;

@@ -104,6 +104,8 @@ DEFAULTS: dict[str, Any] = {
         "skip_when_ok": True,  # no search when the keypoint fit's verdict already is ok (selection.settled)
         "ranker": "hand",  # the pick's score: "hand" (selection.HandRule) | "trained" (ranker.py; an option: it tied
         # validation and lost one unseen pair, benchmarks/results/area_search_ranker.md)
+        "dense": None,  # weights of a coarse dense matcher (training/dense_matcher.py): its hypothesis joins the
+        # pick; None = off. No weights are shipped: trained on 2 CPUs it found no usable matches (docs/results.md)
     },
 }
 

@@ -12,13 +12,15 @@ import cv2
 import numpy as np
 
 
-def oriented_gradient_features(gray: np.ndarray, orientations: int = 9, sigma: float = 2.0) -> np.ndarray:
+def oriented_gradient_features(gray: np.ndarray, orientations: int = 9, sigma: float = 2.0,
+                               normalise: bool = True) -> np.ndarray:
     """Dense oriented-gradient channels ``[orientations, H, W]`` (float32), L2-normalised per pixel.
 
     Args:
         gray: ``[H, W]`` float image.
         orientations: number of directions in ``[0, 180)`` degrees.
         sigma: Gaussian smoothing (px) of each channel.
+        normalise: ``False``: the smoothed magnitudes, not normalised per pixel.
     """
     g = gray.astype(np.float32)
     gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
@@ -26,7 +28,9 @@ def oriented_gradient_features(gray: np.ndarray, orientations: int = 9, sigma: f
     angles = np.pi * np.arange(orientations) / orientations
     chans = [cv2.GaussianBlur(np.abs(float(np.cos(a)) * gx + float(np.sin(a)) * gy), (0, 0), sigma) for a in angles]
     feats = np.stack(chans, axis=0)
-    return np.ascontiguousarray(feats / (np.linalg.norm(feats, axis=0, keepdims=True) + 1e-6), dtype=np.float32)
+    if normalise:
+        feats = feats / (np.linalg.norm(feats, axis=0, keepdims=True) + 1e-6)
+    return np.ascontiguousarray(feats, dtype=np.float32)
 
 
 def parabolic_offset(m1: float, c: float, p1: float) -> float:

@@ -42,7 +42,7 @@ from promptmid.search_levels import Level, canvas_of, make_level
 from promptmid.dense import parabolic_offset
 
 # the keys of the config's search section that the Matcher reads (whether and with what to search), not the search
-MATCHER_KEYS = ("enabled", "learned", "skip_when_ok", "ranker")
+MATCHER_KEYS = ("enabled", "learned", "skip_when_ok", "ranker", "dense")
 DEFAULT_CONF: dict[str, Any] = {k: v for k, v in DEFAULTS["search"].items() if k not in MATCHER_KEYS}
 # a learned dense feature map of a prepared image: [h, w, C] float32 at any resolution covering the whole image
 LearnedFeatures = Callable[[PreparedImage], np.ndarray]

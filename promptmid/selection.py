@@ -252,8 +252,10 @@ def mi_peak(candidate: Candidate) -> float:
 
 
 def origin(candidate: Candidate) -> str:
-    """What proposed a candidate: ``"keypoints"``, ``"area"`` or ``"area+<name>"`` (its source without the index)."""
-    return candidate.source.rsplit(" ", 1)[0] if candidate.source.startswith("area") else candidate.source
+    """What proposed a candidate: ``"keypoints"``, ``"area"``, ``"area+<name>"`` or ``"dense"`` (its source without
+    the hypothesis index)."""
+    head, _, index = candidate.source.rpartition(" ")
+    return head if head and index.isdigit() else candidate.source
 
 
 def confirmations(candidates: Sequence[Candidate], size: tuple[int, int]) -> list[set[str]]:
