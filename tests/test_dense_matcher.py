@@ -156,3 +156,10 @@ def test_matcher_pools_a_dense_hypothesis_and_refuses_missing_weights(tmp_path: 
     with pytest.raises(ModelError, match="not found"):
         Matcher("xfeat", {"search": {"dense": str(tmp_path / "none.safetensors"), "skip_when_ok": False}}).match(
             demo_pair.optical, demo_pair.sar)
+
+
+def test_training_without_its_manifest_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
+    from promptmid.training.dense_matcher import main
+
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert "all.jsonl not found" in capsys.readouterr().err

@@ -67,6 +67,18 @@ def read_manifest(path: str | Path) -> list[Pair]:
     return records
 
 
+def data_records(folder: str | Path) -> list[Pair] | None:
+    """The records of ``folder/all.jsonl`` (:func:`read_manifest`), or ``None`` after saying on stderr that it is
+    missing (for the training scripts' ``--data``: they then exit with status 2)."""
+    import sys
+
+    manifest = Path(folder) / "all.jsonl"
+    if not manifest.is_file():
+        print(f"error: {manifest} not found", file=sys.stderr)
+        return None
+    return read_manifest(manifest)
+
+
 def split_of(rec: Any) -> str | None:
     """``"train"``, ``"val"``, ``"test"`` (unseen), ``"near"`` (near-domain test) or ``None``.
 

@@ -214,7 +214,7 @@ def train(items: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]], steps:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from promptmid.models.dense_matcher import save_matcher
-    from promptmid.training.data import read_manifest, select
+    from promptmid.training.data import data_records, select
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/data/optsar", help="folder with all.jsonl")
@@ -230,11 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="folder for the token caches and the checkpoint (resumable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    manifest = Path(args.data) / "all.jsonl"
-    if not manifest.is_file():
-        print(f"error: {manifest} not found", file=sys.stderr)
+    records = data_records(args.data)
+    if records is None:
         return 2
-    records = read_manifest(manifest)
     cache = Path(args.cache) if args.cache else None
     train_items = cached_items(cache, f"train_v{args.views}_s{args.seed}",
                                lambda: build_items(select(records, "train"), args.views, args.seed))

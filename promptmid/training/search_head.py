@@ -300,7 +300,7 @@ def write_head(model: Projection, out: Path, info: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from promptmid.training.data import read_manifest, select
+    from promptmid.training.data import data_records, select
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/data/optsar", help="folder with all.jsonl")
@@ -313,11 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="pseudo-SAR pairs made from each training optical image (pseudo_sar), added to the real ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    manifest = Path(args.data) / "all.jsonl"
-    if not manifest.is_file():
-        print(f"error: {manifest} not found", file=sys.stderr)
+    records = data_records(args.data)
+    if records is None:
         return 2
-    records = read_manifest(manifest)
     io_conf = get_config("lite")["io"]
     train_items = [to_tensors(x) for x in build_levels(select(records, "train"), io_conf, synthetic=args.synthetic,
                                                        seed=args.seed)]
