@@ -11,6 +11,8 @@ SAR, and ``transform`` maps optical pixels to SAR pixels.
 
 from __future__ import annotations
 
+import os
+
 import time
 from dataclasses import asdict, dataclass, field
 from contextlib import contextmanager
@@ -254,7 +256,10 @@ class Matcher:
         if self._dense is None:
             from promptmid.models.dense_matcher import DenseHypotheses
 
-            self._dense = DenseHypotheses(self.conf["search"]["dense"])
+            path = self.conf["search"]["dense"]
+            if not isinstance(path, (str, os.PathLike)):
+                raise ValueError(f"search.dense must be the path of a dense matcher weights file or None, got {path!r}")
+            self._dense = DenseHypotheses(path)
         return self._dense(optical, sar, tuple(float(r) for r in self.conf["geometry"]["rotations"]))
 
     def search_channels(self) -> list[LearnedFeatures | None]:

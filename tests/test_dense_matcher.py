@@ -156,6 +156,8 @@ def test_matcher_pools_a_dense_hypothesis_and_refuses_missing_weights(tmp_path: 
     with pytest.raises(ModelError, match="not found"):
         Matcher("xfeat", {"search": {"dense": str(tmp_path / "none.safetensors"), "skip_when_ok": False}}).match(
             demo_pair.optical, demo_pair.sar)
+    with pytest.raises(ValueError, match="search.dense"):
+        Matcher("xfeat", {"search": {"dense": True, "skip_when_ok": False}}).match(demo_pair.optical, demo_pair.sar)
 
 
 def test_training_without_its_manifest_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
