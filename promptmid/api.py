@@ -12,7 +12,6 @@ SAR, and ``transform`` maps optical pixels to SAR pixels.
 from __future__ import annotations
 
 import os
-
 import time
 from dataclasses import asdict, dataclass, field
 from contextlib import contextmanager
