@@ -150,7 +150,7 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
             h.matrix = np.asarray(prior, float) @ h.matrix
         return hyps
     c = check_conf(conf or {})
-    prior_scale = _prior_scale(optical, sar)
+    prior_scale = prior_scale_of(optical, sar)
     maps = (learned(optical), learned(sar)) if learned is not None else (None, None)
     peaks = _coarse_peaks(optical, sar, c, prior_scale, maps)
     if not peaks:
@@ -191,7 +191,7 @@ def centre_shift(matrix: np.ndarray, optical: PreparedImage, sar: PreparedImage)
     return float(np.hypot(p[0] - (w1 - 1) / 2, p[1] - (h1 - 1) / 2))
 
 
-def _prior_scale(optical: PreparedImage, sar: PreparedImage) -> float:
+def prior_scale_of(optical: PreparedImage, sar: PreparedImage) -> float:
     """SAR level px per optical level px expected before the search: 1 for the same footprint, else the
     pixel-size ratio corrected for the different reductions of the two images."""
     ratio = pixel_size_ratio(optical, sar)

@@ -141,6 +141,7 @@ def test_fit_hypothesis_maps_working_cells_to_original_px(demo_pair) -> None:
     (hyp,) = fit_hypothesis(opt, sar, p0, apply_transform(to_sar, apply_transform(H, p0)), np.ones(len(p0)), 4.0)
     assert hyp.source == "dense" and 0.99 <= hyp.score <= 1.0
     assert corner_error(hyp.matrix, demo_pair.H, Size(512, 512)).max() < 0.5
+    assert hyp.scale == pytest.approx(np.sqrt(abs(np.linalg.det(demo_pair.H[:2, :2]))), rel=1e-3)  # same footprint
 
 
 def test_matcher_pools_a_dense_hypothesis_and_refuses_missing_weights(tmp_path: Path, demo_pair) -> None:

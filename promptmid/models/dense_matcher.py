@@ -252,7 +252,7 @@ def fit_hypothesis(optical: PreparedImage, sar: PreparedImage, p0: np.ndarray, p
     """The affine MAGSAC fit (:func:`fit_affine`, ``threshold_px`` ORIGINAL SAR px) of matched points (optical and
     SAR working px) as a one-item list of :class:`promptmid.search.Hypothesis` (ORIGINAL px), or ``[]``. Score: the
     share of matches that are inliers times their mean probability."""
-    from promptmid.search import Hypothesis
+    from promptmid.search import Hypothesis, prior_scale_of
 
     M, inl = fit_affine(_to_original(optical, p0), _to_original(sar, p1), threshold_px)
     if M is None:
@@ -260,7 +260,10 @@ def fit_hypothesis(optical: PreparedImage, sar: PreparedImage, p0: np.ndarray, p
     lin = M[:2, :2]
     angle = float(np.degrees(np.arctan2(lin[1, 0] - lin[0, 1], lin[0, 0] + lin[1, 1])))
     score = float(inl.mean() * prob[inl].mean())
-    return [Hypothesis(M, score, 0.0, angle, float(np.sqrt(abs(np.linalg.det(lin)))), "dense")]
+    # as the area search's: SAR px per optical px with both reduced to the same long side, relative to the prior
+    same_side = max(optical.original_size) / max(sar.original_size)
+    scale = float(np.sqrt(abs(np.linalg.det(lin)))) * same_side / prior_scale_of(optical, sar)
+    return [Hypothesis(M, score, 0.0, angle, scale, "dense")]
 
 
 def fit_affine(p0: np.ndarray, p1: np.ndarray, threshold_px: float) -> tuple[np.ndarray | None, np.ndarray]:
