@@ -11,7 +11,8 @@ import torch
 
 from promptmid.errors import ModelError
 from promptmid.geometry import Size, apply_transform, corner_error
-from promptmid.models.dense_matcher import (DenseMatcher, cell_centres, cell_validity, fit_affine, load_matcher,
+from promptmid.matching import fit_geometry
+from promptmid.models.dense_matcher import (MIN_MATCHES, DenseMatcher, cell_centres, cell_validity, load_matcher,
                                             mutual_matches, save_matcher)
 from promptmid.training.dense_matcher import cell_targets, evaluate, item_loss, train
 
@@ -63,10 +64,11 @@ def test_fit_affine_recovers_a_transform_from_cell_centres() -> None:
     rng = np.random.default_rng(0)
     p1 = apply_transform(truth, p0)
     p1[:20] += rng.uniform(40, 80, (20, 2))  # outliers
-    M, inliers = fit_affine(p0, p1, 3.0)
+    fit = fit_geometry(p0, p1, "affine", 3.0, min_inliers=MIN_MATCHES)  # as the dense matcher fits
+    M, inliers = fit.matrix, fit.inliers
     assert M is not None and inliers[20:].mean() > 0.95
     assert corner_error(M, truth, Size(256, 256)).max() < 0.5
-    assert fit_affine(p0[:5], p1[:5], 3.0)[0] is None  # too few matches
+    assert fit_geometry(p0[:5], p1[:5], "affine", 3.0, min_inliers=MIN_MATCHES).matrix is None  # too few matches
 
 
 def test_cell_validity_is_half_valid_cells() -> None:

@@ -249,41 +249,24 @@ class DenseHypotheses:
 
 def fit_hypothesis(optical: PreparedImage, sar: PreparedImage, p0: np.ndarray, p1: np.ndarray, prob: np.ndarray,
                    threshold_px: float) -> list[Hypothesis]:
-    """The affine MAGSAC fit (:func:`fit_affine`, ``threshold_px`` ORIGINAL SAR px) of matched points (optical and
-    SAR working px) as a one-item list of :class:`promptmid.search.Hypothesis` (ORIGINAL px), or ``[]``. Score: the
-    share of matches that are inliers times their mean probability."""
+    """The affine fit (:func:`promptmid.matching.fit_geometry`, USAC/MAGSAC, ``threshold_px`` ORIGINAL SAR px, at
+    least :data:`MIN_MATCHES` inliers) of matched points (optical and SAR working px) as a one-item list of
+    :class:`promptmid.search.Hypothesis` (ORIGINAL px), or ``[]``. Score: the share of matches that are inliers
+    times their mean probability."""
+    from promptmid.matching import fit_geometry
     from promptmid.search import Hypothesis, prior_scale_of
 
-    M, inl = fit_affine(_to_original(optical, p0), _to_original(sar, p1), threshold_px)
-    if M is None:
+    fit = fit_geometry(optical.to_original(p0), sar.to_original(p1), "affine", threshold_px, min_inliers=MIN_MATCHES)
+    if fit.matrix is None:
         return []
-    lin = M[:2, :2]
+    lin = fit.matrix[:2, :2]
     angle = float(np.degrees(np.arctan2(lin[1, 0] - lin[0, 1], lin[0, 0] + lin[1, 1])))
-    score = float(inl.mean() * prob[inl].mean())
+    score = float(fit.inliers.mean() * prob[fit.inliers].mean())
     # as the area search's: SAR px per optical px with both reduced to the same long side, relative to the prior
     same_side = max(optical.original_size) / max(sar.original_size)
     scale = float(np.sqrt(abs(np.linalg.det(lin)))) * same_side / prior_scale_of(optical, sar)
-    return [Hypothesis(M, score, 0.0, angle, scale, "dense")]
-
-
-def fit_affine(p0: np.ndarray, p1: np.ndarray, threshold_px: float) -> tuple[np.ndarray | None, np.ndarray]:
-    """3x3 affine ``p0 -> p1`` by OpenCV USAC/MAGSAC (``threshold_px`` in ``p1``'s px) and the inlier mask, or
-    ``(None, mask)`` when fewer than :data:`MIN_MATCHES` points or inliers support it."""
-    none = np.zeros(len(p0), bool)
-    if len(p0) < MIN_MATCHES:
-        return None, none
-    A, inl = cv2.estimateAffine2D(np.float32(p0), np.float32(p1), method=cv2.USAC_MAGSAC,
-                                  ransacReprojThreshold=float(threshold_px), maxIters=5000, confidence=0.999)
-    if A is None or inl is None or int(inl.sum()) < MIN_MATCHES:
-        return None, none
-    return np.vstack([A, [0.0, 0.0, 1.0]]), inl.ravel().astype(bool)
+    return [Hypothesis(fit.matrix, score, 0.0, angle, scale, "dense")]
 
 
 def _size(image: PreparedImage) -> tuple[int, int]:
     return image.image.shape[1], image.image.shape[0]
-
-
-def _to_original(image: PreparedImage, points: np.ndarray) -> np.ndarray:
-    """Working px -> ORIGINAL px (``PreparedImage.scale_matrix``), float32 for OpenCV."""
-    S = image.scale_matrix()
-    return (points @ S[:2, :2].T + S[:2, 2]).astype(np.float32)

@@ -125,7 +125,11 @@ def item_loss(model: Any, item: dict[str, Any]) -> torch.Tensor | None:
     idx0, idx1 = cell_targets(item)
     if len(idx0) < 8:
         return None
-    log_p = forward(model, item)
+    return true_cell_nll(forward(model, item), idx0, idx1)
+
+
+def true_cell_nll(log_p: torch.Tensor, idx0: torch.Tensor, idx1: torch.Tensor) -> torch.Tensor:
+    """Mean negative log probability of the cell pairs ``(idx0, idx1)`` (:func:`cell_targets`), each capped at 30."""
     return -log_p[idx0, idx1].clamp_min(-30.0).mean()
 
 
@@ -134,7 +138,8 @@ def evaluate(model: Any, items: Sequence[dict[str, Any]], threshold: float = 0.2
     """Validation numbers: the loss (as :func:`item_loss`), mutual matches, their precision (the SAR cell within one cell of the truth), and the views
     whose affine fit of the matches is within ``VIEW_HIT_PX`` and 2x that (mean corner error, SAR view px)."""
     from promptmid.geometry import Size, apply_transform, corner_error
-    from promptmid.models.dense_matcher import cell_centres, fit_affine, mutual_matches
+    from promptmid.matching import fit_geometry
+    from promptmid.models.dense_matcher import MIN_MATCHES, cell_centres, mutual_matches
 
     matches = right = hits = hits2 = 0
     losses = []
@@ -142,7 +147,7 @@ def evaluate(model: Any, items: Sequence[dict[str, Any]], threshold: float = 0.2
         log_p = forward(model, item)
         idx0, idx1 = cell_targets(item)
         if len(idx0):
-            losses.append(float(-log_p[idx0, idx1].clamp_min(-30.0).mean()))
+            losses.append(float(true_cell_nll(log_p, idx0, idx1)))
         i0, i1, _ = mutual_matches(log_p, threshold)
         (gh0, gw0), (gh1, gw1) = item["opt"].shape[-2:], item["sar"].shape[-2:]
         p0 = cell_centres((gh0, gw0), item["opt_size"])[i0]
@@ -150,7 +155,7 @@ def evaluate(model: Any, items: Sequence[dict[str, Any]], threshold: float = 0.2
         cell = max(item["sar_size"]) / max(gh1, gw1)
         matches += len(i0)
         right += int((np.linalg.norm(apply_transform(item["H"], p0) - p1, axis=1) <= cell).sum())
-        M, _ = fit_affine(p0, p1, cell)
+        M = fit_geometry(p0, p1, "affine", cell, min_inliers=MIN_MATCHES).matrix
         if M is not None:
             err = float(corner_error(M, item["H"], Size(*item["opt_size"])).mean())
             hits += err <= VIEW_HIT_PX
