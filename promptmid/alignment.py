@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from promptmid.dense import oriented_gradient_features
+from promptmid.dense import channel_ncc, oriented_gradient_features
 from promptmid.geometry import Size, warp_to_optical, working_transform
 from promptmid.io import PreparedImage
 
@@ -158,9 +158,7 @@ def _correlate(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, radius: 
     if y1 - y0 < 16 or x1 - x0 < 16:
         return nothing
     f0, f1 = feat0, feat1
-    score = sum(cv2.matchTemplate(np.ascontiguousarray(b[y0 - radius:y1 + radius, x0 - radius:x1 + radius]),
-                                  np.ascontiguousarray(a[y0:y1, x0:x1]), cv2.TM_CCOEFF_NORMED)
-                for a, b in zip(f0, f1)) / len(f0)
+    score = channel_ncc(f1[:, y0 - radius:y1 + radius, x0 - radius:x1 + radius], f0[:, y0:y1, x0:x1])
     score = np.nan_to_num(score, nan=-1.0)
     iy, ix = np.unravel_index(int(np.argmax(score)), score.shape)
     peak = float(score[iy, ix])

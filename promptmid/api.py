@@ -28,7 +28,7 @@ from promptmid import qc, selection
 from promptmid.geometry import apply_transform, residuals
 from promptmid.matching import Geometry, match_and_fit, search_rotations
 from promptmid.models.dense_features import search_features
-from promptmid.search import MATCHER_KEYS, Hypothesis, LearnedFeatures, global_search
+from promptmid.search import MATCHER_KEYS, Hypothesis, LearnedFeatures, pooled_search
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Matcher:
 
         Args:
             prior: 3x3 ORIGINAL optical px -> SAR px transform known beforehand (e.g. a scene tile's position in its
-                SAR chip): the area search runs relative to it (:func:`promptmid.search.global_search`).
+                SAR chip): the area search runs relative to it (:func:`promptmid.search.pooled_search`).
             search: overrides of the ``search`` config for this call (e.g. narrow ranges around a ``prior``), or
                 ``False`` to skip the area search for this call.
 
@@ -200,8 +200,7 @@ class Matcher:
         if search_conf is not None and not (search_conf.pop("skip_when_ok") and selection.settled(keypoint)):
             _progress(progress, "area-based search")
             with _timer(timings, "search"):
-                hypotheses = [h for channels in self.search_channels()
-                              for h in global_search(opt, sar_img, search_conf, prior, channels)]
+                hypotheses = pooled_search(opt, sar_img, search_conf, prior, self.search_channels())
                 hypotheses += self.dense_hypotheses(opt, sar_img)
             _progress(progress, "quality control of the area hypotheses")
         with _timer(timings, "qc"):

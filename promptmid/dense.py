@@ -55,3 +55,12 @@ def subpixel_peak(score: np.ndarray, exclusion: int = 3) -> tuple[float, float, 
     dx = parabolic_offset(score[iy, ix - 1], peak, score[iy, ix + 1]) if 0 < ix < score.shape[1] - 1 else 0.0
     dy = parabolic_offset(score[iy - 1, ix], peak, score[iy + 1, ix]) if 0 < iy < score.shape[0] - 1 else 0.0
     return ix + dx, iy + dy, peak, distinct
+
+
+def channel_ncc(area: np.ndarray, templ: np.ndarray) -> np.ndarray:
+    """Mean over channels of the zero-mean normalised cross-correlation (OpenCV's ``TM_CCOEFF_NORMED``) of
+    ``templ`` ``[C, h, w]`` at every position inside ``area`` ``[C, H, W]``: ``[H - h + 1, W - w + 1]``, entry
+    ``(y, x)`` for the template's top-left corner at area px ``(x, y)``."""
+    return sum(cv2.matchTemplate(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(t, np.float32),
+                                 cv2.TM_CCOEFF_NORMED) for a, t in zip(area, templ)) / len(templ)
+

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from promptmid.dense import oriented_gradient_features, subpixel_peak
+from promptmid.dense import channel_ncc, oriented_gradient_features, subpixel_peak
 from promptmid.geometry import apply_transform, original_transform, working_transform
 from promptmid.matching import fit_geometry
 
@@ -85,8 +85,7 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
                 continue
             templ = feat0[:, y0:y0 + block, x0:x0 + block]
             area = feat1[:, y0 - search:y0 + block + search, x0 - search:x0 + block + search]
-            score = sum(cv2.matchTemplate(np.ascontiguousarray(a), np.ascontiguousarray(t), cv2.TM_CCOEFF_NORMED)
-                        for a, t in zip(area, templ)) / len(feat0)
+            score = channel_ncc(area, templ)
             px, py, _peak, distinct = subpixel_peak(score)
             if distinct >= min_distinct:
                 centres.append([x0 + (block - 1) / 2, y0 + (block - 1) / 2])

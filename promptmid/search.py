@@ -38,7 +38,7 @@ from promptmid.geo import pixel_size_ratio
 from promptmid.geometry import apply_transform, corner_error, translation
 from promptmid.geometry import working_transform
 from promptmid.io import PreparedImage
-from promptmid.search_levels import Level, canvas_of, make_level
+from promptmid.search_levels import Level, canvas_of, canvas_shape, make_level, stack_learned
 from promptmid.dense import parabolic_offset
 
 # the keys of the config's search section that the Matcher reads (whether and with what to search), not the search
@@ -144,15 +144,43 @@ def global_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
     Returns:
         up to ``top_k`` distinct hypotheses, best correlation first (empty when nothing overlaps enough).
     """
+    return pooled_search(optical, sar, conf, prior, [learned])
+
+
+def pooled_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, Any] | None = None,
+                  prior: np.ndarray | None = None, channel_sets: Sequence[LearnedFeatures | None] = (None,)
+                  ) -> list[Hypothesis]:
+    """The hypotheses of :func:`global_search` with each of ``channel_sets`` in turn (``None``: the classical
+    search), concatenated in that order (what ``search.learned = "both-trained"`` pools).
+
+    The searches share the coarse level: one canvas per (rotation, scale) cell carries the oriented gradients
+    and every learned channel, transformed once, and the correlation of each search is summed from the channel
+    groups it uses (the masked correlation is a sum over channels). The hypotheses are those of separate
+    searches, to float rounding; the pooled coarse stage costs about as much as the widest search alone.
+    """
     if prior is not None:
-        hyps = global_search(optical, through_prior(sar, optical, prior), conf, learned=learned)
+        hyps = pooled_search(optical, through_prior(sar, optical, prior), conf, None, channel_sets)
         for h in hyps:
             h.matrix = np.asarray(prior, float) @ h.matrix
         return hyps
     c = check_conf(conf or {})
     prior_scale = prior_scale_of(optical, sar)
-    maps = (learned(optical), learned(sar)) if learned is not None else (None, None)
-    peaks = _coarse_peaks(optical, sar, c, prior_scale, maps)
+    learned = list({id(f): f for f in channel_sets if f is not None}.values())  # each learned map computed once
+    maps = [(f(optical), f(sar)) for f in learned]
+    groups = [[] if f is None else [1 + next(i for i, g in enumerate(learned) if g is f)] for f in channel_sets]
+    peak_lists = _coarse_peaks(optical, sar, c, prior_scale, maps, [[0, *g] for g in groups])
+    hyps: list[Hypothesis] = []
+    for f, peaks, g in zip(channel_sets, peak_lists, groups):
+        pair = maps[g[0] - 1] if g else (None, None)
+        hyps += _polished(optical, sar, c, prior_scale, peaks, pair, f)
+    return hyps
+
+
+def _polished(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
+              peaks: list[Peak], maps: tuple[np.ndarray | None, np.ndarray | None],
+              learned: LearnedFeatures | None) -> list[Hypothesis]:
+    """The coarse ``peaks`` of one search polished at the fine level (with that search's learned ``maps``,
+    optical and SAR), within ``max_shift``, best first, up to ``top_k`` distinct ones."""
     if not peaks:
         return []
     fine = Fine(optical, _sar_level(sar, c["size"], maps[1]), c, maps[0])
@@ -217,29 +245,39 @@ def _predicted_shift(matrix: np.ndarray, fixed: Level, canvas: Level) -> tuple[f
 
 
 def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
-                  maps: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> list[Peak]:
-    """Best correlation peaks over the whole rotation x scale grid at the coarse level, distinct in
-    transform, best first; ``polished_peaks`` of them (at least ``top_k``) go on to polishing. ``maps``: learned
-    channels (optical, SAR)."""
-    fixed = make_level(optical, c["coarse_size"], c["sigma"], c["orientations"], learned=maps[0])
+                  maps: Sequence[tuple[np.ndarray, np.ndarray]] = (), sets: Sequence[Sequence[int]] = ((0,),)
+                  ) -> list[list[Peak]]:
+    """Best correlation peaks over the whole rotation x scale grid at the coarse level, for each search: ``maps``
+    are the learned channels (optical, SAR) of every search that uses some, ``sets`` the channel groups each
+    search correlates (0: the oriented gradients, ``i``: ``maps[i - 1]``). Per search, the peaks are distinct in
+    transform, best first; ``polished_peaks`` of them (at least ``top_k``) go on to polishing."""
+    fixed = make_level(optical, c["coarse_size"], c["sigma"], c["orientations"], learned=stack_learned(maps, 0))
     if not fixed.mask.any():
-        return []
-    base = _sar_level(sar, c["coarse_size"], maps[1])
-    correlator = Correlator(fixed, _canvas_bound(base, c, prior_scale), c["min_overlap"])
+        return [[] for _ in sets]
+    base = _sar_level(sar, c["coarse_size"], stack_learned(maps, 1))
+    grid = [(float(a), float(s)) for s in search_scales(c) for a in search_angles(c)]
+    bounds = np.cumsum([0, c["orientations"], *(m[0].shape[-1] for m in maps)])
+    groups = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    correlator = Correlator(fixed, _canvas_bound(base, grid, prior_scale), c["min_overlap"], groups=groups)
     exclusion = max(3, max(fixed.mask.shape) // 16)
 
-    def cell(angle_scale: tuple[float, float]) -> list[Peak]:
+    def cell(angle_scale: tuple[float, float]) -> list[list[Peak]]:
         angle, scale = angle_scale
         canvas = canvas_of(base, angle, scale * prior_scale, c)
-        ncc = _limit_shift(correlator.ncc(canvas, workers=1), fixed, canvas, c["max_shift"])
-        return [Peak(score, angle, scale, _peak_matrix(fixed, canvas, dx, dy))
-                for score, dx, dy in _top_peaks(ncc, c["peaks_per_cell"], fixed.mask.shape, exclusion)]
+        found = []
+        for ncc in correlator.ncc_sets(canvas, sets, workers=1):
+            ncc = _limit_shift(ncc, fixed, canvas, c["max_shift"])
+            found.append([Peak(score, angle, scale, _peak_matrix(fixed, canvas, dx, dy))
+                          for score, dx, dy in _top_peaks(ncc, c["peaks_per_cell"], fixed.mask.shape, exclusion)])
+        return found
 
-    grid = [(float(a), float(s)) for s in search_scales(c) for a in search_angles(c)]
     with ThreadPoolExecutor(fft_workers()) as pool:  # cells side by side (FFTs and OpenCV release the GIL)
-        peaks = [p for found in pool.map(cell, grid) for p in found]
-    peaks.sort(key=lambda p: -p.score)
-    return _distinct(peaks, optical, max(c["polished_peaks"], c["top_k"]))
+        per_cell = list(pool.map(cell, grid))
+    out = []
+    for k in range(len(sets)):
+        peaks = sorted((p for found in per_cell for p in found[k]), key=lambda p: -p.score)
+        out.append(_distinct(peaks, optical, max(c["polished_peaks"], c["top_k"])))
+    return out
 
 
 def _sar_level(sar: PreparedImage, size: int, learned: np.ndarray | None = None) -> Level:
@@ -247,11 +285,11 @@ def _sar_level(sar: PreparedImage, size: int, learned: np.ndarray | None = None)
     return make_level(sar, size, 1.0, 1, margin=0, features=False, learned=learned)
 
 
-def _canvas_bound(base: Level, c: dict[str, Any], prior_scale: float) -> tuple[int, int]:
-    """A canvas shape that holds the SAR level at any rotation and the smallest searched scale."""
-    h, w = base.gray.shape
-    side = int(math.ceil(math.hypot(h, w) / (c["scale_range"][0] * prior_scale))) + 4
-    return side, side
+def _canvas_bound(base: Level, grid: Sequence[tuple[float, float]], prior_scale: float) -> tuple[int, int]:
+    """The smallest shape ``(height, width)`` that holds the canvas of every (rotation, scale) cell of ``grid`` (the
+    FFTs are no larger than the searched rotations and scales need)."""
+    shapes = [canvas_shape(base.gray.shape, angle, scale * prior_scale) for angle, scale in grid]
+    return max(s[0] for s in shapes), max(s[1] for s in shapes)
 
 
 def _limit_shift(ncc: np.ndarray, fixed: Level, canvas: Level, max_shift: float | None) -> np.ndarray:

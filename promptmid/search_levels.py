@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -71,6 +71,16 @@ def per_four_channels(op: Callable[[np.ndarray], np.ndarray], channels: np.ndarr
     return np.concatenate([q.reshape(q.shape[0], q.shape[1], -1) for q in parts], axis=-1)
 
 
+def stack_learned(maps: Sequence[tuple[np.ndarray, np.ndarray]], which: int) -> np.ndarray | None:
+    """The learned channels of several maps (``maps[i][which]``, ``[h, w, C_i]``) stacked along the channels, each
+    area-resized to the first one's size; ``None`` without maps."""
+    if not maps:
+        return None
+    first = maps[0][which]
+    size = (first.shape[1], first.shape[0])
+    return np.concatenate([first] + [_resized(m[which], size) for m in maps[1:]], axis=-1)
+
+
 def _channels(gradients: np.ndarray, learned: np.ndarray | None) -> np.ndarray:
     """The correlated channels ``[C, H, W]``: the oriented gradients, then the learned channels if any."""
     return gradients if learned is None else np.concatenate([gradients, learned.transpose(2, 0, 1)])
@@ -93,6 +103,18 @@ def _zero_mean(feat: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((feat - mean[:, None, None]) * m, np.float32)
 
 
+def _canvas_linear(angle_deg: float, scale: float) -> np.ndarray:
+    """2x2: canvas offset -> SAR level offset for a SAR content rotated by ``angle_deg`` and scaled by ``scale``."""
+    a = np.deg2rad(angle_deg)
+    return scale * np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+
+
+def canvas_shape(shape: tuple[int, int], angle_deg: float, scale: float) -> tuple[int, int]:
+    """``(height, width)`` of the canvas :func:`canvas_of` makes of a SAR level of ``shape`` (height, width)."""
+    ext = np.abs(np.linalg.inv(_canvas_linear(angle_deg, scale))) @ np.array([shape[1], shape[0]], float)
+    return int(math.ceil(ext[1])) + 2, int(math.ceil(ext[0])) + 2
+
+
 def canvas_of(base: Level, angle_deg: float, scale: float, conf: dict[str, Any]) -> Level:
     """The reduced SAR image ``base`` rotated by ``-angle_deg`` and scaled by ``1/scale`` onto a canvas that holds
     all of it, so that a pure translation remains between the canvas and the optical level when the SAR content
@@ -101,10 +123,8 @@ def canvas_of(base: Level, angle_deg: float, scale: float, conf: dict[str, Any])
     ``Level.to_original`` of the canvas maps canvas px to ORIGINAL SAR px.
     """
     h, w = base.gray.shape
-    a = np.deg2rad(angle_deg)
-    lin = scale * np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])  # canvas offset -> SAR offset
-    ext = np.abs(np.linalg.inv(lin)) @ np.array([w, h], float)
-    cw, ch = int(math.ceil(ext[0])) + 2, int(math.ceil(ext[1])) + 2
+    lin = _canvas_linear(angle_deg, scale)
+    ch, cw = canvas_shape((h, w), angle_deg, scale)
     to_sar = np.eye(3)
     to_sar[:2, :2] = lin
     to_sar[:2, 2] = np.array([(w - 1) / 2, (h - 1) / 2]) - lin @ np.array([(cw - 1) / 2, (ch - 1) / 2])

@@ -204,6 +204,50 @@ def test_local_correlation_equals_the_global_one():
     assert np.allclose(local, full[29:29 + local.shape[0], 27:27 + local.shape[1]], atol=1e-4)
 
 
+def test_correlation_of_channel_groups_equals_correlating_those_channels_alone():
+    """Correlator.ncc_sets: the map of a set of channel groups equals the correlation of a level that has only those
+    channels (one transform of the canvas serves every set)."""
+    rng = np.random.default_rng(4)
+
+    def level(h: int, w: int) -> Level:
+        lv = Level(np.zeros((h, w), np.float32), rng.random((h, w)) > 0.1, np.eye(3))
+        lv.features = rng.standard_normal((5, h, w)).astype(np.float32) * lv.mask
+        return lv
+
+    def only(lv: Level, keep: slice) -> Level:
+        out = Level(lv.gray, lv.mask, lv.to_original)
+        out.features = np.ascontiguousarray(lv.features[keep])
+        return out
+
+    a, b = level(30, 28), level(41, 37)
+    groups = [slice(0, 2), slice(2, 5)]
+    first, both, second = Correlator(a, b.mask.shape, 0.1, groups=groups).ncc_sets(b, [[0], [0, 1], [1]])
+    assert np.allclose(first, Correlator(only(a, groups[0]), b.mask.shape, 0.1).ncc(only(b, groups[0])), atol=1e-5)
+    assert np.allclose(second, Correlator(only(a, groups[1]), b.mask.shape, 0.1).ncc(only(b, groups[1])), atol=1e-5)
+    assert np.allclose(both, Correlator(a, b.mask.shape, 0.1).ncc(b), atol=1e-5)
+
+
+def test_pooled_searches_equal_separate_searches(displaced):
+    """pooled_search (both searches sharing the coarse level's canvases and FFTs) gives the hypotheses of the
+    classical search and of the search with learned channels, run one after the other."""
+    from promptmid.search import pooled_search
+
+    opt, sar = _prepared(displaced)
+    projection = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32) * 0.3
+
+    def learned(image):  # a deterministic dense map of the image: its colour channels, projected
+        return np.ascontiguousarray(image.image @ projection)
+
+    learned.name = "test"
+    conf = {"rotation_step": 5.0, "scale_steps": 3}
+    pooled = pooled_search(opt, sar, conf, None, [None, learned])
+    separate = global_search(opt, sar, conf) + global_search(opt, sar, conf, learned=learned)
+    assert [h.source for h in pooled] == [h.source for h in separate] and {h.source for h in pooled} == {
+        "area", "area+test"}
+    for p, q in zip(pooled, separate):
+        assert np.allclose(p.matrix, q.matrix, atol=1e-4) and abs(p.score - q.score) < 1e-5
+
+
 def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     """ALIKED's dense channels stacked onto the gradients: the hypotheses still find the displaced pair, the channels
     cover the image, and a Matcher with search.learned = 'aliked' uses its own ALIKED network for them; by default
@@ -253,17 +297,17 @@ def test_both_searches_pool_their_hypotheses(displaced, monkeypatch):
     its calls recorded) and their hypotheses are weighed together; the pick registers the displaced pair."""
     import promptmid.api as api
 
-    calls, real = [], api.global_search
+    calls, real = [], api.pooled_search
 
     def recorded(*args, **kwargs):
         hyps = real(*args, **kwargs)
-        calls.append((args[4], len(hyps)))
+        calls.append(([c is None for c in args[4]], [h.source for h in hyps]))
         return hyps
 
-    monkeypatch.setattr(api, "global_search", recorded)
+    monkeypatch.setattr(api, "pooled_search", recorded)
     r = api.Matcher("xfeat", {"search": {"learned": "both", "skip_when_ok": False, "top_k": 1}}).match(
         displaced.optical, displaced.sar)
-    assert [c[0] is None for c in calls] == [True, False] and all(n == 1 for _, n in calls)
+    assert calls == [([True, False], ["area", "area+aliked"])]
     assert mean_corner_error(r.transform, displaced.H, (SIZE, SIZE)) < 2.0
 
 

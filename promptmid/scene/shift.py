@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from promptmid.dense import oriented_gradient_features, subpixel_peak
+from promptmid.dense import channel_ncc, oriented_gradient_features, subpixel_peak
 
 COARSE_SIDE = 384  # long side (px) of the coarse pass
 FINE_SEARCH = 3  # +- px of the full-resolution pass around the coarse peak
@@ -50,8 +50,7 @@ class TileShift:
 
 def _score(chip_f: np.ndarray, tile_f: np.ndarray) -> np.ndarray:
     """Mean NCC over channels of ``tile_f`` [C, h, w] at every position inside ``chip_f`` [C, H, W]."""
-    return sum(cv2.matchTemplate(np.ascontiguousarray(a), np.ascontiguousarray(t), cv2.TM_CCOEFF_NORMED)
-               for a, t in zip(chip_f, tile_f)) / len(tile_f)
+    return channel_ncc(chip_f, tile_f)
 
 
 def _features(gray: np.ndarray, valid: np.ndarray, factor: float) -> np.ndarray:
