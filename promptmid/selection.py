@@ -180,8 +180,7 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
     and every area hypothesis (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g.
     :class:`promptmid.search.Hypothesis`; polished first when ``refine_conf["polish"]``; ``model``: the geometry of
     their refinement), each refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of
-    the keypoint fit is not weighed again, one within :data:`TWIN_PX` of an earlier hypothesis gets its outcome,
-    :func:`twins`); :func:`pick` keeps one (the most confident, with a bonus for a transform
+    the keypoint fit is not weighed again); :func:`pick` keeps one (the most confident, with a bonus for a transform
     two kinds of source agree on).
 
     Returns:
@@ -191,21 +190,15 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
     candidates: list[Candidate] = [keypoint] if keypoint is not None else []
     todo = [(i, h) for i, h in enumerate(hypotheses, 1)  # the keypoint fit already is a hypothesis within SAME_PX
             if not (candidates and corner_error(candidates[0].transform, h.matrix, optical.original_size).mean() <= SAME_PX)]
-    repeats = twins([h.matrix for _, h in todo], optical.original_size)
 
     def judge_area(item: tuple[int, Any]) -> Candidate:
         i, h = item
-        return assess_area(optical, sar, h.matrix, model, refine_conf, _area_name(h, i), h.score, qc_model)
+        return assess_area(optical, sar, h.matrix, model, refine_conf, f"{getattr(h, 'source', 'area')} {i}", h.score,
+                           qc_model)
 
     # OpenCV releases the GIL while it matches blocks: the hypotheses are judged side by side (same results)
-    alone = [item for item, r in zip(todo, repeats) if r is None]
-    with ThreadPoolExecutor(max(1, min(len(alone), fft_workers()))) as pool:
-        judged = iter(list(pool.map(judge_area, alone)))
-    area: list[Candidate] = []
-    for (i, h), r in zip(todo, repeats):
-        area.append(next(judged) if r is None else replace(area[r], source=_area_name(h, i), search_score=h.score,
-                                                           evidence=dict(area[r].evidence)))
-    candidates.extend(area)
+    with ThreadPoolExecutor(max(1, min(len(todo), fft_workers()))) as pool:
+        candidates.extend(pool.map(judge_area, todo))
     if not candidates:
         return None, []
     if len(candidates) > 1:  # the pick weighs the mutual information; one candidate needs no comparison
@@ -214,30 +207,6 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
         candidates = [without_mi_peak_failed(c) for c in candidates]
         record_agreement(candidates, optical.original_size)
     return pick(candidates, optical.original_size, ranker), candidates
-
-
-TWIN_PX = 1.0  # an area hypothesis this close to an earlier one (mean corner distance, original px) is judged once
-
-
-def twins(matrices: Sequence[np.ndarray], size: tuple[int, int]) -> list[int | None]:
-    """For each transform, the index of an earlier one it repeats (within :data:`TWIN_PX` of it, mean corner
-    distance over the optical image of ``size``; only transforms that repeat no other count), or ``None``.
-
-    The classical search and the search with learned channels often find the same peak (about a third of the
-    learned search's hypotheses on displaced 3MOS tiles are within 1 px of a classical one): polish, refinement
-    and evidence from starting points a pixel apart end at the same transform, so :func:`choose` judges such a
-    hypothesis once and gives the repeat the same outcome under its own source (the two still confirm each
-    other, as two kinds of source)."""
-    out: list[int | None] = []
-    for i, m in enumerate(matrices):
-        out.append(next((j for j in range(i) if out[j] is None
-                         and corner_error(matrices[j], m, size).mean() <= TWIN_PX), None))
-    return out
-
-
-def _area_name(hypothesis: Any, index: int) -> str:
-    """A candidate's ``source`` for the area hypothesis number ``index`` (1-based among the pair's hypotheses)."""
-    return f"{getattr(hypothesis, 'source', 'area')} {index}"
 
 
 def record_agreement(candidates: Sequence[Candidate], size: tuple[int, int]) -> None:

@@ -136,31 +136,6 @@ def test_assess_area_keeps_the_better_of_refined_and_unrefined(displaced):
         mean_corner_error(hyp.matrix, displaced.H, (SIZE, SIZE)) + 0.5
 
 
-def test_a_repeated_area_hypothesis_is_judged_once(displaced, monkeypatch):
-    """Two searches proposing the same transform (within TWIN_PX): choose() polishes, refines and judges it once; the
-    repeat gets that outcome under its own source and score, the two confirm each other, and a distinct
-    hypothesis is still judged on its own."""
-    import promptmid.selection as selection
-    from promptmid.search import Hypothesis
-
-    opt, sar = _prepared(displaced)
-    best = global_search(opt, sar)[0]
-    nudge = np.array([[1, 0, 0.4], [0, 1, -0.3], [0, 0, 1.0]])
-    far = np.array([[1, 0, 40.0], [0, 1, 0], [0, 0, 1.0]])
-    hyps = [Hypothesis(best.matrix, 0.5, source="area"), Hypothesis(nudge @ best.matrix, 0.4, source="area+test"),
-            Hypothesis(far @ best.matrix, 0.3, source="area")]
-    assert selection.twins([h.matrix for h in hyps], opt.original_size) == [None, 0, None]
-    calls, real = [], selection.assess_area
-    monkeypatch.setattr(selection, "assess_area", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
-    chosen, candidates = choose(opt, sar, None, hyps, REFINE)
-    assert sorted(calls) == ["area 1", "area 3"]
-    first, repeat, other = candidates
-    assert repeat.source == "area+test 2" and repeat.search_score == 0.4
-    assert np.array_equal(repeat.transform, first.transform) and repeat.verdict.status == first.verdict.status
-    assert first.evidence["agreement"] == 1.0 and repeat.evidence["agreement"] == 1.0
-    assert mean_corner_error(chosen.transform, displaced.H, (SIZE, SIZE)) < 2.0
-
-
 def test_matcher_reports_the_weighed_hypotheses(displaced):
     from promptmid.api import Matcher
 
