@@ -92,7 +92,7 @@ def part_select(threads: int, limit: int | None) -> str:
     """Per (timestep, up-block): NCM and precision of diffusion-only MNN matches on perturbed validation."""
     import torch
 
-    from promptmid.descriptor import image_to_tensor
+    from promptmid.io import image_tensor
     from promptmid.geometry import Size
     from promptmid.matching import mutual_nearest_neighbours
     from promptmid.models.base import PairContext
@@ -106,7 +106,7 @@ def part_select(threads: int, limit: int | None) -> str:
     normalize = torch.nn.functional.normalize
     for k, rec in enumerate(pairs):
         opt, sar, H = _prepared_val_pair(rec)
-        imgs = [image_to_tensor(opt.image), image_to_tensor(sar.image)]
+        imgs = [image_tensor(opt.image), image_tensor(sar.image)]
         local = [extractor(im, p.valid) for im, p in zip(imgs, (opt, sar))]
         kps = [x["keypoints"] for x in local]
         aliked = [normalize(x["descriptors"].float(), dim=1) for x in local]
@@ -167,7 +167,7 @@ def _unseen_3mos(limit: int | None) -> list:
 
 def part_landuse(threads: int, limit: int | None) -> str:
     """Zero-shot land-use accuracy on unseen 3MOS optical tiles vs chance 1/8 (what ``--land-use auto`` classifies)."""
-    from promptmid.descriptor import image_to_tensor
+    from promptmid.io import image_tensor
     from promptmid.io import load_image
     from promptmid.models.promptdm import LAND_USE_3MOS
 
@@ -178,7 +178,7 @@ def part_landuse(threads: int, limit: int | None) -> str:
     for k, rec in enumerate(pairs):
         truth = str(rec.meta["scene"])
         for modality, path in (("optical", rec.optical),):
-            image = image_to_tensor(load_image(path, modality).image)
+            image = image_tensor(load_image(path, modality).image)
             guess, _ = src.choose_land_use(image, modality)
             hits.setdefault(modality, []).append(int(guess == truth))
             hits.setdefault(f"{modality}:{rec.group}", []).append(int(guess == truth))

@@ -15,12 +15,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from promptmid.errors import ModelError
 from promptmid.geometry import Size
-from promptmid.io import PreparedImage
+from promptmid.io import PreparedImage, image_tensor
 from promptmid.models.aggregation import Aggregator, ConcatFusion
 from promptmid.models.base import FeatureSource, PairContext
 from promptmid.models.keypoints import KeypointExtractor
@@ -53,11 +52,6 @@ def build_aggregator(conf: dict[str, Any]) -> Aggregator:
     return load_aggregator(name, **conf)
 
 
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` float in [0, 1] -> ``[1, 3, H, W]`` tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
-
-
 class Describer:
     """Keypoints + feature sources + aggregation for one image.
 
@@ -84,7 +78,7 @@ class Describer:
         """
         context = PairContext()
         for source in self.sources.values():
-            source.begin_pair(image_to_tensor(optical.image), context)
+            source.begin_pair(image_tensor(optical), context)
         return context
 
     @torch.inference_mode()
@@ -99,7 +93,7 @@ class Describer:
             descriptor under :attr:`KeypointExtractor.local_name`, then every source's keys),
             ``image_size`` (:class:`~promptmid.geometry.Size`, ``(W, H)``), ``timings``.
         """
-        image = image_to_tensor(prepared.image)
+        image = image_tensor(prepared)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         local = self.extractor(image, prepared.valid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from promptmid.errors import InputError
 from promptmid.io import border_fill_mask, load_image, read_raster, sar_to_unit
@@ -322,3 +323,15 @@ def cv2_blur(x: np.ndarray) -> np.ndarray:
 
     y = cv2.GaussianBlur(x.astype(np.float32), (0, 0), 3)
     return (y - y.min()) / (y.max() - y.min())
+
+
+def test_image_tensor_is_channels_first_with_the_same_pixels():
+    """promptmid.io.image_tensor: [1, 3, H, W] float32 of a prepared image or its array, pixel (x, y) at [..., y, x]."""
+    from promptmid.io import image_tensor
+
+    rgb = np.random.default_rng(0).random((37, 53, 3), dtype=np.float32)
+    prepared = load_image(rgb, "optical")
+    t = image_tensor(prepared)
+    assert t.shape == (1, 3, 37, 53) and t.dtype == torch.float32
+    assert torch.equal(t, image_tensor(prepared.image))
+    assert float(t[0, 2, 5, 7]) == float(prepared.image[5, 7, 2])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptmid.descriptor import Describer, image_to_tensor
+from promptmid.descriptor import Describer
+from promptmid.io import image_tensor
 from promptmid.io import load_image
 from promptmid.models.aggregation import ConcatFusion
 from promptmid.models.keypoints import KeypointExtractor
@@ -19,7 +20,7 @@ def optical(demo_pair):
 
 @pytest.mark.parametrize("detector", ["xfeat", "sift", "grid"])
 def test_detectors_give_normalised_descriptors_inside_the_image(optical, detector):
-    out = KeypointExtractor(detector=detector, top_k=300)(image_to_tensor(optical.image), optical.valid)
+    out = KeypointExtractor(detector=detector, top_k=300)(image_tensor(optical.image), optical.valid)
     k, d = out["keypoints"], out["descriptors"]
     assert 50 <= len(k) <= 300 and k.shape[1] == 2 and d.shape == (len(k), 64)
     assert torch.allclose(d.norm(dim=-1), torch.ones(len(k)), atol=1e-4)
@@ -31,7 +32,7 @@ def test_detectors_give_normalised_descriptors_inside_the_image(optical, detecto
 def test_invalid_pixels_get_no_keypoints(optical):
     valid = optical.valid.copy()
     valid[:, :256] = False
-    out = KeypointExtractor(top_k=500, mask_margin=4)(image_to_tensor(optical.image), valid)
+    out = KeypointExtractor(top_k=500, mask_margin=4)(image_tensor(optical.image), valid)
     assert len(out["keypoints"]) > 0 and (out["keypoints"][:, 0] >= 256 + 4 - 0.5).all()
 
 
@@ -69,7 +70,7 @@ def test_low_memory_aliked_equals_kornia(optical):
     from promptmid.models.keypoints import aliked_features, load_aliked_net
 
     net = load_aliked_net(1024, 0.2)
-    image = image_to_tensor(optical.image)[..., :200, :232]
+    image = image_tensor(optical.image)[..., :200, :232]
     with torch.inference_mode():
         ref = net(image)[0]
         kpts, scores, desc = aliked_features(net, image)
@@ -102,7 +103,7 @@ def test_aliked_detect_equals_kornia_dkd(optical):
 
     net = load_aliked_net(1024, 0.2)
     with torch.inference_mode():
-        _, score_map = aliked_dense_map(net, image_to_tensor(optical.image)[..., :200, :232])
+        _, score_map = aliked_dense_map(net, image_tensor(optical.image)[..., :200, :232])
         for scores in (score_map, score_map[..., 3:150, 5:97], torch.rand(1, 1, 60, 70, generator=torch.Generator().manual_seed(1))):
             ref_kpts, ref_scores, _ = net.dkd(scores)
             kpts, kpt_scores = aliked_detect(net.dkd, scores)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
 
 from promptmid.io import PreparedImage, to_uint8
 
@@ -45,11 +44,6 @@ class MethodSpec:
 def gray_uint8(image: PreparedImage) -> np.ndarray:
     """``[h, w]`` uint8 gray of a prepared (working-resolution) image."""
     return to_uint8(image.image.mean(axis=-1))
-
-
-def image_tensor(image: PreparedImage) -> torch.Tensor:
-    """``[1, 3, h, w]`` float tensor in [0, 1] of a prepared image."""
-    return torch.from_numpy(np.ascontiguousarray(image.image.transpose(2, 0, 1)))[None].float()
 
 
 def in_valid(points: np.ndarray, valid: np.ndarray, margin: int = 0) -> np.ndarray:

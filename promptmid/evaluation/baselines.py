@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import torch
 
-from promptmid.evaluation.base import MethodFn, MethodSpec, gray_uint8, image_tensor, in_valid, output, timed
-from promptmid.io import PreparedImage
+from promptmid.evaluation.base import MethodFn, MethodSpec, gray_uint8, in_valid, output, timed
+from promptmid.io import PreparedImage, image_tensor
 from promptmid.geometry import Size
 from promptmid.matching import mutual_nearest_neighbours
 from promptmid.models.keypoints import load_aliked_net

@@ -14,6 +14,7 @@ from promptmid.io.bands import BandChoice, choose_bands, parse_bands
 from promptmid.io.prepare import (
     PreparedImage,
     downscale_prepared,
+    image_tensor,
     load_image,
     rotate_prepared,
     rotation_steps,
@@ -47,7 +48,7 @@ from promptmid.io.raster import (
 __all__ = [
     "BandChoice", "HOLE_PX", "MIN_SIDE", "Modality", "PreparedImage", "RasterImage", "SAR_SCALES", "as_raster",
     "border_fill_mask", "check_image_path", "check_raster", "choose_bands", "downscale_prepared", "expand_palette",
-    "fill_holes", "fill_nodata", "load_image", "open_for_write", "optical_to_unit", "original_transform",
+    "fill_holes", "fill_nodata", "image_tensor", "load_image", "open_for_write", "optical_to_unit", "original_transform",
     "parse_bands", "read_raster", "rotate_prepared", "rotation_steps", "sar_scale_of", "sar_to_unit", "stretch",
     "to_original", "to_uint8", "write_png",
 ]

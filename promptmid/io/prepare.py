@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
@@ -21,6 +21,9 @@ from promptmid.geometry import Size
 from promptmid.io.bands import BandChoice, choose_bands
 from promptmid.io.radiometry import border_fill_mask, fill_holes, optical_to_unit, sar_scale_of, sar_to_unit
 from promptmid.io.raster import MIN_SIDE, Modality, RasterImage, as_raster, check_raster
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -185,3 +188,12 @@ def rotate_prepared(image: PreparedImage, angle_deg: float) -> tuple[PreparedIma
     valid = cv2.warpAffine(image.valid.astype(np.uint8), m, (nw, nh), flags=cv2.INTER_NEAREST, borderValue=0)
     rotated = PreparedImage(img, valid.astype(bool), image.scale, image.original_size, image.modality, image.raster)
     return rotated, np.linalg.inv(fwd)
+
+
+def image_tensor(image: "np.ndarray | PreparedImage") -> "torch.Tensor":
+    """The ``[1, 3, H, W]`` float32 tensor the networks take, in [0, 1], of a prepared image or of its ``[H, W, 3]``
+    array (``PreparedImage.image``); rows and columns as in the image (working resolution)."""
+    import torch  # the I/O layer itself does not need torch
+
+    array = image.image if isinstance(image, PreparedImage) else image
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None].float()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from promptmid.io import image_tensor
 from promptmid.models.keypoints import aliked_dense_map, load_aliked_net
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class SearchFeatures:
 
     def _input(self, image: PreparedImage) -> torch.Tensor:
         """The ``[1, 3, h, w]`` float input ALIKED sees: the image area-reduced to at most ``long_side`` px."""
-        x = torch.from_numpy(np.ascontiguousarray(image.image.transpose(2, 0, 1)))[None].float()
+        x = image_tensor(image)
         h, w = x.shape[-2:]
         f = min(1.0, self.long_side / max(h, w))
         if f < 1.0:

@@ -29,6 +29,7 @@ from torch import nn
 
 from promptmid.errors import ModelError
 from promptmid.geometry import apply_transform
+from promptmid.io import image_tensor
 
 if TYPE_CHECKING:
     from promptmid.io import PreparedImage
@@ -53,7 +54,7 @@ class Backbone:
         self.gradient_bins = gradient_bins
 
     def __call__(self, image: PreparedImage) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(image.image.transpose(2, 0, 1)))[None].float()
+        x = image_tensor(image)
         maps = [F.normalize(m, dim=1) for m in self.features.feature_maps(x).values()]
         if self.gradient_bins:
             maps.append(gradient_cells(image.image.mean(-1), maps[0].shape[-2:], self.gradient_bins))
