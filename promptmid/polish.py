@@ -27,7 +27,7 @@ from promptmid.dense import oriented_gradient_features
 if TYPE_CHECKING:
     from promptmid.io import PreparedImage
 
-LEVELS = (64, 128, 256)  # long sides (px) of the pyramid, each capped at the working size (512 cost 4 s, for 1 px)
+LEVELS = (128, 256)  # long sides (px) of the pyramid, each capped at the working size (512 cost 4 s, for 1 px)
 MIN_OVERLAP = 0.1  # least share of the optical level that must stay valid under the warp
 
 
