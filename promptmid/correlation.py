@@ -33,9 +33,9 @@ class Correlator:
     """
 
     def __init__(self, fixed: MaskedFeatures, canvas_shape: tuple[int, int], min_overlap: float, local: bool = False,
-                 sets: Sequence[Sequence[int]] | None = None) -> None:
-        """``sets``: the channel selections (indices into ``features``) that :meth:`ncc_sets` correlates, each its
-        own map; ``None``: one set of every channel."""
+                 groups: Sequence[slice] | None = None) -> None:
+        """``groups``: channel groups (slices of ``features``) that :meth:`ncc_sets` can correlate in any
+        combination; ``None``: all channels as one group."""
         h0, w0 = fixed.mask.shape
         self.h0, self.w0 = h0, w0
         self.local = local
@@ -45,41 +45,42 @@ class Correlator:
             self.shape = (sfft.next_fast_len(h0 + canvas_shape[0], True),
                           sfft.next_fast_len(w0 + canvas_shape[1], True))
         self.origin = (0, 0) if local else (h0 - 1, w0 - 1)  # map index of shift d = d + origin (y, x)
-        self.sets = [list(x) for x in sets] if sets is not None else [list(range(len(fixed.features)))]
+        self.groups = list(groups) if groups is not None else [slice(None)]
         m0 = fixed.mask.astype(np.float32)
         self.a = np.conj(sfft.rfft2(fixed.features, self.shape))
-        self.a2 = np.conj(sfft.rfft2(_squares(fixed.features, self.sets), self.shape))
+        self.a2 = np.conj(sfft.rfft2(_group_squares(fixed.features, self.groups), self.shape))
         self.m0 = np.conj(sfft.rfft2(m0, self.shape))
         self.area0 = float(m0.sum())
         self.min_overlap = min_overlap
 
     def ncc(self, canvas: MaskedFeatures, workers: int | None = None) -> np.ndarray:
-        """Correlation map of the first channel set (by default every channel): entry ``(dy + origin_y, dx +
-        origin_x)`` is shift ``d`` (see the class docstring)."""
-        return self.ncc_sets(canvas, [0], workers)[0]
+        """Correlation map of every channel group together: entry ``(dy + origin_y, dx + origin_x)`` is shift ``d``
+        (see the class docstring)."""
+        return self.ncc_sets(canvas, [range(len(self.groups))], workers)[0]
 
-    def ncc_sets(self, canvas: MaskedFeatures, which: Sequence[int] | None = None, workers: int | None = None
+    def ncc_sets(self, canvas: MaskedFeatures, sets: Sequence[Sequence[int]], workers: int | None = None
                  ) -> list[np.ndarray]:
-        """One correlation map (as :meth:`ncc`) per channel set of ``sets`` (``which``: the indices of the sets
-        wanted, default all): the canvas is transformed once for all of them, and each map is computed exactly
-        as a correlator of that set's channels alone would."""
-        which = range(len(self.sets)) if which is None else which
+        """One correlation map (as :meth:`ncc`) per entry of ``sets``, each over the channel groups it lists
+        (indices into ``groups``): the canvas is transformed once, the sums over channels are split by group."""
         hc, wc = canvas.mask.shape
         mb = canvas.mask.astype(np.float32)
-        chosen = [self.sets[i] for i in which]
-        stack = np.concatenate([canvas.features, mb[None], _squares(canvas.features, chosen)])
+        stack = np.concatenate([canvas.features, mb[None], _group_squares(canvas.features, self.groups)])
         workers = workers or fft_workers()
         spec = sfft.rfft2(stack, self.shape, workers=workers)
         n = len(canvas.features)
-        fb, fm = spec[:n], spec[n]
+        fb, fm, fb2 = spec[:n], spec[n], spec[n + 1:]
+        prods = ([(self.a[g] * fb[g]).sum(0) for g in self.groups] + [a2 * fm for a2 in self.a2]
+                 + [self.m0 * b2 for b2 in fb2] + [self.m0 * fm])
+        maps = self._inverse(np.stack(prods), hc, wc, workers)
+        k = len(self.groups)
+        num, ea, eb, overlap = maps[:k], maps[k:2 * k], maps[2 * k:3 * k], maps[3 * k]
+        enough = overlap >= self.min_overlap * min(self.area0, float(mb.sum()))
         out = []
-        for k, (i, channels) in enumerate(zip(which, chosen)):
-            prods = np.stack([(self.a[channels] * fb[channels]).sum(0), self.a2[i] * fm, self.m0 * spec[n + 1 + k],
-                              self.m0 * fm])
-            num, ea, eb, overlap = self._inverse(prods, hc, wc, workers)
-            ncc = num / np.sqrt(np.maximum(ea * eb, 1e-12))
-            enough = overlap >= self.min_overlap * min(self.area0, float(mb.sum()))
-            out.append(np.where(enough & (ea > 1e-6) & (eb > 1e-6), ncc, -1.0).astype(np.float32))
+        for chosen in sets:
+            idx = list(chosen)
+            a, b = ea[idx].sum(0), eb[idx].sum(0)
+            ncc = num[idx].sum(0) / np.sqrt(np.maximum(a * b, 1e-12))
+            out.append(np.where(enough & (a > 1e-6) & (b > 1e-6), ncc, -1.0).astype(np.float32))
         return out
 
     def _inverse(self, spectra: np.ndarray, hc: int, wc: int, workers: int) -> np.ndarray:
@@ -93,9 +94,9 @@ class Correlator:
         return full[:, rows][:, :, cols]
 
 
-def _squares(features: np.ndarray, sets: Sequence[Sequence[int]]) -> np.ndarray:
-    """``[len(sets), H, W]``: per pixel, the sum of squares of each set's channels."""
-    return np.stack([(features[list(s)] ** 2).sum(0) for s in sets])
+def _group_squares(features: np.ndarray, groups: Sequence[slice]) -> np.ndarray:
+    """``[len(groups), H, W]``: per pixel, the sum of squares of each group's channels."""
+    return np.stack([(features[g] ** 2).sum(0) for g in groups])
 
 
 def fft_workers() -> int:

@@ -167,19 +167,25 @@ def pooled_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
     prior_scale = prior_scale_of(optical, sar)
     learned = list({id(f): f for f in channel_sets if f is not None}.values())  # each learned map computed once
     maps = [(f(optical), f(sar)) for f in learned]
-    sets = _channel_sets(c, maps, [None if f is None else next(i for i, g in enumerate(learned) if g is f)
-                                       for f in channel_sets])
-    peak_lists = _coarse_peaks(optical, sar, c, prior_scale, maps, sets)
-    if not any(peak_lists):
+    groups = [[] if f is None else [1 + next(i for i, g in enumerate(learned) if g is f)] for f in channel_sets]
+    peak_lists = _coarse_peaks(optical, sar, c, prior_scale, maps, [[0, *g] for g in groups])
+    hyps: list[Hypothesis] = []
+    for f, peaks, g in zip(channel_sets, peak_lists, groups):
+        pair = maps[g[0] - 1] if g else (None, None)
+        hyps += _polished(optical, sar, c, prior_scale, peaks, pair, f)
+    return hyps
+
+
+def _polished(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
+              peaks: list[Peak], maps: tuple[np.ndarray | None, np.ndarray | None],
+              learned: LearnedFeatures | None) -> list[Hypothesis]:
+    """The coarse ``peaks`` of one search polished at the fine level (with that search's learned ``maps``,
+    optical and SAR), within ``max_shift``, best first, up to ``top_k`` distinct ones."""
+    if not peaks:
         return []
-    polished = _polish_all(Fine(optical, sar, c, maps, sets), peak_lists, prior_scale)
-    return [h for f, found in zip(channel_sets, polished) for h in _kept(optical, sar, c, found, f)]
-
-
-def _kept(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], hyps: list[Hypothesis],
-          learned: LearnedFeatures | None) -> list[Hypothesis]:
-    """One search's polished hypotheses within ``max_shift``, best first, up to ``top_k`` distinct ones, with the
-    search's ``source``."""
+    fine = Fine(optical, _sar_level(sar, c["size"], maps[1]), c, maps[0])
+    with ThreadPoolExecutor(fft_workers()) as pool:  # peaks side by side (FFTs and OpenCV release the GIL)
+        hyps = [h for h in pool.map(lambda p: _polish(fine, p, c, prior_scale), peaks) if h is not None]
     if c["max_shift"] is not None:
         hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
     hyps.sort(key=lambda h: -h.score)
@@ -239,26 +245,27 @@ def _predicted_shift(matrix: np.ndarray, fixed: Level, canvas: Level) -> tuple[f
 
 
 def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
-                  maps: Sequence[tuple[np.ndarray, np.ndarray]] = (), sets: Sequence[Sequence[int]] | None = None
+                  maps: Sequence[tuple[np.ndarray, np.ndarray]] = (), sets: Sequence[Sequence[int]] = ((0,),)
                   ) -> list[list[Peak]]:
     """Best correlation peaks over the whole rotation x scale grid at the coarse level, for each search: ``maps``
-    are the learned channels (optical, SAR) of every search that uses some, ``sets`` the channels each search
-    correlates (:func:`_channel_sets`; ``None``: one search of every channel). Per search, the peaks are distinct
-    in transform, best first; ``polished_peaks`` of them (at least ``top_k``) go on to polishing."""
+    are the learned channels (optical, SAR) of every search that uses some, ``sets`` the channel groups each
+    search correlates (0: the oriented gradients, ``i``: ``maps[i - 1]``). Per search, the peaks are distinct in
+    transform, best first; ``polished_peaks`` of them (at least ``top_k``) go on to polishing."""
     fixed = make_level(optical, c["coarse_size"], c["sigma"], c["orientations"], learned=stack_learned(maps, 0))
-    sets = sets if sets is not None else [list(range(len(fixed.features)))]
     if not fixed.mask.any():
         return [[] for _ in sets]
     base = _sar_level(sar, c["coarse_size"], stack_learned(maps, 1))
     grid = [(float(a), float(s)) for s in search_scales(c) for a in search_angles(c)]
-    correlator = Correlator(fixed, _canvas_bound(base, grid, prior_scale), c["min_overlap"], sets=sets)
+    bounds = np.cumsum([0, c["orientations"], *(m[0].shape[-1] for m in maps)])
+    groups = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    correlator = Correlator(fixed, _canvas_bound(base, grid, prior_scale), c["min_overlap"], groups=groups)
     exclusion = max(3, max(fixed.mask.shape) // 16)
 
     def cell(angle_scale: tuple[float, float]) -> list[list[Peak]]:
         angle, scale = angle_scale
         canvas = canvas_of(base, angle, scale * prior_scale, c)
         found = []
-        for ncc in correlator.ncc_sets(canvas, workers=1):
+        for ncc in correlator.ncc_sets(canvas, sets, workers=1):
             ncc = _limit_shift(ncc, fixed, canvas, c["max_shift"])
             found.append([Peak(score, angle, scale, _peak_matrix(fixed, canvas, dx, dy))
                           for score, dx, dy in _top_peaks(ncc, c["peaks_per_cell"], fixed.mask.shape, exclusion)])
@@ -271,15 +278,6 @@ def _coarse_peaks(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any],
         peaks = sorted((p for found in per_cell for p in found[k]), key=lambda p: -p.score)
         out.append(_distinct(peaks, optical, max(c["polished_peaks"], c["top_k"])))
     return out
-
-
-def _channel_sets(c: dict[str, Any], maps: Sequence[tuple[np.ndarray, np.ndarray]], uses: Sequence[int | None]
-                  ) -> list[list[int]]:
-    """The channels (indices into a level's features: the oriented gradients, then each learned map's channels in
-    turn) that each search correlates: the gradients, plus ``maps[uses[k]]``'s channels unless ``uses[k]`` is None."""
-    bounds = np.cumsum([c["orientations"], *(m[0].shape[-1] for m in maps)])
-    gradients = list(range(c["orientations"]))
-    return [gradients if u is None else gradients + list(range(int(bounds[u]), int(bounds[u + 1]))) for u in uses]
 
 
 def _sar_level(sar: PreparedImage, size: int, learned: np.ndarray | None = None) -> Level:
@@ -336,75 +334,37 @@ def _distinct(items: Sequence[Any], optical: PreparedImage, count: int, fraction
 
 
 class Fine:
-    """The fine level shared by the polishing of every peak of every search: the optical level (gradients and every
-    learned channel), its local correlator (shifts within ``radius`` of a predicted position; one channel set per
-    search, :func:`_channel_sets`) and the reduced SAR image the canvases are cut from."""
+    """The fine level shared by the polishing of every peak: the optical level, its local correlator (shifts within
+    ``radius`` of a predicted position) and the reduced SAR image the canvases are cut from."""
 
-    def __init__(self, optical: PreparedImage, sar: PreparedImage, c: dict[str, Any],
-                 maps: Sequence[tuple[np.ndarray, np.ndarray]] = (), sets: Sequence[Sequence[int]] | None = None
+    def __init__(self, optical: PreparedImage, base: Level, c: dict[str, Any], learned: np.ndarray | None = None
                  ) -> None:
         self.conf = {**c, "sigma": c["sigma"] * 1.5}
-        self.fixed = make_level(optical, c["size"], self.conf["sigma"], c["orientations"],
-                                learned=stack_learned(maps, 0))
-        self.base = _sar_level(sar, c["size"], stack_learned(maps, 1))
+        self.fixed = make_level(optical, c["size"], self.conf["sigma"], c["orientations"], learned=learned)
+        self.base = base
         self.radius = int(round(2 * c["size"] / c["coarse_size"])) + 2
         h0, w0 = self.fixed.mask.shape
         self.window = (w0 + 2 * self.radius + 1, h0 + 2 * self.radius + 1)
-        self.correlator = Correlator(self.fixed, self.window[::-1], c["min_overlap"], local=True, sets=sets)
+        self.correlator = Correlator(self.fixed, self.window[::-1], c["min_overlap"], local=True)
 
 
-POLISH_GRID = [(da, ds) for da in (-0.5, 0.0, 0.5) for ds in (-0.5, 0.0, 0.5)]  # (rotation, log scale) steps
-
-
-def _polish_all(fine: Fine, peak_lists: Sequence[Sequence[Peak]], prior_scale: float) -> list[list[Hypothesis]]:
-    """Refine the coarse peaks of every search (``peak_lists[k]``: search ``k``, the correlator's channel set ``k``)
-    at the fine level (:func:`_polish_cell`): a 3 x 3 grid of (rotation, scale) at half the coarse steps around each peak, the best
-    cell giving the hypothesis (peaks without any correlation are dropped). A (rotation, scale) cell that several
-    peaks share (two peaks of one coarse cell, or the same peak found by two searches) is warped once."""
-    c = fine.conf
-    cells: dict[tuple[float, float], list[tuple[int, int, int]]] = {}
-    for k, peaks in enumerate(peak_lists):
-        for i, peak in enumerate(peaks):
-            for j, (da, ds) in enumerate(POLISH_GRID):
-                key = (peak.angle + da * c["rotation_step"], peak.scale * math.exp(ds * _log_step(c)))
-                cells.setdefault(key, []).append((k, i, j))
-    found: dict[tuple[int, int, int], tuple[float, Hypothesis] | None] = {}
-
-    def run(item: tuple[tuple[float, float], list[tuple[int, int, int]]]) -> None:
-        (angle, scale), jobs = item
-        canvas = canvas_of(fine.base, angle, scale * prior_scale, c)
-        for k, i, j in jobs:
-            found[k, i, j] = _polish_cell(fine, canvas, peak_lists[k][i], k, angle, scale)
-
-    with ThreadPoolExecutor(fft_workers()) as pool:  # cells side by side (FFTs and OpenCV release the GIL)
-        list(pool.map(run, cells.items()))
-    out: list[list[Hypothesis]] = []
-    for k, peaks in enumerate(peak_lists):
-        out.append([])
-        for i in range(len(peaks)):
-            best: tuple[float, Hypothesis] | None = None
-            for j in range(len(POLISH_GRID)):  # the first best cell in grid order, as one peak at a time would
-                cand = found[k, i, j]
-                if cand is not None and (best is None or cand[0] > best[0]):
-                    best = cand
-            if best is not None:
-                out[-1].append(best[1])
-    return out
-
-
-def _polish_cell(fine: Fine, canvas: Level, peak: Peak, search: int, angle: float, scale: float
-                 ) -> tuple[float, Hypothesis] | None:
-    """The best shift of one polishing cell (a canvas at ``angle``, ``scale``) within a few px of where the coarse
-    ``peak`` predicts it, sub-pixel, correlating the channels of search ``search``: ``(score, hypothesis)``."""
-    dx, dy = _predicted_shift(peak.matrix, fine.fixed, canvas)
-    x0, y0 = int(round(dx)) - fine.radius, int(round(dy)) - fine.radius
-    window = _crop(canvas, x0, y0, *fine.window)
-    ncc = fine.correlator.ncc_sets(window, [search], workers=1)[0]
-    found = _local_peak(ncc, fine.correlator.origin, (dx - x0, dy - y0), fine.radius)
-    if found is None:
-        return None
-    score, distinct, fx, fy = found
-    return score, Hypothesis(_peak_matrix(fine.fixed, window, fx, fy), score, distinct, angle, scale)
+def _polish(fine: Fine, peak: Peak, c: dict[str, Any], prior_scale: float) -> Hypothesis | None:
+    """Refine a coarse peak at the fine level: a 3 x 3 grid of (rotation, scale) at half the coarse steps around
+    it, shifts within a few px of where the coarse peak predicts, sub-pixel; the best cell gives the hypothesis."""
+    best: tuple[float, Hypothesis] | None = None
+    for da in (-0.5, 0.0, 0.5):
+        for ds in (-0.5, 0.0, 0.5):
+            angle, scale = peak.angle + da * c["rotation_step"], peak.scale * math.exp(ds * _log_step(c))
+            canvas = canvas_of(fine.base, angle, scale * prior_scale, fine.conf)
+            dx, dy = _predicted_shift(peak.matrix, fine.fixed, canvas)
+            x0, y0 = int(round(dx)) - fine.radius, int(round(dy)) - fine.radius
+            window = _crop(canvas, x0, y0, *fine.window)
+            found = _local_peak(fine.correlator.ncc(window, workers=1), fine.correlator.origin, (dx - x0, dy - y0),
+                                fine.radius)
+            if found is not None and (best is None or found[0] > best[0]):
+                score, distinct, fx, fy = found
+                best = (score, Hypothesis(_peak_matrix(fine.fixed, window, fx, fy), score, distinct, angle, scale))
+    return None if best is None else best[1]
 
 
 def _crop(level: Level, x0: int, y0: int, width: int, height: int) -> Level:
