@@ -11,7 +11,6 @@ import sys
 from typing import Protocol, Sequence
 
 import numpy as np
-from scipy import fft as sfft
 
 
 class MaskedFeatures(Protocol):
@@ -40,16 +39,16 @@ class Correlator:
         self.h0, self.w0 = h0, w0
         self.local = local
         if local:  # only shifts 0 <= d <= canvas - fixed: a circular correlation of the canvas size never wraps
-            self.shape = (sfft.next_fast_len(canvas_shape[0], True), sfft.next_fast_len(canvas_shape[1], True))
+            self.shape = (_fft().next_fast_len(canvas_shape[0], True), _fft().next_fast_len(canvas_shape[1], True))
         else:
-            self.shape = (sfft.next_fast_len(h0 + canvas_shape[0], True),
-                          sfft.next_fast_len(w0 + canvas_shape[1], True))
+            self.shape = (_fft().next_fast_len(h0 + canvas_shape[0], True),
+                          _fft().next_fast_len(w0 + canvas_shape[1], True))
         self.origin = (0, 0) if local else (h0 - 1, w0 - 1)  # map index of shift d = d + origin (y, x)
         self.groups = list(groups) if groups is not None else [slice(None)]
         m0 = fixed.mask.astype(np.float32)
-        self.a = np.conj(sfft.rfft2(fixed.features, self.shape))
-        self.a2 = np.conj(sfft.rfft2(_group_squares(fixed.features, self.groups), self.shape))
-        self.m0 = np.conj(sfft.rfft2(m0, self.shape))
+        self.a = np.conj(_fft().rfft2(fixed.features, self.shape))
+        self.a2 = np.conj(_fft().rfft2(_group_squares(fixed.features, self.groups), self.shape))
+        self.m0 = np.conj(_fft().rfft2(m0, self.shape))
         self.area0 = float(m0.sum())
         self.min_overlap = min_overlap
 
@@ -66,7 +65,7 @@ class Correlator:
         mb = canvas.mask.astype(np.float32)
         stack = np.concatenate([canvas.features, mb[None], _group_squares(canvas.features, self.groups)])
         workers = workers or fft_workers()
-        spec = sfft.rfft2(stack, self.shape, workers=workers)
+        spec = _fft().rfft2(stack, self.shape, workers=workers)
         n = len(canvas.features)
         fb, fm, fb2 = spec[:n], spec[n], spec[n + 1:]
         prods = ([(self.a[g] * fb[g]).sum(0) for g in self.groups] + [a2 * fm for a2 in self.a2]
@@ -86,7 +85,7 @@ class Correlator:
     def _inverse(self, spectra: np.ndarray, hc: int, wc: int, workers: int) -> np.ndarray:
         """Linear cross-correlations ``[n, ...]`` from their spectra, rearranged so index ``(dy + h0 - 1, dx + w0 - 1)``
         holds shift ``(dx, dy)`` for ``dx in (-w0, wc)``, ``dy in (-h0, hc)``."""
-        full = sfft.irfft2(spectra, self.shape, workers=workers)
+        full = _fft().irfft2(spectra, self.shape, workers=workers)
         if self.local:
             return full[:, : hc - self.h0 + 1, : wc - self.w0 + 1]
         rows = np.r_[self.shape[0] - self.h0 + 1: self.shape[0], 0:hc]
@@ -97,6 +96,13 @@ class Correlator:
 def _group_squares(features: np.ndarray, groups: Sequence[slice]) -> np.ndarray:
     """``[len(groups), H, W]``: per pixel, the sum of squares of each group's channels."""
     return np.stack([(features[g] ** 2).sum(0) for g in groups])
+
+
+def _fft():  # noqa: ANN202 - the scipy.fft module
+    """``scipy.fft``, imported on first use (about 0.2 s): a pair the keypoints settle never searches."""
+    from scipy import fft
+
+    return fft
 
 
 def fft_workers() -> int:

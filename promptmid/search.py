@@ -13,7 +13,8 @@ sign of the contrast, so an edge that is bright in one modality and dark in the 
 Optionally (``learned``: ALIKED's channels, :class:`promptmid.models.dense_features.SearchFeatures`, with a fixed
 random or a trained projection) a few channels of a learned dense feature map are stacked onto them: computed once
 per image, reduced to each level and warped with the SAR canvases like the gray values. The presets run both searches, without and with them (``search.learned =
-"both-trained"``: the trained projection, :meth:`promptmid.api.Matcher.search_channels`), and pool their hypotheses.
+"both-trained"``: the trained projection, :meth:`promptmid.api.Matcher.search_channels`), and pool their hypotheses;
+:func:`pooled_search` runs them together, sharing the coarse level's canvases and FFTs.
 Correlation: masked normalised cross-correlation (Padfield, IEEE TIP 2012) summed over the channels;
 nodata, fill and the footprint edge are masked out and never correlate; shifts whose overlap is below
 ``min_overlap`` of the smaller valid area are not considered.
