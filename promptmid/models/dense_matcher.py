@@ -163,14 +163,14 @@ def mutual_matches(log_p: torch.Tensor, threshold: float) -> tuple[np.ndarray, n
 
 def save_matcher(model: DenseMatcher, path: Path, info: dict[str, Any]) -> str:
     """Write ``path`` (safetensors) and its sidecar ``path.json`` (config, sha256, training info); returns the
-    sha256 (pin it in :data:`DENSE_SHA256` when shipping)."""
-    import hashlib
-
+    sha256, which :func:`load_matcher` checks against the sidecar."""
     from safetensors.torch import save_file
+
+    from promptmid.models.weights import sha256_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = sha256_file(path)
     meta = {"format": "promptmid-dense/1", "config": model.config, "backbone": BACKBONE, "file": path.name,
             "sha256": sha, **info}
     Path(str(path) + ".json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -184,11 +184,9 @@ def load_matcher(path: str | Path) -> DenseMatcher:
     Raises:
         ModelError: file or sidecar missing, checksum mismatch, or keys/shapes that do not fit.
     """
-    import hashlib
-
     from safetensors.torch import load_file
 
-    from promptmid.models.weights import load_checked
+    from promptmid.models.weights import load_checked, sha256_file
 
     file = Path(path)
     sidecar = Path(str(file) + ".json")
@@ -200,7 +198,7 @@ def load_matcher(path: str | Path) -> DenseMatcher:
         config = dict(meta["config"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"unreadable dense matcher sidecar {sidecar}: {exc}") from None
-    got = hashlib.sha256(file.read_bytes()).hexdigest()
+    got = sha256_file(file)
     if got != meta.get("sha256"):
         raise ModelError(f"dense matcher weights {file} have sha256 {got[:16]}..., expected "
                          f"{str(meta.get('sha256'))[:16]}... (sidecar); the file is damaged or was replaced")
