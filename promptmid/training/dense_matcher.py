@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -218,6 +217,7 @@ def train(items: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]], steps:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from promptmid.evaluation.pipeline import git_revision
     from promptmid.models.dense_matcher import save_matcher
     from promptmid.training.data import data_records, select
 
@@ -249,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              lambda: build_items(select(records, "val") + select(records, "near"), 3, 123))
     model, history = train(train_items, val_items, steps=args.steps, lr=args.lr, seed=args.seed,
                            checkpoint=cache / "checkpoint.pt" if cache else None, device=args.device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    info = {"date": datetime.date.today().isoformat(), "commit": commit, "train_views": len(train_items),
+    info = {"date": datetime.date.today().isoformat(), "commit": git_revision(Path(__file__).parent),
+            "train_views": len(train_items),
             "views_per_pair": args.views, "synthetic_per_pair": args.synthetic, "val_views": len(val_items), "steps": args.steps, "lr": args.lr,
             "seed": args.seed, "history": history}
     print("sha256", save_matcher(model, Path(args.out), info))

@@ -96,7 +96,8 @@ def fit_pick_model(rows: Sequence[dict[str, Any]], l2: float = L2, info: dict[st
 def main(argv: Sequence[str] | None = None) -> int:
     from promptmid.evaluation.manifest import read_manifest
     from promptmid.evaluation.pipeline import select_pairs
-    from promptmid.training.qc import _commit, calibration_pairs
+    from promptmid.evaluation.pipeline import git_revision
+    from promptmid.training.qc import calibration_pairs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/optsar", help="folder with all.jsonl")
@@ -124,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(a.rows).write_bytes(pickle.dumps(rows))
     if not a.out:
         return 0
-    model = fit_pick_model(rows, info={"set": a.set, "seeds": a.seeds, "method": a.method, "commit": _commit(),
+    model = fit_pick_model(rows, info={"set": a.set, "seeds": a.seeds, "method": a.method,
+                                       "commit": git_revision(Path(__file__).parent),
                                        "date": datetime.date.today().isoformat()})
     Path(a.out).write_text(json.dumps(model, indent=2) + "\n")
     print(json.dumps(model["info"]), file=sys.stderr)

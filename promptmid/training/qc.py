@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -143,18 +142,10 @@ def calibration_pairs(pairs: list[Any], every_srif: int = 2, max_srif: int = 40
             "val": (val, FULL_ROTATIONS)}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from promptmid.evaluation.manifest import read_manifest
     from promptmid.evaluation.perturb import Perturbation
-    from promptmid.evaluation.pipeline import select_pairs
+    from promptmid.evaluation.pipeline import git_revision, select_pairs
     from promptmid.evaluation.runner import EvalConfig, evaluate
 
     ap = argparse.ArgumentParser(description="Calibrate the QC confidence on perturbed training + validation pairs.")
@@ -179,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rows:
         args.rows.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
     info = {"method": args.method, "seeds": seeds, "sets": sorted({r["calibration_set"] for r in rows}),
-            "date": datetime.date.today().isoformat(), "commit": _commit(),
+            "date": datetime.date.today().isoformat(), "commit": git_revision(Path(__file__).parent),
             "command": "python -m promptmid.training.qc " + " ".join(sys.argv[1:] if argv is None else argv)}
     model = calibrate(rows, info=info)
     args.out.write_text(json.dumps(model.to_dict(), indent=1) + "\n")

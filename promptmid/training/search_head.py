@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -300,6 +299,7 @@ def write_head(model: Projection, out: Path, info: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from promptmid.evaluation.pipeline import git_revision
     from promptmid.training.data import data_records, select
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -321,8 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                        seed=args.seed)]
     val_items = [to_tensors(x) for x in build_levels(select(records, "val") + select(records, "near"), io_conf)]
     model, history = train(train_items, val_items, steps=args.steps, lr=args.lr, seed=args.seed)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    info = {"date": datetime.date.today().isoformat(), "commit": commit, "train_pairs": len(train_items),
+    info = {"date": datetime.date.today().isoformat(), "commit": git_revision(Path(__file__).parent),
+            "train_pairs": len(train_items),
             "val_pairs": len(val_items), "synthetic_per_pair": args.synthetic,
             "steps": args.steps, "lr": args.lr, "seed": args.seed,
             "temperature": TEMPERATURE, "history": history,
