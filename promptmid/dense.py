@@ -63,4 +63,3 @@ def channel_ncc(area: np.ndarray, templ: np.ndarray) -> np.ndarray:
     ``(y, x)`` for the template's top-left corner at area px ``(x, y)``."""
     return sum(cv2.matchTemplate(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(t, np.float32),
                                  cv2.TM_CCOEFF_NORMED) for a, t in zip(area, templ)) / len(templ)
-

@@ -168,13 +168,11 @@ def pooled_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
     prior_scale = prior_scale_of(optical, sar)
     learned = list({id(f): f for f in channel_sets if f is not None}.values())  # each learned map computed once
     maps = [(f(optical), f(sar)) for f in learned]
-    groups = [[] if f is None else [1 + next(i for i, g in enumerate(learned) if g is f)] for f in channel_sets]
-    peak_lists = _coarse_peaks(optical, sar, c, prior_scale, maps, [[0, *g] for g in groups])
-    hyps: list[Hypothesis] = []
-    for f, peaks, g in zip(channel_sets, peak_lists, groups):
-        pair = maps[g[0] - 1] if g else (None, None)
-        hyps += _polished(optical, sar, c, prior_scale, peaks, pair, f)
-    return hyps
+    uses = [None if f is None else next(i for i, g in enumerate(learned) if g is f) for f in channel_sets]
+    sets = [[0] if u is None else [0, u + 1] for u in uses]  # channel groups: 0 the gradients, u + 1 maps[u]
+    peak_lists = _coarse_peaks(optical, sar, c, prior_scale, maps, sets)
+    return [h for f, u, peaks in zip(channel_sets, uses, peak_lists)
+            for h in _polished(optical, sar, c, prior_scale, peaks, (None, None) if u is None else maps[u], f)]
 
 
 def _polished(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
