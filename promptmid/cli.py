@@ -182,16 +182,9 @@ def models(
     json_out: bool = JsonOpt,
 ) -> None:
     """List every model: source package and version, checksum, cache path, readiness."""
-    from promptmid.models.aggregation import aggregator_status
-    from promptmid.models.dense_features import search_head_status
-    from promptmid.models.dinov2_onnx import graph_status
-    from promptmid.models.promptdm import promptdm_status
-    from promptmid.models.weights import model_status
-    from promptmid.qc import qc_model_status
-    from promptmid.ranker import pick_model_status
+    from promptmid.models.status import all_models
 
-    rows = (model_status(verify) + [graph_status(verify)] + aggregator_status() + [promptdm_status(verify)]
-            + qc_model_status() + pick_model_status() + search_head_status())
+    rows = all_models(verify)
     if json_out:
         print(json.dumps(rows, indent=2))
         return

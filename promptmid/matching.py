@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 import cv2
 import numpy as np
-import torch
 
 from promptmid.config import DEFAULTS, INLIER_THRESHOLD_PX
 from promptmid.geometry import apply_transform, residuals
+
+if TYPE_CHECKING:  # the fitting is numpy/OpenCV; torch is imported by the descriptor matching that needs it
+    import torch
 
 GEOMETRY_MODELS = ("affine", "homography", "similarity")
 MIN_SAMPLES = {"affine": 3, "homography": 4, "similarity": 2}
@@ -48,6 +50,8 @@ def mutual_nn_from_similarity(
 
     See :func:`mutual_nearest_neighbours` for the arguments and outputs.
     """
+    import torch
+
     idx0 = torch.arange(sim.shape[0])
     best01 = sim.argmax(dim=1)
     best10 = sim.argmax(dim=0)
@@ -163,6 +167,8 @@ def guided_matches(
     """
     if len(desc0) == 0 or len(desc1) == 0:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    import torch
+
     pred = torch.from_numpy(apply_transform(matrix, kpts0)).float()
     dist = torch.cdist(pred, torch.as_tensor(kpts1, dtype=torch.float32))
     sim = (desc0.float() @ desc1.float().t()).masked_fill(dist > radius, float("-inf"))

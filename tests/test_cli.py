@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +115,30 @@ def test_models_lists_every_model():
     rows = json.loads(res.stdout)
     names = {r["name"] for r in rows}
     assert {"xfeat", "dinov2_vits14", "dinov2 graph (ONNX Runtime)", "promptmid-search-head-v1", "promptmid-pick-v1",
-            "promptmid-qc-v3"} <= names and all(r["ready"] for r in rows)
+            "promptmid-qc-v3", "promptmid-agg-v3", "promptdm-small"} <= names and all(r["ready"] for r in rows)
+
+
+def test_models_does_not_import_torch():
+    """Listing the models answers fast: no torch import (python -X importtime names every module imported)."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "promptmid.cli", "models", "--json", "--no-verify"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert "promptmid.models.status" in imported and "torch" not in imported
+
+
+def test_shipped_file_row_checks_the_pinned_checksum(tmp_path):
+    from promptmid.models.status import shipped_file_row
+    from promptmid.models.weights import SEARCH_HEAD, SEARCH_HEAD_SHA256
+
+    assert shipped_file_row("head", SEARCH_HEAD, SEARCH_HEAD_SHA256, True, "m")["ready"]
+    changed = tmp_path / "head.json"
+    changed.write_bytes(SEARCH_HEAD.read_bytes() + b" ")
+    row = shipped_file_row("head", changed, SEARCH_HEAD_SHA256, True, "m")
+    assert not row["ready"] and "sha256" in row["message"]
+    assert shipped_file_row("head", changed, SEARCH_HEAD_SHA256, False, "m")["ready"]  # --no-verify: presence only
+    row = shipped_file_row("head", tmp_path / "gone.json", SEARCH_HEAD_SHA256, True, "m")
+    assert not row["ready"] and "missing" in row["message"]
 
 
 def test_models_reports_the_dinov2_graph_cache(tmp_path):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptmid.config import merge_options
+from promptmid.models.weights import AGGREGATOR_FILES, AGGREGATOR_SHA256, WEIGHTS_DIR
 from promptmid.geometry import Size
 
 
@@ -69,20 +70,10 @@ class ConcatFusion:
 # --------------------------------------------------------------------------- trained aggregation
 
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-SHIPPED = {  # name -> file in promptmid/weights/
-    "promptmid-agg-v1": "promptmid-agg-v1.safetensors",  # 49 training pairs, 6 epochs
-    "promptmid-agg-v2": "promptmid-agg-v2.safetensors",  # all 211 training pairs, 12 epochs (learned image position; no preset uses it)
-    "promptmid-agg-v3": "promptmid-agg-v3.safetensors",  # ALIKED + DINOv2, independent views, perturbed validation (lite default)
-    "promptmid-agg-full-v1": "promptmid-agg-full-v1.safetensors",  # ALIKED + DINOv2 + PromptDM-small (preset full)
-}
-# sha256 of each shipped file, pinned in code so that a replaced file *and* sidecar is still refused
-SHIPPED_SHA256 = {
-    "promptmid-agg-v1": "f782a3ce3405015451617823af17f63a2dbe00510d72ee214c076719a659d3c3",
-    "promptmid-agg-v2": "9c049e6098940c895d9e1d418ab5bed602c6711c70992c3daec4bc11978a9e8e",
-    "promptmid-agg-v3": "0e9c481cfa3cbe269fc7e5a4f997c529035f83cb6d70d7deca981f77002205a1",
-    "promptmid-agg-full-v1": "1fa6ad15f12c154a176c868850d5648f5b7248339480c2ab74b02c34f1b41a4b",
-}
+# the shipped trained aggregators: name -> file in promptmid/weights/, and each file's pinned sha256 (a replaced
+# file *and* sidecar is still refused); the tables live in promptmid.models.weights
+SHIPPED = AGGREGATOR_FILES
+SHIPPED_SHA256 = AGGREGATOR_SHA256
 
 
 class _MLP(nn.Sequential):
@@ -318,20 +309,3 @@ def load_aggregator(name: str, path: str | None = None, device: str = "cpu") -> 
         raise ModelError(f"shipped aggregator {name} was replaced: sha256 {meta['sha256']} is not the released "
                          f"{SHIPPED_SHA256[name]}; reinstall promptmid")
     return TrainedAggregator(module, name, meta)
-
-
-def aggregator_status() -> list[dict[str, Any]]:
-    """``promptmid models`` rows for the shipped trained aggregators (loaded and verified)."""
-    from promptmid.errors import ModelError
-
-    rows = []
-    for name, filename in SHIPPED.items():
-        row = {"name": name, "source": "promptmid (this package)", "sha256": SHIPPED_SHA256[name][:16],
-               "licence": "Apache-2.0", "cache_path": str(WEIGHTS_DIR / filename), "ready": True,
-               "message": "trained feature aggregator (see promptmid/weights/MODEL_CARD.md)"}
-        try:
-            load_aggregator(name)
-        except (ModelError, ValueError) as exc:
-            row.update(ready=False, message=str(exc))
-        rows.append(row)
-    return rows

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from promptmid.io import image_tensor
 from promptmid.models.keypoints import aliked_dense_map, load_aliked_net
+from promptmid.models.weights import SEARCH_HEAD, SEARCH_HEAD_SHA256, read_search_head
 
 if TYPE_CHECKING:
     from promptmid.io import PreparedImage
@@ -101,8 +102,6 @@ class SearchFeatures:
 
 
 REMEMBERED = 2  # dense maps SearchFeatures.remember keeps
-SEARCH_HEAD = Path(__file__).resolve().parent.parent / "weights" / "promptmid-search-head-v1.json"
-SEARCH_HEAD_SHA256 = "da41ff5da3909645b717200660913572dcca65071ad46686422cdd44eaba95e9"  # of the file written by python -m promptmid.training.search_head
 
 
 def random_projection(channels: int = 16, weight: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -119,24 +118,8 @@ def load_search_head(path: str | None = None) -> torch.Tensor:
     Raises:
         ModelError: missing file, checksum mismatch, or not a ``[128, C]`` matrix.
     """
-    from promptmid.errors import ModelError
-    from promptmid.qc import read_pinned_json
-
-    file = Path(path) if path else SEARCH_HEAD
-    data = read_pinned_json(file, None if path else SEARCH_HEAD_SHA256, "search head", "a trained")
-    matrix = np.asarray(data.get("projection", []), dtype=np.float32) if isinstance(data, dict) else np.zeros(0)
-    if matrix.ndim != 2 or matrix.shape[0] != 128 or not 1 <= matrix.shape[1] <= 64 or not np.isfinite(matrix).all():
-        raise ModelError(f"search head {file} has no finite [128, C] 'projection' (got shape {matrix.shape})")
-    return torch.from_numpy(matrix)
-
-
-def search_head_status() -> list[dict[str, Any]]:
-    """``promptmid models`` row for the shipped search head (loaded and checksum-verified)."""
-    from promptmid.qc import pinned_status
-
-    load_search_head.cache_clear()
-    return pinned_status(SEARCH_HEAD, SEARCH_HEAD_SHA256, "projection of ALIKED's dense map for the area search "
-                         "(search.learned = both-trained, the default, or trained)", load_search_head)
+    file, pinned = (Path(path), None) if path else (SEARCH_HEAD, SEARCH_HEAD_SHA256)
+    return torch.from_numpy(read_search_head(file, pinned))
 
 
 CHANNEL_NAMES = {"aliked": "aliked", "trained": "aliked-trained"}  # search.learned kind -> SearchFeatures.name

@@ -14,8 +14,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from promptmid.errors import ModelError
 from promptmid.models.dinov2_arch import VITS14
 from promptmid.models.weights import MODELS, cache_dir, sha256_file, verify_source
@@ -210,7 +208,7 @@ def load_feature_session(layers: tuple[int, ...], norm: bool = True, position: s
     else:
         log.info("loading the DINOv2 feature graph %s", path)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.intra_op_num_threads = int(threads or _torch_threads())
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.enable_mem_pattern = False  # the planned block for every activation at once: +100 MB peak, no faster
@@ -225,11 +223,19 @@ _SESSIONS_LOCK = threading.Lock()
 
 def shared_session(layers: tuple[int, ...], norm: bool, position: str, precision: str = "fp32") -> Any:
     """One session per (cache dir, layers, norm, position mode, threads, precision) per process."""
-    key = (str(cache_dir()), layers, bool(norm), position, torch.get_num_threads(), precision)
+    key = (str(cache_dir()), layers, bool(norm), position, _torch_threads(), precision)
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
             _SESSIONS[key] = load_feature_session(layers, norm, position, precision=precision)
         return _SESSIONS[key]
+
+
+def _torch_threads() -> int:
+    """torch's intra-op thread count (``--threads``), which the sessions follow (torch imported on first use: listing
+    the models does not need it)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def resolve_runtime(runtime: str, device: str) -> str:

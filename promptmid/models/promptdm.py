@@ -31,10 +31,10 @@ import torch
 from promptmid.errors import ModelError
 from promptmid.models.prompts import PromptSet
 from promptmid.models.sd import SDComponents, apply_lora, load_sd_components
+from promptmid.models.weights import PROMPTDM_FILE
 
 NAME = "promptdm-small"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-WEIGHTS_FILE = WEIGHTS_DIR / "promptdm-small.safetensors"
+WEIGHTS_FILE = PROMPTDM_FILE  # the shipped weights (sha256 pinned in promptmid.models.weights)
 TEXT_TOKENS = 16  # prompt tokens (with [CLS]/[SEP]/padding); the prompts are ~10 tokens
 LONG_SIDE = 256  # working long side (px) of the training images and of the default feature pass
 
@@ -199,21 +199,6 @@ def save_promptdm(unet: torch.nn.Module, file: str | Path, half: bool = True, **
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()}
     save_file(state, str(file), metadata={"format": NAME, "unet_config": json.dumps(config), **meta})
     return file
-
-
-def promptdm_status(verify: bool = True) -> dict[str, Any]:
-    """The ``promptmid models`` row of the shipped PromptDM-small weights (sha256 checked when ``verify``)."""
-    from promptmid.models.weights import PROMPTDM_SHA256, sha256_file
-
-    row: dict[str, Any] = {"name": NAME, "source": "promptmid (this package)", "sha256": PROMPTDM_SHA256[:16],
-                           "licence": "Apache-2.0", "cache_path": str(WEIGHTS_FILE), "ready": True,
-                           "message": "prompt-conditioned pixel-space diffusion UNet trained here "
-                                      "(promptmid/weights/PROMPTDM_CARD.md); text encoder: minilm_l6"}
-    if not WEIGHTS_FILE.is_file():
-        row.update(ready=False, message=f"missing {WEIGHTS_FILE}; reinstall promptmid")
-    elif verify and sha256_file(WEIGHTS_FILE) != PROMPTDM_SHA256:
-        row.update(ready=False, message="sha256 differs from the released weights; reinstall promptmid")
-    return row
 
 
 def load_components(path_or_id: str | Path, lora: str | Path | None = None, device: str | torch.device = "cpu",

