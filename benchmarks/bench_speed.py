@@ -16,6 +16,7 @@ pair (no rotation search), after one warm-up call. Cold: the whole ``promptmid m
 (``python -m promptmid.cli``, this checkout) on the same pair written to files (optical PNG, SAR
 GeoTIFF), in a fresh process each time: imports, model loading, matching and every product
 (report.html, PNGs, GeoTIFF); converted-model caches already built by a first, untimed run.
+Commands that match nothing (``--help``, ``models``, an input error) are timed the same way, fresh processes.
 Prints tables and writes benchmarks/results/speed.md with machine, date and commit. Medians
 over the repeats.
 """
@@ -109,6 +110,34 @@ def run_cli(preset: str, threads: int, repeats: int) -> dict[str, float]:
     return {**out, "wall": statistics.median(walls), "peak_rss_mb": statistics.median(rss)}
 
 
+# commands that match nothing: (label, arguments after `promptmid`, exit code expected)
+QUICK_COMMANDS = [("promptmid --help", ["--help"], 0), ("promptmid match --help", ["match", "--help"], 0),
+                  ("promptmid models --no-verify", ["models", "--no-verify"], 0),
+                  ("promptmid models (sha256 of every file)", ["models"], 0),
+                  ("promptmid match on a missing file", ["match", "missing_optical.tif", "missing_sar.tif", "--out",
+                                                         "{tmp}/out"], 2)]
+
+
+def run_quick(repeats: int) -> list[list[str]]:
+    """Median wall time (s) of each of :data:`QUICK_COMMANDS` in fresh processes (one untimed run first)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, args, code in QUICK_COMMANDS:
+            cmd = [sys.executable, "-m", "promptmid.cli", *(a.format(tmp=tmp) for a in args)]
+            walls = []
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                done = subprocess.run(cmd, env=env, capture_output=True)
+                if done.returncode != code:
+                    raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}, expected {code}")
+                if i:
+                    walls.append(time.perf_counter() - t0)
+            rows.append([label, str(code), f"{statistics.median(walls):.2f}"])
+            print("quick", label, rows[-1][-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
@@ -117,6 +146,7 @@ def main() -> None:
                         "lite:trained,lite:random,lite:int8")
     parser.add_argument("--cold-repeats", type=int, default=3, help="whole `promptmid match` runs per preset")
     parser.add_argument("--cold-presets", default="lite,lite:nosearch,lite:always")
+    parser.add_argument("--quick-repeats", type=int, default=5, help="runs of each command that matches nothing")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     stages = ["read", "keypoints", "dinov2", "aggregation", "matching", "fitting", "search", "qc", "total"]
@@ -137,6 +167,8 @@ def main() -> None:
             print("cold", preset, n, json.dumps(t), flush=True)
     cold = markdown_table(["preset", "threads", "wall (s)"] + [f"{s} (s)" for s in stages]
                           + ["outside the pipeline (s)", "peak RSS (MB)"], cold_rows) if cold_rows else ""
+    quick = markdown_table(["command", "exit code", "wall (s)"], run_quick(args.quick_repeats)) \
+        if args.quick_repeats > 0 else ""
     load = (f"- load average (1 min) {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
             f"{os.cpu_count()} CPUs (other processes slow every stage alike)")
     text = "\n".join(header_lines("Speed per 512x512 pair", threads=max(threads))[:-1] + [load, ""] + [
@@ -155,7 +187,12 @@ def main() -> None:
         "checkerboard.png, report.html); stage columns are result.json's timings (first use of each model "
         "included); outside the pipeline = wall minus total (interpreter, imports, reading, products). Converted-"
         "model caches exist (built once by an untimed first run). Target: <= 5 s on 2 threads.", "", cold, ""]
-        if cold else []))
+        if cold else []) + ([
+        "## Commands that match nothing", "",
+        f"Fresh processes (`python -m promptmid.cli`, this checkout), median of {args.quick_repeats} after an untimed "
+        "run; none of them imports torch. `models` verifies the sha256 of every weight file (about 220 MB read) "
+        "unless `--no-verify`. Targets: `--help` <= 0.5 s; `models` and input errors well under a second.", "",
+        quick, ""] if quick else []))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(text)
     print(text)
