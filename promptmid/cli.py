@@ -113,11 +113,19 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool, strict: bool
 
 
 def _hypotheses_text(result: Any) -> str:
-    """Which hypothesis was kept, and the confidence of each one weighed."""
+    """Which hypothesis was kept, and what the pick weighed: each candidate's pick score (the highest that is not
+    failed wins) and its QC confidence."""
     if not result.hypotheses:
         return "-"
-    weighed = ", ".join(f"{h['source']} {h['confidence']:.2f}" for h in result.hypotheses)
-    return f"{result.hypothesis or 'none'} (weighed: {weighed})"
+    if len(result.hypotheses) == 1:
+        return f"{result.hypothesis or 'none'} (the only candidate)"
+
+    def score(h: dict[str, Any]) -> str:
+        pick = "n/a" if h.get("pick_score") is None else f"{h['pick_score']:.2f}"
+        return f"{h['source']} {pick} ({h['confidence']:.2f}{', failed' if h['status'] == 'failed' else ''})"
+
+    return (f"{result.hypothesis or 'none'}; pick score (QC confidence) of each candidate: "
+            + ", ".join(score(h) for h in result.hypotheses))
 
 
 def _print_table(result: Any, out_dir: Path) -> None:
@@ -125,7 +133,7 @@ def _print_table(result: Any, out_dir: Path) -> None:
     rows = [
         ("verdict", verdict_markup(result.status, result.confidence)),
         ("transform (optical px -> SAR px)", format_matrix(result.transform)),
-        ("matches / inliers", f"{len(result.points0)} / {result.num_inliers} ({result.num_inliers / max(1, len(result.points0)):.0%})"),
+        ("matches / agreeing (inliers)", f"{len(result.points0)} / {result.num_inliers} ({result.num_inliers / max(1, len(result.points0)):.0%})"),
         ("residual RMSE", f"{result.rmse:.2f} SAR px"),
         ("inlier coverage", f"{result.coverage():.0%} of the optical image"),
         ("SAR rotation tried/kept", f"{result.rotation_deg:g} deg"),

@@ -45,6 +45,7 @@ class Candidate:
         evidence: the QC evidence of ``transform``.
         verdict: its verdict.
         search_score: the area search's correlation (NaN for keypoints).
+        pick_score: what the pick ranked it by (:func:`pick`; NaN when it was the only candidate).
     """
 
     source: str
@@ -53,6 +54,7 @@ class Candidate:
     evidence: dict[str, float]
     verdict: Verdict
     search_score: float = float("nan")
+    pick_score: float = float("nan")
 
     def summary(self) -> dict[str, Any]:
         return {"source": self.source, "status": self.verdict.status,
@@ -60,6 +62,7 @@ class Candidate:
                 "refined": bool(self.refinement and self.refinement.get("applied")),
                 "search_score": None if not math.isfinite(self.search_score) else round(self.search_score, 4),
                 "mi_peak": round(mi_peak(self), 3) if "mi_peak" in self.evidence else None,
+                "pick_score": None if not math.isfinite(self.pick_score) else round(self.pick_score, 4),
                 "transform": np.asarray(self.transform).tolist()}
 
 
@@ -353,6 +356,9 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
     rescued = [with_keypoints(c, by) or (bool(by) and mi_peak(c) >= MI_CONFIRM) for c, by in zip(candidates, confirmed)]
     ranker = ranker if ranker is not None else HandRule()
     scores = ranker.score(pick_features(candidates, size, confirmed)) if len(candidates) > 1 else [0.0]
+    if len(candidates) > 1:
+        for c, s in zip(candidates, scores):
+            c.pick_score = float(s)
 
     def key(i: int) -> tuple[bool, float]:
         return candidates[i].verdict.status != "failed" or rescued[i], float(scores[i])

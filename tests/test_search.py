@@ -148,7 +148,11 @@ def test_matcher_reports_the_weighed_hypotheses(displaced):
 
     rows = hypothesis_rows(r.to_dict(), (SIZE, SIZE))  # the report's table: the kept one marked, at 0 px
     assert [row[1] for row in rows] == [h["source"] for h in r.hypotheses]
-    assert [row[6] for row in rows if row[0] == "kept"] == [0.0]
+    assert [row[7] for row in rows if row[0] == "kept"] == [0.0]
+    scores = [h["pick_score"] for h in r.hypotheses]  # what the pick ranked by, in result.json and the report
+    assert all(np.isfinite(scores)) and [row[5] for row in rows] == scores
+    top = max((h for h in r.hypotheses if h["status"] != "failed"), key=lambda h: h["pick_score"])
+    assert mean_corner_error(np.array(top["transform"]), r.transform, (SIZE, SIZE)) <= 5.0  # it, or the same fit
     off = Matcher("xfeat", {"search": {"enabled": False}}).match(displaced.optical, displaced.sar)
     assert [h["source"] for h in off.hypotheses] == ["keypoints"]
 
