@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptmid.config import merge_options
-from promptmid.models.weights import AGGREGATOR_FILES, AGGREGATOR_SHA256, WEIGHTS_DIR
 from promptmid.geometry import Size
+from promptmid.models.weights import AGGREGATOR_FILES, AGGREGATOR_SHA256, WEIGHTS_DIR
 
 
 class Aggregator(Protocol):

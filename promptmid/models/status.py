@@ -10,6 +10,7 @@ file, keys and all. Loading a model checks the same pins again, and its keys.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from promptmid.errors import ModelError
@@ -50,7 +51,7 @@ def all_models(verify: bool = True) -> list[dict[str, Any]]:
             + pick_model_status() + search_head)
 
 
-def shipped_file_row(name: str, file: Any, sha256: str, verify: bool, message: str) -> dict[str, Any]:
+def shipped_file_row(name: str, file: Path, sha256: str, verify: bool, message: str) -> dict[str, Any]:
     """The row of a weights file this package ships: present, and (when ``verify``) with the pinned ``sha256``."""
     row: dict[str, Any] = {"name": name, "source": "promptmid (this package)", "sha256": sha256[:16],
                            "licence": "Apache-2.0", "cache_path": str(file), "ready": True, "message": message}
