@@ -47,6 +47,28 @@ def test_match_writes_all_products(tmp_path, demo_files, demo_pair):
     assert figure.shape[1] >= 1200 and figure.shape[0] > 1200 * 512 / (2 * 512 + 16)
 
 
+def test_the_console_entry_point_ends_with_every_product_written(tmp_path, demo_files):
+    """``main`` ends the process without the interpreter's teardown: the exit code, the JSON on stdout, an error on
+    stderr and every product (complete, readable) must still be there."""
+    import rasterio
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "promptmid.cli", "match", str(demo_files[0]), str(demo_files[1]), "--out", str(out),
+           "--preset", "xfeat", "--json", "--threads", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout) == json.loads((out / "result.json").read_text())
+    with rasterio.open(out / "registered_sar.tif") as src:
+        assert np.isfinite(src.read(1)).any()
+    assert (out / "report.html").read_text().rstrip().endswith("</html>")
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # products exist: refused, exit 3
+    assert again.returncode == 3 and "--overwrite" in again.stderr
+    missing = subprocess.run([sys.executable, "-m", "promptmid.cli", "match", str(tmp_path / "none.tif"),
+                              str(demo_files[1]), "--out", str(tmp_path / "o2")], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and "none.tif" in missing.stderr
+
+
 def test_existing_output_needs_overwrite(tmp_path, demo_files):
     out = tmp_path / "out"
     out.mkdir()
