@@ -140,13 +140,16 @@ def test_models_lists_every_model():
             "promptmid-qc-v3", "promptmid-agg-v3", "promptdm-small"} <= names and all(r["ready"] for r in rows)
 
 
-def test_models_does_not_import_torch():
-    """Listing the models answers fast: no torch import (python -X importtime names every module imported)."""
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "promptmid.cli", "models", "--json", "--no-verify"],
+@pytest.mark.parametrize("args, module", [(["models", "--json", "--no-verify"], "promptmid.models.status"),
+                                          (["eval-methods"], "promptmid.evaluation.methods")])
+def test_listing_commands_do_not_import_torch(args, module):
+    """Listing the models or the evaluation methods answers fast: no torch import (python -X importtime names every
+    module imported)."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "promptmid.cli", *args],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
-    assert "promptmid.models.status" in imported and "torch" not in imported
+    assert module in imported and "torch" not in imported
 
 
 def test_shipped_file_row_checks_the_pinned_checksum(tmp_path):

