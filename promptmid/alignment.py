@@ -157,8 +157,7 @@ def _correlate(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, radius: 
     y0, y1, x0, x1 = ys.min() + radius, ys.max() - radius, xs.min() + radius, xs.max() - radius
     if y1 - y0 < 16 or x1 - x0 < 16:
         return nothing
-    f0, f1 = feat0, feat1
-    score = channel_ncc(f1[:, y0 - radius:y1 + radius, x0 - radius:x1 + radius], f0[:, y0:y1, x0:x1])
+    score = channel_ncc(feat1[:, y0 - radius:y1 + radius, x0 - radius:x1 + radius], feat0[:, y0:y1, x0:x1])
     score = np.nan_to_num(score, nan=-1.0)
     iy, ix = np.unravel_index(int(np.argmax(score)), score.shape)
     peak = float(score[iy, ix])

@@ -136,7 +136,8 @@ def _print_table(result: Any, out_dir: Path) -> None:
     rows = [
         ("verdict", verdict_markup(result.status, result.confidence)),
         ("transform (optical px -> SAR px)", format_matrix(result.transform)),
-        ("matches / agreeing (inliers)", f"{len(result.points0)} / {result.num_inliers} ({result.num_inliers / max(1, len(result.points0)):.0%})"),
+        ("matches / agreeing (inliers)",
+         f"{len(result.points0)} / {result.num_inliers} ({result.num_inliers / max(1, len(result.points0)):.0%})"),
         ("residual RMSE", f"{result.rmse:.2f} SAR px"),
         ("inlier coverage", f"{result.coverage():.0%} of the optical image"),
         ("SAR rotation tried/kept", f"{result.rotation_deg:g} deg"),

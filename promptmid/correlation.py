@@ -35,20 +35,20 @@ class Correlator:
                  groups: Sequence[slice] | None = None) -> None:
         """``groups``: channel groups (slices of ``features``) that :meth:`ncc_sets` can correlate in any
         combination; ``None``: all channels as one group."""
+        fft = _fft()
         h0, w0 = fixed.mask.shape
         self.h0, self.w0 = h0, w0
         self.local = local
         if local:  # only shifts 0 <= d <= canvas - fixed: a circular correlation of the canvas size never wraps
-            self.shape = (_fft().next_fast_len(canvas_shape[0], True), _fft().next_fast_len(canvas_shape[1], True))
+            self.shape = (fft.next_fast_len(canvas_shape[0], True), fft.next_fast_len(canvas_shape[1], True))
         else:
-            self.shape = (_fft().next_fast_len(h0 + canvas_shape[0], True),
-                          _fft().next_fast_len(w0 + canvas_shape[1], True))
+            self.shape = (fft.next_fast_len(h0 + canvas_shape[0], True), fft.next_fast_len(w0 + canvas_shape[1], True))
         self.origin = (0, 0) if local else (h0 - 1, w0 - 1)  # map index of shift d = d + origin (y, x)
         self.groups = list(groups) if groups is not None else [slice(None)]
         m0 = fixed.mask.astype(np.float32)
-        self.a = np.conj(_fft().rfft2(fixed.features, self.shape))
-        self.a2 = np.conj(_fft().rfft2(_group_squares(fixed.features, self.groups), self.shape))
-        self.m0 = np.conj(_fft().rfft2(m0, self.shape))
+        self.a = np.conj(fft.rfft2(fixed.features, self.shape))
+        self.a2 = np.conj(fft.rfft2(_group_squares(fixed.features, self.groups), self.shape))
+        self.m0 = np.conj(fft.rfft2(m0, self.shape))
         self.area0 = float(m0.sum())
         self.min_overlap = min_overlap
 

@@ -330,8 +330,9 @@ def match_page(result: Any, data: Mapping[str, Any], optical: Any, sar: Any) -> 
         parts.append(section("Hypotheses weighed", "<p>Every candidate transform the QC judged; the pick keeps the "
                              "highest pick score among those not failed (by default the QC confidence, plus "
                              f"{MI_WEIGHT:g} x the mutual-information peak, plus {AGREEMENT_BONUS:g} when another kind "
-                             "of source found the same transform; mutual-information peak: thousandths, about 1-4 at a right transform, about "
-                             "0 at a wrong one; distance: mean corner distance from the kept transform, SAR px).</p>"
+                             "of source found the same transform; mutual-information peak: thousandths, about 1-4 at "
+                             "a right transform, about 0 at a wrong one; distance: mean corner distance from the kept "
+                             "transform, SAR px).</p>"
                              + table(cands, ["", "source", "status", "confidence", "MI peak", "pick score", "refined",
                                              "px from the kept transform"])))
     parts.append(_run_section(data))
@@ -340,7 +341,8 @@ def match_page(result: Any, data: Mapping[str, Any], optical: Any, sar: Any) -> 
 
 def hypothesis_rows(data: Mapping[str, Any], size: tuple[int, int]) -> list[list[Any]]:
     """One row per weighed candidate of ``result.json`` (``hypotheses``): kept mark, source, status, confidence, MI
-    peak, pick score, refined, and its mean corner distance from the kept transform over the optical image of ``size`` (W, H)."""
+    peak, pick score, refined, and its mean corner distance from the kept transform over the optical image of
+    ``size`` (W, H)."""
     from promptmid.geometry import corner_error
 
     kept = data.get("transform")
@@ -349,7 +351,8 @@ def hypothesis_rows(data: Mapping[str, Any], size: tuple[int, int]) -> list[list
         far = (float(corner_error(np.asarray(c["transform"]), np.asarray(kept), size).mean())
                if kept is not None and c.get("transform") is not None else None)
         rows.append(["kept" if c.get("source") == data.get("hypothesis") else "", c.get("source"), c.get("status"),
-                     c.get("confidence"), c.get("mi_peak"), c.get("pick_score"), c.get("refined"), None if far is None else round(far, 1)])
+                     c.get("confidence"), c.get("mi_peak"), c.get("pick_score"), c.get("refined"),
+                     None if far is None else round(far, 1)])
     return rows
 
 

@@ -156,13 +156,13 @@ def test_shipped_file_row_checks_the_pinned_checksum(tmp_path):
     from promptmid.models.status import shipped_file_row
     from promptmid.models.weights import SEARCH_HEAD, SEARCH_HEAD_SHA256
 
-    assert shipped_file_row("head", SEARCH_HEAD, SEARCH_HEAD_SHA256, True, "m")["ready"]
+    assert shipped_file_row(SEARCH_HEAD, SEARCH_HEAD_SHA256, True, "m")[0]["ready"]
     changed = tmp_path / "head.json"
     changed.write_bytes(SEARCH_HEAD.read_bytes() + b" ")
-    row = shipped_file_row("head", changed, SEARCH_HEAD_SHA256, True, "m")
+    [row] = shipped_file_row(changed, SEARCH_HEAD_SHA256, True, "m")
     assert not row["ready"] and "sha256" in row["message"]
-    assert shipped_file_row("head", changed, SEARCH_HEAD_SHA256, False, "m")["ready"]  # --no-verify: presence only
-    row = shipped_file_row("head", tmp_path / "gone.json", SEARCH_HEAD_SHA256, True, "m")
+    assert shipped_file_row(changed, SEARCH_HEAD_SHA256, False, "m")[0]["ready"]  # --no-verify: presence only
+    [row] = shipped_file_row(tmp_path / "gone.json", SEARCH_HEAD_SHA256, True, "m")
     assert not row["ready"] and "missing" in row["message"]
 
 

@@ -38,28 +38,28 @@ def all_models(verify: bool = True) -> list[dict[str, Any]]:
     from promptmid.qc import pinned_status, qc_model_status
     from promptmid.ranker import pick_model_status
 
-    aggregators = [shipped_file_row(name, WEIGHTS_DIR / filename, AGGREGATOR_SHA256[name], verify,
-                                    "trained feature aggregator (see promptmid/weights/MODEL_CARD.md)")
-                   for name, filename in AGGREGATOR_FILES.items()]
-    promptdm = shipped_file_row("promptdm-small", PROMPTDM_FILE, PROMPTDM_SHA256, verify,
+    aggregators = [row for name, filename in AGGREGATOR_FILES.items()
+                   for row in shipped_file_row(WEIGHTS_DIR / filename, AGGREGATOR_SHA256[name], verify,
+                                               "trained feature aggregator (see promptmid/weights/MODEL_CARD.md)")]
+    promptdm = shipped_file_row(PROMPTDM_FILE, PROMPTDM_SHA256, verify,
                                 "prompt-conditioned pixel-space diffusion UNet trained here "
                                 "(promptmid/weights/PROMPTDM_CARD.md); text encoder: minilm_l6")
     search_head = pinned_status(SEARCH_HEAD, SEARCH_HEAD_SHA256, "projection of ALIKED's dense map for the area "
                                 "search (search.learned = both-trained, the default, or trained)",
                                 lambda: read_search_head(SEARCH_HEAD, SEARCH_HEAD_SHA256))
-    return (model_status(verify) + [graph_status(verify)] + aggregators + [promptdm] + qc_model_status()
+    return (model_status(verify) + [graph_status(verify)] + aggregators + promptdm + qc_model_status()
             + pick_model_status() + search_head)
 
 
-def shipped_file_row(name: str, file: Path, sha256: str, verify: bool, message: str) -> dict[str, Any]:
-    """The row of a weights file this package ships: present, and (when ``verify``) with the pinned ``sha256``."""
-    row: dict[str, Any] = {"name": name, "source": "promptmid (this package)", "sha256": sha256[:16],
-                           "licence": "Apache-2.0", "cache_path": str(file), "ready": True, "message": message}
-    try:
+def shipped_file_row(file: Path, sha256: str, verify: bool, message: str) -> list[dict[str, Any]]:
+    """The row of a weights file this package ships (:func:`promptmid.qc.pinned_status`, named after the file):
+    present, and (when ``verify``) with the pinned ``sha256``."""
+    from promptmid.qc import pinned_status
+
+    def check() -> None:
         if not file.is_file():
             raise ModelError(f"missing {file}; reinstall promptmid")
         if verify and sha256_file(file) != sha256:
             raise ModelError(f"sha256 of {file} differs from the released weights; reinstall promptmid")
-    except ModelError as exc:
-        row.update(ready=False, message=str(exc))
-    return row
+
+    return pinned_status(file, sha256, message, check)

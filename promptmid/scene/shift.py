@@ -48,11 +48,6 @@ class TileShift:
         return np.array([[1.0, 0.0, self.sx], [0.0, 1.0, self.sy], [0.0, 0.0, 1.0]])
 
 
-def _score(chip_f: np.ndarray, tile_f: np.ndarray) -> np.ndarray:
-    """Mean NCC over channels of ``tile_f`` [C, h, w] at every position inside ``chip_f`` [C, H, W]."""
-    return channel_ncc(chip_f, tile_f)
-
-
 def _features(gray: np.ndarray, valid: np.ndarray, factor: float) -> np.ndarray:
     g = np.where(valid, gray, float(np.median(gray[valid])) if valid.any() else 0.0).astype(np.float32)
     if factor < 1.0:
@@ -77,7 +72,7 @@ def similarity(tile: np.ndarray, tile_valid: np.ndarray, chip: np.ndarray, chip_
     both = tile_valid & wvalid
     if not both.any():
         return 0.0
-    ncc = float(_score(_features(warped, both, f), _features(tile, both, f)).max())
+    ncc = float(channel_ncc(_features(warped, both, f), _features(tile, both, f)).max())
     return ncc * float(both.sum()) / max(1, int(tile_valid.sum()))
 
 
@@ -91,13 +86,13 @@ def tile_shift(tile: np.ndarray, tile_valid: np.ndarray, chip: np.ndarray, chip_
     if margin < 1 or min(h, w) < 16:
         return None
     f = min(1.0, COARSE_SIDE / max(h, w))
-    s = _score(_features(chip, chip_valid, f), _features(tile, tile_valid, f))
+    s = channel_ncc(_features(chip, chip_valid, f), _features(tile, tile_valid, f))
     cx, cy, _peak, distinct = subpixel_peak(s)
     # full resolution, +-FINE_SEARCH around the coarse peak (chip window cut to that range)
     x0 = int(np.clip(round(cx / f) - FINE_SEARCH, 0, 2 * margin))
     y0 = int(np.clip(round(cy / f) - FINE_SEARCH, 0, 2 * margin))
     x1, y1 = min(2 * margin, x0 + 2 * FINE_SEARCH), min(2 * margin, y0 + 2 * FINE_SEARCH)
     window = (slice(y0, y1 + h), slice(x0, x1 + w))
-    fine = _score(_features(chip[window], chip_valid[window], 1.0), _features(tile, tile_valid, 1.0))
+    fine = channel_ncc(_features(chip[window], chip_valid[window], 1.0), _features(tile, tile_valid, 1.0))
     fx, fy, peak, _ = subpixel_peak(fine)
     return TileShift(x0 + fx, y0 + fy, peak, distinct)

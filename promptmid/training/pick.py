@@ -95,8 +95,7 @@ def fit_pick_model(rows: Sequence[dict[str, Any]], l2: float = L2, info: dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     from promptmid.evaluation.manifest import read_manifest
-    from promptmid.evaluation.pipeline import select_pairs
-    from promptmid.evaluation.pipeline import git_revision
+    from promptmid.evaluation.pipeline import git_revision, select_pairs
     from promptmid.training.qc import calibration_pairs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
