@@ -115,9 +115,11 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         max_blocks: most blocks per pass (the grid spacing widens on large images; ``None``: half a block always).
     """
     result = Refinement(matrix, False, reason="not run")
+    gray0 = _gray(optical)
+    feat0 = oriented_gradient_features(gray0)  # the optical side is the same in every pass
     for i in range(iterations):
         radius = search if i == 0 or search_after is None else min(search, search_after)
-        step = _refine_once(optical, sar, result.matrix, optical_valid, sar_valid, model, block, radius,
+        step = _refine_once(feat0, _gray(sar), result.matrix, optical_valid, sar_valid, model, block, radius,
                             min_distinct, min_blocks, threshold, max_blocks)
         if not step.applied:
             return result if result.applied else step
@@ -127,19 +129,23 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
     return result
 
 
-def _refine_once(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
+def _gray(image: np.ndarray) -> np.ndarray:
+    """``[h, w]`` gray values of an ``[h, w, 3]`` or ``[h, w]`` image."""
+    return image.mean(-1) if image.ndim == 3 else image
+
+
+def _refine_once(feat0: np.ndarray, gray1: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                  sar_valid: np.ndarray, model: str, block: int, search: int, min_distinct: float, min_blocks: int,
                  threshold: float, max_blocks: int | None = None) -> Refinement:
-    """One pass of :func:`refine_transform`."""
-    gray0 = optical.mean(-1) if optical.ndim == 3 else optical
-    gray1 = sar.mean(-1) if sar.ndim == 3 else sar
-    h, w = gray0.shape
+    """One pass of :func:`refine_transform`: ``feat0`` the optical features (:func:`oriented_gradient_features`),
+    ``gray1`` the SAR gray values."""
+    h, w = feat0.shape[-2:]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpPerspective(gray1.astype(np.float32), matrix, (w, h), flags=flags)
     warped_valid = cv2.warpPerspective(sar_valid.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST
                                        | cv2.WARP_INVERSE_MAP).astype(bool)
     valid = optical_valid & warped_valid
-    centres, shifts = block_shifts(oriented_gradient_features(gray0), oriented_gradient_features(warped), valid,
+    centres, shifts = block_shifts(feat0, oriented_gradient_features(warped), valid,
                                    block, search, min_distinct, max_blocks)
     if len(centres) < min_blocks:
         return Refinement(matrix, False, len(centres), reason=f"only {len(centres)} textured blocks")

@@ -155,12 +155,15 @@ def _promptmid_spec(preset: str, description: str, default: bool = True, name: s
                       {"preset": preset, "overrides": overrides}, rotations_inside=True, default=default)
 
 
-register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-S/14 L4/8/12 fused by the trained "
+register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-S/14 L4/8/12 (392 px) fused by the trained "
                          "promptmid-agg-v3, MNN"))
 register(_promptmid_spec("lite", "lite with the training-free fusion (concatenation) instead of promptmid-agg-v3",
                          default=False, name="lite-concat-aliked", overrides={"aggregator": CONCAT}))
 register(_promptmid_spec("lite", "lite with DINOv2 in int8 (ONNX Runtime dynamic quantisation; speed)", default=False,
                          name="lite-int8", overrides={"sources": {"dinov2": {"precision": "int8"}}}))
+register(_promptmid_spec("lite", "lite with DINOv2 at 518 px, the previous default (392 px is as accurate and faster: "
+                         "benchmarks/results/dinov2_392_unseen.md)", default=False, name="lite-d518",
+                         overrides={"sources": {"dinov2": {"long_side": 518}}}))
 register(_promptmid_spec("lite-concat", "promptmid lite-concat: XFeat + DINOv2-S/14, concat fusion"))
 register(_promptmid_spec("xfeat", "promptmid xfeat: XFeat keypoints and descriptors only, MNN"))
 register(_promptmid_spec("aliked", "promptmid aliked: ALIKED-n16 keypoints and descriptors, MNN + guided matching",
@@ -185,7 +188,7 @@ def _register_others() -> None:
 
     for spec in (*baselines.SPECS, rift.SPEC, area.SPEC, area.LEARNED_SPEC, area.TRAINED_SPEC):
         register(spec)
-    for name in ("promptmid-lite", "promptmid-lite-int8", "aliked-mnn", "promptmid-full"):
+    for name in ("promptmid-lite", "promptmid-lite-d518", "promptmid-lite-int8", "aliked-mnn", "promptmid-full"):
         register(area.composite(name, METHODS[name].description))
         register(area.composite(name, METHODS[name].description, (area.LEARNED_SPEC.name,)))
         register(area.composite(name, METHODS[name].description, (area.TRAINED_SPEC.name,)))
