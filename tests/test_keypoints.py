@@ -108,3 +108,18 @@ def test_aliked_detect_equals_kornia_dkd(optical):
             ref_kpts, ref_scores, _ = net.dkd(scores)
             kpts, kpt_scores = aliked_detect(net.dkd, scores)
             assert len(kpts) > 10 and torch.equal(kpts, ref_kpts[0]) and torch.equal(kpt_scores, ref_scores[0])
+
+
+def test_aliked_score_head_and_norm_equal_the_plain_operations():
+    """The score head with its 1x1 convolution as a matrix product, and the channel norm summed plane by plane, give
+    what the plain operations give (to float rounding), also for a head whose first layer is not 1x1."""
+    from promptmid.models.keypoints import _channel_norm, _score_head, load_aliked_net
+
+    dense = torch.randn(1, 128, 37, 53, generator=torch.Generator().manual_seed(0))
+    head = load_aliked_net(1024, 0.2).score_head
+    other = torch.nn.Sequential(torch.nn.Conv2d(128, 4, 3, padding=1), torch.nn.SELU(), torch.nn.Conv2d(4, 1, 1))
+    with torch.inference_mode():
+        for h in (head, other):
+            ref = h(dense)
+            assert torch.allclose(_score_head(h, dense), ref, atol=1e-5 * ref.abs().max().item())
+        assert torch.allclose(_channel_norm(dense), dense.norm(dim=1, keepdim=True), rtol=1e-6)
