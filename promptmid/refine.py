@@ -115,11 +115,10 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         max_blocks: most blocks per pass (the grid spacing widens on large images; ``None``: half a block always).
     """
     result = Refinement(matrix, False, reason="not run")
-    gray0 = _gray(optical)
-    feat0 = oriented_gradient_features(gray0)  # the optical side is the same in every pass
+    feat0, gray1 = oriented_gradient_features(_gray(optical)), _gray(sar)  # the same in every pass
     for i in range(iterations):
         radius = search if i == 0 or search_after is None else min(search, search_after)
-        step = _refine_once(feat0, _gray(sar), result.matrix, optical_valid, sar_valid, model, block, radius,
+        step = _refine_once(feat0, gray1, result.matrix, optical_valid, sar_valid, model, block, radius,
                             min_distinct, min_blocks, threshold, max_blocks)
         if not step.applied:
             return result if result.applied else step

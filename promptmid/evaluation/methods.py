@@ -155,8 +155,8 @@ def _promptmid_spec(preset: str, description: str, default: bool = True, name: s
                       {"preset": preset, "overrides": overrides}, rotations_inside=True, default=default)
 
 
-register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-S/14 L4/8/12 (392 px) fused by the trained "
-                         "promptmid-agg-v3, MNN"))
+register(_promptmid_spec("lite", "promptmid lite (default): ALIKED-n16 + DINOv2-S/14 L4/8/12 (392 px) fused by the "
+                         "trained promptmid-agg-v3, MNN"))
 register(_promptmid_spec("lite", "lite with the training-free fusion (concatenation) instead of promptmid-agg-v3",
                          default=False, name="lite-concat-aliked", overrides={"aggregator": CONCAT}))
 register(_promptmid_spec("lite", "lite with DINOv2 in int8 (ONNX Runtime dynamic quantisation; speed)", default=False,
