@@ -124,6 +124,49 @@ def test_runner_and_report(tmp_path, pair: tuple) -> None:
     assert [r["corner_error"] for r in again] == [r["corner_error"] for r in rows]  # from the cache
 
 
+def test_cached_matches_of_other_settings_are_recomputed(tmp_path, pair: tuple, monkeypatch) -> None:
+    """A cache entry records its method's settings fingerprint: an entry of the same settings (or one from before
+    fingerprints) is reused, one of other settings (e.g. a preset changed since) is recomputed and overwritten; the
+    fingerprint follows the resolved preset configuration."""
+    import json
+    from pathlib import Path
+
+    from promptmid.config import PRESETS
+    from promptmid.evaluation import methods
+    from promptmid.evaluation.manifest import Pair
+    from promptmid.evaluation.runner import EvalConfig, _load_cached, cache_path, matches_for
+
+    truth = pair[0]
+    optical, sar = load_image(truth.optical, "optical"), load_image(truth.sar, "sar")
+    conf = EvalConfig(["sift-ratio"], cache_dir=str(tmp_path))
+    record = Pair("gen/1", Path("o.png"), Path("s.png"), "gen", np.asarray(truth.H))
+    path = cache_path(str(tmp_path), "sift-ratio", [0.0], record.id)
+    fresh = matches_for("sift-ratio", record, (optical, sar), "", conf)
+    assert len(fresh["points0"]) > 5 and _load_cached(path)["settings"] == methods.settings_fingerprint("sift-ratio")
+
+    def rewrite(settings: str | None) -> None:  # the entry as another version would have left it: one match only
+        with np.load(path) as z:
+            info = {k: v for k, v in json.loads(str(z["info"])).items() if k != "settings"}
+        np.savez(path, points0=np.zeros((1, 2)), points1=np.zeros((1, 2)), scores=np.zeros(1),
+                 info=json.dumps({**info, **({"settings": settings} if settings else {})}))
+
+    rewrite(methods.settings_fingerprint("sift-ratio"))
+    assert len(matches_for("sift-ratio", record, (optical, sar), "", conf)["points0"]) == 1  # reused
+    rewrite(None)
+    assert len(matches_for("sift-ratio", record, (optical, sar), "", conf)["points0"]) == 1  # before fingerprints
+    rewrite("0123456789abcdef")
+    assert len(matches_for("sift-ratio", record, (optical, sar), "", conf)["points0"]) == len(fresh["points0"])
+    assert _load_cached(path)["settings"] == methods.settings_fingerprint("sift-ratio")  # overwritten
+
+    before = methods.settings_fingerprint("promptmid-lite")
+    methods.settings_fingerprint.cache_clear()
+    monkeypatch.setitem(PRESETS["lite"], "sources", {"dinov2": {"long_side": 224}})
+    assert methods.settings_fingerprint("promptmid-lite") != before
+    monkeypatch.undo()
+    methods.settings_fingerprint.cache_clear()
+    assert methods.settings_fingerprint("promptmid-lite") == before
+
+
 def test_eval_reports_the_products_verdict_not_a_rejudgement() -> None:
     """The eval's qc_status is the chosen candidate's verdict as the product gives it (e.g. an area hypothesis capped
     at uncertain although its evidence alone would say ok), and failed without a fit."""

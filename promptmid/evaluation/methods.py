@@ -21,12 +21,15 @@ promptmid presets do the same inside :class:`~promptmid.api.Matcher`. The benchm
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import time
 from typing import Any
 
 import numpy as np
 
-from promptmid.config import CONCAT, INLIER_THRESHOLD_PX, merge_options
+from promptmid.config import CONCAT, INLIER_THRESHOLD_PX, get_config, merge_options
 from promptmid.evaluation.base import MethodFn, MethodSpec
 from promptmid.io import PreparedImage
 from promptmid.geometry import Size, apply_transform
@@ -79,6 +82,32 @@ def build_method(name: str, rotations: list[float] | None = None, **conf: Any) -
         return spec.build(merged)
     fn = spec.build(merged)
     return fn if angles == [0.0] else with_rotation_search(fn, angles)
+
+
+# the sections of a preset's configuration that a promptmid method's raw matches depend on (the evaluation refines,
+# searches and judges every method itself, so "refine", "search" and "qc" settings do not change them)
+MATCH_SECTIONS = ("io", "keypoints", "sources", "aggregator", "matching", "geometry")
+
+
+@functools.lru_cache(maxsize=None)
+def settings_fingerprint(name: str) -> str:
+    """A short hash of the settings a registered method's raw output depends on: its ``default_conf`` and, for a
+    promptmid preset, the resolved sections :data:`MATCH_SECTIONS` of :func:`promptmid.config.get_config` (and, for
+    the area search, the resolved search options). Changing a preset or a default in :mod:`promptmid.config`
+    changes it, so cached matches of the old settings are not reused (:mod:`promptmid.evaluation.runner`)."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; valid: {', '.join(METHODS)}")
+    spec = METHODS[name]
+    settings: dict[str, Any] = {"conf": spec.default_conf, "parts": list(spec.parts)}
+    if spec.build is build_promptmid:
+        config = get_config(spec.default_conf["preset"], spec.default_conf.get("overrides"))
+        settings["config"] = {k: config[k] for k in MATCH_SECTIONS}
+    elif spec.build.__name__ == "build_area_search":
+        from promptmid.search import check_conf
+
+        settings["search"] = check_conf(spec.default_conf.get("search") or {})
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def rotations_for(name: str, rotations: list[float]) -> list[float]:

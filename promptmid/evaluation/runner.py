@@ -7,7 +7,9 @@ pair x method x model; a pair that fails (unreadable image, method error, too fe
 is a row with ``status`` ``"error"`` or ``"failed"`` and its ``reason``, never dropped.
 
 Raw matches can be cached per (method, pair) in ``cache_dir`` (``.npz``), which makes runs resumable:
-cached pairs are not matched again, only re-fitted.
+cached pairs are not matched again, only re-fitted. Each entry records the method's settings fingerprint
+(:func:`promptmid.evaluation.methods.settings_fingerprint`); an entry written under other settings (e.g. before a
+preset changed) is recomputed and overwritten. Entries from before fingerprints were recorded are reused as they are.
 
 Methods may also return transform ``hypotheses`` (the area search, :mod:`promptmid.evaluation.area`); the
 ``+refine`` rows then go through :func:`promptmid.selection.choose` with them, exactly as the Matcher does, and record
@@ -181,7 +183,7 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
     others (each part cached on its own; their ``source`` set by the part, :func:`area_source`), with the parts'
     timings added up."""
     from promptmid.evaluation.area import area_source
-    from promptmid.evaluation.methods import METHODS, rotations_for
+    from promptmid.evaluation.methods import METHODS, rotations_for, settings_fingerprint
 
     parts = METHODS[name].parts
     if parts:
@@ -196,7 +198,8 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
     path = (cache_path(conf.cache_dir, name, rotations_for(name, conf.rotations), pair.id, conf.protocol)
             if conf.cache_dir else None)
     cached = _load_cached(path) if path else None
-    if cached is not None:
+    settings = settings_fingerprint(name)
+    if cached is not None and cached.get("settings", settings) == settings:
         return cached
     if images is None:
         return {"points0": np.zeros((0, 2)), "points1": np.zeros((0, 2)), "scores": np.zeros(0), "error": load_error}
@@ -209,7 +212,7 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
                "error": f"{type(exc).__name__}: {exc}"}
         return out  # errors are not cached: they are retried next time
     if path:
-        _save_cached(path, out)
+        _save_cached(path, {**out, "settings": settings})
     return out
 
 
