@@ -94,7 +94,11 @@ def settings_fingerprint(name: str) -> str:
     """A short hash of the settings a registered method's raw output depends on: its ``default_conf`` and, for a
     promptmid preset, the resolved sections :data:`MATCH_SECTIONS` of :func:`promptmid.config.get_config` (and, for
     the area search, the resolved search options). Changing a preset or a default in :mod:`promptmid.config`
-    changes it, so cached matches of the old settings are not reused (:mod:`promptmid.evaluation.runner`)."""
+    changes it, so cached matches of the old settings are not reused (:mod:`promptmid.evaluation.runner`). Changes
+    of code or weight files do not: clear the method's cache folder after those."""
+    from promptmid.evaluation.area import build_area_search
+    from promptmid.search import check_conf
+
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; valid: {', '.join(METHODS)}")
     spec = METHODS[name]
@@ -102,9 +106,7 @@ def settings_fingerprint(name: str) -> str:
     if spec.build is build_promptmid:
         config = get_config(spec.default_conf["preset"], spec.default_conf.get("overrides"))
         settings["config"] = {k: config[k] for k in MATCH_SECTIONS}
-    elif spec.build.__name__ == "build_area_search":
-        from promptmid.search import check_conf
-
+    elif spec.build is build_area_search:
         settings["search"] = check_conf(spec.default_conf.get("search") or {})
     text = json.dumps(settings, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
