@@ -14,6 +14,7 @@ pixels to SAR pixels, like everywhere else.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,9 +69,11 @@ def grid_step(shape: tuple[int, int], block: int, search: int, max_blocks: int |
 
 
 def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block: int, search: int,
-                 min_distinct: float, max_blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 min_distinct: float, max_blocks: int | None = None, workers: int = 1
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Match blocks of ``feat0`` in ``feat1`` (``[C, H, W]``, same grid) within ``+-search`` px, on a grid of
-    :func:`grid_step` spacing (at most ``max_blocks`` blocks).
+    :func:`grid_step` spacing (at most ``max_blocks`` blocks), ``workers`` threads side by side (OpenCV releases the
+    GIL; the same results in the same order).
 
     Returns:
         block centres ``[K, 2]`` (x, y) in ``feat0`` and their shifts ``[K, 2]`` (where the block
@@ -78,26 +81,33 @@ def block_shifts(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, block:
     """
     h, w = valid.shape
     step = grid_step((h, w), block, search, max_blocks)
-    centres, shifts = [], []
-    for y0 in range(search, h - block - search + 1, step):
-        for x0 in range(search, w - block - search + 1, step):
-            if valid[y0 - search:y0 + block + search, x0 - search:x0 + block + search].mean() < 0.95:
-                continue
-            templ = feat0[:, y0:y0 + block, x0:x0 + block]
-            area = feat1[:, y0 - search:y0 + block + search, x0 - search:x0 + block + search]
-            score = channel_ncc(area, templ)
-            px, py, _peak, distinct = subpixel_peak(score)
-            if distinct >= min_distinct:
-                centres.append([x0 + (block - 1) / 2, y0 + (block - 1) / 2])
-                shifts.append([px - search, py - search])
+    corners = [(x0, y0) for y0 in range(search, h - block - search + 1, step)
+               for x0 in range(search, w - block - search + 1, step)
+               if valid[y0 - search:y0 + block + search, x0 - search:x0 + block + search].mean() >= 0.95]
+
+    def match(corner: tuple[int, int]) -> tuple[list[float], list[float]] | None:
+        x0, y0 = corner
+        templ = feat0[:, y0:y0 + block, x0:x0 + block]
+        area = feat1[:, y0 - search:y0 + block + search, x0 - search:x0 + block + search]
+        px, py, _peak, distinct = subpixel_peak(channel_ncc(area, templ))
+        if distinct < min_distinct:
+            return None
+        return [x0 + (block - 1) / 2, y0 + (block - 1) / 2], [px - search, py - search]
+
+    if workers > 1 and len(corners) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            found = [m for m in pool.map(match, corners, chunksize=max(1, len(corners) // (4 * workers))) if m]
+    else:
+        found = [m for m in map(match, corners) if m]
+    centres, shifts = [c for c, _ in found], [d for _, d in found]
     return np.asarray(centres, np.float64).reshape(-1, 2), np.asarray(shifts, np.float64).reshape(-1, 2)
 
 
 def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                      sar_valid: np.ndarray, model: str = "affine", block: int = 64, search: int = 8,
                      min_distinct: float = 0.005, min_blocks: int = 8, threshold: float = 1.5,
-                     iterations: int = 3, search_after: int | None = None, max_blocks: int | None = None
-                     ) -> Refinement:
+                     iterations: int = 3, search_after: int | None = None, max_blocks: int | None = None,
+                     workers: int = 1) -> Refinement:
     """Refine an optical -> SAR transform by block matching of oriented-gradient features.
 
     Args:
@@ -113,13 +123,14 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         search_after: search radius of the passes after the first (default ``search``): a coarse start needs a
             wide first search, the passes after it only a narrow one.
         max_blocks: most blocks per pass (the grid spacing widens on large images; ``None``: half a block always).
+        workers: threads matching blocks side by side (:func:`block_shifts`; the same result for any number).
     """
     result = Refinement(matrix, False, reason="not run")
     feat0, gray1 = oriented_gradient_features(_gray(optical)), _gray(sar)  # the same in every pass
     for i in range(iterations):
         radius = search if i == 0 or search_after is None else min(search, search_after)
         step = _refine_once(feat0, gray1, result.matrix, optical_valid, sar_valid, model, block, radius,
-                            min_distinct, min_blocks, threshold, max_blocks)
+                            min_distinct, min_blocks, threshold, max_blocks, workers)
         if not step.applied:
             return result if result.applied else step
         result = step
@@ -135,7 +146,7 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 def _refine_once(feat0: np.ndarray, gray1: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                  sar_valid: np.ndarray, model: str, block: int, search: int, min_distinct: float, min_blocks: int,
-                 threshold: float, max_blocks: int | None = None) -> Refinement:
+                 threshold: float, max_blocks: int | None = None, workers: int = 1) -> Refinement:
     """One pass of :func:`refine_transform`: ``feat0`` the optical features (:func:`oriented_gradient_features`),
     ``gray1`` the SAR gray values."""
     h, w = feat0.shape[-2:]
@@ -145,7 +156,7 @@ def _refine_once(feat0: np.ndarray, gray1: np.ndarray, matrix: np.ndarray, optic
                                        | cv2.WARP_INVERSE_MAP).astype(bool)
     valid = optical_valid & warped_valid
     centres, shifts = block_shifts(feat0, oriented_gradient_features(warped), valid,
-                                   block, search, min_distinct, max_blocks)
+                                   block, search, min_distinct, max_blocks, workers)
     if len(centres) < min_blocks:
         return Refinement(matrix, False, len(centres), reason=f"only {len(centres)} textured blocks")
     # block content at optical c is found at c + d in the warped SAR, i.e. at SAR matrix(c + d)

@@ -80,7 +80,9 @@ def assess(optical: PreparedImage, sar: PreparedImage, points0: np.ndarray, poin
     """
     if not geom.ok:
         return None, None, {}
-    refinement = refine_prepared(optical, sar, geom.matrix, geom.model, **refine_conf) if refine_conf else None
+    # the keypoint fit is judged alone (the area hypotheses are judged side by side): its blocks use every thread
+    refinement = (refine_prepared(optical, sar, geom.matrix, geom.model, workers=fft_workers(), **refine_conf)
+                  if refine_conf else None)
     final, info = geom.matrix, None
     dense = dense_evidence(optical, sar, geom.matrix)
     if refinement is not None:
