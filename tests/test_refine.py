@@ -31,6 +31,26 @@ def test_refinement_pulls_a_perturbed_transform_to_the_truth():
     assert before > 4.5 and after < 2.0, (before, after)
 
 
+def test_blocks_matched_on_threads_give_the_same_result():
+    """Matching the refinement's blocks on several threads gives the same blocks, shifts and transform, in the same
+    order, as one thread."""
+    from promptmid.refine import block_shifts
+
+    pair = make_pair(320, seed=5, looks=8)
+    opt, sar = load_image(pair.optical, "optical"), load_image(pair.sar, "sar")
+    start = np.array([[1, 0, 3.0], [0, 1, -2.0], [0, 0, 1]]) @ pair.H
+    feat0, feat1 = oriented_gradient_features(opt.image.mean(-1)), oriented_gradient_features(sar.image.mean(-1))
+    valid = opt.valid & sar.valid
+    one = block_shifts(feat0, feat1, valid, 64, 8, 0.005)
+    assert len(one[0]) >= 8
+    for workers in (2, 3):
+        many = block_shifts(feat0, feat1, valid, 64, 8, 0.005, workers=workers)
+        assert all(np.array_equal(a, b) for a, b in zip(one, many))
+    ref1 = refine_transform(opt.image, sar.image, start, opt.valid, sar.valid)
+    ref2 = refine_transform(opt.image, sar.image, start, opt.valid, sar.valid, workers=2)
+    assert ref1.applied and np.array_equal(ref1.matrix, ref2.matrix) and ref1.blocks == ref2.blocks
+
+
 def test_refinement_is_not_applied_on_textureless_images():
     flat = np.full((200, 200), 0.5, np.float32)
     flat[100:, :] = 0.6  # one edge only: too few textured blocks
