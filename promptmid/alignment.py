@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from promptmid.dense import channel_ncc, oriented_gradient_features
+from promptmid.dense import channel_ncc, gray, oriented_gradient_features
 from promptmid.geometry import Size, warp_to_optical, working_transform
 from promptmid.io import PreparedImage
 
@@ -81,9 +81,9 @@ def mutual_information_evidence(optical: PreparedImage, sar: PreparedImage, matr
     size, work, _ = _reduced_grid(optical, sar, matrix, max_side)
     r, (w, h) = MI_RADIUS, size
     padded = work @ np.array([[1.0, 0.0, -r], [0.0, 1.0, -r], [0.0, 0.0, 1.0]])  # padded px -> SAR working px
-    canvas = warp_to_optical(_gray(sar.image), padded, Size(w + 2 * r, h + 2 * r))
+    canvas = warp_to_optical(gray(sar.image), padded, Size(w + 2 * r, h + 2 * r))
     canvas_valid = warp_to_optical(sar.valid.astype(np.float32), padded, Size(w + 2 * r, h + 2 * r)) > 0.99
-    opt = cv2.resize(_gray(optical.image), size, interpolation=cv2.INTER_AREA)
+    opt = cv2.resize(gray(optical.image), size, interpolation=cv2.INTER_AREA)
     valid0 = cv2.resize(optical.valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     border = np.zeros_like(valid0)
     border[8:-8, 8:-8] = True
@@ -117,9 +117,9 @@ def dense_evidence(optical: PreparedImage, sar: PreparedImage, matrix: np.ndarra
         ``dense_at_zero``: the correlation at zero shift (how well the transform itself aligns the images).
     """
     size, work, f = _reduced_grid(optical, sar, matrix, max_side)
-    opt_small = cv2.resize(_gray(optical.image), size, interpolation=cv2.INTER_AREA)
+    opt_small = cv2.resize(gray(optical.image), size, interpolation=cv2.INTER_AREA)
     valid0 = cv2.resize(optical.valid.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
-    warped = warp_to_optical(_gray(sar.image), work, size)
+    warped = warp_to_optical(gray(sar.image), work, size)
     valid1 = warp_to_optical(sar.valid.astype(np.float32), work, size) > 0.99
     feat0, valid0 = _neutral_outside(oriented_gradient_features(opt_small, sigma=1.0), valid0)
     feat1, valid1 = _neutral_outside(oriented_gradient_features(warped, sigma=1.0), valid1)
@@ -140,10 +140,6 @@ def _neutral_outside(feat: np.ndarray, valid: np.ndarray, margin: int = 3) -> tu
     out = feat.copy()
     out[:, ~inner] = feat[:, inner].mean(axis=1)[:, None]
     return out, inner
-
-
-def _gray(image: np.ndarray) -> np.ndarray:
-    return (image.mean(-1) if image.ndim == 3 else image).astype(np.float32)
 
 
 def _correlate(feat0: np.ndarray, feat1: np.ndarray, valid: np.ndarray, radius: int, scale: tuple[float, float],

@@ -12,6 +12,11 @@ import cv2
 import numpy as np
 
 
+def gray(image: np.ndarray) -> np.ndarray:
+    """``[h, w]`` float32 gray values of an ``[h, w, 3]`` image (the mean of its channels) or an ``[h, w]`` one."""
+    return (image.mean(-1) if image.ndim == 3 else image).astype(np.float32)
+
+
 def oriented_gradient_features(gray: np.ndarray, orientations: int = 9, sigma: float = 2.0,
                                normalise: bool = True) -> np.ndarray:
     """Dense oriented-gradient channels ``[orientations, H, W]`` (float32), L2-normalised per pixel.

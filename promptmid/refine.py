@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from promptmid.dense import channel_ncc, oriented_gradient_features, subpixel_peak
+from promptmid.dense import channel_ncc, gray, oriented_gradient_features, subpixel_peak
 from promptmid.geometry import apply_transform, original_transform, working_transform
 from promptmid.matching import fit_geometry
 
@@ -126,7 +126,7 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
         workers: threads matching blocks side by side (:func:`block_shifts`; the same result for any number).
     """
     result = Refinement(matrix, False, reason="not run")
-    feat0, gray1 = oriented_gradient_features(_gray(optical)), _gray(sar)  # the same in every pass
+    feat0, gray1 = oriented_gradient_features(gray(optical)), gray(sar)  # the same in every pass
     for i in range(iterations):
         radius = search if i == 0 or search_after is None else min(search, search_after)
         step = _refine_once(feat0, gray1, result.matrix, optical_valid, sar_valid, model, block, radius,
@@ -139,19 +139,14 @@ def refine_transform(optical: np.ndarray, sar: np.ndarray, matrix: np.ndarray, o
     return result
 
 
-def _gray(image: np.ndarray) -> np.ndarray:
-    """``[h, w]`` gray values of an ``[h, w, 3]`` or ``[h, w]`` image."""
-    return image.mean(-1) if image.ndim == 3 else image
-
-
 def _refine_once(feat0: np.ndarray, gray1: np.ndarray, matrix: np.ndarray, optical_valid: np.ndarray,
                  sar_valid: np.ndarray, model: str, block: int, search: int, min_distinct: float, min_blocks: int,
                  threshold: float, max_blocks: int | None = None, workers: int = 1) -> Refinement:
     """One pass of :func:`refine_transform`: ``feat0`` the optical features (:func:`oriented_gradient_features`),
-    ``gray1`` the SAR gray values."""
+    ``gray1`` the SAR gray values (float32)."""
     h, w = feat0.shape[-2:]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    warped = cv2.warpPerspective(gray1.astype(np.float32), matrix, (w, h), flags=flags)
+    warped = cv2.warpPerspective(gray1, matrix, (w, h), flags=flags)
     warped_valid = cv2.warpPerspective(sar_valid.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST
                                        | cv2.WARP_INVERSE_MAP).astype(bool)
     valid = optical_valid & warped_valid

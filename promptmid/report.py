@@ -341,8 +341,7 @@ def match_page(result: Any, data: Mapping[str, Any], optical: Any, sar: Any) -> 
 
 def hypothesis_rows(data: Mapping[str, Any], size: tuple[int, int]) -> list[list[Any]]:
     """One row per weighed candidate of ``result.json`` (``hypotheses``): kept mark, source, status, confidence, MI
-    peak, pick score, refined, and its mean corner distance from the kept transform over the optical image of
-    ``size`` (W, H)."""
+    peak, pick score, refined, and its mean corner distance from the kept transform (optical image of ``size``)."""
     from promptmid.geometry import corner_error
 
     kept = data.get("transform")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import cv2
 import numpy as np
 
-from promptmid.dense import oriented_gradient_features
+from promptmid.dense import gray, oriented_gradient_features
 from promptmid.io.radiometry import fill_nodata
 
 if TYPE_CHECKING:
@@ -42,9 +42,8 @@ def make_level(image: PreparedImage, long_side: int, sigma: float, orientations:
     h, w = image.image.shape[:2]
     f = min(1.0, long_side / max(h, w))
     size = (max(int(round(w * f)), 8), max(int(round(h * f)), 8))
-    gray = image.image.mean(-1) if image.image.ndim == 3 else image.image
     valid = image.valid.astype(np.float32)
-    filled = fill_nodata(gray.astype(np.float32), valid)
+    filled = fill_nodata(gray(image.image), valid)
     small = cv2.resize(filled, size, interpolation=cv2.INTER_AREA)
     small_valid = cv2.resize(valid, size, interpolation=cv2.INTER_AREA) > 0.5
     mask = _usable(small_valid, margin + int(math.ceil(2 * sigma)))

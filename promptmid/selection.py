@@ -357,8 +357,9 @@ def pick(candidates: Sequence[Candidate], size: tuple[int, int], ranker: Any = N
     confirmed = confirmations(candidates, size)
     rescued = [with_keypoints(c, by) or (bool(by) and mi_peak(c) >= MI_CONFIRM) for c, by in zip(candidates, confirmed)]
     ranker = ranker if ranker is not None else HandRule()
-    scores = ranker.score(pick_features(candidates, size, confirmed)) if len(candidates) > 1 else [0.0]
+    scores = [0.0]  # one candidate needs no score
     if len(candidates) > 1:
+        scores = ranker.score(pick_features(candidates, size, confirmed))
         for c, s in zip(candidates, scores):
             c.pick_score = float(s)
 

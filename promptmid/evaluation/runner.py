@@ -197,8 +197,8 @@ def matches_for(name: str, pair: Pair, images: tuple[PreparedImage, PreparedImag
 
     path = (cache_path(conf.cache_dir, name, rotations_for(name, conf.rotations), pair.id, conf.protocol)
             if conf.cache_dir else None)
+    settings = settings_fingerprint(name) if path else None
     cached = _load_cached(path) if path else None
-    settings = settings_fingerprint(name)
     if cached is not None and cached.get("settings", settings) == settings:
         return cached
     if images is None:
