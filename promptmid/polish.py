@@ -58,10 +58,38 @@ def _level(gray: np.ndarray, valid: np.ndarray, long_side: int) -> tuple[np.ndar
     return g, v, np.diag([size[0] / w, size[1] / h, 1.0])
 
 
-def _standardised(feat: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Each channel to zero mean and unit deviation over ``mask``."""
+def _gradients(feat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(d/dx, d/dy)`` of each channel of ``feat`` [C, h, w], as :func:`numpy.gradient` computes them (central
+    differences inside, one-sided at the borders; px units), with OpenCV's filter."""
+    kernel = np.array([[-0.5, 0.0, 0.5]], np.float32)
+    gx = np.stack([cv2.filter2D(c, -1, kernel) for c in feat])
+    gy = np.stack([cv2.filter2D(c, -1, kernel.T) for c in feat])
+    gx[:, :, 0], gx[:, :, -1] = feat[:, :, 1] - feat[:, :, 0], feat[:, :, -1] - feat[:, :, -2]
+    gy[:, 0], gy[:, -1] = feat[:, 1] - feat[:, 0], feat[:, -1] - feat[:, -2]
+    return gx, gy
+
+
+def _standardised(feat: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, deviation)``: each channel of ``feat`` [C, h, w] over ``mask``, as ``[C, N]`` values of zero mean and
+    unit deviation, and the ``[C, 1]`` deviations they were divided by."""
     vals = feat[:, mask]
-    return (feat - vals.mean(1)[:, None, None]) / (vals.std(1)[:, None, None] + 1e-6)
+    vals -= vals.mean(1, keepdims=True)
+    deviation = np.sqrt(np.einsum("cn,cn->c", vals, vals) / max(vals.shape[1], 1))[:, None] + 1e-6
+    vals /= deviation
+    return vals, deviation
+
+
+@dataclass
+class Sample:
+    """The features at one transform: ``a``, ``b`` the standardised optical and warped SAR values over ``mask``
+    ([C, N]), ``feat1`` the warped SAR features ([C, h, w], not standardised) and ``deviation`` ([C, 1]) what ``b``
+    was divided by."""
+
+    a: np.ndarray
+    b: np.ndarray
+    feat1: np.ndarray
+    deviation: np.ndarray
+    mask: np.ndarray
 
 
 class _Aligner:
@@ -74,6 +102,7 @@ class _Aligner:
         self.kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
         self.mask0 = cv2.erode(valid0.astype(np.uint8), self.kernel).astype(bool)
         self.gray1, self.valid1 = gray1, valid1.astype(np.uint8)
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (mask, optical values) of the last overlap
         self.half = max(self.h, self.w) / 2.0  # coordinates normalised to about [-1, 1] for a well-posed system
         self.norm = np.array([[1 / self.half, 0, -(self.w - 1) / 2 / self.half],
                               [0, 1 / self.half, -(self.h - 1) / 2 / self.half], [0, 0, 1.0]])
@@ -82,29 +111,40 @@ class _Aligner:
         self.xn = (xx - (self.w - 1) / 2) / self.half
         self.yn = (yy - (self.h - 1) / 2) / self.half
 
-    def evaluate(self, matrix: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray] | None:
-        """``(correlation, optical features, warped SAR features, mask)`` at ``matrix`` (level px), standardised;
-        ``None`` when too little overlap is left."""
+    def _optical(self, mask: np.ndarray) -> np.ndarray:
+        """The standardised optical values over ``mask`` (kept while the overlap stays the same)."""
+        if self._last is None or not np.array_equal(self._last[0], mask):
+            self._last = mask, _standardised(self.feat0, mask)[0]
+        return self._last[1]
+
+    def evaluate(self, matrix: np.ndarray) -> tuple[float, Sample] | None:
+        """``(correlation, sample)`` at ``matrix`` (level px): the mean per-channel correlation of the standardised
+        features over the overlap, and what :meth:`step` needs; ``None`` when too little overlap is left."""
         size, inverse = (self.w, self.h), cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
         warped = cv2.warpPerspective(self.gray1, matrix, size, flags=inverse, borderMode=cv2.BORDER_REFLECT)
         wvalid = cv2.warpPerspective(self.valid1, matrix, size, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
         mask = self.mask0 & cv2.erode(wvalid, self.kernel).astype(bool)
         if mask.sum() < MIN_OVERLAP * self.h * self.w:
             return None
-        a = _standardised(self.feat0, mask)
-        b = _standardised(oriented_gradient_features(warped), mask)
-        return float((a[:, mask] * b[:, mask]).mean()), a, b, mask
+        a = self._optical(mask)
+        feat1 = oriented_gradient_features(warped)
+        b, deviation = _standardised(feat1, mask)
+        return float((a * b).mean()), Sample(a, b, feat1, deviation, mask)
 
-    def step(self, a: np.ndarray, b: np.ndarray, mask: np.ndarray, damping: float) -> np.ndarray:
-        """The damped Gauss-Newton correction (3x3, level px) that moves the warped SAR features onto ``a``."""
-        xs, ys = self.xn[mask], self.yn[mask]
-        hessian, rhs = np.zeros((6, 6)), np.zeros(6)
-        for ca, cb in zip(a, b):
-            gy, gx = np.gradient(cb)
-            gx, gy = gx[mask] * self.half, gy[mask] * self.half  # per normalised unit
-            jac = np.stack([gx * xs, gx * ys, gx, gy * xs, gy * ys, gy], 1)
-            hessian += jac.T @ jac
-            rhs += jac.T @ (ca[mask] - cb[mask])
+    def step(self, sample: Sample, damping: float) -> np.ndarray:
+        """The damped Gauss-Newton correction (3x3, level px) that moves the warped SAR features onto the optical
+        ones. The normal equations are summed over the channels per pixel first: with ``w = (x, y, 1)`` (normalised
+        coordinates) the Hessian's blocks are ``sum w w^T gx gx``, ``sum w w^T gx gy`` and ``sum w w^T gy gy``."""
+        mask = sample.mask
+        gx, gy = _gradients(sample.feat1)
+        scale = self.half / sample.deviation  # per normalised unit, of the standardised channels
+        gx, gy = gx[:, mask] * scale, gy[:, mask] * scale
+        error = sample.a - sample.b
+        w = np.stack([self.xn[mask], self.yn[mask], np.ones(int(mask.sum()))], 1)
+        sums = [np.einsum("cn,cn->n", p, q) for p, q in ((gx, gx), (gx, gy), (gy, gy), (gx, error), (gy, error))]
+        xx, xy, yy = ((w * s[:, None]).T @ w for s in sums[:3])
+        hessian = np.block([[xx, xy], [xy.T, yy]])
+        rhs = np.concatenate([w.T @ sums[3], w.T @ sums[4]])
         dp = np.linalg.solve(hessian + damping * np.diag(np.diag(hessian)) + 1e-9 * np.eye(6), rhs)
         step = np.array([[1 + dp[0], dp[1], dp[2]], [dp[3], 1 + dp[4], dp[5]], [0, 0, 1.0]])
         return np.linalg.inv(self.norm) @ step @ self.norm
@@ -116,13 +156,13 @@ def _align_level(aligner: _Aligner, matrix: np.ndarray, iterations: int, tol_px:
     first = aligner.evaluate(matrix)
     if first is None:
         return matrix, float("nan"), 0
-    best, (score, a, b, mask), damping, steps = matrix, first, 1e-3, 0
+    best, (score, sample), damping, steps = matrix, first, 1e-3, 0
     for steps in range(1, iterations + 1):
-        correction = aligner.step(a, b, mask, damping)
+        correction = aligner.step(sample, damping)
         trial = best @ correction
         out = aligner.evaluate(trial)
         if out is not None and out[0] > score:
-            best, (score, a, b, mask), damping = trial, out, max(damping / 10, 1e-6)
+            best, (score, sample), damping = trial, out, max(damping / 10, 1e-6)
             if np.abs(aligner.corners @ (correction - np.eye(3)).T)[:, :2].max() < tol_px:
                 break
         else:
