@@ -39,7 +39,7 @@ from promptmid.geo import pixel_size_ratio
 from promptmid.geometry import apply_transform, corner_error, translation
 from promptmid.geometry import working_transform
 from promptmid.io import PreparedImage
-from promptmid.search_levels import Level, canvas_of, canvas_shape, make_level, stack_learned
+from promptmid.search_levels import Level, canvas_of, canvas_shape, make_level, resized, stack_learned
 from promptmid.dense import parabolic_offset
 
 # the keys of the config's search section that the Matcher reads (whether and with what to search), not the search
@@ -171,20 +171,18 @@ def pooled_search(optical: PreparedImage, sar: PreparedImage, conf: dict[str, An
     uses = [None if f is None else next(i for i, g in enumerate(learned) if g is f) for f in channel_sets]
     sets = [[0] if u is None else [0, u + 1] for u in uses]  # channel groups: 0 the gradients, u + 1 maps[u]
     peak_lists = _coarse_peaks(optical, sar, c, prior_scale, maps, sets)
-    return [h for f, u, peaks in zip(channel_sets, uses, peak_lists)
-            for h in _polished(optical, sar, c, prior_scale, peaks, (None, None) if u is None else maps[u], f)]
-
-
-def _polished(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], prior_scale: float,
-              peaks: list[Peak], maps: tuple[np.ndarray | None, np.ndarray | None],
-              learned: LearnedFeatures | None) -> list[Hypothesis]:
-    """The coarse ``peaks`` of one search polished at the fine level (with that search's learned ``maps``,
-    optical and SAR), within ``max_shift``, best first, up to ``top_k`` distinct ones."""
-    if not peaks:
+    if not any(peak_lists):
         return []
-    fine = Fine(optical, _sar_level(sar, c["size"], maps[1]), c, maps[0])
-    with ThreadPoolExecutor(fft_workers()) as pool:  # peaks side by side (FFTs and OpenCV release the GIL)
-        hyps = [h for h in pool.map(lambda p: _polish(fine, p, c, prior_scale), peaks) if h is not None]
+    fines = [Fine(optical, c, None if u is None else maps[u][0]) for u in uses]
+    polished = _polish_all(fines, _shared_base(sar, c["size"], maps), _channel_indices(c["orientations"], maps, uses),
+                           peak_lists, c, prior_scale)
+    return [h for f, hyps in zip(channel_sets, polished) for h in _kept(optical, sar, c, hyps, f)]
+
+
+def _kept(optical: PreparedImage, sar: PreparedImage, c: dict[str, Any], hyps: list[Hypothesis],
+          learned: LearnedFeatures | None) -> list[Hypothesis]:
+    """One search's polished hypotheses within ``max_shift``, best first, up to ``top_k`` distinct ones, named after
+    the search's ``learned`` channels."""
     if c["max_shift"] is not None:
         hyps = [h for h in hyps if centre_shift(h.matrix, optical, sar) <= c["max_shift"] * max(sar.original_size)]
     hyps.sort(key=lambda h: -h.score)
@@ -333,47 +331,113 @@ def _distinct(items: Sequence[Any], optical: PreparedImage, count: int, fraction
 
 
 class Fine:
-    """The fine level shared by the polishing of every peak: the optical level, its local correlator (shifts within
-    ``radius`` of a predicted position) and the reduced SAR image the canvases are cut from."""
+    """The fine level of one search, shared by the polishing of its peaks: the optical level (with that search's
+    learned channels), its local correlator (shifts within ``radius`` of a predicted position) and the window
+    (width, height) cut from each canvas."""
 
-    def __init__(self, optical: PreparedImage, base: Level, c: dict[str, Any], learned: np.ndarray | None = None
-                 ) -> None:
-        self.conf = {**c, "sigma": c["sigma"] * 1.5}
+    def __init__(self, optical: PreparedImage, c: dict[str, Any], learned: np.ndarray | None = None) -> None:
+        self.conf = fine_conf(c)
         self.fixed = make_level(optical, c["size"], self.conf["sigma"], c["orientations"], learned=learned)
-        self.base = base
         self.radius = int(round(2 * c["size"] / c["coarse_size"])) + 2
         h0, w0 = self.fixed.mask.shape
         self.window = (w0 + 2 * self.radius + 1, h0 + 2 * self.radius + 1)
         self.correlator = Correlator(self.fixed, self.window[::-1], c["min_overlap"], local=True)
 
 
-def _polish(fine: Fine, peak: Peak, c: dict[str, Any], prior_scale: float) -> Hypothesis | None:
-    """Refine a coarse peak at the fine level: a 3 x 3 grid of (rotation, scale) at half the coarse steps around
-    it, shifts within a few px of where the coarse peak predicts, sub-pixel; the best cell gives the hypothesis."""
-    best: tuple[float, Hypothesis] | None = None
-    for da in (-0.5, 0.0, 0.5):
-        for ds in (-0.5, 0.0, 0.5):
-            angle, scale = peak.angle + da * c["rotation_step"], peak.scale * math.exp(ds * _log_step(c))
-            canvas = canvas_of(fine.base, angle, scale * prior_scale, fine.conf)
-            dx, dy = _predicted_shift(peak.matrix, fine.fixed, canvas)
-            x0, y0 = int(round(dx)) - fine.radius, int(round(dy)) - fine.radius
-            window = _crop(canvas, x0, y0, *fine.window)
-            found = _local_peak(fine.correlator.ncc(window, workers=1), fine.correlator.origin, (dx - x0, dy - y0),
-                                fine.radius)
-            if found is not None and (best is None or found[0] > best[0]):
-                score, distinct, fx, fy = found
-                best = (score, Hypothesis(_peak_matrix(fine.fixed, window, fx, fy), score, distinct, angle, scale))
-    return None if best is None else best[1]
+def fine_conf(c: dict[str, Any]) -> dict[str, Any]:
+    """The search options of the fine level: the smoothing 1.5 times the coarse one."""
+    return {**c, "sigma": c["sigma"] * 1.5}
 
 
-def _crop(level: Level, x0: int, y0: int, width: int, height: int) -> Level:
-    """The part ``[y0:y0+height, x0:x0+width]`` of a canvas (zero features, masked, outside it)."""
+# the polishing grid around a coarse peak: (rotation, log-scale) offsets in coarse steps, in the order tried
+POLISH_OFFSETS = tuple((da, ds) for da in (-0.5, 0.0, 0.5) for ds in (-0.5, 0.0, 0.5))
+
+
+def _shared_base(sar: PreparedImage, size: int, maps: Sequence[tuple[np.ndarray, np.ndarray]]) -> Level:
+    """The reduced SAR image with the learned channels of every map (SAR side), each resized straight to the level,
+    so that a search's channels of a canvas made from it equal those of a canvas made for that search alone."""
+    base = _sar_level(sar, size)
+    if maps:
+        shape = (base.gray.shape[1], base.gray.shape[0])
+        base.learned = np.concatenate([resized(m[1], shape) for m in maps], axis=-1)
+    return base
+
+
+def _channel_indices(orientations: int, maps: Sequence[tuple[np.ndarray, np.ndarray]], uses: Sequence[int | None]
+                     ) -> list[np.ndarray]:
+    """For each search, the channels of a canvas of :func:`_shared_base` that it correlates: the oriented gradients,
+    then the channels of the learned map it uses (``uses[k]``: index into ``maps``; ``None``: gradients only)."""
+    bounds = orientations + np.cumsum([0, *(m[1].shape[-1] for m in maps)])
+    return [np.r_[0:orientations] if u is None else np.r_[0:orientations, bounds[u]:bounds[u + 1]] for u in uses]
+
+
+def _polish_all(fines: Sequence[Fine], base: Level, channels: Sequence[np.ndarray], peak_lists: Sequence[list[Peak]],
+                c: dict[str, Any], prior_scale: float) -> list[list[Hypothesis]]:
+    """Refine every search's coarse peaks at the fine level: for each peak a 3 x 3 grid of (rotation, scale) at half
+    the coarse steps around it (:data:`POLISH_OFFSETS`), shifts within a few px of where the coarse peak predicts,
+    sub-pixel; the best cell (the first on ties) gives the peak's hypothesis.
+
+    Every (rotation, scale) cell is warped once, with the channels of every search (``base``, ``channels[k]`` the
+    ones search ``k`` correlates), for all the peaks of all the searches that try it: neighbouring peaks and the two
+    searches' peaks often share cells. Cells are processed side by side (FFTs and OpenCV release the GIL).
+
+    Returns:
+        per search, the hypotheses of its peaks that found a correlation (peak order).
+    """
+    step = _log_step(c)
+    cells: dict[tuple[float, float], tuple[float, float, list[tuple[int, int, int]]]] = {}
+    for k, peaks in enumerate(peak_lists):
+        for j, peak in enumerate(peaks):
+            for n, (da, ds) in enumerate(POLISH_OFFSETS):
+                angle, scale = peak.angle + da * c["rotation_step"], peak.scale * math.exp(ds * step)
+                cells.setdefault((round(angle, 9), round(scale, 12)), (angle, scale, []))[2].append((k, j, n))
+    conf = fine_conf(c)
+
+    def cell(item: tuple[float, float, list[tuple[int, int, int]]]) -> list[tuple[tuple[int, int, int], Any]]:
+        angle, scale, users = item
+        canvas = canvas_of(base, angle, scale * prior_scale, conf)
+        return [((k, j, n), _cell_peak(fines[k], canvas, channels[k], peak_lists[k][j], angle, scale))
+                for k, j, n in users]
+
+    with ThreadPoolExecutor(fft_workers()) as pool:
+        found = dict(pair for out in pool.map(cell, cells.values()) for pair in out)
+    result = []
+    for k, peaks in enumerate(peak_lists):
+        hyps = []
+        for j in range(len(peaks)):
+            tried = [h for n in range(len(POLISH_OFFSETS)) if (h := found[(k, j, n)]) is not None]
+            if tried:
+                hyps.append(max(tried, key=lambda h: h.score))  # max keeps the first of equal scores
+        result.append(hyps)
+    return result
+
+
+def _cell_peak(fine: Fine, canvas: Level, channels: np.ndarray, peak: Peak, angle: float, scale: float
+               ) -> Hypothesis | None:
+    """The best sub-pixel correlation of the ``channels`` of ``canvas`` (the SAR level at ``angle``, ``scale``) within
+    ``fine.radius`` px of the shift the coarse ``peak`` predicts; ``None`` when nothing overlaps enough."""
+    dx, dy = _predicted_shift(peak.matrix, fine.fixed, canvas)
+    x0, y0 = int(round(dx)) - fine.radius, int(round(dy)) - fine.radius
+    window = _crop(canvas, x0, y0, *fine.window, channels=channels)
+    found = _local_peak(fine.correlator.ncc(window, workers=1), fine.correlator.origin, (dx - x0, dy - y0),
+                        fine.radius)
+    if found is None:
+        return None
+    score, distinct, fx, fy = found
+    return Hypothesis(_peak_matrix(fine.fixed, window, fx, fy), score, distinct, angle, scale)
+
+
+def _crop(level: Level, x0: int, y0: int, width: int, height: int, channels: np.ndarray | slice = slice(None)
+          ) -> Level:
+    """The part ``[y0:y0+height, x0:x0+width]`` of a canvas (zero features, masked, outside it), with only the
+    feature ``channels`` given."""
     h, w = level.mask.shape
-    feats = np.zeros((level.features.shape[0], height, width), np.float32)
+    count = len(range(level.features.shape[0])[channels]) if isinstance(channels, slice) else len(channels)
+    feats = np.zeros((count, height, width), np.float32)
     mask = np.zeros((height, width), bool)
     sy0, sy1, sx0, sx1 = max(y0, 0), min(y0 + height, h), max(x0, 0), min(x0 + width, w)
     if sy0 < sy1 and sx0 < sx1:
-        feats[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = level.features[:, sy0:sy1, sx0:sx1]
+        feats[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = level.features[channels, sy0:sy1, sx0:sx1]
         mask[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = level.mask[sy0:sy1, sx0:sx1]
     out = Level(np.zeros((height, width), np.float32), mask, level.to_original @ translation(x0, y0))
     out.features = feats

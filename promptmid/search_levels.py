@@ -51,14 +51,14 @@ def make_level(image: PreparedImage, long_side: int, sigma: float, orientations:
     to_work = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
     level = Level(small, mask, image.scale_matrix() @ to_work)
     if learned is not None:
-        level.learned = _resized(learned, size)
+        level.learned = resized(learned, size)
     if features:
         level.features = _zero_mean(_channels(oriented_gradient_features(small, orientations, sigma), level.learned),
                                     mask)
     return level
 
 
-def _resized(channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resized(channels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``[h, w, C]`` channels area-resized to ``size`` = (width, height)."""
     return per_four_channels(lambda part: cv2.resize(part, size, interpolation=cv2.INTER_AREA), channels)
 
@@ -77,7 +77,7 @@ def stack_learned(maps: Sequence[tuple[np.ndarray, np.ndarray]], which: int) -> 
         return None
     first = maps[0][which]
     size = (first.shape[1], first.shape[0])
-    return np.concatenate([first] + [_resized(m[which], size) for m in maps[1:]], axis=-1)
+    return np.concatenate([first] + [resized(m[which], size) for m in maps[1:]], axis=-1)
 
 
 def _channels(gradients: np.ndarray, learned: np.ndarray | None) -> np.ndarray:
