@@ -171,36 +171,6 @@ def keypoint_candidate(optical: PreparedImage, sar: PreparedImage, points0: np.n
     return Candidate("keypoints", np.asarray(final, float), info, ev, judge(ev, model=qc_model))
 
 
-TWIN_FRACTION = 1 / 256  # hypotheses closer than this share of the optical size (mean corner distance) are twins
-
-
-def twins(hypotheses: Sequence[Any], size: tuple[int, int], fraction: float = TWIN_FRACTION
-          ) -> tuple[list[int], dict[int, int]]:
-    """Which hypotheses to judge: ``(leaders, twin_of)``, the indices of the hypotheses judged, and for every other one
-    the earlier leader it is a twin of: within ``fraction`` of the optical image's long side (mean corner distance,
-    ``size`` = (width, height) original px; about one pixel of the search's 256 px fine level). The two searches
-    often polish the same peak to nearly the same transform; judging it twice gives the same candidate twice."""
-    limit = fraction * max(size)
-    leaders: list[int] = []
-    twin_of: dict[int, int] = {}
-    for k, h in enumerate(hypotheses):
-        near = [j for j in leaders if corner_error(hypotheses[j].matrix, h.matrix, size).mean() <= limit]
-        if near:
-            twin_of[k] = near[0]
-        else:
-            leaders.append(k)
-    return leaders, twin_of
-
-
-def twin_candidate(judged: Candidate, index: int, hypothesis: Any) -> Candidate:
-    """The candidate of a hypothesis that is a twin of an already ``judged`` one (:func:`twins`): the same refined
-    transform, evidence and verdict, under its own source and search score; ``refinement["twin_of"]`` names the
-    candidate that was judged."""
-    refinement = {**(judged.refinement or {}), "twin_of": judged.source}
-    return replace(judged, source=f"{getattr(hypothesis, 'source', 'area')} {index}", refinement=refinement,
-                   evidence=dict(judged.evidence), search_score=float(hypothesis.score))
-
-
 def settled(keypoint: Candidate | None) -> bool:
     """Whether the keypoint fit alone already is the answer: its verdict is ``ok``. The area search
     (``search.skip_when_ok``) is then skipped: on perturbed validation the QC pick equalled the keypoint fit, or a
@@ -215,9 +185,8 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
     and every area hypothesis (:func:`assess_area`; objects with ``matrix`` and ``score``, e.g.
     :class:`promptmid.search.Hypothesis`; polished first when ``refine_conf["polish"]``; ``model``: the geometry of
     their refinement), each refined when the dense correlation agrees (an area hypothesis within :data:`SAME_PX` of
-    the keypoint fit is not weighed again, and a twin of an earlier hypothesis, :func:`twins`, takes its
-    judgement); :func:`pick` keeps one (the most confident, with a bonus for a transform two kinds of source agree
-    on).
+    the keypoint fit is not weighed again); :func:`pick` keeps one (the most confident, with a bonus for a transform
+    two kinds of source agree on).
 
     Returns:
         ``(chosen, candidates)``; ``chosen`` is ``None`` when there is no candidate at all (keypoint fit failed
@@ -226,7 +195,6 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
     candidates: list[Candidate] = [keypoint] if keypoint is not None else []
     todo = [(i, h) for i, h in enumerate(hypotheses, 1)  # the keypoint fit already is a hypothesis within SAME_PX
             if not (candidates and corner_error(candidates[0].transform, h.matrix, optical.original_size).mean() <= SAME_PX)]
-    leaders, twin_of = twins([h for _, h in todo], optical.original_size)
 
     def judge_area(item: tuple[int, Any]) -> Candidate:
         i, h = item
@@ -234,10 +202,8 @@ def choose(optical: PreparedImage, sar: PreparedImage, keypoint: Candidate | Non
                            qc_model)
 
     # OpenCV releases the GIL while it matches blocks: the hypotheses are judged side by side (same results)
-    with ThreadPoolExecutor(max(1, min(len(leaders), fft_workers()))) as pool:
-        judged = dict(zip(leaders, pool.map(judge_area, [todo[k] for k in leaders])))
-    candidates.extend(judged[k] if k in judged else twin_candidate(judged[twin_of[k]], *todo[k])
-                      for k in range(len(todo)))
+    with ThreadPoolExecutor(max(1, min(len(todo), fft_workers()))) as pool:
+        candidates.extend(pool.map(judge_area, todo))
     if not candidates:
         return None, []
     if len(candidates) > 1:  # the pick weighs the mutual information; one candidate needs no comparison

@@ -529,37 +529,3 @@ def test_shipped_ranker_loads_verified_and_refuses_tampering(tmp_path, monkeypat
     with pytest.raises(ModelError, match="features"):
         ranker.load_pick_model(str(other))
     ranker.load_pick_model.cache_clear()
-
-
-def test_twin_hypotheses_are_judged_once(displaced, monkeypatch):
-    """Two searches proposing the same transform (within TWIN_FRACTION of the image) are judged once: both stay
-    candidates under their own sources with the same transform and verdict, and they confirm each other."""
-    import promptmid.selection as selection
-    from promptmid.search import Hypothesis
-
-    opt, sar = _prepared(displaced)
-    first = global_search(opt, sar)[0]
-    nudge = np.array([[1, 0, 0.8], [0, 1, -0.6], [0, 0, 1.0]])  # 1 px: well inside one fine-level pixel
-    twin = Hypothesis(first.matrix @ nudge, first.score - 0.01, source="area+aliked")
-    far = Hypothesis(first.matrix @ np.array([[1, 0, 60.0], [0, 1, 0], [0, 0, 1]]), 0.1, source="area+aliked")
-    judged = []
-    real = selection.assess_area
-    monkeypatch.setattr(selection, "assess_area", lambda *a, **k: judged.append(a[5]) or real(*a, **k))
-    chosen, candidates = choose(opt, sar, None, [first, twin, far], REFINE)
-    assert sorted(judged) == ["area 1", "area+aliked 3"]
-    assert [c.source for c in candidates] == ["area 1", "area+aliked 2", "area+aliked 3"]
-    np.testing.assert_array_equal(candidates[1].transform, candidates[0].transform)
-    assert candidates[1].verdict == candidates[0].verdict and candidates[1].refinement["twin_of"] == "area 1"
-    assert candidates[1].search_score == pytest.approx(first.score - 0.01)
-    assert candidates[0].evidence["agreement"] == 1.0 == candidates[1].evidence["agreement"]
-    assert mean_corner_error(chosen.transform, displaced.H, (SIZE, SIZE)) < 2.0
-
-
-def test_twins_groups_by_distance():
-    from promptmid.geometry import translation
-    from promptmid.search import Hypothesis
-    from promptmid.selection import twins
-
-    hyps = [Hypothesis(translation(dx, 0.0), 0.5) for dx in (0.0, 30.0, 1.5, 31.0, 3.0)]
-    assert twins(hyps, (512, 512)) == ([0, 1, 4], {2: 0, 3: 1})  # 512 / 256 = 2 px
-    assert twins(hyps, (512, 512), fraction=0.0) == ([0, 1, 2, 3, 4], {})
