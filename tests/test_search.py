@@ -252,6 +252,37 @@ def test_pooled_searches_equal_separate_searches(displaced):
         assert np.allclose(p.matrix, q.matrix, atol=1e-4) and abs(p.score - q.score) < 1e-5
 
 
+def test_fine_level_warps_each_cell_once_for_both_searches(displaced, monkeypatch):
+    """The polishing of both searches' peaks warps each (rotation, scale) cell once: the canvases made at the fine level
+    are the distinct cells tried, fewer than one per peak and cell when the searches' peaks are near each other."""
+    import promptmid.search as search
+
+    opt, sar = _prepared(displaced)
+    projection = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32) * 0.3
+
+    def learned(image):
+        return np.ascontiguousarray(image.image @ projection)
+
+    conf = {"rotation_step": 5.0, "scale_steps": 3}
+    fine_canvases, tried = [], []
+    real_canvas, real_all = search.canvas_of, search._polish_all
+
+    def counting_canvas(base, angle, scale, c):
+        if base.gray.shape[0] > search.DEFAULT_CONF["coarse_size"]:  # the fine level's canvases only
+            fine_canvases.append((angle, scale))
+        return real_canvas(base, angle, scale, c)
+
+    def recording(fines, base, channels, peak_lists, c, prior_scale):
+        tried.extend(sum(len(p) for p in peak_lists) * [None] * len(search.POLISH_OFFSETS))
+        return real_all(fines, base, channels, peak_lists, c, prior_scale)
+
+    monkeypatch.setattr(search, "canvas_of", counting_canvas)
+    monkeypatch.setattr(search, "_polish_all", recording)
+    hyps = search.pooled_search(opt, sar, conf, None, [None, learned])
+    assert hyps and len(fine_canvases) == len(set(fine_canvases))
+    assert len(fine_canvases) < len(tried)
+
+
 def test_learned_channels_search_registers_and_matcher_builds_them(displaced):
     """ALIKED's dense channels stacked onto the gradients: the hypotheses still find the displaced pair, the channels
     cover the image, and a Matcher with search.learned = 'aliked' uses its own ALIKED network for them; by default
