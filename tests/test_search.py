@@ -256,6 +256,7 @@ def test_fine_level_warps_each_cell_once_for_both_searches(displaced, monkeypatc
     """The polishing of both searches' peaks warps each (rotation, scale) cell once: the canvases made at the fine level
     are the distinct cells tried, fewer than one per peak and cell when the searches' peaks are near each other."""
     import promptmid.search as search
+    import promptmid.search_fine as fine
 
     opt, sar = _prepared(displaced)
     projection = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32) * 0.3
@@ -265,7 +266,7 @@ def test_fine_level_warps_each_cell_once_for_both_searches(displaced, monkeypatc
 
     conf = {"rotation_step": 5.0, "scale_steps": 3}
     fine_canvases, tried = [], []
-    real_canvas, real_all = search.canvas_of, search._polish_all
+    real_canvas, real_all = fine.canvas_of, search.polish_all
 
     def counting_canvas(base, angle, scale, c):
         if base.gray.shape[0] > search.DEFAULT_CONF["coarse_size"]:  # the fine level's canvases only
@@ -273,11 +274,11 @@ def test_fine_level_warps_each_cell_once_for_both_searches(displaced, monkeypatc
         return real_canvas(base, angle, scale, c)
 
     def recording(fines, base, channels, peak_lists, c, prior_scale):
-        tried.extend(sum(len(p) for p in peak_lists) * [None] * len(search.POLISH_OFFSETS))
+        tried.extend(sum(len(p) for p in peak_lists) * [None] * len(fine.POLISH_OFFSETS))
         return real_all(fines, base, channels, peak_lists, c, prior_scale)
 
-    monkeypatch.setattr(search, "canvas_of", counting_canvas)
-    monkeypatch.setattr(search, "_polish_all", recording)
+    monkeypatch.setattr(fine, "canvas_of", counting_canvas)
+    monkeypatch.setattr(search, "polish_all", recording)
     hyps = search.pooled_search(opt, sar, conf, None, [None, learned])
     assert hyps and len(fine_canvases) == len(set(fine_canvases))
     assert len(fine_canvases) < len(tried)
