@@ -106,6 +106,9 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool, strict: bool
     exit 6) when the verdict is uncertain."""
     if json_out:
         print((out_dir / "result.json").read_text())
+    tip = rotation_tip(result.status, result.config)
+    if tip and not quiet:
+        err_console.print(f"tip: {tip}", highlight=False, soft_wrap=True)
     if not result.has_transform:
         fail(f"registration failed: {result.reason} (see {out_dir / 'result.json'})", 5)
     if not quiet:
@@ -113,6 +116,21 @@ def report(result: Any, out_dir: Path, quiet: bool, json_out: bool, strict: bool
     if result.status == "uncertain":
         uncertain(f"verdict uncertain (confidence {result.confidence:.2f}): {result.reason}; check "
                   f"{out_dir / 'checkerboard.png'}", strict)
+
+
+def rotation_tip(status: str, config: dict[str, Any]) -> str | None:
+    """Advice for a result that is not ``ok`` when the SAR may be rotated beyond what was searched: the keypoints
+    tried one orientation (``geometry.rotations``) and the area search only +-``search.rotation_range`` degrees.
+    ``None`` when the verdict is ``ok`` or every rotation was already tried. ``config``: the result's config."""
+    if status == "ok" or len(config.get("geometry", {}).get("rotations", [0.0])) > 1:
+        return None
+    search = config.get("search", {})
+    searched = float(search.get("rotation_range", 0.0)) if search.get("enabled") else 0.0
+    if searched >= 180.0:
+        return None
+    tried = (f"only SAR rotations within +-{searched:g} deg of the optical image were tried" if searched > 0
+             else "only the SAR as oriented was tried")
+    return f"{tried}; if it may be rotated further (e.g. radar geometry, or north not up), rerun with --try-rotations"
 
 
 def _hypotheses_text(result: Any) -> str:

@@ -126,6 +126,23 @@ def test_too_few_matches_writes_failed_result(tmp_path):
     assert not (out / "registered_sar.tif").exists()
 
 
+def test_a_result_that_is_not_ok_suggests_trying_rotations(tmp_path):
+    from promptmid.cli import rotation_tip
+    from promptmid.config import get_config
+
+    rng = np.random.default_rng(1)
+    a = write_tif(tmp_path / "a.tif", rng.random((96, 96)).astype(np.float32))
+    b = write_tif(tmp_path / "b.tif", rng.random((96, 96)).astype(np.float32))
+    args = ["match", str(a), str(b), "-p", "xfeat", "--min-inliers", "500", "--no-search"]
+    res = _run(*args, "--out", str(tmp_path / "o1"))
+    assert res.exit_code == 5 and "--try-rotations" in res.stderr and "as oriented" in res.stderr
+    res = _run(*args, "--out", str(tmp_path / "o2"), "--try-rotations")  # every rotation tried: no advice
+    assert res.exit_code == 5 and "--try-rotations" not in res.stderr
+    conf = get_config("lite")
+    assert "+-15 deg" in rotation_tip("uncertain", conf) and rotation_tip("ok", conf) is None
+    assert rotation_tip("failed", {**conf, "search": {**conf["search"], "rotation_range": 180.0}}) is None
+
+
 def test_unknown_preset_is_a_clear_error(tmp_path, demo_files):
     res = _run("match", str(demo_files[0]), str(demo_files[1]), "--out", str(tmp_path / "o"), "-p", "nope")
     assert res.exit_code == 2 and "Unknown preset" in res.stderr
