@@ -17,7 +17,6 @@ import typer
 from rich.table import Table
 
 from promptmid.commands import register_all
-from promptmid.geometry import format_matrix
 from promptmid.commands.common import (
     AggregatorOpt, AlwaysSearchOpt, DmEnsembleOpt, DmLoraOpt, DmOpt, JsonOpt, LandUseOpt, MaxSideOpt, MinInliersOpt,
     ModelOpt, NanOpt, OpticalBandsOpt, OverwriteOpt, PresetOpt, QuietOpt, RotOpt, RotStepOpt, SarBandsOpt, SarScaleOpt,
@@ -150,6 +149,8 @@ def _hypotheses_text(result: Any) -> str:
 
 
 def _print_table(result: Any, out_dir: Path) -> None:
+    from promptmid.geometry import format_matrix  # numpy and OpenCV: not needed for --help
+
     table = Table(title=f"promptmid {result.config.get('preset')} -> {out_dir}", show_header=False)
     rows = [
         ("verdict", verdict_markup(result.status, result.confidence)),

@@ -16,7 +16,6 @@ from promptmid.commands.common import (
     verdict_markup,
 )
 from promptmid.errors import InputError
-from promptmid.geometry import format_matrix
 
 GeoPriorOpt = typer.Option(True, "--geo-prior/--no-geo-prior",
                            help="Use the geotransforms as prior when both images are georeferenced "
@@ -118,6 +117,8 @@ def scene(
 
 
 def _print_scene(r: dict[str, Any], out_dir: Path) -> None:
+    from promptmid.geometry import format_matrix  # numpy and OpenCV: not needed for --help
+
     table = Table(title=f"promptmid scene -> {out_dir}", show_header=False)
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
     verdicts = [t.get("verdict") for t in r["tile_qc"] if t.get("agrees")]
