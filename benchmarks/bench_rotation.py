@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header_lines, markdown_table  # noqa: E402
@@ -26,17 +25,7 @@ from common import header_lines, markdown_table  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "rotation.md"
 SIZE = 512
 SUCCESS_PX = 5.0
-
-
-def rotation_about_centre(angle_deg: float, shift: tuple[float, float] = (10.0, -6.0)) -> np.ndarray:
-    """3x3 optical px -> SAR px transform: a rotation by ``angle_deg`` about the image centre, then ``shift`` px."""
-    c = (SIZE - 1) / 2
-    a = np.deg2rad(angle_deg)
-    lin = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    matrix = np.eye(3)
-    matrix[:2, :2] = lin
-    matrix[:2, 2] = np.array([c, c]) - lin @ np.array([c, c]) + np.asarray(shift)
-    return matrix
+SHIFT = (10.0, -6.0)  # px, applied after the rotation
 
 
 def main() -> int:
@@ -51,7 +40,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from promptmid.api import Matcher
     from promptmid.config import DEFAULT_ROTATION_STEP
-    from promptmid.geometry import Size, corner_error
+    from promptmid.geometry import Size, affine_about_centre, corner_error
     from promptmid.io import rotation_steps
     from promptmid.synth import make_pair
 
@@ -67,7 +56,9 @@ def main() -> int:
         for name, matcher in variants.items():
             right, ok, wrong_ok, times = 0, 0, 0, []
             for seed in seeds:
-                pair = make_pair(SIZE, seed=seed, H=rotation_about_centre(angle))
+                # the SAR content turned clockwise as displayed by ``angle`` about the centre, then shifted
+                truth = affine_about_centre(Size(SIZE, SIZE), -angle, 1.0, shift=SHIFT)
+                pair = make_pair(SIZE, seed=seed, H=truth)
                 t0 = time.perf_counter()
                 result = matcher.match(pair.optical, pair.sar)
                 times.append(time.perf_counter() - t0)
@@ -82,7 +73,7 @@ def main() -> int:
         rows.append(row)
     header = ["SAR rotation (deg)"] + [f"{n}: {c}" for n in variants for c in ("within 5 px", "ok", "median s")]
     text = "\n".join(header_lines("SAR rotation sweep (generated pairs)", args.threads) + [
-        f"Generated {SIZE} px pairs (seeds {args.seeds}), SAR rotated about the centre and shifted (10, -6) px; mean "
+        f"Generated {SIZE} px pairs (seeds {args.seeds}), SAR rotated about the centre and shifted {SHIFT} px; mean "
         "corner error against the known transform; `ok` = the QC verdict (wrong = ok but beyond 5 px). Default "
         "`lite`: keypoints at the SAR as given, then the area search over +-15 deg when the keypoints do not settle "
         "the pair. `--try-rotations`: keypoints at 0/90/180/270 deg and the area search over every rotation. "
